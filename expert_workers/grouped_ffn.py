@@ -1,0 +1,57 @@
+"""Grouped routed-expert FFN on torch: token-expert pairs sorted by expert, one matmul pair per hit expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Shape legend: T = tokens, H = hidden, I = expert intermediate, E = local experts, K = experts per token,
+# P = valid token-expert pairs.
+
+
+def sort_by_expert(topk_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order the valid (token, slot) pairs by expert.
+
+    topk_ids: [T, K] local expert ids, -1 = not on this device.
+    Returns (pair_index [P] into the flattened [T*K], counts [E], offsets [E+1]).
+    """
+    flat = topk_ids.reshape(-1)
+    valid = torch.nonzero(flat >= 0).flatten()
+    order = torch.argsort(flat[valid], stable=True)  # stable: within an expert, tokens keep their order
+    pair_index = valid[order]
+    counts = torch.bincount(flat[pair_index], minlength=n_experts)
+    offsets = torch.zeros(n_experts + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return pair_index, counts, offsets
+
+
+def grouped_expert_ffn(
+    hidden: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """y[t] = Σ_k w[t,k] · FFN_{ids[t,k]}(hidden[t]), experts computed one contiguous run at a time.
+
+    hidden: [T, H]; w_gate_up: [E, 2I, H] (gate rows first); w_down: [E, H, I];
+    topk_ids: [T, K] local ids (-1 skips); topk_weights: [T, K] -> [T, H] in hidden's dtype.
+    Contributions are added in expert order, the order transformers' experts module uses.
+    """
+    n_tokens, k = topk_ids.shape
+    out = torch.zeros_like(hidden)
+    if n_tokens == 0:
+        return out
+    pair_index, counts, offsets = sort_by_expert(topk_ids, w_gate_up.shape[0])
+    token_of_pair = pair_index // k  # [P]
+    weight_of_pair = topk_weights.reshape(-1)[pair_index]  # [P]
+    inter = w_down.shape[-1]
+    for e in torch.nonzero(counts).flatten().tolist():
+        start, end = offsets[e].item(), offsets[e + 1].item()
+        tokens = token_of_pair[start:end]
+        x = hidden[tokens]  # [n, H]
+        gate_up = F.linear(x, w_gate_up[e])  # [n, 2I]
+        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        y = F.linear(h, w_down[e]) * weight_of_pair[start:end, None].to(hidden.dtype)
+        out.index_add_(0, tokens, y)
+    return out

@@ -1,0 +1,146 @@
+"""The public Python API: load a checkpoint, score prompts, generate tokens."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import torch
+
+from gateway.backends import ExpertBackend, LocalExpertBackend
+from gateway.kv_cache import LatentCache
+from gateway.model import GatewayModel
+from gateway.routing_summary import RoutingSummary
+from gateway.sampling import sample
+from gateway.step import StepBatch
+from model_core.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("local",)
+
+
+class Engine:
+    """A DeepSeek-V2/V3 model served as gateway + expert backend.
+
+    >>> engine = Engine.from_pretrained("models/tiny-v3", backend="local")
+    >>> engine.generate([[1, 2, 3]], max_new_tokens=8)
+    """
+
+    def __init__(self, model_dir: str | Path, spec: ModelSpec, backend: ExpertBackend, dtype: torch.dtype) -> None:
+        self.model_dir = Path(model_dir)
+        self.spec = spec
+        self.backend = backend
+        self.model = GatewayModel(model_dir, spec, backend, dtype)
+        self.routing_summary = RoutingSummary(spec.moe_layers, spec.n_routed_experts)
+        self._seq_ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, backend: str = "local", dtype: str = "float32") -> Engine:
+        """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory.
+
+        backend: 'local' (experts in this process). dtype: 'float32' | 'bfloat16' | 'float16'.
+        """
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: expected one of {list(DTYPES)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {list(BACKENDS)}")
+        spec = ModelSpec.from_dir(model_dir)
+        return cls(model_dir, spec, LocalExpertBackend(model_dir, spec, DTYPES[dtype]), DTYPES[dtype])
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int = 0) -> None:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts: expected a non-empty list of token-id lists")
+        vocab, limit = self.spec.vocab_size, self.spec.max_position_embeddings
+        for i, p in enumerate(prompts):
+            if not isinstance(p, (list, tuple)) or not p:
+                raise ValueError(f"prompts[{i}]: expected a non-empty list of token ids")
+            bad = [t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompts[{i}]: token ids {bad[:5]} are outside [0, vocab_size={vocab})")
+            if len(p) + max_new_tokens > limit:
+                raise ValueError(f"prompts[{i}]: {len(p)} tokens + max_new_tokens={max_new_tokens} exceeds "
+                                 f"max_position_embeddings={limit}")
+
+    def _step(
+        self, cache: LatentCache, seqs: list[int], starts: list[int], new: list[list[int]]
+    ) -> tuple[torch.Tensor, StepBatch]:
+        """Run one forward over `new` tokens of each sequence; returns final hidden [N, H] and books routing."""
+        step = StepBatch(seqs, starts, [len(t) for t in new])
+        for s, start, t in zip(seqs, starts, new, strict=True):
+            cache.reserve(s, start + len(t))
+        tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.long)
+        hidden, routings = self.model.forward(tokens, step, cache)
+        self.routing_summary.add(routings)
+        return hidden, step
+
+    @torch.inference_mode()
+    def logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Full-sequence logits of a ragged batch: one float32 tensor [len_i, vocab] per prompt."""
+        self._check_prompts(prompts)
+        cache = self.model.new_cache()
+        seqs = [next(self._seq_ids) for _ in prompts]
+        for s, p in zip(seqs, prompts, strict=True):
+            cache.allocate(s, len(p))
+        try:
+            hidden, step = self._step(cache, seqs, [0] * len(prompts), [list(p) for p in prompts])
+            logits = self.model.logits(hidden)
+            return [logits[o : o + n].clone() for o, n in zip(step.offsets, step.lengths, strict=True)]
+        finally:
+            for s in seqs:
+                cache.free(s)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> list[list[int]]:
+        """New tokens for each prompt (prefill together, then one decode step per token over the live batch).
+
+        A sequence stops after max_new_tokens or after emitting the model's eos token (kept in the output).
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive integer")
+        self._check_prompts(prompts, max_new_tokens)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        eos = self.spec.eos_token_id if stop_at_eos else None
+        cache = self.model.new_cache()
+        seqs = [next(self._seq_ids) for _ in prompts]
+        for s, p in zip(seqs, prompts, strict=True):
+            cache.allocate(s, len(p) + max_new_tokens)
+        outputs: list[list[int]] = [[] for _ in prompts]
+        try:
+            live = list(range(len(prompts)))
+            starts = [0] * len(prompts)
+            new = [list(p) for p in prompts]
+            while live:
+                hidden, step = self._step(cache, [seqs[i] for i in live], starts, new)
+                next_ids = sample(self.model.logits(hidden[step.last_rows()]), temperature, top_p, generator)
+                still, starts, new = [], [], []
+                for i, tok in zip(live, next_ids.tolist(), strict=True):
+                    outputs[i].append(tok)
+                    if len(outputs[i]) < max_new_tokens and tok != eos:
+                        still.append(i)
+                        starts.append(cache.length(seqs[i]))
+                        new.append([tok])
+                live = still
+            return outputs
+        finally:
+            for s in seqs:
+                cache.free(s)

@@ -1,0 +1,101 @@
+"""The gateway's model: everything but the routed experts (embeddings, MLA, dense MLPs, router, shared experts, head)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gateway.backends import ExpertBackend
+from gateway.kv_cache import LatentCache
+from gateway.layers import RotaryEmbedding, rms_norm
+from gateway.mla import MLAttention
+from gateway.step import StepBatch
+from model_core.checkpoint import CheckpointReader
+from model_core.ffn import swiglu
+from model_core.layout import gateway_layout
+from model_core.spec import ModelSpec
+from router_service.routing import Routing, route_tokens
+
+# Shape legend: N = tokens in the step, H = hidden, V = vocab, K = experts per token.
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's gateway-side weights (short names, no 'model.layers.L.' prefix)."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    attention: MLAttention
+    mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # dense layers: (gate, up, down)
+    gate: torch.Tensor | None  # MoE layers: router weight [E, H]
+    selection_bias: torch.Tensor | None  # MoE layers: the checkpoint's e_score_correction_bias [E] (V3)
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
+class GatewayModel:
+    """Loads only the gateway's tensors and runs one forward step over a ragged batch."""
+
+    def __init__(self, model_dir: str | Path, spec: ModelSpec, backend: ExpertBackend, dtype: torch.dtype) -> None:
+        self.spec, self.backend, self.dtype = spec, backend, dtype
+        self.reader = CheckpointReader(model_dir)
+        w = {}
+        for name, shape in gateway_layout(spec).items():
+            keep_fp32 = name.endswith("e_score_correction_bias")
+            w[name] = self.reader.get(name, shape, torch.float32 if keep_fp32 else dtype)
+        self.embed = w["model.embed_tokens.weight"]
+        self.final_norm = w["model.norm.weight"]
+        self.lm_head = self.embed if spec.tie_word_embeddings else w["lm_head.weight"]
+        rope = RotaryEmbedding(spec.rope, spec.qk_rope_head_dim, spec.rope_interleave)
+        self.layers = [self._layer(w, i, rope) for i in range(spec.num_hidden_layers)]
+
+    def _layer(self, w: dict[str, torch.Tensor], i: int, rope: RotaryEmbedding) -> LayerWeights:
+        p = f"model.layers.{i}."
+        attn = {k.removeprefix(p + "self_attn."): v for k, v in w.items() if k.startswith(p + "self_attn.")}
+
+        def ffn(prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return tuple(w[f"{p}{prefix}.{m}_proj.weight"] for m in ("gate", "up", "down"))
+
+        moe = self.spec.is_moe_layer(i)
+        return LayerWeights(
+            input_norm=w[p + "input_layernorm.weight"],
+            post_attention_norm=w[p + "post_attention_layernorm.weight"],
+            attention=MLAttention(self.spec, i, attn, rope),
+            mlp=None if moe else ffn("mlp"),
+            gate=w[p + "mlp.gate.weight"] if moe else None,
+            selection_bias=w.get(p + "mlp.gate.e_score_correction_bias") if moe else None,
+            shared=ffn("mlp.shared_experts") if moe and self.spec.n_shared_experts else None,
+        )
+
+    def new_cache(self) -> LatentCache:
+        return LatentCache(self.spec.num_hidden_layers, self.spec.kv_lora_rank, self.spec.qk_rope_head_dim, self.dtype)
+
+    def forward(
+        self, tokens: torch.Tensor, step: StepBatch, cache: LatentCache, absorb: bool | None = None
+    ) -> tuple[torch.Tensor, dict[int, Routing]]:
+        """tokens: [N] -> final normed hidden states [N, H] and each MoE layer's routing."""
+        spec = self.spec
+        h = F.embedding(tokens, self.embed)  # [N, H]
+        routings: dict[int, Routing] = {}
+        for i, layer in enumerate(self.layers):
+            u = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
+            h = h + layer.attention.forward(u, step, cache, absorb)
+            u = rms_norm(h, layer.post_attention_norm, spec.rms_norm_eps)
+            if layer.mlp is not None:
+                h = h + swiglu(u, *layer.mlp)
+                continue
+            routing = route_tokens(u, layer.gate, spec.router, bias=layer.selection_bias)
+            pending = self.backend.dispatch(i, u, routing.ids, routing.weights)
+            shared = swiglu(u, *layer.shared) if layer.shared is not None else None  # overlaps the dispatch
+            routed = pending.wait()
+            h = h + (routed if shared is None else routed + shared)
+            routings[i] = routing
+        for seq_id, n in zip(step.seq_ids, step.lengths, strict=True):
+            cache.advance(seq_id, n)
+        return rms_norm(h, self.final_norm, spec.rms_norm_eps), routings
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] -> float32 logits [N, V]."""
+        return F.linear(hidden, self.lm_head).float()

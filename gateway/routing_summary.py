@@ -1,0 +1,44 @@
+"""Per-layer routing counts accumulated by the engine: how many tokens each expert served."""
+
+from __future__ import annotations
+
+import torch
+
+from router_service.routing import Routing
+
+
+class RoutingSummary:
+    """tokens_per_expert[layer]: [E] int64 counts over every token routed since the engine started."""
+
+    def __init__(self, moe_layers: list[int], n_experts: int) -> None:
+        self.tokens_per_expert = {layer: torch.zeros(n_experts, dtype=torch.long) for layer in moe_layers}
+        self.tokens = dict.fromkeys(moe_layers, 0)
+
+    def add(self, routings: dict[int, Routing]) -> None:
+        for layer, r in routings.items():
+            self.tokens_per_expert[layer] += torch.bincount(r.ids.flatten(), minlength=r.scores.shape[1])
+            self.tokens[layer] += r.ids.shape[0]
+
+    def rows(self) -> list[dict]:
+        """One dict per MoE layer: tokens, experts hit, max/mean load, busiest experts."""
+        out = []
+        for layer, counts in self.tokens_per_expert.items():
+            mean = counts.float().mean().item()
+            top = counts.topk(min(3, counts.numel()))
+            out.append({
+                "layer": layer,
+                "tokens": self.tokens[layer],
+                "experts_hit": int((counts > 0).sum()),
+                "max_over_mean": counts.max().item() / mean if mean else 0.0,
+                "busiest": [(int(e), int(c)) for c, e in zip(top.values, top.indices, strict=True)],
+            })
+        return out
+
+    def table(self) -> str:
+        lines = [f"{'layer':>5} {'tokens':>7} {'experts hit':>12} {'max/mean':>9}  busiest (expert:tokens)"]
+        for r in self.rows():
+            busiest = " ".join(f"{e}:{c}" for e, c in r["busiest"])
+            n = len(self.tokens_per_expert[r["layer"]])
+            lines.append(f"{r['layer']:>5} {r['tokens']:>7} {r['experts_hit']:>6}/{n:<5} {r['max_over_mean']:>9.2f}  "
+                         f"{busiest}")
+        return "\n".join(lines)

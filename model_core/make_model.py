@@ -1,0 +1,167 @@
+"""Seeded random checkpoints of named presets, written in the Hugging Face layout, for offline runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from model_core.checkpoint import INDEX_NAME, SINGLE_NAME
+from model_core.layout import checkpoint_layout
+from model_core.spec import ModelSpec
+from model_core.tokenizer import ByteTokenizer
+
+_TINY: dict[str, Any] = {
+    "vocab_size": 272,
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "torch_dtype": "float32",
+}
+
+# Each preset: (architecture, config overrides on top of the family defaults).
+PRESETS: dict[str, dict[str, Any]] = {
+    # V2 softmax + greedy top-k, no q compression (like DeepSeek-V2-Lite)
+    "tiny-v2": {**_TINY, "model_type": "deepseek_v2", "topk_method": "greedy", "q_lora_rank": None,
+                "norm_topk_prob": False, "routed_scaling_factor": 1.0},
+    # V2 softmax + group-limited greedy, compressed q, scaled weights (like DeepSeek-V2)
+    "tiny-v2-group": {**_TINY, "model_type": "deepseek_v2", "topk_method": "group_limited_greedy",
+                      "n_group": 4, "topk_group": 2, "q_lora_rank": 48, "norm_topk_prob": False,
+                      "routed_scaling_factor": 2.0, "n_shared_experts": 2},
+    # V3 sigmoid + noaux_tc with a non-zero correction bias, YaRN rope, interleaved rope
+    "tiny-v3": {**_TINY, "model_type": "deepseek_v3", "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2,
+                "q_lora_rank": 48, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_shared_experts": 1,
+                "rope_interleave": True,
+                "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                                 "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}},
+    # V3 without q compression, non-interleaved rope, no dense layer, no YaRN
+    "tiny-v3-plain": {**_TINY, "model_type": "deepseek_v3", "topk_method": "noaux_tc", "n_group": 2,
+                      "topk_group": 1, "q_lora_rank": None, "norm_topk_prob": True, "routed_scaling_factor": 1.5,
+                      "rope_interleave": False, "first_k_dense_replace": 0, "num_hidden_layers": 2},
+    # CPU benchmark model: DeepSeek-V3-like routing, 64 experts, top-6, 2 shared, 4 MoE layers
+    "small-v3": {"model_type": "deepseek_v3", "vocab_size": 272, "hidden_size": 1024, "intermediate_size": 2816,
+                 "moe_intermediate_size": 512, "num_hidden_layers": 5, "first_k_dense_replace": 1,
+                 "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 384, "kv_lora_rank": 256,
+                 "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "n_routed_experts": 64,
+                 "num_experts_per_tok": 6, "n_shared_experts": 2, "topk_method": "noaux_tc", "n_group": 8,
+                 "topk_group": 4, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_interleave": True,
+                 "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                 "torch_dtype": "bfloat16"},
+}
+
+_ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    """A full config.json dict for a preset."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r}: expected one of {sorted(PRESETS)}")
+    tok = ByteTokenizer.default()
+    cfg = {
+        "architectures": [_ARCHITECTURES[PRESETS[name]["model_type"]]],
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.specials["<|pad|>"],
+        "initializer_range": 0.02,
+        "num_nextn_predict_layers": 0,
+        "use_cache": True,
+        **PRESETS[name],
+    }
+    if cfg["vocab_size"] < tok.size:
+        raise ValueError(f"preset {name}: vocab_size={cfg['vocab_size']} is smaller than the tokenizer ({tok.size})")
+    return cfg
+
+
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Initial values chosen so that activations keep unit scale and routing spreads over experts."""
+    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if name.endswith("e_score_correction_bias"):
+        return 0.1 * torch.randn(shape, generator=gen)
+    if name.endswith(".bias"):
+        return 0.02 * torch.randn(shape, generator=gen)
+    if name == "model.embed_tokens.weight":
+        return torch.randn(shape, generator=gen)
+    # Linear weights [out, in]: std 1/sqrt(in) keeps outputs (and router logits) at unit scale.
+    return torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+
+
+def write_checkpoint(
+    out: str | Path,
+    config: dict[str, Any],
+    seed: int = 0,
+    shard_bytes: int | None = None,
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write config.json, tokenizer.json and safetensors (sharded with an index past `shard_bytes`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = ModelSpec.from_dict(config)
+    dtype = getattr(torch, spec.torch_dtype)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in checkpoint_layout(spec).items():
+        value = random_tensor(name, shape, gen)
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = value.float()  # transformers keeps this buffer in float32
+        else:
+            tensors[name] = value.to(dtype)
+    for name, value in (overrides or {}).items():
+        tensors[name] = value
+    shards = _split(tensors, shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / SINGLE_NAME), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=1))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    ByteTokenizer.default().save(out)
+    return out
+
+
+def make_model(preset: str, out: str | Path, seed: int = 0, shard_bytes: int | None = None) -> Path:
+    """Generate the checkpoint of a named preset (see PRESETS)."""
+    default_shard = 256 << 20 if preset.startswith("small") else None
+    return write_checkpoint(out, preset_config(preset), seed=seed, shard_bytes=shard_bytes or default_shard)
+
+
+def _split(tensors: dict[str, torch.Tensor], shard_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not shard_bytes:
+        return [tensors]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards

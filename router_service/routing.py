@@ -1,0 +1,114 @@
+"""Routing math as pure tensor functions: scores, selection bias, group / device limits, top-k, weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model_core.spec import RouterSpec
+
+# Shape legend: T = tokens, H = hidden, E = routed experts, K = experts per token,
+# G = expert groups, D = devices.
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """The router's decision for T tokens."""
+
+    ids: torch.Tensor  # [T, K] int64 global expert ids
+    weights: torch.Tensor  # [T, K] float32 combine weights (never include the bias)
+    scores: torch.Tensor  # [T, E] float32 unbiased scores (softmax or sigmoid)
+
+
+def router_scores(hidden: torch.Tensor, gate_weight: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """Scores in float32. hidden: [T, H]; gate_weight: [E, H] -> [T, E]."""
+    logits = F.linear(hidden.float(), gate_weight.float())
+    if scoring_func == "softmax":
+        return logits.softmax(dim=-1, dtype=torch.float32)
+    if scoring_func == "sigmoid":
+        return logits.sigmoid()
+    raise ValueError(f"scoring_func={scoring_func!r}: expected 'softmax' or 'sigmoid'")
+
+
+def partition_scores(sel: torch.Tensor, members: torch.Tensor, how: str) -> torch.Tensor:
+    """Score each partition (expert group or device) from its members' selection scores.
+
+    sel: [T, E]; members: [P, m] expert ids per partition, -1 padding -> [T, P].
+    `how` is 'max' (DeepSeek-V2 group_limited_greedy) or 'top2_sum' (DeepSeek-V3 noaux_tc).
+    """
+    padded = torch.cat([sel, sel.new_full((sel.shape[0], 1), float("-inf"))], dim=1)
+    grouped = padded[:, members]  # [T, P, m]; index -1 reads the -inf column
+    if how == "max" or grouped.shape[-1] < 2:
+        return grouped.max(dim=-1).values
+    if how == "top2_sum":
+        return grouped.topk(2, dim=-1).values.sum(dim=-1)
+    raise ValueError(f"group score {how!r}: expected 'max' or 'top2_sum'")
+
+
+def keep_top_partitions(sel: torch.Tensor, members: torch.Tensor, how: str, keep: int) -> torch.Tensor:
+    """Mask (to -inf) every expert outside the `keep` best-scoring partitions. sel: [T, E] -> [T, E]."""
+    part_scores = partition_scores(sel, members, how)  # [T, P]
+    chosen = part_scores.topk(min(keep, part_scores.shape[1]), dim=-1, sorted=False).indices  # [T, keep]
+    expert_ok = torch.zeros_like(sel, dtype=torch.bool)
+    rows = members[chosen]  # [T, keep, m]
+    valid = rows >= 0
+    t_idx = torch.arange(sel.shape[0], device=sel.device)[:, None, None].expand_as(rows)
+    expert_ok[t_idx[valid], rows[valid]] = True
+    return sel.masked_fill(~expert_ok, float("-inf"))
+
+
+def contiguous_members(n_experts: int, n_parts: int) -> torch.Tensor:
+    """Experts split into equal consecutive partitions: [P, E/P]."""
+    return torch.arange(n_experts).view(n_parts, n_experts // n_parts)
+
+
+def members_of(expert_device: torch.Tensor, n_devices: int) -> torch.Tensor:
+    """Invert an expert -> device map ([E]) into a padded table of experts per device: [D, m], -1 padding."""
+    per_device = [torch.nonzero(expert_device == d).flatten() for d in range(n_devices)]
+    width = max(1, max(len(p) for p in per_device))
+    table = torch.full((n_devices, width), -1, dtype=torch.long)
+    for d, ids in enumerate(per_device):
+        table[d, : len(ids)] = ids
+    return table
+
+
+def select_experts(
+    scores: torch.Tensor,
+    spec: RouterSpec,
+    bias: torch.Tensor | None = None,
+    device_members: torch.Tensor | None = None,
+    top_m_devices: int | None = None,
+) -> Routing:
+    """The DeepSeek gate from scores on: bias for selection only, group / device limits, top-k, weights.
+
+    scores: [T, E] float32; bias: [E] or None; device_members: [D, m] (see `members_of`).
+    """
+    sel = scores if bias is None else scores + bias.to(scores.dtype)  # [T, E]
+    if spec.group_limited:
+        groups = contiguous_members(spec.n_routed_experts, spec.n_group).to(scores.device)
+        sel = keep_top_partitions(sel, groups, spec.group_score, spec.topk_group)
+    if top_m_devices is not None:
+        if device_members is None:
+            raise ValueError("top_m_devices is set but no expert -> device placement was given")
+        sel = keep_top_partitions(sel, device_members.to(scores.device), spec.group_score, top_m_devices)
+    ids = sel.topk(spec.top_k, dim=-1, sorted=False).indices  # [T, K]
+    weights = scores.gather(1, ids)  # [T, K] from the unbiased scores
+    if spec.normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * spec.routed_scaling_factor
+    return Routing(ids=ids, weights=weights, scores=scores)
+
+
+def route_tokens(
+    hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    spec: RouterSpec,
+    bias: torch.Tensor | None = None,
+    device_members: torch.Tensor | None = None,
+    top_m_devices: int | None = None,
+) -> Routing:
+    """Route T tokens. hidden: [T, H]; gate_weight: [E, H]."""
+    scores = router_scores(hidden, gate_weight, spec.scoring_func)
+    return select_experts(scores, spec, bias, device_members, top_m_devices)
