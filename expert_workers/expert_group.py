@@ -42,8 +42,10 @@ class ExpertGroup:
         for layer in self.spec.moe_layers:
             gate_up, down = [], []
             for e in self.expert_ids:
-                g, u, d = (self.reader.get(name, shape, dtype)
-                           for name, shape in zip(expert_weight_names(layer, e), shapes, strict=True))
+                g, u, d = (
+                    self.reader.get(name, shape, dtype)
+                    for name, shape in zip(expert_weight_names(layer, e), shapes, strict=True)
+                )
                 gate_up.append(torch.cat([g, u], dim=0))
                 down.append(d)
             self.w_gate_up[layer] = torch.stack(gate_up)  # [E_local, 2I, H]

@@ -70,8 +70,10 @@ class Engine:
             if bad:
                 raise ValueError(f"prompts[{i}]: token ids {bad[:5]} are outside [0, vocab_size={vocab})")
             if len(p) + max_new_tokens > limit:
-                raise ValueError(f"prompts[{i}]: {len(p)} tokens + max_new_tokens={max_new_tokens} exceeds "
-                                 f"max_position_embeddings={limit}")
+                raise ValueError(
+                    f"prompts[{i}]: {len(p)} tokens + max_new_tokens={max_new_tokens} exceeds "
+                    f"max_position_embeddings={limit}"
+                )
 
     def _step(
         self, cache: LatentCache, seqs: list[int], starts: list[int], new: list[list[int]]

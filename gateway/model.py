@@ -1,4 +1,4 @@
-"""The gateway's model: everything but the routed experts (embeddings, MLA, dense MLPs, router, shared experts, head)."""
+"""The gateway model: all but the routed experts (embeddings, MLA, dense MLPs, router, shared experts, head)."""
 
 from __future__ import annotations
 

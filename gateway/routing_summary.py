@@ -25,13 +25,15 @@ class RoutingSummary:
         for layer, counts in self.tokens_per_expert.items():
             mean = counts.float().mean().item()
             top = counts.topk(min(3, counts.numel()))
-            out.append({
-                "layer": layer,
-                "tokens": self.tokens[layer],
-                "experts_hit": int((counts > 0).sum()),
-                "max_over_mean": counts.max().item() / mean if mean else 0.0,
-                "busiest": [(int(e), int(c)) for c, e in zip(top.values, top.indices, strict=True)],
-            })
+            out.append(
+                {
+                    "layer": layer,
+                    "tokens": self.tokens[layer],
+                    "experts_hit": int((counts > 0).sum()),
+                    "max_over_mean": counts.max().item() / mean if mean else 0.0,
+                    "busiest": [(int(e), int(c)) for c, e in zip(top.values, top.indices, strict=True)],
+                }
+            )
         return out
 
     def table(self) -> str:
@@ -39,6 +41,7 @@ class RoutingSummary:
         for r in self.rows():
             busiest = " ".join(f"{e}:{c}" for e, c in r["busiest"])
             n = len(self.tokens_per_expert[r["layer"]])
-            lines.append(f"{r['layer']:>5} {r['tokens']:>7} {r['experts_hit']:>6}/{n:<5} {r['max_over_mean']:>9.2f}  "
-                         f"{busiest}")
+            lines.append(
+                f"{r['layer']:>5} {r['tokens']:>7} {r['experts_hit']:>6}/{n:<5} {r['max_over_mean']:>9.2f}  {busiest}"
+            )
         return "\n".join(lines)

@@ -6,7 +6,10 @@ import torch
 
 
 def sample(
-    logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """logits: [B, V] float32 -> token ids [B]. temperature 0 means greedy (argmax)."""
     if temperature < 0:

@@ -40,31 +40,92 @@ _TINY: dict[str, Any] = {
 # Each preset: (architecture, config overrides on top of the family defaults).
 PRESETS: dict[str, dict[str, Any]] = {
     # V2 softmax + greedy top-k, no q compression (like DeepSeek-V2-Lite)
-    "tiny-v2": {**_TINY, "model_type": "deepseek_v2", "topk_method": "greedy", "q_lora_rank": None,
-                "norm_topk_prob": False, "routed_scaling_factor": 1.0},
+    "tiny-v2": {
+        **_TINY,
+        "model_type": "deepseek_v2",
+        "topk_method": "greedy",
+        "q_lora_rank": None,
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0,
+    },
     # V2 softmax + group-limited greedy, compressed q, scaled weights (like DeepSeek-V2)
-    "tiny-v2-group": {**_TINY, "model_type": "deepseek_v2", "topk_method": "group_limited_greedy",
-                      "n_group": 4, "topk_group": 2, "q_lora_rank": 48, "norm_topk_prob": False,
-                      "routed_scaling_factor": 2.0, "n_shared_experts": 2},
+    "tiny-v2-group": {
+        **_TINY,
+        "model_type": "deepseek_v2",
+        "topk_method": "group_limited_greedy",
+        "n_group": 4,
+        "topk_group": 2,
+        "q_lora_rank": 48,
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 2.0,
+        "n_shared_experts": 2,
+    },
     # V3 sigmoid + noaux_tc with a non-zero correction bias, YaRN rope, interleaved rope
-    "tiny-v3": {**_TINY, "model_type": "deepseek_v3", "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2,
-                "q_lora_rank": 48, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_shared_experts": 1,
-                "rope_interleave": True,
-                "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
-                                 "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}},
+    "tiny-v3": {
+        **_TINY,
+        "model_type": "deepseek_v3",
+        "topk_method": "noaux_tc",
+        "n_group": 4,
+        "topk_group": 2,
+        "q_lora_rank": 48,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "n_shared_experts": 1,
+        "rope_interleave": True,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    },
     # V3 without q compression, non-interleaved rope, no dense layer, no YaRN
-    "tiny-v3-plain": {**_TINY, "model_type": "deepseek_v3", "topk_method": "noaux_tc", "n_group": 2,
-                      "topk_group": 1, "q_lora_rank": None, "norm_topk_prob": True, "routed_scaling_factor": 1.5,
-                      "rope_interleave": False, "first_k_dense_replace": 0, "num_hidden_layers": 2},
+    "tiny-v3-plain": {
+        **_TINY,
+        "model_type": "deepseek_v3",
+        "topk_method": "noaux_tc",
+        "n_group": 2,
+        "topk_group": 1,
+        "q_lora_rank": None,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.5,
+        "rope_interleave": False,
+        "first_k_dense_replace": 0,
+        "num_hidden_layers": 2,
+    },
     # CPU benchmark model: DeepSeek-V3-like routing, 64 experts, top-6, 2 shared, 4 MoE layers
-    "small-v3": {"model_type": "deepseek_v3", "vocab_size": 272, "hidden_size": 1024, "intermediate_size": 2816,
-                 "moe_intermediate_size": 512, "num_hidden_layers": 5, "first_k_dense_replace": 1,
-                 "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 384, "kv_lora_rank": 256,
-                 "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "n_routed_experts": 64,
-                 "num_experts_per_tok": 6, "n_shared_experts": 2, "topk_method": "noaux_tc", "n_group": 8,
-                 "topk_group": 4, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_interleave": True,
-                 "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-                 "torch_dtype": "bfloat16"},
+    "small-v3": {
+        "model_type": "deepseek_v3",
+        "vocab_size": 272,
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "moe_intermediate_size": 512,
+        "num_hidden_layers": 5,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "q_lora_rank": 384,
+        "kv_lora_rank": 256,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+        "n_routed_experts": 64,
+        "num_experts_per_tok": 6,
+        "n_shared_experts": 2,
+        "topk_method": "noaux_tc",
+        "n_group": 8,
+        "topk_group": 4,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "rope_interleave": True,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "torch_dtype": "bfloat16",
+    },
 }
 
 _ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
@@ -139,8 +200,9 @@ def write_checkpoint(
             save_file(shard, str(out / file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=1))
+        (out / INDEX_NAME).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
     (out / "config.json").write_text(json.dumps(config, indent=1))
     ByteTokenizer.default().save(out)
     return out

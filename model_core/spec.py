@@ -183,7 +183,9 @@ class ModelSpec:
                     f"experts, fewer than num_experts_per_tok={top_k}"
                 )
             if topk_method == "noaux_tc" and n_routed // n_group < 2:
-                raise ConfigError(f"n_group={n_group}: noaux_tc scores a group by its top two, so it needs >= 2 experts")
+                raise ConfigError(
+                    f"n_group={n_group}: noaux_tc scores a group by its top two, so it needs >= 2 experts"
+                )
         norm = f.bool_("norm_topk_prob", default=model_type == "deepseek_v3")
         if model_type == "deepseek_v2" and norm:
             # transformers' DeepseekV2TopkRouter ignores norm_topk_prob; we follow the reference.
@@ -194,8 +196,10 @@ class ModelSpec:
             raise ConfigError(f"first_k_dense_replace={first_dense}: exceeds num_hidden_layers={layers}")
         moe_freq = f.opt_int("moe_layer_freq", default=1, minimum=1)
         if moe_freq != 1:
-            raise ConfigError(f"moe_layer_freq={moe_freq}: transformers builds an MoE in every layer after "
-                              "first_k_dense_replace; only 1 is supported")
+            raise ConfigError(
+                f"moe_layer_freq={moe_freq}: transformers builds an MoE in every layer after "
+                "first_k_dense_replace; only 1 is supported"
+            )
         q_lora = raw.get("q_lora_rank")
         if q_lora is not None:
             q_lora = f.pos_int("q_lora_rank")

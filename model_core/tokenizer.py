@@ -63,18 +63,43 @@ class ByteTokenizer:
             "truncation": None,
             "padding": None,
             "added_tokens": [
-                {"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True}
+                {
+                    "id": i,
+                    "content": tok,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": True,
+                }
                 for tok, i in self.specials.items()
             ],
             "normalizer": None,
-            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                              "use_regex": False},
+            "pre_tokenizer": {
+                "type": "ByteLevel",
+                "add_prefix_space": False,
+                "trim_offsets": True,
+                "use_regex": False,
+            },
             "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": False, "vocab": vocab, "merges": []},
+            "decoder": {
+                "type": "ByteLevel",
+                "add_prefix_space": False,
+                "trim_offsets": True,
+                "use_regex": False,
+            },
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": None,
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "ignore_merges": False,
+                "vocab": vocab,
+                "merges": [],
+            },
         }
 
     def save(self, directory: str | Path) -> None:
@@ -89,8 +114,10 @@ class ByteTokenizer:
         data = json.loads(file.read_text())
         model = data.get("model", {})
         if model.get("type") != "BPE" or model.get("merges"):
-            raise ValueError(f"{file}: model.type={model.get('type')!r} with merges is not a plain byte-level "
-                             "vocabulary; only tokenizers written by `expertmesh make-model` are supported")
+            raise ValueError(
+                f"{file}: model.type={model.get('type')!r} with merges is not a plain byte-level "
+                "vocabulary; only tokenizers written by `expertmesh make-model` are supported"
+            )
         vocab: dict[str, int] = model["vocab"]
         chars = {c: b for b, c in bytes_to_unicode().items()}
         specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}

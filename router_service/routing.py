@@ -47,8 +47,8 @@ def partition_scores(sel: torch.Tensor, members: torch.Tensor, how: str) -> torc
     raise ValueError(f"group score {how!r}: expected 'max' or 'top2_sum'")
 
 
-def keep_top_partitions(sel: torch.Tensor, members: torch.Tensor, how: str, keep: int) -> torch.Tensor:
-    """Mask (to -inf) every expert outside the `keep` best-scoring partitions. sel: [T, E] -> [T, E]."""
+def top_partition_mask(sel: torch.Tensor, members: torch.Tensor, how: str, keep: int) -> torch.Tensor:
+    """True for every expert inside the `keep` best-scoring partitions. sel: [T, E] -> bool [T, E]."""
     part_scores = partition_scores(sel, members, how)  # [T, P]
     chosen = part_scores.topk(min(keep, part_scores.shape[1]), dim=-1, sorted=False).indices  # [T, keep]
     expert_ok = torch.zeros_like(sel, dtype=torch.bool)
@@ -56,7 +56,17 @@ def keep_top_partitions(sel: torch.Tensor, members: torch.Tensor, how: str, keep
     valid = rows >= 0
     t_idx = torch.arange(sel.shape[0], device=sel.device)[:, None, None].expand_as(rows)
     expert_ok[t_idx[valid], rows[valid]] = True
-    return sel.masked_fill(~expert_ok, float("-inf"))
+    return expert_ok
+
+
+def check_top_m(device_members: torch.Tensor, top_k: int, top_m_devices: int) -> None:
+    """Any M devices must together hold at least top_k experts, or some token could not be routed."""
+    sizes = (device_members >= 0).sum(dim=1).sort().values
+    if top_m_devices < 1 or sizes[:top_m_devices].sum() < top_k:
+        raise ValueError(
+            f"top_m_devices={top_m_devices}: the {top_m_devices} smallest devices hold "
+            f"{int(sizes[:top_m_devices].sum())} experts, fewer than num_experts_per_tok={top_k}"
+        )
 
 
 def contiguous_members(n_experts: int, n_parts: int) -> torch.Tensor:
@@ -86,19 +96,39 @@ def select_experts(
     scores: [T, E] float32; bias: [E] or None; device_members: [D, m] (see `members_of`).
     """
     sel = scores if bias is None else scores + bias.to(scores.dtype)  # [T, E]
+    choice = sel
     if spec.group_limited:
         groups = contiguous_members(spec.n_routed_experts, spec.n_group).to(scores.device)
-        sel = keep_top_partitions(sel, groups, spec.group_score, spec.topk_group)
+        choice = sel.masked_fill(~top_partition_mask(sel, groups, spec.group_score, spec.topk_group), float("-inf"))
     if top_m_devices is not None:
         if device_members is None:
             raise ValueError("top_m_devices is set but no expert -> device placement was given")
-        sel = keep_top_partitions(sel, device_members.to(scores.device), spec.group_score, top_m_devices)
-    ids = sel.topk(spec.top_k, dim=-1, sorted=False).indices  # [T, K]
+        choice = _limit_devices(sel, choice, device_members.to(scores.device), spec, top_m_devices)
+    ids = choice.topk(spec.top_k, dim=-1, sorted=False).indices  # [T, K]
     weights = scores.gather(1, ids)  # [T, K] from the unbiased scores
     if spec.normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * spec.routed_scaling_factor
     return Routing(ids=ids, weights=weights, scores=scores)
+
+
+def _limit_devices(
+    sel: torch.Tensor, choice: torch.Tensor, members: torch.Tensor, spec: RouterSpec, top_m: int
+) -> torch.Tensor:
+    """Keep only experts on the token's top-M devices (scored like groups, from the group-limited choice).
+
+    A token whose chosen devices hold fewer than K experts of its allowed groups falls back to the best
+    other experts on those same devices: the device bound is hard, the group limit gives way.
+    """
+    on_devices = top_partition_mask(choice, members, spec.group_score, top_m)
+    limited = choice.masked_fill(~on_devices, float("-inf"))
+    short = (limited > float("-inf")).sum(dim=-1) < spec.top_k  # [T]
+    if short.any():
+        # In-group experts first (lifted above every other), then the rest of the chosen devices by score.
+        lift = (sel.max() - sel.min()).abs() + 1
+        fallback = torch.where(choice > float("-inf"), sel + lift, sel).masked_fill(~on_devices, float("-inf"))
+        limited = torch.where(short[:, None], fallback, limited)
+    return limited
 
 
 def route_tokens(

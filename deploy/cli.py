@@ -1,0 +1,114 @@
+"""The `expertmesh` command line: make-model, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from model_core.checkpoint import CheckpointError
+from model_core.spec import ConfigError
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids: expected at least one id")
+    return ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from model_core.make_model import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="expertmesh", description="Distributed expert serving for DeepSeek MoE models"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser("make-model", help="write a seeded random checkpoint of a named preset")
+    mk.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    mk.add_argument("--out", required=True, type=Path)
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--shard-mb", type=int, default=None, help="split safetensors into shards of this size")
+
+    gen = sub.add_parser("generate", help="generate tokens for one prompt")
+    gen.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    src.add_argument("--prompt-ids", type=_ids, help="comma-separated token ids, e.g. 1,2,3")
+    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--backend", default="local", choices=["local"])
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from model_core.make_model import make_model
+
+    shard = args.shard_mb << 20 if args.shard_mb else None
+    out = make_model(args.preset, args.out, seed=args.seed, shard_bytes=shard)
+    print(f"wrote {args.preset} (seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gateway import Engine
+    from model_core.tokenizer import ByteTokenizer
+
+    tokenizer = None
+    if args.prompt is not None:
+        tokenizer = ByteTokenizer.from_dir(args.model)
+        prompt = tokenizer.encode(args.prompt)
+    else:
+        prompt = args.prompt_ids
+        try:
+            tokenizer = ByteTokenizer.from_dir(args.model)
+        except (FileNotFoundError, ValueError):
+            tokenizer = None
+    with Engine.from_pretrained(args.model, backend=args.backend, dtype=args.dtype) as engine:
+        tokens = engine.generate(
+            [prompt],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )[0]
+        summary = engine.routing_summary
+        text = tokenizer.decode(tokens) if tokenizer else None
+        if args.json:
+            print(json.dumps({"prompt_ids": prompt, "tokens": tokens, "text": text, "routing": summary.rows()}))
+            return 0
+        print(f"prompt ids : {prompt}")
+        print(f"new tokens : {tokens}")
+        if text is not None:
+            print(f"text       : {text!r}")
+        print("\nrouting per MoE layer (prefill + decode):")
+        print(summary.table())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    handlers = {"make-model": cmd_make_model, "generate": cmd_generate}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"expertmesh {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: generated checkpoints (one per preset, made once per session) and transformers references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_core.make_model import make_model
+
+TINY_PRESETS = ["tiny-v2", "tiny-v2-group", "tiny-v3", "tiny-v3-plain"]
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: make_model(name, root / name, seed=7) for name in TINY_PRESETS}
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """Load (once per preset) the transformers model of a generated checkpoint, float32, eager attention."""
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[Path, object] = {}
+
+    def load(path: Path):
+        if path not in cache:
+            cache[path] = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation="eager"
+            ).eval()
+        return cache[path]
+
+    return load
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]

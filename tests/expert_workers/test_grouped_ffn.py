@@ -1,0 +1,108 @@
+"""The grouped expert FFN equals transformers' experts module and a per-token reference, edge cases included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+
+from expert_workers.expert_group import ExpertGroup
+from expert_workers.grouped_ffn import grouped_expert_ffn, sort_by_expert
+from model_core.checkpoint import is_routed_expert_tensor
+from model_core.ffn import swiglu
+from model_core.make_model import preset_config
+
+E, H, I, K = 8, 24, 20, 3
+
+
+def weights(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(E, 2 * I, H, generator=gen) / H**0.5, torch.randn(E, H, I, generator=gen) / I**0.5
+
+
+def per_token_reference(hidden, w_gate_up, w_down, ids, w):
+    out = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e >= 0:
+                out[t] += w[t, k] * swiglu(hidden[t : t + 1], w_gate_up[e, :I], w_gate_up[e, I:], w_down[e])[0]
+    return out
+
+
+def random_routing(t: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(t)]) if t else torch.empty(0, K).long()
+    return ids, torch.rand(t, K, generator=gen)
+
+
+@pytest.mark.parametrize("t", [1, 7, 64])
+def test_matches_transformers_experts_module(t):
+    w_gate_up, w_down = weights()
+    ids, w = random_routing(t, seed=t)
+    hidden = torch.randn(t, H, generator=torch.Generator().manual_seed(9))
+    cfg = DeepseekV3Config(
+        **{
+            **preset_config("tiny-v3"),
+            "n_routed_experts": E,
+            "hidden_size": H,
+            "moe_intermediate_size": I,
+            "num_experts_per_tok": K,
+            "n_group": 1,
+            "topk_group": 1,
+        }
+    )
+    ref = DeepseekV3Experts(cfg)
+    ref.gate_up_proj.data.copy_(w_gate_up)
+    ref.down_proj.data.copy_(w_down)
+    with torch.no_grad():
+        expected = ref(hidden, ids, w)
+    torch.testing.assert_close(grouped_expert_ffn(hidden, w_gate_up, w_down, ids, w), expected, rtol=0, atol=1e-6)
+
+
+def test_edge_cases_minus_one_ids_empty_experts_one_hot_expert_and_no_tokens():
+    w_gate_up, w_down = weights(1)
+    hidden = torch.randn(30, H, generator=torch.Generator().manual_seed(2))
+    ids, w = random_routing(30, seed=3)
+    ids[::3, 0] = -1  # not on this device
+    ids[ids == 5] = 6  # expert 5 gets no tokens
+    ids[:, 1] = torch.where(ids[:, 1] >= 0, ids[:, 1], 2)
+    got = grouped_expert_ffn(hidden, w_gate_up, w_down, ids, w)
+    torch.testing.assert_close(got, per_token_reference(hidden, w_gate_up, w_down, ids, w), atol=1e-5, rtol=1e-5)
+    all_one = torch.full((30, 1), 4)
+    got = grouped_expert_ffn(hidden, w_gate_up, w_down, all_one, w[:, :1])
+    torch.testing.assert_close(got, per_token_reference(hidden, w_gate_up, w_down, all_one, w[:, :1]))
+    assert torch.equal(
+        grouped_expert_ffn(hidden, w_gate_up, w_down, torch.full((30, K), -1), w), torch.zeros_like(hidden)
+    )
+    assert grouped_expert_ffn(hidden[:0], w_gate_up, w_down, ids[:0], w[:0]).shape == (0, H)
+
+
+def test_sort_by_expert_counts_and_order():
+    ids = torch.tensor([[2, 0], [-1, 2], [0, 1]])
+    pair_index, counts, offsets = sort_by_expert(ids, 4)
+    assert counts.tolist() == [2, 1, 2, 0]
+    assert offsets.tolist() == [0, 2, 3, 5, 5]
+    assert ids.flatten()[pair_index].tolist() == [0, 0, 1, 2, 2]
+    assert (pair_index // 2).tolist() == [0, 2, 2, 0, 1]  # tokens keep their order within an expert
+
+
+def test_expert_group_loads_only_its_experts_and_computes_their_share(model_dirs):
+    path = model_dirs["tiny-v3"]
+    mine = [1, 4, 9, 12]
+    group = ExpertGroup(path, mine)
+    loaded = {int(n.split(".")[5]) for n in group.reader.loaded}
+    assert loaded == set(mine) and all(is_routed_expert_tensor(n) for n in group.reader.loaded)
+    full = ExpertGroup(path, list(range(16)))
+    assert group.weight_bytes * 4 == full.weight_bytes
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 64, generator=gen)
+    ids = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(10)])
+    w = torch.rand(10, 4, generator=gen)
+    masked = torch.where(torch.isin(ids, torch.tensor(mine)), ids, -1)
+    torch.testing.assert_close(group.forward(1, hidden, ids, w), full.forward(1, hidden, masked, w))
+    with pytest.raises(ValueError, match="layer=0: not an MoE layer"):
+        group.forward(0, hidden, ids, w)
+    with pytest.raises(ValueError, match="expert_ids"):
+        ExpertGroup(path, [3, 16])

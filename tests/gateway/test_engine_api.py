@@ -1,0 +1,92 @@
+"""Engine API behaviour: sampling, stopping, batching independence and input validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from gateway import Engine
+from gateway.sampling import sample
+from tests.conftest import random_prompts
+
+
+@pytest.fixture(scope="module")
+def engine(model_dirs):
+    e = Engine.from_pretrained(model_dirs["tiny-v3"])
+    yield e
+    e.close()
+
+
+def test_a_sequence_generates_the_same_alone_or_in_a_ragged_batch(engine):
+    prompts = random_prompts(engine.spec.vocab_size, [5, 14, 2, 9], seed=21)
+    together = engine.generate(prompts, max_new_tokens=10, stop_at_eos=False)
+    alone = [engine.generate([p], max_new_tokens=10, stop_at_eos=False)[0] for p in prompts]
+    assert together == alone and all(len(t) == 10 for t in together)
+
+
+def test_generation_stops_after_eos_and_keeps_it(engine, monkeypatch):
+    prompt = random_prompts(engine.spec.vocab_size, [6], seed=5)[0]
+    free = engine.generate([prompt], max_new_tokens=12, stop_at_eos=False)[0]
+    # Pretend the model's eos is the 4th generated token: generation must stop right there.
+    monkeypatch.setattr(engine, "spec", dataclasses.replace(engine.spec, eos_token_id=free[3]))
+    stopped = engine.generate([prompt], max_new_tokens=12)[0]
+    assert stopped == free[: free.index(free[3]) + 1]
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy(engine):
+    prompt = random_prompts(engine.spec.vocab_size, [5], seed=8)
+    a = engine.generate(prompt, max_new_tokens=16, temperature=1.5, seed=3, stop_at_eos=False)
+    b = engine.generate(prompt, max_new_tokens=16, temperature=1.5, seed=3, stop_at_eos=False)
+    greedy = engine.generate(prompt, max_new_tokens=16, stop_at_eos=False)
+    assert a == b and a != greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, top_p=0.7, generator=gen)) for _ in range(300)}
+    assert draws == {0, 1}
+    assert {int(sample(logits, 1.0, top_p=0.4, generator=gen)) for _ in range(50)} == {0}
+    assert int(sample(logits, 0.0)) == 0
+    with pytest.raises(ValueError, match="top_p=0"):
+        sample(logits, 1.0, top_p=0)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        sample(logits, -1)
+
+
+@pytest.mark.parametrize(
+    "prompts, kwargs, message",
+    [
+        ([], {}, "prompts: expected a non-empty list"),
+        ([[]], {}, r"prompts\[0\]: expected a non-empty list"),
+        ([[1, 2], [3, 9999]], {}, r"prompts\[1\]: token ids \[9999\] are outside \[0, vocab_size=272\)"),
+        ([[1, -2]], {}, r"token ids \[-2\]"),
+        ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens=0"),
+        ([[1] * 500], {"max_new_tokens": 20}, "exceeds max_position_embeddings=512"),
+        ([[1, 2]], {"top_p": 1.5}, "top_p=1.5"),
+    ],
+)
+def test_bad_requests_raise_and_the_engine_keeps_serving(engine, prompts, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate(prompts, **{"max_new_tokens": 4, **kwargs})
+    assert len(engine.generate([[3, 4, 5]], max_new_tokens=2)[0]) >= 1
+
+
+def test_from_pretrained_rejects_unknown_backend_and_dtype(model_dirs):
+    with pytest.raises(ValueError, match="backend='nccl'"):
+        Engine.from_pretrained(model_dirs["tiny-v2"], backend="nccl")
+    with pytest.raises(ValueError, match="dtype='int4'"):
+        Engine.from_pretrained(model_dirs["tiny-v2"], dtype="int4")
+
+
+def test_bfloat16_engine_stays_close_to_float32(model_dirs):
+    prompts = random_prompts(272, [10], seed=2)
+    with (
+        Engine.from_pretrained(model_dirs["tiny-v2"]) as f32,
+        Engine.from_pretrained(model_dirs["tiny-v2"], dtype="bfloat16") as bf16,
+    ):
+        a, b = f32.logits(prompts)[0], bf16.logits(prompts)[0]
+    assert b.dtype == torch.float32
+    assert ((a - b).abs().max() / a.abs().max()).item() < 0.1

@@ -1,0 +1,47 @@
+"""The checkpoint generator: seeded, loadable by transformers, routes over many experts, byte tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from gateway import Engine
+from model_core.checkpoint import CheckpointReader
+from model_core.make_model import make_model
+from model_core.tokenizer import ByteTokenizer
+from tests.conftest import random_prompts
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    a = CheckpointReader(make_model("tiny-v3", tmp_path / "a", seed=5))
+    b = CheckpointReader(make_model("tiny-v3", tmp_path / "b", seed=5))
+    c = CheckpointReader(make_model("tiny-v3", tmp_path / "c", seed=6))
+    name = "model.layers.2.mlp.experts.3.down_proj.weight"
+    assert torch.equal(a.get(name), b.get(name))
+    assert not torch.equal(a.get(name), c.get(name))
+    bias = a.get("model.layers.1.mlp.gate.e_score_correction_bias")
+    assert bias.dtype == torch.float32 and bias.abs().min() > 0  # a non-zero correction bias
+
+
+def test_routing_spreads_over_many_experts(model_dirs):
+    for name, path in model_dirs.items():
+        with Engine.from_pretrained(path) as engine:
+            engine.logits(random_prompts(engine.spec.vocab_size, [64, 64], seed=11))
+            for row in engine.routing_summary.rows():
+                n = engine.spec.n_routed_experts
+                assert row["experts_hit"] >= 0.75 * n, (name, row)
+                assert row["max_over_mean"] < 4, (name, row)
+
+
+def test_tokenizer_round_trips_and_agrees_with_hf_tokenizers(model_dirs):
+    from tokenizers import Tokenizer
+
+    path = model_dirs["tiny-v3"]
+    ours = ByteTokenizer.from_dir(path)
+    theirs = Tokenizer.from_file(str(path / "tokenizer.json"))
+    text = "Hello, experts! ünïcödé ✓ 12\n\ttabs"
+    ids = ours.encode(text, add_bos=False)
+    assert ids == theirs.encode(text).ids
+    assert ours.decode(ids) == text == theirs.decode(ids)
+    assert ours.encode("a")[0] == ours.bos_id == json.loads((path / "config.json").read_text())["bos_token_id"]
