@@ -1,4 +1,4 @@
-"""Grouped routed-expert FFN on torch: token-expert pairs sorted by expert, one matmul pair per hit expert."""
+"""Grouped routed-expert FFN on torch: pairs sorted by expert, then grouped GEMMs or one matmul pair per expert."""
 
 from __future__ import annotations
 
@@ -25,19 +25,28 @@ def sort_by_expert(topk_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
     return pair_index, counts, offsets
 
 
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
+
+
 def grouped_expert_ffn(
     hidden: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """y[t] = Σ_k w[t,k] · FFN_{ids[t,k]}(hidden[t]), experts computed one contiguous run at a time.
+    """y[t] = Σ_k w[t,k] · FFN_{ids[t,k]}(hidden[t]), tokens sorted so each expert's rows are contiguous.
 
     hidden: [T, H]; w_gate_up: [E, 2I, H] (gate rows first); w_down: [E, H, I];
     topk_ids: [T, K] local ids (-1 skips); topk_weights: [T, K] -> [T, H] in hidden's dtype.
-    Contributions are added in expert order, the order transformers' experts module uses.
+    impl: 'grouped_mm' (two torch grouped GEMMs), 'loop' (one matmul pair per hit expert), 'auto' (grouped_mm
+    on CUDA, loop on CPU: there the loop was faster at prefill and exact in bfloat16, see benchmarks/moe_layer.py).
+    Contributions are added in expert order, as transformers' experts module does.
     """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl={impl!r}: expected one of {IMPLEMENTATIONS}")
     n_tokens, k = topk_ids.shape
     out = torch.zeros_like(hidden)
     if n_tokens == 0:
@@ -46,6 +55,13 @@ def grouped_expert_ffn(
     token_of_pair = pair_index // k  # [P]
     weight_of_pair = topk_weights.reshape(-1)[pair_index]  # [P]
     inter = w_down.shape[-1]
+    if impl == "grouped_mm" or (impl == "auto" and HAS_GROUPED_MM and hidden.is_cuda):
+        ends = offsets[1:].to(torch.int32)  # [E] cumulative row ends, as grouped_mm expects
+        x = hidden[token_of_pair]  # [P, H]
+        gate_up = F.grouped_mm(x, w_gate_up.transpose(1, 2), offs=ends)  # [P, 2I]
+        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        y = F.grouped_mm(h, w_down.transpose(1, 2), offs=ends) * weight_of_pair[:, None].to(hidden.dtype)
+        return out.index_add_(0, token_of_pair, y)
     for e in torch.nonzero(counts).flatten().tolist():
         start, end = offsets[e].item(), offsets[e + 1].item()
         tokens = token_of_pair[start:end]

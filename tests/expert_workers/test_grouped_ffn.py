@@ -37,8 +37,9 @@ def random_routing(t: int, seed: int):
     return ids, torch.rand(t, K, generator=gen)
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("t", [1, 7, 64])
-def test_matches_transformers_experts_module(t):
+def test_matches_transformers_experts_module(t, impl):
     w_gate_up, w_down = weights()
     ids, w = random_routing(t, seed=t)
     hidden = torch.randn(t, H, generator=torch.Generator().manual_seed(9))
@@ -58,25 +59,29 @@ def test_matches_transformers_experts_module(t):
     ref.down_proj.data.copy_(w_down)
     with torch.no_grad():
         expected = ref(hidden, ids, w)
-    torch.testing.assert_close(grouped_expert_ffn(hidden, w_gate_up, w_down, ids, w), expected, rtol=0, atol=1e-6)
+    got = grouped_expert_ffn(hidden, w_gate_up, w_down, ids, w, impl=impl)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
-def test_edge_cases_minus_one_ids_empty_experts_one_hot_expert_and_no_tokens():
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_edge_cases_minus_one_ids_empty_experts_one_hot_expert_and_no_tokens(impl):
     w_gate_up, w_down = weights(1)
     hidden = torch.randn(30, H, generator=torch.Generator().manual_seed(2))
     ids, w = random_routing(30, seed=3)
     ids[::3, 0] = -1  # not on this device
     ids[ids == 5] = 6  # expert 5 gets no tokens
     ids[:, 1] = torch.where(ids[:, 1] >= 0, ids[:, 1], 2)
-    got = grouped_expert_ffn(hidden, w_gate_up, w_down, ids, w)
+    got = grouped_expert_ffn(hidden, w_gate_up, w_down, ids, w, impl=impl)
     torch.testing.assert_close(got, per_token_reference(hidden, w_gate_up, w_down, ids, w), atol=1e-5, rtol=1e-5)
     all_one = torch.full((30, 1), 4)
-    got = grouped_expert_ffn(hidden, w_gate_up, w_down, all_one, w[:, :1])
+    got = grouped_expert_ffn(hidden, w_gate_up, w_down, all_one, w[:, :1], impl=impl)
     torch.testing.assert_close(got, per_token_reference(hidden, w_gate_up, w_down, all_one, w[:, :1]))
     assert torch.equal(
         grouped_expert_ffn(hidden, w_gate_up, w_down, torch.full((30, K), -1), w), torch.zeros_like(hidden)
     )
-    assert grouped_expert_ffn(hidden[:0], w_gate_up, w_down, ids[:0], w[:0]).shape == (0, H)
+    assert grouped_expert_ffn(hidden[:0], w_gate_up, w_down, ids[:0], w[:0], impl=impl).shape == (0, H)
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        grouped_expert_ffn(hidden, w_gate_up, w_down, ids, w, impl="cuda")
 
 
 def test_sort_by_expert_counts_and_order():
