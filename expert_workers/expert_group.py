@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,10 +14,21 @@ from model_core.checkpoint import CheckpointReader, expert_shapes, expert_weight
 from model_core.spec import ModelSpec
 
 
+class ExpertRequestError(ValueError):
+    """A forward request does not fit this group (wrong layer, shape, dtype or expert); the message names the field."""
+
+
+@dataclass(frozen=True)
+class ExpertResult:
+    output: torch.Tensor  # [T, H] in hidden's dtype
+    tokens_per_expert: list[int]  # per hosted expert, in expert_ids order
+    compute_ms: float
+
+
 class ExpertGroup:
     """Holds, for every MoE layer, the stacked weights of the experts in `expert_ids` and nothing else.
 
-    Transports (in-process, Ray, gRPC) are thin shells around `forward`.
+    Transports (in-process, Ray, gRPC) are thin shells around `run` / `forward`.
     """
 
     def __init__(
@@ -24,6 +37,7 @@ class ExpertGroup:
         expert_ids: Sequence[int],
         dtype: torch.dtype = torch.float32,
         spec: ModelSpec | None = None,
+        device: int = 0,
     ) -> None:
         self.spec = spec or ModelSpec.from_dir(model_dir)
         n = self.spec.n_routed_experts
@@ -31,6 +45,7 @@ class ExpertGroup:
         if bad or len(set(expert_ids)) != len(expert_ids) or not expert_ids:
             raise ValueError(f"expert_ids={list(expert_ids)}: expected distinct ids in [0, {n})")
         self.expert_ids = list(expert_ids)
+        self.device = device
         self.dtype = dtype
         # global id -> local row, -1 where the expert lives elsewhere
         self.local_index = torch.full((n,), -1, dtype=torch.long)
@@ -56,17 +71,62 @@ class ExpertGroup:
         tensors = list(self.w_gate_up.values()) + list(self.w_down.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def check(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        """Validate a request from a transport; raises ExpertRequestError naming the field."""
+        self._check_layer(layer)
+        h = self.spec.hidden_size
+        if hidden.dim() != 2 or hidden.shape[1] != h:
+            raise ExpertRequestError(f"hidden.shape={list(hidden.shape)}: expected [T, {h}]")
+        if not hidden.is_floating_point():
+            raise ExpertRequestError(f"hidden.dtype={hidden.dtype}: expected a floating-point dtype")
+        t = hidden.shape[0]
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
+            raise ExpertRequestError(f"expert_ids.shape={list(topk_ids.shape)}: expected [T={t}, K] to match hidden")
+        if topk_ids.dtype not in (torch.int32, torch.int64):
+            raise ExpertRequestError(f"expert_ids.dtype={topk_ids.dtype}: expected int32 or int64")
+        if topk_weights.shape != topk_ids.shape:
+            raise ExpertRequestError(
+                f"weights.shape={list(topk_weights.shape)}: expected {list(topk_ids.shape)} like expert_ids"
+            )
+        if not topk_weights.is_floating_point():
+            raise ExpertRequestError(f"weights.dtype={topk_weights.dtype}: expected a floating-point dtype")
+        ids = topk_ids.long()
+        n = self.spec.n_routed_experts
+        out_of_range = ids[(ids < -1) | (ids >= n)]
+        if out_of_range.numel():
+            raise ExpertRequestError(f"expert_ids: {out_of_range[:5].tolist()} outside [-1, {n})")
+        wanted = ids[ids >= 0]
+        foreign = torch.unique(wanted[self.local_index[wanted] < 0])
+        if foreign.numel():
+            raise ExpertRequestError(
+                f"expert_ids: experts {foreign[:8].tolist()} are not hosted on this group (device {self.device})"
+            )
+
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> ExpertResult:
+        """Checked forward for transports: every non-negative id must be hosted here."""
+        self.check(layer, hidden, topk_ids, topk_weights)
+        start = time.perf_counter()
+        local = torch.where(topk_ids >= 0, self.local_index[topk_ids.long().clamp(min=0)], -1)
+        out = self._compute(layer, hidden, local, topk_weights)
+        counts = torch.bincount(local[local >= 0], minlength=len(self.expert_ids))
+        return ExpertResult(out, counts.tolist(), (time.perf_counter() - start) * 1e3)
+
     def forward(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Partial routed output of this group's experts.
+        """Partial routed output of this group's experts (in-process use).
 
         hidden: [T, H]; topk_ids: [T, K] global ids (-1 or experts hosted elsewhere contribute nothing);
         topk_weights: [T, K] -> [T, H].
         """
-        if layer not in self.w_gate_up:
-            raise ValueError(f"layer={layer}: not an MoE layer of this model (MoE layers: {self.spec.moe_layers})")
+        self._check_layer(layer)
         local = torch.where(topk_ids >= 0, self.local_index[topk_ids.clamp(min=0)], -1)
-        return grouped_expert_ffn(
-            hidden.to(self.dtype), self.w_gate_up[layer], self.w_down[layer], local, topk_weights
-        ).to(hidden.dtype)
+        return self._compute(layer, hidden, local, topk_weights)
+
+    def _check_layer(self, layer: int) -> None:
+        if layer not in self.w_gate_up:
+            raise ExpertRequestError(f"layer={layer}: not an MoE layer of this model (MoE layers: {self.spec.moe_layers})")
+
+    def _compute(self, layer: int, hidden: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = grouped_expert_ffn(hidden.to(self.dtype), self.w_gate_up[layer], self.w_down[layer], local, weights)
+        return out.to(hidden.dtype)

@@ -1,14 +1,15 @@
-"""Expert backends: where the gateway sends routed tokens. The first one runs the experts in-process."""
+"""Expert backends: the dispatcher/combiner that sends each layer's routed tokens to the expert groups."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
-from expert_workers.expert_group import ExpertGroup
-from model_core.spec import ModelSpec
+from gateway.dispatch import DeviceBatch, DispatchStats, combine, plan_dispatch
+from gateway.transports import Transport
+from router_service.placement import Placement
 
 
 class PendingExperts(Protocol):
@@ -22,6 +23,8 @@ class PendingExperts(Protocol):
 class ExpertBackend(Protocol):
     """Computes routed experts for one MoE layer of a batch of tokens."""
 
+    placement: Placement
+
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> PendingExperts:
@@ -31,24 +34,41 @@ class ExpertBackend(Protocol):
     def close(self) -> None: ...
 
 
-class _Done:
-    def __init__(self, value: torch.Tensor) -> None:
-        self.value = value
+class _PendingCombine:
+    def __init__(self, transport: Transport, layer: int, batches: list[DeviceBatch], sent: list[Any],
+                 shape: tuple[int, int], dtype: torch.dtype) -> None:
+        self.transport, self.layer, self.batches, self.sent = transport, layer, batches, sent
+        self.shape, self.dtype = shape, dtype
 
     def wait(self) -> torch.Tensor:
-        return self.value
+        pending = [(b.device, self.layer, s) for b, s in zip(self.batches, self.sent, strict=True)]
+        replies = self.transport.receive(pending)
+        return combine(*self.shape, self.batches, [r.output for r in replies], self.dtype)
 
 
-class LocalExpertBackend:
-    """Every routed expert in one in-process ExpertGroup: the reference the distributed backends must match."""
+class DispatchingBackend:
+    """One dispatch plan per layer, all devices' batches in flight at once, partial sums scatter-added back.
 
-    def __init__(self, model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype) -> None:
-        self.group = ExpertGroup(model_dir, list(range(spec.n_routed_experts)), dtype=dtype, spec=spec)
+    The local, Ray and gRPC deployments differ only in `transport`.
+    """
+
+    def __init__(self, placement: Placement, transport: Transport, on_close: Callable[[], None] | None = None) -> None:
+        self.placement = placement
+        self.transport = transport
+        self.expert_device = placement.device_tensor()
+        self.stats = DispatchStats(placement.n_devices)
+        self._on_close = on_close
 
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> PendingExperts:
-        return _Done(self.group.forward(layer, hidden, topk_ids, topk_weights))
+        batches = plan_dispatch(topk_ids, topk_weights, self.expert_device, self.placement.n_devices)
+        sent = [self.transport.send(b.device, layer, hidden[b.rows], b.ids, b.weights) for b in batches]
+        self.stats.record(layer, batches, hidden.element_size(), hidden.shape[1])
+        return _PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype)
 
     def close(self) -> None:
-        self.group = None
+        self.transport.close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None

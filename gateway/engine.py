@@ -8,18 +8,18 @@ from pathlib import Path
 
 import torch
 
-from gateway.backends import ExpertBackend, LocalExpertBackend
+from gateway.backends import ExpertBackend
+from gateway.config import DeploymentConfig, RayConfig, RpcConfig
+from gateway.expert_groups import build_backend
 from gateway.kv_cache import LatentCache
 from gateway.model import GatewayModel
 from gateway.routing_summary import RoutingSummary
 from gateway.sampling import sample
 from gateway.step import StepBatch
 from model_core.spec import ModelSpec
+from router_service.placement import Placement
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BACKENDS = ("local",)
 
 
 class Engine:
@@ -29,26 +29,64 @@ class Engine:
     >>> engine.generate([[1, 2, 3]], max_new_tokens=8)
     """
 
-    def __init__(self, model_dir: str | Path, spec: ModelSpec, backend: ExpertBackend, dtype: torch.dtype) -> None:
-        self.model_dir = Path(model_dir)
+    def __init__(
+        self, config: DeploymentConfig, spec: ModelSpec, backend: ExpertBackend, dtype: torch.dtype
+    ) -> None:
+        self.config = config
+        self.model_dir = Path(config.model)
         self.spec = spec
         self.backend = backend
-        self.model = GatewayModel(model_dir, spec, backend, dtype)
+        self.model = GatewayModel(config.model, spec, backend, dtype, top_m_devices=config.top_m_devices)
         self.routing_summary = RoutingSummary(spec.moe_layers, spec.n_routed_experts)
         self._seq_ids = itertools.count()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, backend: str = "local", dtype: str = "float32") -> Engine:
-        """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory.
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        backend: str = "local",
+        dtype: str = "float32",
+        devices: int = 1,
+        top_m_devices: int | None = None,
+        placement: str = "contiguous",
+        address: str | None = None,
+        cpus_per_group: float = 1.0,
+        timeout_s: float = 30.0,
+    ) -> Engine:
+        """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory and start its expert groups.
 
-        backend: 'local' (experts in this process). dtype: 'float32' | 'bfloat16' | 'float16'.
+        backend: 'local' (experts in this process), 'ray' (one actor per device, Ray calls) or 'grpc' (the same
+        actors, reached over gRPC). devices: expert groups; placement: 'contiguous' or a placement file;
+        top_m_devices: None for the model's exact routing, M to cap each token at M devices. address: a Ray
+        cluster to join (default: RAY_ADDRESS, else Ray starts embedded in this process).
         """
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: expected one of {list(DTYPES)}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}: expected one of {list(BACKENDS)}")
-        spec = ModelSpec.from_dir(model_dir)
-        return cls(model_dir, spec, LocalExpertBackend(model_dir, spec, DTYPES[dtype]), DTYPES[dtype])
+        config = DeploymentConfig(
+            model=str(model_dir), dtype=dtype, backend=backend, devices=devices, placement=placement,
+            top_m_devices=top_m_devices, ray=RayConfig(address=address, cpus_per_group=cpus_per_group),
+            rpc=RpcConfig(timeout_s=timeout_s),
+        )
+        return cls.from_config(config)
+
+    @classmethod
+    def from_config(cls, config: DeploymentConfig) -> Engine:
+        """Start a deployment described by a DeploymentConfig (a YAML file parsed by DeploymentConfig.from_yaml)."""
+        spec = ModelSpec.from_dir(config.model)
+        n = spec.n_routed_experts
+        if config.placement == "contiguous":
+            placement = Placement.contiguous(n, config.devices)
+        else:
+            placement = Placement.from_file(config.placement, n)
+        if placement.n_devices != config.devices:
+            raise ValueError(
+                f"placement {config.placement}: has {placement.n_devices} devices, but devices={config.devices}"
+            )
+        placement.check_top_m(spec.top_k, config.top_m_devices)
+        backend = build_backend(config, spec, placement)
+        try:
+            return cls(config, spec, backend, config.torch_dtype)
+        except Exception:
+            backend.close()
+            raise
 
     def close(self) -> None:
         self.backend.close()

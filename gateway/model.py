@@ -38,8 +38,17 @@ class LayerWeights:
 class GatewayModel:
     """Loads only the gateway's tensors and runs one forward step over a ragged batch."""
 
-    def __init__(self, model_dir: str | Path, spec: ModelSpec, backend: ExpertBackend, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        spec: ModelSpec,
+        backend: ExpertBackend,
+        dtype: torch.dtype,
+        top_m_devices: int | None = None,
+    ) -> None:
         self.spec, self.backend, self.dtype = spec, backend, dtype
+        self.top_m_devices = top_m_devices
+        self.device_members = backend.placement.members() if top_m_devices is not None else None
         self.reader = CheckpointReader(model_dir)
         w = {}
         for name, shape in gateway_layout(spec).items():
@@ -86,7 +95,9 @@ class GatewayModel:
             if layer.mlp is not None:
                 h = h + swiglu(u, *layer.mlp)
                 continue
-            routing = route_tokens(u, layer.gate, spec.router, bias=layer.selection_bias)
+            routing = route_tokens(
+                u, layer.gate, spec.router, layer.selection_bias, self.device_members, self.top_m_devices
+            )
             pending = self.backend.dispatch(i, u, routing.ids, routing.weights)
             shared = swiglu(u, *layer.shared) if layer.shared is not None else None  # overlaps the dispatch
             routed = pending.wait()

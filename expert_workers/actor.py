@@ -1,0 +1,70 @@
+"""ExpertGroupActor: the Ray actor shell around one ExpertGroup, answering Ray calls and (optionally) gRPC."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from expert_workers.expert_group import ExpertGroup
+from protos.codec import DTYPES, numpy_to_tensor, readonly_tensor, tensor_to_numpy
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertGroupActor:
+    """Plain class (testable without Ray); `ray.remote(ExpertGroupActor)` makes the actor.
+
+    Ray calls and the gRPC server reach the same `ExpertGroup.run`, so both transports compute one function.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        expert_ids: list[int],
+        dtype: str,
+        device: int,
+        serve_grpc: bool = True,
+        max_message_bytes: int = 256 << 20,
+        threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(max(1, threads))
+        self.group = ExpertGroup(Path(model_dir), expert_ids, dtype=DTYPES[dtype], device=device)
+        self.server = None
+        if serve_grpc:
+            from expert_workers.grpc_server import ExpertServer
+
+            self.server = ExpertServer(self.group, max_message_bytes=max_message_bytes)
+            self.server.start()
+        logger.info("expert group %d ready: %d experts, %d weight bytes", device, len(expert_ids),
+                    self.group.weight_bytes)
+
+    def forward(
+        self, layer: int, hidden: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray, hidden_dtype: str
+    ) -> tuple[np.ndarray, list[int], float]:
+        """hidden [T, H] (bfloat16 as int16 bits), expert_ids [T, K], weights [T, K] -> (output, counts, ms)."""
+        h = numpy_to_tensor(hidden, DTYPES[hidden_dtype])
+        ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
+        result = self.group.run(layer, h, ids, w)
+        return tensor_to_numpy(result.output), result.tokens_per_expert, result.compute_ms
+
+    def describe(self) -> dict:
+        g = self.group
+        return {
+            "device": g.device,
+            "expert_ids": g.expert_ids,
+            "moe_layers": g.spec.moe_layers,
+            "weight_bytes": g.weight_bytes,
+            "loaded_tensors": sorted(g.reader.loaded),
+            "grpc_address": self.server.address if self.server else None,
+        }
+
+    def grpc_address(self) -> str | None:
+        return self.server.address if self.server else None
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None

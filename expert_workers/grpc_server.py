@@ -1,0 +1,183 @@
+"""gRPC transport for one ExpertGroup: an async ExpertService servicer and a server on its own event-loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from expert_workers.expert_group import ExpertGroup
+from protos import expert_service_pb2 as pb
+from protos import expert_service_pb2_grpc as pb_grpc
+from protos.codec import NAMES, proto_to_tensor, tensor_to_proto
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name  # "expertmesh.v1.ExpertService"
+START_TIMEOUT_S = 30.0
+
+
+def channel_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """gRPC options for both ends of an expert channel, so client and server enforce the same message limit."""
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes={max_bytes}: expected a positive byte count")
+    return [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+    ]
+
+
+class ExpertServicer(pb_grpc.ExpertServiceServicer):
+    """ExpertService over one ExpertGroup; bad requests become INVALID_ARGUMENT, bugs INTERNAL.
+
+    The expert math runs on a single worker thread: calls are serialized and the event loop stays free
+    (health checks answer while a batch computes).
+    """
+
+    def __init__(self, group: ExpertGroup) -> None:
+        self.group = group
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-math")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._forward, request)
+        except ValueError as exc:  # CodecError, ExpertRequestError and missing fields
+            logger.info("Forward rejected: %s", exc)
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except Exception as exc:
+            logger.exception("Forward failed on layer %d", request.layer)
+            code, message = grpc.StatusCode.INTERNAL, f"expert forward failed: {type(exc).__name__}: {exc}"
+        await context.abort(code, message)
+
+    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeReply:
+        g = self.group
+        return pb.DescribeReply(
+            device=g.device,
+            expert_ids=g.expert_ids,
+            moe_layers=g.spec.moe_layers,
+            hidden_size=g.spec.hidden_size,
+            dtype=NAMES[g.dtype],
+            weight_bytes=g.weight_bytes,
+            model_type=g.spec.model_type,
+        )
+
+    def _forward(self, request: pb.ForwardRequest) -> pb.ForwardResponse:
+        for field in ("hidden", "expert_ids", "weights"):
+            if not request.HasField(field):
+                raise ValueError(f"{field}: missing from ForwardRequest")
+        hidden = proto_to_tensor(request.hidden, "hidden")
+        ids = proto_to_tensor(request.expert_ids, "expert_ids")
+        weights = proto_to_tensor(request.weights, "weights")
+        result = self.group.run(request.layer, hidden, ids, weights)
+        response = pb.ForwardResponse(tokens_per_expert=result.tokens_per_expert, compute_ms=result.compute_ms)
+        tensor_to_proto(result.output, out=response.output)
+        return response
+
+
+class ExpertServer:
+    """A grpc.aio server for one group on 127.0.0.1 (OS-chosen port), with the standard health service.
+
+    It runs its own event loop in a background thread, so synchronous code and Ray actors can start it.
+    """
+
+    def __init__(self, group: ExpertGroup, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.group = group
+        self.options = channel_options(max_message_bytes)
+        self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._servicer: ExpertServicer | None = None
+        self._health: health_aio.HealthServicer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        if self.port is None:
+            raise RuntimeError("ExpertServer.address: the server is not started")
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> int:
+        """Bind, start serving and return the port; blocks until the server accepts calls."""
+        with self._lock:
+            if self._loop is not None:
+                raise RuntimeError(f"ExpertServer.start: already serving on port {self.port}")
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._run_loop, name="expert-grpc-server", daemon=True)
+            self._thread.start()
+            try:
+                self.port = asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(START_TIMEOUT_S)
+            except BaseException:
+                self._stop_locked(grace=0.0)
+                raise
+        logger.info("ExpertServer for experts %s serving on %s", self.group.expert_ids, self.address)
+        return self.port
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop serving (in-flight calls get `grace` seconds), stop the loop and join the thread; idempotent."""
+        with self._lock:
+            self._stop_locked(grace)
+
+    def __enter__(self) -> ExpertServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _run_loop(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+    async def _serve(self) -> int:
+        self._servicer = ExpertServicer(self.group)
+        self._health = health_aio.HealthServicer()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._server = grpc.aio.server(options=self.options)
+        pb_grpc.add_ExpertServiceServicer_to_server(self._servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        if port == 0:
+            raise RuntimeError("ExpertServer.start: could not bind 127.0.0.1:0")
+        await self._server.start()
+        return port
+
+    async def _shutdown(self, grace: float) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+
+    def _stop_locked(self, grace: float) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop).result(grace + START_TIMEOUT_S)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            if self._servicer is not None:
+                self._servicer.close()
+            self._loop = self._thread = self._server = self._servicer = self._health = None
+            self.port = None

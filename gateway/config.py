@@ -1,0 +1,143 @@
+"""Typed deployment configuration (the YAML file and CLI flags), validated once at the edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+BACKENDS = ("local", "ray", "grpc")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_RESOURCES = ("cpu", "gpu")
+
+
+class DeploymentConfigError(ValueError):
+    """A deployment setting is unknown or out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where expert groups run. address None = start Ray embedded in this process (or use RAY_ADDRESS)."""
+
+    address: str | None = None
+    device_resource: str = "cpu"  # "gpu": one {"GPU": 1} bundle per expert group
+    cpus_per_group: float = 1.0
+    namespace: str = "expertmesh"
+
+
+@dataclass(frozen=True)
+class RpcConfig:
+    timeout_s: float = 30.0  # deadline on every dispatch call
+    max_message_mb: int = 256  # gRPC send/receive limit, both sides
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    """One deployment: the model, how experts are placed, and how the gateway reaches them."""
+
+    model: str
+    dtype: str = "float32"
+    backend: str = "local"
+    devices: int = 1
+    placement: str = "contiguous"  # or a YAML/JSON file {devices: [[expert ids], ...]}
+    top_m_devices: int | None = None  # None = the model's exact routing
+    ray: RayConfig = field(default_factory=RayConfig)
+    rpc: RpcConfig = field(default_factory=RpcConfig)
+
+    def __post_init__(self) -> None:
+        _choice("dtype", self.dtype, tuple(DTYPES))
+        _choice("backend", self.backend, BACKENDS)
+        _choice("ray.device_resource", self.ray.device_resource, DEVICE_RESOURCES)
+        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
+            raise DeploymentConfigError(f"devices={self.devices!r}: expected an integer >= 1")
+        if self.backend == "local" and self.devices != 1:
+            raise DeploymentConfigError(f"devices={self.devices}: backend 'local' runs one in-process group")
+        if self.top_m_devices is not None and (
+            isinstance(self.top_m_devices, bool) or not isinstance(self.top_m_devices, int) or self.top_m_devices < 1
+        ):
+            raise DeploymentConfigError(f"top_m_devices={self.top_m_devices!r}: expected null or an integer >= 1")
+        if not self.ray.cpus_per_group > 0:
+            raise DeploymentConfigError(f"ray.cpus_per_group={self.ray.cpus_per_group}: expected > 0")
+        if not self.rpc.timeout_s > 0:
+            raise DeploymentConfigError(f"rpc.timeout_s={self.rpc.timeout_s}: expected > 0")
+        if not isinstance(self.rpc.max_message_mb, int) or self.rpc.max_message_mb < 1:
+            raise DeploymentConfigError(f"rpc.max_message_mb={self.rpc.max_message_mb!r}: expected an integer >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def ray_address(self) -> str | None:
+        """The cluster to join: the config's address, else RAY_ADDRESS, else None (embedded)."""
+        return self.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DeploymentConfig:
+        """Build from a parsed YAML mapping; unknown keys are errors. Paths are taken as given (relative to cwd)."""
+        if not isinstance(raw, dict):
+            raise DeploymentConfigError(f"deployment: expected a mapping, got {type(raw).__name__}")
+        raw = dict(raw)
+        sections = {"ray": RayConfig, "rpc": RpcConfig}
+        nested = {}
+        for name, kind in sections.items():
+            value = raw.pop(name, None) or {}
+            nested[name] = kind(**_known(name, value, kind))
+        top = _known("deployment", raw, cls, skip=set(sections))
+        if "model" not in top:
+            raise DeploymentConfigError("model: missing (a checkpoint directory)")
+        return cls(**top, **nested)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DeploymentConfig:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise DeploymentConfigError(f"{path}: cannot read deployment file ({exc})") from None
+        try:
+            return cls.from_dict(raw)
+        except (DeploymentConfigError, TypeError) as exc:
+            raise DeploymentConfigError(f"{path}: {exc}") from None
+
+    def with_overrides(self, **overrides: Any) -> DeploymentConfig:
+        """Replace top-level fields (CLI flags); None values are ignored, 'ray.x' / 'rpc.x' reach sections."""
+        top: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {"ray": {}, "rpc": {}}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            section, _, name = key.partition(".")
+            if name:
+                if section not in nested:
+                    raise DeploymentConfigError(f"{key}: unknown setting")
+                nested[section][name] = value
+            else:
+                top[key] = value
+        return dataclasses.replace(
+            self,
+            **top,
+            ray=dataclasses.replace(self.ray, **nested["ray"]),
+            rpc=dataclasses.replace(self.rpc, **nested["rpc"]),
+        )
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise DeploymentConfigError(f"{name}={value!r}: expected one of {list(allowed)}")
+
+
+def _known(section: str, raw: Any, kind: type, skip: set[str] = frozenset()) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise DeploymentConfigError(f"{section}: expected a mapping, got {raw!r}")
+    names = {f.name for f in dataclasses.fields(kind)} - skip
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        prefix = "" if section == "deployment" else f"{section}."
+        raise DeploymentConfigError(f"{prefix}{unknown[0]}: unknown setting (expected one of {sorted(names)})")
+    return dict(raw)
