@@ -125,7 +125,7 @@ class ExpertGroup:
 
     def _check_layer(self, layer: int) -> None:
         if layer not in self.w_gate_up:
-            raise ExpertRequestError(f"layer={layer}: not an MoE layer of this model (MoE layers {self.spec.moe_layers})")
+            raise ExpertRequestError(f"layer={layer}: not an MoE layer (MoE layers: {self.spec.moe_layers})")
 
     def _compute(self, layer: int, hidden: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = grouped_expert_ffn(hidden.to(self.dtype), self.w_gate_up[layer], self.w_down[layer], local, weights)
