@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--shard-mb", type=int, default=None, help="split safetensors into shards of this size")
 
     gen = sub.add_parser("generate", help="generate tokens for one prompt")
-    gen.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    gen.add_argument("--config", type=Path, help="deployment YAML (deploy/configs/*.yaml); flags below override it")
+    gen.add_argument("--model", help="checkpoint directory (required unless --config gives one)")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
     src.add_argument("--prompt-ids", type=_ids, help="comma-separated token ids, e.g. 1,2,3")
@@ -46,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    gen.add_argument("--backend", default="local", choices=["local"])
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--backend", choices=["local", "ray", "grpc"], help="where routed experts run (default local)")
+    gen.add_argument("--devices", type=int, help="expert groups (one Ray actor each for ray/grpc)")
+    gen.add_argument("--placement", help="'contiguous' or a placement YAML/JSON file")
+    gen.add_argument("--top-m-devices", type=int, help="cap each token at M devices (default: exact routing)")
+    gen.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else embedded local Ray)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
 
@@ -61,21 +66,37 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def deployment_from_args(args: argparse.Namespace):
+    """The deployment: --config's YAML (if any) with the flags on top."""
+    from gateway.config import DeploymentConfig
+
+    overrides = {
+        "model": args.model, "dtype": args.dtype, "backend": args.backend, "devices": args.devices,
+        "placement": args.placement, "top_m_devices": args.top_m_devices, "ray.address": args.address,
+    }
+    if args.config is not None:
+        return DeploymentConfig.from_yaml(args.config).with_overrides(**overrides)
+    if args.model is None:
+        raise ValueError("--model: required unless --config names the model")
+    return DeploymentConfig(model=args.model).with_overrides(**overrides)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from gateway import Engine
     from model_core.tokenizer import ByteTokenizer
 
+    config = deployment_from_args(args)
     tokenizer = None
     if args.prompt is not None:
-        tokenizer = ByteTokenizer.from_dir(args.model)
+        tokenizer = ByteTokenizer.from_dir(config.model)
         prompt = tokenizer.encode(args.prompt)
     else:
         prompt = args.prompt_ids
         try:
-            tokenizer = ByteTokenizer.from_dir(args.model)
+            tokenizer = ByteTokenizer.from_dir(config.model)
         except (FileNotFoundError, ValueError):
             tokenizer = None
-    with Engine.from_pretrained(args.model, backend=args.backend, dtype=args.dtype) as engine:
+    with Engine.from_config(config) as engine:
         tokens = engine.generate(
             [prompt],
             max_new_tokens=args.max_new_tokens,
@@ -86,12 +107,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         summary = engine.routing_summary
         text = tokenizer.decode(tokens) if tokenizer else None
         if args.json:
-            print(json.dumps({"prompt_ids": prompt, "tokens": tokens, "text": text, "routing": summary.rows()}))
+            print(json.dumps({"prompt_ids": prompt, "tokens": tokens, "text": text, "routing": summary.rows(),
+                              "backend": config.backend, "devices": config.devices}))
             return 0
         print(f"prompt ids : {prompt}")
         print(f"new tokens : {tokens}")
         if text is not None:
             print(f"text       : {text!r}")
+        print(f"deployment : backend={config.backend} devices={config.devices} top_m_devices={config.top_m_devices}")
         print("\nrouting per MoE layer (prefill + decode):")
         print(summary.table())
     return 0

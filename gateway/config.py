@@ -55,8 +55,6 @@ class DeploymentConfig:
         _choice("ray.device_resource", self.ray.device_resource, DEVICE_RESOURCES)
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
             raise DeploymentConfigError(f"devices={self.devices!r}: expected an integer >= 1")
-        if self.backend == "local" and self.devices != 1:
-            raise DeploymentConfigError(f"devices={self.devices}: backend 'local' runs one in-process group")
         if self.top_m_devices is not None and (
             isinstance(self.top_m_devices, bool) or not isinstance(self.top_m_devices, int) or self.top_m_devices < 1
         ):

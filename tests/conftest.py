@@ -38,3 +38,16 @@ def hf_reference():
 def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray, started once per session (expert-group actors need one CPU slot each)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="expertmesh-tests")
+    yield ray
+    if started:
+        ray.shutdown()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from gateway import Engine
 from model_core.tokenizer import ByteTokenizer
@@ -44,3 +47,18 @@ def test_errors_are_reported_without_a_traceback(tmp_path, model_dirs):
     assert bad_ids.returncode == 2 and "expected comma-separated integers" in bad_ids.stderr
     oob = run_cli("generate", "--model", str(model_dirs["tiny-v2"]), "--prompt-ids", "1,4000")
     assert oob.returncode == 2 and "outside [0, vocab_size=272)" in oob.stderr
+
+
+@pytest.mark.slow
+def test_generate_from_a_deployment_file_on_embedded_ray_matches_the_in_process_engine(model_dirs):
+    path = model_dirs["tiny-v3"]
+    config = Path(__file__).parents[2] / "deploy" / "configs" / "tiny-grpc.yaml"
+    gen = run_cli("generate", "--config", str(config), "--model", str(path), "--prompt-ids", "9,8,7,6",
+                  "--max-new-tokens", "6", "--json")
+    assert gen.returncode == 0, gen.stderr
+    result = json.loads(gen.stdout)
+    assert (result["backend"], result["devices"]) == ("grpc", 2)
+    with Engine.from_pretrained(path, backend="local", devices=2, top_m_devices=1) as engine:
+        assert result["tokens"] == engine.generate([[9, 8, 7, 6]], max_new_tokens=6)[0]
+        expected_changed = [r["changed_by_top_m"] for r in engine.routing_summary.rows()]
+    assert [r["changed_by_top_m"] for r in result["routing"]] == expected_changed
