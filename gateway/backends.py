@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import torch
 
 from gateway.dispatch import DeviceBatch, DispatchStats, combine, plan_dispatch
-from gateway.transports import Transport
+from gateway.transports import ExpertReply, Transport
 from router_service.placement import Placement
 
 
@@ -39,11 +39,12 @@ class _PendingCombine:
                  shape: tuple[int, int], dtype: torch.dtype) -> None:
         self.transport, self.layer, self.batches, self.sent = transport, layer, batches, sent
         self.shape, self.dtype = shape, dtype
+        self.replies: list[ExpertReply] = []
 
     def wait(self) -> torch.Tensor:
         pending = [(b.device, self.layer, s) for b, s in zip(self.batches, self.sent, strict=True)]
-        replies = self.transport.receive(pending)
-        return combine(*self.shape, self.batches, [r.output for r in replies], self.dtype)
+        self.replies = self.transport.receive(pending)
+        return combine(*self.shape, self.batches, [r.output for r in self.replies], self.dtype)
 
 
 class DispatchingBackend:

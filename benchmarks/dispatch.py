@@ -1,0 +1,162 @@
+"""Benchmark: what dispatching routed experts over each transport costs, per layer and end to end (small-v3).
+
+For a decode batch (8 tokens) and a prefill batch (2048 tokens) it measures one MoE layer's dispatch round
+trip (plan, send to every device, expert compute, combine) for the in-process groups, Ray actor calls and
+gRPC, next to the slowest device's compute time and the bytes moved; then end-to-end throughput of each
+deployment relative to the in-process engine (one group, no dispatch), all in the same run.
+
+    python benchmarks/dispatch.py [--model models/small-v3] [--devices 4] [--dtype bfloat16] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gateway import Engine  # noqa: E402
+from model_core.make_model import make_model  # noqa: E402
+from router_service.routing import route_tokens  # noqa: E402
+
+
+def round_robin(fns: dict, runs: int) -> dict[str, tuple[float, list]]:
+    """Run every fn once per round (so drift on a shared machine hits all alike); name -> (median ms, results)."""
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    results: dict[str, list] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            results[name].append(fn())
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: (statistics.median(times[name]), results[name]) for name in fns}
+
+
+@torch.inference_mode()
+def layer_round_trips(engines: dict[str, Engine], tokens: int, runs: int) -> list[dict]:
+    ref = engines["in-process (1 group)"]
+    spec, layer = ref.spec, ref.spec.moe_layers[0]
+    gate = ref.model.layers[layer]
+    gen = torch.Generator().manual_seed(tokens)
+    u = torch.randn(tokens, spec.hidden_size, generator=gen).to(ref.model.dtype)
+    routing = route_tokens(u, gate.gate, spec.router, gate.selection_bias)
+
+    def once(backend):
+        pending = backend.dispatch(layer, u, routing.ids, routing.weights)
+        pending.wait()
+        return [r.compute_ms for r in pending.replies]
+
+    before = {name: (e.backend.stats.bytes_sent, e.backend.stats.bytes_received, e.backend.stats.calls)
+              for name, e in engines.items()}
+    timed = round_robin({name: (lambda b=e.backend: once(b)) for name, e in engines.items()}, runs)
+    n = runs + 1
+    rows = []
+    for name, engine in engines.items():
+        backend, (ms, computes) = engine.backend, timed[name]
+        # In-process groups run one after another; actors run in parallel, so the slowest one bounds the layer.
+        sequential = engine.config.backend == "local"
+        compute = statistics.median(sum(c) if sequential else max(c) for c in computes)
+        rows.append({
+            "tokens": tokens, "deployment": name, "round_trip_ms": ms, "compute_ms": compute,
+            "overhead_ms": ms - compute,
+            "bytes_per_layer": (backend.stats.bytes_sent - before[name][0]
+                                + backend.stats.bytes_received - before[name][1]) // n,
+            "calls_per_layer": (backend.stats.calls - before[name][2]) // n,
+        })
+    return rows
+
+
+@torch.inference_mode()
+def end_to_end(engines: dict[str, Engine], vocab: int, quick: bool) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    prefill_prompts = [torch.randint(3, vocab, (512,), generator=gen).tolist() for _ in range(4)]
+    decode_prompts = [torch.randint(3, vocab, (16,), generator=gen).tolist() for _ in range(8)]
+    steps, runs = (4, 1) if quick else (16, 3)
+    prefill = round_robin({n: (lambda e=e: e.logits(prefill_prompts)) for n, e in engines.items()}, runs)
+    one = round_robin({n: (lambda e=e: e.generate(decode_prompts, 1, stop_at_eos=False)) for n, e in engines.items()},
+                      runs)
+    many = round_robin(
+        {n: (lambda e=e: e.generate(decode_prompts, steps + 1, stop_at_eos=False)) for n, e in engines.items()}, runs
+    )
+    rows = []
+    for name in engines:
+        prefill_ms = prefill[name][0]
+        decode_ms = (many[name][0] - one[name][0]) / steps  # per decode step of 8 sequences
+        rows.append({"deployment": name, "prefill_tokens_per_s": 2048 / (prefill_ms / 1e3),
+                     "decode_tokens_per_s": 8 / (decode_ms / 1e3), "decode_step_ms": decode_ms})
+    base = rows[0]
+    for r in rows:
+        r["prefill_vs_in_process"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
+        r["decode_vs_in_process"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    return rows
+
+
+def print_tables(layer_rows: list[dict], e2e_rows: list[dict]) -> None:
+    print("one MoE layer, dispatch round trip (median); compute = Σ groups in-process, slowest actor otherwise")
+    print(f"{'tokens':>6}  {'deployment':<22} {'round trip ms':>13} {'compute ms':>11} {'overhead ms':>12} "
+          f"{'calls':>5} {'bytes moved':>12}")
+    for r in layer_rows:
+        print(f"{r['tokens']:>6}  {r['deployment']:<22} {r['round_trip_ms']:>13.2f} "
+              f"{r['compute_ms']:>11.2f} {r['overhead_ms']:>12.2f} {r['calls_per_layer']:>5} "
+              f"{r['bytes_per_layer']:>12,}")
+    print("\nend to end (prefill: 4 × 512 tokens; decode: 8 sequences, one token each per step)")
+    print(f"{'deployment':<22} {'prefill tok/s':>13} {'× in-process':>12} {'decode tok/s':>13} {'× in-process':>12}")
+    for r in e2e_rows:
+        print(f"{r['deployment']:<22} {r['prefill_tokens_per_s']:>13.0f} {r['prefill_vs_in_process']:>12.2f} "
+              f"{r['decode_tokens_per_s']:>13.1f} {r['decode_vs_in_process']:>12.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("models/small-v3"))
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "dispatch.json")
+    args = parser.parse_args()
+    if not (args.model / "config.json").is_file():
+        print(f"generating {args.model} (small-v3) ...")
+        make_model("small-v3", args.model)
+    import ray
+
+    ray.init(num_cpus=max(os.cpu_count() or 1, 2 * args.devices + 1), include_dashboard=False, log_to_driver=False)
+    d = args.devices
+    common = {"dtype": args.dtype}
+    engines = {
+        "in-process (1 group)": Engine.from_pretrained(args.model, backend="local", **common),
+        f"in-process ({d} groups)": Engine.from_pretrained(args.model, backend="local", devices=d, **common),
+        f"ray ({d} actors)": Engine.from_pretrained(args.model, backend="ray", devices=d, **common),
+        f"grpc ({d} actors)": Engine.from_pretrained(args.model, backend="grpc", devices=d, **common),
+    }
+    try:
+        runs = {8: 10 if args.quick else 50, 2048: 2 if args.quick else 5}
+        layer_rows = [row for t, n in runs.items() for row in layer_round_trips(engines, t, n)]
+        e2e_rows = end_to_end(engines, engines["in-process (1 group)"].spec.vocab_size, args.quick)
+    finally:
+        for e in engines.values():
+            e.close()
+        ray.shutdown()
+    print_tables(layer_rows, e2e_rows)
+    meta = {
+        "benchmark": "dispatch", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
+        "model": str(args.model), "dtype": args.dtype, "devices": d,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({**meta, "layer": layer_rows, "end_to_end": e2e_rows}, indent=1))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The benchmarks still run end to end (tiny settings) and write the JSON they promise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[2] / "benchmarks"
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_moe_layer_benchmark_smoke(tmp_path):
+    out = tmp_path / "moe.json"
+    done = run("moe_layer.py", "--tokens", "8", "--dtypes", "float32", "--min-runs", "1", "--min-seconds", "0",
+               "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"ours grouped_mm", "ours loop (default)", "hf grouped_mm (default)",
+                                         "hf eager"}
+    assert all(r["max_rel_diff_vs_hf_eager"] < 1e-5 for r in rows)
+    assert "× vs hf grouped_mm" in done.stdout
+
+
+@pytest.mark.slow
+def test_dispatch_benchmark_smoke(tmp_path, model_dirs):
+    out = tmp_path / "dispatch.json"
+    done = run("dispatch.py", "--model", str(model_dirs["tiny-v3"]), "--devices", "2", "--dtype", "float32",
+               "--quick", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert len(data["layer"]) == 8 and len(data["end_to_end"]) == 4
+    assert data["end_to_end"][0]["prefill_vs_in_process"] == 1.0
+    distributed = [r for r in data["layer"] if not r["deployment"].startswith("in-process")]
+    assert all(r["calls_per_layer"] >= 1 and r["bytes_per_layer"] > 0 for r in distributed)
