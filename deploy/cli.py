@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--placement", help="'contiguous' or a placement YAML/JSON file")
     gen.add_argument("--top-m-devices", type=int, help="cap each token at M devices (default: exact routing)")
     gen.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else embedded local Ray)")
+    gen.add_argument("--expert-kernel", choices=["auto", "triton", "torch"],
+                     help="expert math: Triton kernels or torch (auto: Triton on GPU, torch on CPU)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
 
@@ -73,6 +75,7 @@ def deployment_from_args(args: argparse.Namespace):
     overrides = {
         "model": args.model, "dtype": args.dtype, "backend": args.backend, "devices": args.devices,
         "placement": args.placement, "top_m_devices": args.top_m_devices, "ray.address": args.address,
+        "expert_kernel": args.expert_kernel,
     }
     if args.config is not None:
         return DeploymentConfig.from_yaml(args.config).with_overrides(**overrides)

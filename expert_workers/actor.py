@@ -29,9 +29,12 @@ class ExpertGroupActor:
         serve_grpc: bool = True,
         max_message_bytes: int = 256 << 20,
         threads: int = 1,
+        kernel: str = "auto",
+        torch_device: str = "cpu",
     ) -> None:
         torch.set_num_threads(max(1, threads))
-        self.group = ExpertGroup(Path(model_dir), expert_ids, dtype=DTYPES[dtype], device=device)
+        self.group = ExpertGroup(Path(model_dir), expert_ids, dtype=DTYPES[dtype], device=device, kernel=kernel,
+                                 torch_device=torch_device)
         self.server = None
         if serve_grpc:
             from expert_workers.grpc_server import ExpertServer
@@ -59,6 +62,8 @@ class ExpertGroupActor:
             "weight_bytes": g.weight_bytes,
             "loaded_tensors": sorted(g.reader.loaded),
             "grpc_address": self.server.address if self.server else None,
+            "kernel": g.kernel,
+            "torch_device": str(g.torch_device),
         }
 
     def grpc_address(self) -> str | None:

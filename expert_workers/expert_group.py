@@ -10,8 +10,11 @@ from pathlib import Path
 import torch
 
 from expert_workers.grouped_ffn import grouped_expert_ffn
+from expert_workers.kernels import fused_moe, triton_available
 from model_core.checkpoint import CheckpointReader, expert_shapes, expert_weight_names
 from model_core.spec import ModelSpec
+
+KERNELS = ("auto", "triton", "torch")
 
 
 class ExpertRequestError(ValueError):
@@ -38,7 +41,14 @@ class ExpertGroup:
         dtype: torch.dtype = torch.float32,
         spec: ModelSpec | None = None,
         device: int = 0,
+        kernel: str = "auto",
+        torch_device: str = "cpu",
     ) -> None:
+        """device: the group's index in the placement; torch_device: where its weights live ('cpu', 'cuda');
+        kernel: 'triton' (fused Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1), 'torch', or 'auto'
+        (Triton on CUDA, torch on CPU)."""
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
         self.spec = spec or ModelSpec.from_dir(model_dir)
         n = self.spec.n_routed_experts
         bad = [e for e in expert_ids if not 0 <= e < n]
@@ -47,6 +57,10 @@ class ExpertGroup:
         self.expert_ids = list(expert_ids)
         self.device = device
         self.dtype = dtype
+        self.torch_device = torch.device(torch_device)
+        self.kernel = ("triton" if self.torch_device.type == "cuda" else "torch") if kernel == "auto" else kernel
+        if self.kernel == "triton" and not triton_available(self.torch_device):
+            raise ValueError(f"kernel='triton' on {self.torch_device}: needs CUDA, or TRITON_INTERPRET=1 on CPU")
         # global id -> local row, -1 where the expert lives elsewhere
         self.local_index = torch.full((n,), -1, dtype=torch.long)
         self.local_index[torch.tensor(self.expert_ids)] = torch.arange(len(self.expert_ids))
@@ -63,8 +77,8 @@ class ExpertGroup:
                 )
                 gate_up.append(torch.cat([g, u], dim=0))
                 down.append(d)
-            self.w_gate_up[layer] = torch.stack(gate_up)  # [E_local, 2I, H]
-            self.w_down[layer] = torch.stack(down)  # [E_local, H, I]
+            self.w_gate_up[layer] = torch.stack(gate_up).to(self.torch_device)  # [E_local, 2I, H]
+            self.w_down[layer] = torch.stack(down).to(self.torch_device)  # [E_local, H, I]
 
     @property
     def weight_bytes(self) -> int:
@@ -128,5 +142,8 @@ class ExpertGroup:
             raise ExpertRequestError(f"layer={layer}: not an MoE layer (MoE layers: {self.spec.moe_layers})")
 
     def _compute(self, layer: int, hidden: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = grouped_expert_ffn(hidden.to(self.dtype), self.w_gate_up[layer], self.w_down[layer], local, weights)
-        return out.to(hidden.dtype)
+        dev = self.torch_device
+        x, ids, w = hidden.to(dev, self.dtype), local.to(dev), weights.to(dev)
+        ffn = fused_moe if self.kernel == "triton" else grouped_expert_ffn
+        out = ffn(x, self.w_gate_up[layer], self.w_down[layer], ids, w)
+        return out.to(hidden.device, hidden.dtype)

@@ -14,6 +14,7 @@ import yaml
 BACKENDS = ("local", "ray", "grpc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_RESOURCES = ("cpu", "gpu")
+EXPERT_KERNELS = ("auto", "triton", "torch")
 
 
 class DeploymentConfigError(ValueError):
@@ -46,6 +47,7 @@ class DeploymentConfig:
     devices: int = 1
     placement: str = "contiguous"  # or a YAML/JSON file {devices: [[expert ids], ...]}
     top_m_devices: int | None = None  # None = the model's exact routing
+    expert_kernel: str = "auto"  # auto: Triton on GPU, torch on CPU; 'triton' on CPU needs TRITON_INTERPRET=1
     ray: RayConfig = field(default_factory=RayConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
 
@@ -53,6 +55,7 @@ class DeploymentConfig:
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("backend", self.backend, BACKENDS)
         _choice("ray.device_resource", self.ray.device_resource, DEVICE_RESOURCES)
+        _choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
             raise DeploymentConfigError(f"devices={self.devices!r}: expected an integer >= 1")
         if self.top_m_devices is not None and (
@@ -69,6 +72,11 @@ class DeploymentConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def expert_torch_device(self) -> str:
+        """Where expert weights live: 'cuda' when expert groups get GPUs, else 'cpu'."""
+        return "cuda" if self.ray.device_resource == "gpu" else "cpu"
 
     @property
     def ray_address(self) -> str | None:

@@ -29,9 +29,7 @@ class Engine:
     >>> engine.generate([[1, 2, 3]], max_new_tokens=8)
     """
 
-    def __init__(
-        self, config: DeploymentConfig, spec: ModelSpec, backend: ExpertBackend, dtype: torch.dtype
-    ) -> None:
+    def __init__(self, config: DeploymentConfig, spec: ModelSpec, backend: ExpertBackend, dtype: torch.dtype) -> None:
         self.config = config
         self.model_dir = Path(config.model)
         self.spec = spec
@@ -52,17 +50,25 @@ class Engine:
         address: str | None = None,
         cpus_per_group: float = 1.0,
         timeout_s: float = 30.0,
+        expert_kernel: str = "auto",
     ) -> Engine:
         """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory and start its expert groups.
 
         backend: 'local' (experts in this process), 'ray' (one actor per device, Ray calls) or 'grpc' (the same
         actors, reached over gRPC). devices: expert groups; placement: 'contiguous' or a placement file;
         top_m_devices: None for the model's exact routing, M to cap each token at M devices. address: a Ray
-        cluster to join (default: RAY_ADDRESS, else Ray starts embedded in this process).
+        cluster to join (default: RAY_ADDRESS, else Ray starts embedded in this process). expert_kernel: 'auto'
+        (Triton on GPU, torch on CPU), 'triton' or 'torch'.
         """
         config = DeploymentConfig(
-            model=str(model_dir), dtype=dtype, backend=backend, devices=devices, placement=placement,
-            top_m_devices=top_m_devices, ray=RayConfig(address=address, cpus_per_group=cpus_per_group),
+            model=str(model_dir),
+            dtype=dtype,
+            backend=backend,
+            devices=devices,
+            placement=placement,
+            top_m_devices=top_m_devices,
+            expert_kernel=expert_kernel,
+            ray=RayConfig(address=address, cpus_per_group=cpus_per_group),
             rpc=RpcConfig(timeout_s=timeout_s),
         )
         return cls.from_config(config)

@@ -24,7 +24,8 @@ def build_backend(cfg: DeploymentConfig, spec: ModelSpec, placement: Placement) 
     """The dispatching backend for `cfg.backend`, with its expert groups started and loaded."""
     if cfg.backend == "local":
         groups = [
-            ExpertGroup(cfg.model, placement.experts_on(d), cfg.torch_dtype, spec, device=d)
+            ExpertGroup(cfg.model, placement.experts_on(d), cfg.torch_dtype, spec, device=d,
+                        kernel=cfg.expert_kernel, torch_device=cfg.expert_torch_device)
             for d in range(placement.n_devices)
         ]
         return DispatchingBackend(placement, LocalTransport(groups))
@@ -70,8 +71,9 @@ class RayExpertGroups:
                 num_cpus=cpus,
                 num_gpus=1 if gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=d),
-            ).remote(cfg.model, placement.experts_on(d), cfg.dtype, d, True, cfg.rpc.max_message_mb << 20,
-                     max(1, math.floor(cpus)))
+            ).remote(cfg.model, placement.experts_on(d), cfg.dtype, d, serve_grpc=True,
+                     max_message_bytes=cfg.rpc.max_message_mb << 20, threads=max(1, math.floor(cpus)),
+                     kernel=cfg.expert_kernel, torch_device=cfg.expert_torch_device)
             for d in range(placement.n_devices)
         ]
         try:
