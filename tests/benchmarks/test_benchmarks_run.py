@@ -39,3 +39,13 @@ def test_dispatch_benchmark_smoke(tmp_path, model_dirs):
     assert data["end_to_end"][0]["prefill_vs_in_process"] == 1.0
     distributed = [r for r in data["layer"] if not r["deployment"].startswith("in-process")]
     assert all(r["calls_per_layer"] >= 1 and r["bytes_per_layer"] > 0 for r in distributed)
+
+
+def test_kernels_benchmark_runs_in_the_interpreter(tmp_path):
+    out = tmp_path / "kernels.json"
+    done = run("kernels.py", "--interpret", "--tokens", "1", "5", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(out.read_text())
+    assert data["device"].startswith("CPU interpreter")
+    assert {(r["impl"], r["tokens"]) for r in data["rows"]} >= {("triton", 1), ("triton", 5), ("torch loop", 5)}
+    assert all(r["finite"] and r["rel_err_vs_fp64"] < 2e-3 for r in data["rows"])

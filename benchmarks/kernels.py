@@ -1,0 +1,166 @@
+"""Benchmark: Triton fused MoE vs the torch paths vs the memory/compute floor, at DeepSeek expert shapes.
+
+On a GPU it measures the device's two ceilings first (device-to-device copy bandwidth, bf16 matmul rate),
+then for DeepSeek-V2-Lite (64 experts, H 2048, I 1408, top-6) and V3 (256 experts, H 7168, I 2048, top-8)
+shapes times decode (1-64 tokens) and prefill (512-8192 tokens) batches with triton.testing.do_bench
+(median), checks every output against a float64 reference, and prints time ÷ floor. With --interpret it
+runs Triton's CPU interpreter on tiny shapes: a smoke test of the same script, not a measurement.
+
+    python benchmarks/kernels.py                 # on a CUDA machine
+    python benchmarks/kernels.py --interpret     # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {  # name: (experts, hidden, intermediate, top_k)
+    "v2-lite": (64, 2048, 1408, 6),
+    "v3": (256, 7168, 2048, 8),
+    "tiny": (8, 64, 48, 2),
+}
+GPU_TOKENS = [1, 8, 16, 32, 64, 512, 2048, 8192]
+
+
+def measure_ceilings(torch, device) -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured on this device."""
+    from triton.testing import do_bench
+
+    src = torch.randn(256 << 20, device=device)  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    mm_ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    return {"copy_bytes_per_s": 2 * src.numel() * 4 / (copy_ms / 1e3), "bf16_flops_per_s": 2 * n**3 / (mm_ms / 1e3)}
+
+
+def floor_ms(t: int, shape: tuple[int, int, int, int], experts_hit: int, itemsize: int, ceilings: dict) -> dict:
+    e, h, i, k = shape
+    flops = 2 * t * k * 3 * h * i
+    bytes_moved = experts_hit * 3 * h * i * itemsize + 2 * t * h * itemsize + t * k * 12
+    mem = bytes_moved / ceilings["copy_bytes_per_s"] * 1e3
+    compute = flops / ceilings["bf16_flops_per_s"] * 1e3
+    return {"floor_ms": max(mem, compute), "bound": "memory" if mem >= compute else "compute",
+            "bytes": bytes_moved, "flops": flops}
+
+
+def make_case(torch, t, shape, dtype, device, seed):
+    e, h, i, k = shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(t, h, generator=gen).to(device, dtype)
+    w_gate_up = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).to(device, dtype)
+    w_down = (torch.randn(e, h, i, generator=gen) / i**0.5).to(device, dtype)
+    ids = torch.rand(t, e, generator=gen).topk(k, dim=-1).indices.to(device)  # k distinct experts per token
+    weights = torch.rand(t, k, generator=gen).to(device)
+    return hidden, w_gate_up, w_down, ids, weights
+
+
+def time_ms(torch, fn, on_gpu: bool) -> float:
+    if on_gpu:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run(shapes: list[str], tokens: list[int], dtype_names: list[str], interpret: bool) -> tuple[list[dict], dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from expert_workers.grouped_ffn import grouped_expert_ffn
+    from expert_workers.kernels import fused_moe
+
+    on_gpu = torch.cuda.is_available() and not interpret
+    device = torch.device("cuda" if on_gpu else "cpu")
+    ceilings = measure_ceilings(torch, device) if on_gpu else {}
+    rows = []
+    for shape_name in shapes:
+        shape = SHAPES[shape_name]
+        for dtype_name in dtype_names:
+            dtype = getattr(torch, dtype_name)
+            for t in tokens:
+                hidden, w_gate_up, w_down, ids, weights = make_case(torch, t, shape, dtype, device, seed=t)
+                ref = grouped_expert_ffn(hidden.double(), w_gate_up.double(), w_down.double(), ids, weights.double())
+                case = (hidden, w_gate_up, w_down, ids, weights)
+                impls = {
+                    "triton": lambda c=case: fused_moe(*c),
+                    "torch loop": lambda c=case: grouped_expert_ffn(*c, "loop"),
+                }
+                if on_gpu and hasattr(F, "grouped_mm"):
+                    impls["torch grouped_mm"] = lambda c=case: grouped_expert_ffn(*c, "grouped_mm")
+                hit = int(torch.unique(ids).numel())
+                floor = floor_ms(t, shape, hit, hidden.element_size(), ceilings) if on_gpu else {}
+                for name, fn in impls.items():
+                    out = fn()
+                    err = ((out.double() - ref).norm() / ref.norm()).item()
+                    ms = time_ms(torch, fn, on_gpu)
+                    rows.append({"shape": shape_name, "tokens": t, "dtype": dtype_name, "impl": name, "ms": ms,
+                                 "rel_err_vs_fp64": err, "finite": bool(out.isfinite().all()), "experts_hit": hit,
+                                 **({"floor_ms": floor["floor_ms"], "bound": floor["bound"],
+                                     "floor_over_time": floor["floor_ms"] / ms} if floor else {})})
+    device_name = torch.cuda.get_device_name(device) if on_gpu else f"CPU interpreter ({platform.machine()})"
+    return rows, {"device": device_name, "ceilings": ceilings, "torch": torch.__version__}
+
+
+def print_table(rows: list[dict]) -> None:
+    has_floor = any("floor_ms" in r for r in rows)
+    head = f"{'shape':<8} {'dtype':<9} {'tokens':>6} {'impl':<17} {'ms':>9} {'rel err':>8}"
+    print(head + (f" {'floor ms':>9} {'floor/time':>10} {'bound':<7}" if has_floor else ""))
+    for r in rows:
+        line = f"{r['shape']:<8} {r['dtype']:<9} {r['tokens']:>6} {r['impl']:<17} {r['ms']:>9.3f} " \
+               f"{r['rel_err_vs_fp64']:>8.1e}"
+        if has_floor:
+            line += f" {r['floor_ms']:>9.3f} {r['floor_over_time']:>10.2f} {r['bound']:<7}"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--interpret", action="store_true", help="Triton CPU interpreter on tiny shapes (smoke)")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES))
+    parser.add_argument("--tokens", type=int, nargs="+")
+    parser.add_argument("--dtypes", nargs="+")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
+    args = parser.parse_args()
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel compiles
+    shapes = args.shapes or (["tiny"] if args.interpret else ["v2-lite", "v3"])
+    tokens = args.tokens or ([1, 16] if args.interpret else GPU_TOKENS)
+    dtypes = args.dtypes or (["float32", "float16"] if args.interpret else ["bfloat16"])
+    rows, meta = run(shapes, tokens, dtypes, args.interpret)
+    print(f"device: {meta['device']}")
+    if meta["ceilings"]:
+        c = meta["ceilings"]
+        print(f"measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+              f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    print_table(rows)
+    bad = [r for r in rows if not r["finite"] or r["rel_err_vs_fp64"] > 2e-2]
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"benchmark": "kernels", "date": datetime.now(timezone.utc).isoformat(
+        timespec="seconds"), **meta, "rows": rows}, indent=1))
+    print(f"\nwrote {args.json}")
+    if bad:
+        print(f"ACCURACY FAILURES: {len(bad)} rows (non-finite or rel err > 2e-2)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
