@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import yaml
 
+from router_service.bias import BalanceConfig
+
 BACKENDS = ("local", "ray", "grpc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_RESOURCES = ("cpu", "gpu")
@@ -50,6 +52,7 @@ class DeploymentConfig:
     expert_kernel: str = "auto"  # auto: Triton on GPU, torch on CPU; 'triton' on CPU needs TRITON_INTERPRET=1
     ray: RayConfig = field(default_factory=RayConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
+    balancing: BalanceConfig = field(default_factory=BalanceConfig)
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, tuple(DTYPES))
@@ -74,6 +77,12 @@ class DeploymentConfig:
         return DTYPES[self.dtype]
 
     @property
+    def router_on_ray(self) -> bool:
+        """Whether the router service runs as a named Ray actor (else in this process)."""
+        where = self.balancing.service
+        return where == "ray" or (where == "auto" and self.backend in ("ray", "grpc"))
+
+    @property
     def expert_torch_device(self) -> str:
         """Where expert weights live: 'cuda' when expert groups get GPUs, else 'cpu'."""
         return "cuda" if self.ray.device_resource == "gpu" else "cpu"
@@ -89,7 +98,7 @@ class DeploymentConfig:
         if not isinstance(raw, dict):
             raise DeploymentConfigError(f"deployment: expected a mapping, got {type(raw).__name__}")
         raw = dict(raw)
-        sections = {"ray": RayConfig, "rpc": RpcConfig}
+        sections = {"ray": RayConfig, "rpc": RpcConfig, "balancing": BalanceConfig}
         nested = {}
         for name, kind in sections.items():
             value = raw.pop(name, None) or {}
@@ -108,13 +117,13 @@ class DeploymentConfig:
             raise DeploymentConfigError(f"{path}: cannot read deployment file ({exc})") from None
         try:
             return cls.from_dict(raw)
-        except (DeploymentConfigError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:
             raise DeploymentConfigError(f"{path}: {exc}") from None
 
     def with_overrides(self, **overrides: Any) -> DeploymentConfig:
         """Replace top-level fields (CLI flags); None values are ignored, 'ray.x' / 'rpc.x' reach sections."""
         top: dict[str, Any] = {}
-        nested: dict[str, dict[str, Any]] = {"ray": {}, "rpc": {}}
+        nested: dict[str, dict[str, Any]] = {"ray": {}, "rpc": {}, "balancing": {}}
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -130,6 +139,7 @@ class DeploymentConfig:
             **top,
             ray=dataclasses.replace(self.ray, **nested["ray"]),
             rpc=dataclasses.replace(self.rpc, **nested["rpc"]),
+            balancing=dataclasses.replace(self.balancing, **nested["balancing"]),
         )
 
 

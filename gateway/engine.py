@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from gateway.backends import ExpertBackend
+from gateway.balancing import start_balancing
 from gateway.config import DeploymentConfig, RayConfig, RpcConfig
 from gateway.expert_groups import build_backend
 from gateway.kv_cache import LatentCache
@@ -18,6 +19,7 @@ from gateway.sampling import sample
 from gateway.step import StepBatch
 from model_core.spec import ModelSpec
 from router_service.placement import Placement
+from router_service.service import report_table
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class Engine:
         self.backend = backend
         self.model = GatewayModel(config.model, spec, backend, dtype, top_m_devices=config.top_m_devices)
         self.routing_summary = RoutingSummary(spec.moe_layers, spec.n_routed_experts)
+        self.balance = start_balancing(config, spec, self.model, backend.placement)
         self._seq_ids = itertools.count()
 
     @classmethod
@@ -94,8 +97,38 @@ class Engine:
             backend.close()
             raise
 
+    def balance_stats(self, sync: bool = True) -> dict:
+        """The router service's view (last closed window per layer, bias version) plus this gateway's metrics.
+
+        sync: first push this gateway's pending counts and fetch the current bias (blocks on the service).
+        """
+        if self.balance is None:
+            return {"mode": "off", "last_window": []}
+        if sync:
+            self.balance.sync()
+        try:
+            stats = self.balance.call("stats")
+        except Exception as exc:  # the service is down: report what this gateway knows
+            stats = {"mode": self.config.balancing.mode, "last_window": [], "error": str(exc)}
+        return {**stats, "gateway": self.balance.metrics()}
+
+    def stats_table(self) -> str:
+        """The live per-layer balance table (what `expertmesh stats` prints)."""
+        stats = self.balance_stats()
+        head = (f"balancing mode={stats['mode']} bias version={stats.get('version', '-')} "
+                f"windows closed={stats.get('windows_closed', 0)} gateway={stats.get('gateway', {})}")
+        if not stats["last_window"]:
+            return head + "\n(no window closed yet)"
+        return head + "\n" + report_table(stats["last_window"])
+
     def close(self) -> None:
+        if self.balance is not None:
+            self.balance.sync()
         self.backend.close()
+        if self.balance is not None and self.balance.started_ray:
+            import ray
+
+            ray.shutdown()
 
     def __enter__(self) -> Engine:
         return self
@@ -129,6 +162,8 @@ class Engine:
         tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.long)
         hidden, routings = self.model.forward(tokens, step, cache)
         self.routing_summary.add(routings)
+        if self.balance is not None:
+            self.balance.observe(routings, step)
         return hidden, step
 
     @torch.inference_mode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from model_core.checkpoint import CheckpointReader
 from model_core.ffn import swiglu
 from model_core.layout import gateway_layout
 from model_core.spec import ModelSpec
-from router_service.routing import Routing, route_tokens
+from router_service.routing import Routing, route_tokens, select_experts
 
 # Shape legend: N = tokens in the step, H = hidden, V = vocab, K = experts per token.
 
@@ -31,7 +32,8 @@ class LayerWeights:
     attention: MLAttention
     mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # dense layers: (gate, up, down)
     gate: torch.Tensor | None  # MoE layers: router weight [E, H]
-    selection_bias: torch.Tensor | None  # MoE layers: the checkpoint's e_score_correction_bias [E] (V3)
+    model_bias: torch.Tensor | None  # MoE layers: the checkpoint's e_score_correction_bias [E] (V3), else None
+    selection_bias: torch.Tensor | None  # the bias routing uses now: model_bias, or the live balancing bias
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
@@ -74,6 +76,7 @@ class GatewayModel:
             attention=MLAttention(self.spec, i, attn, rope),
             mlp=None if moe else ffn("mlp"),
             gate=w[p + "mlp.gate.weight"] if moe else None,
+            model_bias=w.get(p + "mlp.gate.e_score_correction_bias") if moe else None,
             selection_bias=w.get(p + "mlp.gate.e_score_correction_bias") if moe else None,
             shared=ffn("mlp.shared_experts") if moe and self.spec.n_shared_experts else None,
         )
@@ -98,6 +101,10 @@ class GatewayModel:
             routing = route_tokens(
                 u, layer.gate, spec.router, layer.selection_bias, self.device_members, self.top_m_devices
             )
+            if self.top_m_devices is not None or layer.selection_bias is not layer.model_bias:
+                # Serving changed the routing (device limit, live bias): keep the model's own choice to compare.
+                exact = select_experts(routing.scores, spec.router, layer.model_bias).ids
+                routing = dataclasses.replace(routing, exact_ids=exact)
             pending = self.backend.dispatch(i, u, routing.ids, routing.weights)
             shared = swiglu(u, *layer.shared) if layer.shared is not None else None  # overlaps the dispatch
             routed = pending.wait()
@@ -106,6 +113,14 @@ class GatewayModel:
         for seq_id, n in zip(step.seq_ids, step.lengths, strict=True):
             cache.advance(seq_id, n)
         return rms_norm(h, self.final_norm, spec.rms_norm_eps), routings
+
+    def set_selection_bias(self, biases: dict[int, torch.Tensor]) -> None:
+        """Route MoE layer L with biases[L] from now on (the live balancing bias)."""
+        for layer, bias in biases.items():
+            entry = self.layers[layer]
+            model = entry.model_bias if entry.model_bias is not None else torch.zeros_like(bias)
+            # Identity with model_bias marks "the model's own routing" (no comparison routing needed).
+            entry.selection_bias = entry.model_bias if torch.equal(bias.float(), model) else bias.float()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""

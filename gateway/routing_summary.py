@@ -13,13 +13,13 @@ class RoutingSummary:
     def __init__(self, moe_layers: list[int], n_experts: int) -> None:
         self.tokens_per_expert = {layer: torch.zeros(n_experts, dtype=torch.long) for layer in moe_layers}
         self.tokens = dict.fromkeys(moe_layers, 0)
-        self.changed_by_limit = dict.fromkeys(moe_layers, 0)  # tokens whose experts top-M devices changed
+        self.changed_by_serving = dict.fromkeys(moe_layers, 0)  # experts changed by top-M or live bias
 
     def add(self, routings: dict[int, Routing]) -> None:
         for layer, r in routings.items():
             self.tokens_per_expert[layer] += torch.bincount(r.ids.flatten(), minlength=r.scores.shape[1])
             self.tokens[layer] += r.ids.shape[0]
-            self.changed_by_limit[layer] += r.changed_tokens()
+            self.changed_by_serving[layer] += r.changed_tokens()
 
     def rows(self) -> list[dict]:
         """One dict per MoE layer: tokens, experts hit, max/mean load, busiest experts."""
@@ -34,18 +34,18 @@ class RoutingSummary:
                     "experts_hit": int((counts > 0).sum()),
                     "max_over_mean": counts.max().item() / mean if mean else 0.0,
                     "busiest": [(int(e), int(c)) for c, e in zip(top.values, top.indices, strict=True)],
-                "changed_by_top_m": self.changed_by_limit[layer],
+                "changed": self.changed_by_serving[layer],
                 }
             )
         return out
 
     def table(self) -> str:
-        lines = [f"{'layer':>5} {'tokens':>7} {'experts hit':>12} {'max/mean':>9} {'top-M changed':>14}  "
+        lines = [f"{'layer':>5} {'tokens':>7} {'experts hit':>12} {'max/mean':>9} {'changed':>14}  "
                  "busiest (expert:tokens)"]
         for r in self.rows():
             busiest = " ".join(f"{e}:{c}" for e, c in r["busiest"])
             n = len(self.tokens_per_expert[r["layer"]])
-            changed = f"{r['changed_by_top_m']} ({r['changed_by_top_m'] / max(r['tokens'], 1):.0%})"
+            changed = f"{r['changed']} ({r['changed'] / max(r['tokens'], 1):.0%})"
             lines.append(
                 f"{r['layer']:>5} {r['tokens']:>7} {r['experts_hit']:>6}/{n:<5} {r['max_over_mean']:>9.2f} "
                 f"{changed:>14}  {busiest}"

@@ -20,7 +20,7 @@ class Routing:
     ids: torch.Tensor  # [T, K] int64 global expert ids
     weights: torch.Tensor  # [T, K] float32 combine weights (never include the bias)
     scores: torch.Tensor  # [T, E] float32 unbiased scores (softmax or sigmoid)
-    exact_ids: torch.Tensor | None = None  # [T, K] the model's own choice, when a serving-time limit applied
+    exact_ids: torch.Tensor | None = None  # [T, K] the model's own choice, when serving changed the routing
 
     def changed_tokens(self) -> int:
         """Tokens whose expert set differs from the model's own routing (0 when no limit was applied)."""
@@ -116,10 +116,7 @@ def select_experts(
     if spec.normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * spec.routed_scaling_factor
-    exact = None
-    if top_m_devices is not None:
-        exact = select_experts(scores, spec, bias).ids
-    return Routing(ids=ids, weights=weights, scores=scores, exact_ids=exact)
+    return Routing(ids=ids, weights=weights, scores=scores)
 
 
 def _limit_devices(

@@ -60,5 +60,5 @@ def test_generate_from_a_deployment_file_on_embedded_ray_matches_the_in_process_
     assert (result["backend"], result["devices"]) == ("grpc", 2)
     with Engine.from_pretrained(path, backend="local", devices=2, top_m_devices=1) as engine:
         assert result["tokens"] == engine.generate([[9, 8, 7, 6]], max_new_tokens=6)[0]
-        expected_changed = [r["changed_by_top_m"] for r in engine.routing_summary.rows()]
-    assert [r["changed_by_top_m"] for r in result["routing"]] == expected_changed
+        expected_changed = [r["changed"] for r in engine.routing_summary.rows()]
+    assert [r["changed"] for r in result["routing"]] == expected_changed

@@ -1,0 +1,192 @@
+"""The gateway's side of live balancing: summarise routing per step, push it off the critical path, pull the bias."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import torch
+
+from gateway.step import StepBatch
+from router_service.load_stats import LayerWindow, expert_balance, normalised_scores, observe_routing
+from router_service.routing import Routing
+from router_service.service import window_to_wire
+
+logger = logging.getLogger(__name__)
+
+
+class BalanceClient:
+    """Feeds a RouterService (in-process object or Ray actor handle) and applies the bias it publishes.
+
+    Remote calls are fire-and-forget: pushes and snapshot requests are checked later with ray.wait(timeout=0),
+    so a slow or dead router service never stalls a decode step. When it cannot be reached the gateway keeps
+    routing with its last bias and `unreachable` / `failures` say so.
+    """
+
+    def __init__(self, service: Any, remote: bool, apply_bias, expert_device: torch.Tensor, n_devices: int,
+                 n_experts: int, top_k: int, moe_layers: list[int], push_every_steps: int) -> None:
+        self.service, self.remote, self.apply_bias, self.top_k = service, remote, apply_bias, top_k
+        self.expert_device, self.n_devices, self.n_experts = expert_device, n_devices, n_experts
+        self.moe_layers, self.push_every_steps = moe_layers, push_every_steps
+        self.gateway_id = uuid.uuid4().hex[:8]
+        self.version = -1
+        self.steps = 0
+        self.failures = 0
+        self.unreachable = False
+        self.started_ray = False  # whether connecting to the service started Ray (the engine shuts it down)
+        self._pending_pushes: list = []
+        self._pending_snapshot = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.window = {layer: LayerWindow.empty(self.n_experts, self.n_devices) for layer in self.moe_layers}
+        self.per_seq: dict[int, dict[int, list]] = {layer: {} for layer in self.moe_layers}
+
+    def observe(self, routings: dict[int, Routing], step: StepBatch) -> None:
+        """Add one forward step's routing; push and poll on schedule."""
+        rows = list(zip(step.offsets, step.lengths, strict=True))
+        for layer, r in routings.items():
+            self.window[layer].add(observe_routing(r.ids, r.scores, self.expert_device, self.n_devices,
+                                                   r.changed_tokens()))
+            norm = normalised_scores(r.scores)
+            for seq_id, (off, n) in zip(step.seq_ids, rows, strict=True):
+                acc = self.per_seq[layer].setdefault(seq_id, [torch.zeros(self.n_experts, dtype=torch.long),
+                                                              torch.zeros(self.n_experts, dtype=torch.float64), 0])
+                acc[0] += torch.bincount(r.ids[off : off + n].flatten(), minlength=self.n_experts)
+                acc[1] += norm[off : off + n].sum(0)
+                acc[2] += n
+        self.steps += 1
+        if self.steps % self.push_every_steps == 0:
+            self.flush()
+        self.poll()
+
+    def flush(self) -> None:
+        """Send the accumulated windows (sequence-wise balance per sequence seen in the window)."""
+        wire = {}
+        for layer, w in self.window.items():
+            if w.tokens == 0:
+                continue
+            for counts, score_sum, n in self.per_seq[layer].values():
+                w.seq_balance_sum += expert_balance(counts, score_sum, n, self.top_k)
+                w.sequences += 1
+            wire[layer] = window_to_wire(w)
+        self._reset()
+        if not wire:
+            return
+        if not self.remote:
+            self.service.push(self.gateway_id, wire)
+            return
+        self._check_pushes()
+        self._pending_pushes.append(self.service.push.remote(self.gateway_id, wire))
+
+    def _check_pushes(self) -> None:
+        import ray
+
+        done, self._pending_pushes = ray.wait(self._pending_pushes, num_returns=len(self._pending_pushes), timeout=0)
+        for ref in done:
+            try:
+                ray.get(ref)
+                self.unreachable = False
+            except ray.exceptions.RayError as exc:
+                self._failed(exc)
+
+    def poll(self) -> None:
+        """Apply a newer bias if the service has published one (never blocks on a remote service)."""
+        if not self.remote:
+            self._apply(*self.service.snapshot(self.version))
+            return
+        import ray
+
+        if self._pending_snapshot is None:
+            self._pending_snapshot = self.service.snapshot.remote(self.version)
+            return
+        done, _ = ray.wait([self._pending_snapshot], timeout=0)
+        if not done:
+            return
+        ref, self._pending_snapshot = self._pending_snapshot, None
+        try:
+            self._apply(*ray.get(ref))
+            self.unreachable = False
+        except ray.exceptions.RayError as exc:
+            self._failed(exc)
+
+    def sync(self, timeout_s: float = 30.0) -> None:
+        """Push what is pending and wait for the service's current bias (for tests, benchmarks and shutdown)."""
+        self.flush()
+        if not self.remote:
+            return
+        import ray
+
+        try:
+            ray.get(self._pending_pushes, timeout=timeout_s)
+            self._pending_pushes = []
+            self._pending_snapshot = None
+            self._apply(*ray.get(self.service.snapshot.remote(self.version), timeout=timeout_s))
+            self.unreachable = False
+        except ray.exceptions.RayError as exc:
+            self._failed(exc)
+
+    def _apply(self, version: int, biases: dict | None) -> None:
+        if biases is not None and version != self.version:
+            self.apply_bias({int(layer): torch.tensor(b, dtype=torch.float32) for layer, b in biases.items()})
+            self.version = version
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self.unreachable = True
+        self._pending_pushes = []
+        self._pending_snapshot = None
+        logger.warning("router service unreachable (%s); routing keeps bias version %d", exc, self.version)
+
+    def call(self, method: str, *args: Any, timeout_s: float = 30.0) -> Any:
+        """Call a RouterService method and wait (not for the decode loop: stats, tests)."""
+        if not self.remote:
+            return getattr(self.service, method)(*args)
+        import ray
+
+        return ray.get(getattr(self.service, method).remote(*args), timeout=timeout_s)
+
+    def metrics(self) -> dict:
+        return {"bias_version": self.version, "router_unreachable": self.unreachable,
+                "router_failures": self.failures, "steps": self.steps}
+
+
+def start_balancing(config, spec, model, placement) -> BalanceClient | None:
+    """Connect the gateway to its router service (created if it does not exist); None when balancing is off.
+
+    On Ray the service is a named actor (`balancing.name` in `ray.namespace`): every gateway naming it shares
+    one bias. It restarts on failure (calls in flight are retried up to 3 times: load counts are at-least-once)
+    and resumes from `balancing.checkpoint` when one is configured.
+    """
+    cfg = config.balancing
+    if cfg.mode == "off":
+        return None
+    model_bias = {
+        layer: (model.layers[layer].model_bias if model.layers[layer].model_bias is not None
+                else torch.zeros(spec.n_routed_experts)).tolist()
+        for layer in spec.moe_layers
+    }
+    args = (model_bias, list(placement.expert_device), placement.n_devices, spec.top_k, cfg,
+            float(config.top_m_devices) if config.top_m_devices else None)
+    if config.router_on_ray:
+        import ray
+
+        from gateway.expert_groups import connect_ray
+        from router_service.service import RouterService
+
+        started_ray = connect_ray(config, placement.n_devices)
+        service = ray.remote(RouterService).options(
+            name=cfg.name, namespace=config.ray.namespace, get_if_exists=True, max_restarts=-1, max_task_retries=3,
+            num_cpus=0,
+        ).remote(*args)
+        remote = True
+    else:
+        from router_service.service import RouterService
+
+        service, remote, started_ray = RouterService(*args), False, False
+    client = BalanceClient(service, remote, model.set_selection_bias, placement.device_tensor(), placement.n_devices,
+                           spec.n_routed_experts, spec.top_k, spec.moe_layers, cfg.push_every_steps)
+    client.started_ray = started_ray
+    client.sync()  # wait once, at start-up, for the service and its current bias; later polls never block
+    return client

@@ -1,0 +1,82 @@
+"""The aux-loss-free bias controller (DeepSeek-V3): nudge each expert's selection bias toward balanced load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("off", "observe", "adapt")
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    """mode: off (no statistics, no bias change) | observe (statistics only) | adapt (update the bias)."""
+
+    mode: str = "off"
+    gamma: float = 0.01  # bias step per window
+    gamma_decay_windows: float | None = None  # None: constant γ (DeepSeek-V3); τ: step w uses γ / (1 + w/τ)
+    max_bias: float = 0.5  # bound on the live adjustment, |b - b_model| <= max_bias
+    window_tokens: int = 4096  # tokens per MoE layer that close a window
+    service: str = "auto"  # where the router service runs: auto (Ray when the backend uses Ray) | local | ray
+    name: str = "router-service"  # the named Ray actor; engines naming the same service share one bias
+    checkpoint: str | None = None  # file the service saves its state to after every update (survives restarts)
+    push_every_steps: int = 1  # gateway steps between pushes of load counts
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"balancing.mode={self.mode!r}: expected one of {list(MODES)}")
+        if not self.gamma > 0:
+            raise ValueError(f"balancing.gamma={self.gamma}: expected > 0")
+        if self.gamma_decay_windows is not None and not self.gamma_decay_windows > 0:
+            raise ValueError(f"balancing.gamma_decay_windows={self.gamma_decay_windows}: expected > 0 or null")
+        if not self.max_bias > 0:
+            raise ValueError(f"balancing.max_bias={self.max_bias}: expected > 0")
+        if isinstance(self.window_tokens, bool) or not isinstance(self.window_tokens, int) or self.window_tokens < 1:
+            raise ValueError(f"balancing.window_tokens={self.window_tokens!r}: expected an integer >= 1")
+        if self.service not in ("auto", "local", "ray"):
+            raise ValueError(f"balancing.service={self.service!r}: expected 'auto', 'local' or 'ray'")
+        if not isinstance(self.push_every_steps, int) or self.push_every_steps < 1:
+            raise ValueError(f"balancing.push_every_steps={self.push_every_steps!r}: expected an integer >= 1")
+
+
+def bias_step(delta: torch.Tensor, load: torch.Tensor, gamma: float, max_bias: float) -> torch.Tensor:
+    """δ_i ← clip(δ_i + γ·sign(mean_load − load_i), ±max_bias). delta: [N] float32; load: [N] token counts."""
+    load = load.double()
+    step = gamma * torch.sign(load.mean() - load)
+    return (delta.double() + step).clamp(-max_bias, max_bias).to(torch.float32)
+
+
+class BiasController:
+    """Per MoE layer: the model's own bias b_model (V3's e_score_correction_bias, zeros for V2) plus a live δ.
+
+    Selection uses b_model + δ in adapt mode and b_model otherwise; combine weights never include either.
+    """
+
+    def __init__(self, model_bias: dict[int, torch.Tensor], config: BalanceConfig) -> None:
+        self.config = config
+        self.model_bias = {layer: b.float().clone() for layer, b in model_bias.items()}
+        self.delta = {layer: torch.zeros_like(b) for layer, b in self.model_bias.items()}
+        self.version = 0
+
+    def bias(self, layer: int) -> torch.Tensor:
+        if self.config.mode == "adapt":
+            return self.model_bias[layer] + self.delta[layer]
+        return self.model_bias[layer]
+
+    def update(self, loads: dict[int, torch.Tensor]) -> bool:
+        """Apply one window's per-expert loads; returns whether the bias changed (only in adapt mode)."""
+        if self.config.mode != "adapt":
+            return False
+        gamma = self.gamma_at(self.version)
+        for layer, load in loads.items():
+            self.delta[layer] = bias_step(self.delta[layer], load, gamma, self.config.max_bias)
+        self.version += 1
+        return True
+
+    def gamma_at(self, window: int) -> float:
+        """The step of the window-th update: constant, or harmonically decaying when gamma_decay_windows is set
+        (steps still sum without bound, so the bias can travel as far as it needs, while the ±γ jitter of
+        sign updates shrinks)."""
+        tau = self.config.gamma_decay_windows
+        return self.config.gamma if tau is None else self.config.gamma / (1 + window / tau)

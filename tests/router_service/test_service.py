@@ -1,0 +1,64 @@
+"""RouterService: windows close on token count, versions advance in adapt mode, state survives a restart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from router_service.bias import BalanceConfig
+from router_service.load_stats import observe_routing
+from router_service.service import RouterService, report_table, window_from_wire, window_to_wire
+
+DEVICE = [0, 0, 1, 1]
+
+
+def skewed_push(service: RouterService, gateway: str, tokens: int = 10) -> int:
+    ids = torch.tensor([[0, 1]] * tokens)  # everything on device 0
+    scores = torch.rand(tokens, 4, generator=torch.Generator().manual_seed(tokens))
+    w = window_to_wire(observe_routing(ids, scores, torch.tensor(DEVICE), 2))
+    return service.push(gateway, {1: w, 2: w})
+
+
+def make(tmp_path, mode="adapt", window=20) -> RouterService:
+    cfg = BalanceConfig(mode=mode, gamma=0.1, window_tokens=window, checkpoint=str(tmp_path / "router.json"))
+    return RouterService({1: [0.0] * 4, 2: [0.5, 0, 0, 0]}, DEVICE, 2, 2, cfg)
+
+
+def test_window_closes_after_window_tokens_and_bias_steps(tmp_path):
+    s = make(tmp_path)
+    assert skewed_push(s, "a") == 0 and s.windows_closed == 0
+    assert skewed_push(s, "b") == 1 and s.windows_closed == 1  # 20 tokens from two gateways close it
+    version, bias = s.snapshot(-1)
+    assert version == 1
+    assert bias[1] == pytest.approx([-0.1, -0.1, 0.1, 0.1]) and bias[2] == pytest.approx([0.4, -0.1, 0.1, 0.1])
+    assert s.snapshot(1) == (1, None)  # nothing newer
+    report = s.stats()["last_window"][0]
+    assert report["device_max_over_mean"] == 2.0 and report["tokens"] == 20
+    assert s.stats()["gateways"] == {"a": 1, "b": 1}
+    assert "expert max/mean" in report_table(s.stats()["last_window"])
+
+
+def test_observe_mode_reports_but_never_changes_the_bias(tmp_path):
+    s = make(tmp_path, mode="observe")
+    for _ in range(4):
+        skewed_push(s, "a")
+    assert s.windows_closed == 2 and s.controller.version == 0
+    assert s.snapshot(-1)[1][2] == [0.5, 0.0, 0.0, 0.0]
+
+
+def test_a_restarted_service_resumes_bias_and_open_window_from_its_checkpoint(tmp_path):
+    s = make(tmp_path)
+    skewed_push(s, "a")
+    skewed_push(s, "a")
+    skewed_push(s, "a", tokens=5)  # an open, partial window
+    again = make(tmp_path)
+    assert again.restored and again.snapshot(-1) == s.snapshot(-1)
+    assert again.stats()["open_window_tokens"] == {1: 5, 2: 5}
+    assert again.windows_closed == 1 and again.history == s.history
+
+
+def test_wire_format_round_trips():
+    w = observe_routing(torch.tensor([[0, 2]]), torch.rand(1, 4), torch.tensor(DEVICE), 2, changed=1)
+    back = window_from_wire(window_to_wire(w))
+    assert torch.equal(back.counts, w.counts) and torch.equal(back.score_sum, w.score_sum)
+    assert (back.tokens, back.changed) == (1, 1)
