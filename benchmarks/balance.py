@@ -47,8 +47,9 @@ def routed_ids(engine: Engine, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
     return {layer: r.ids for layer, r in routings.items()}
 
 
-def skewed_setup(model: Path, devices: int, dtype: str, topic_size: int, seed: int,
-                 rounds: int = 3) -> tuple[torch.Tensor, Placement]:
+def skewed_setup(
+    model: Path, devices: int, dtype: str, topic_size: int, seed: int, rounds: int = 3
+) -> tuple[torch.Tensor, Placement]:
     """Pick topic tokens and a placement that the topic overloads, reinforcing each other for a few rounds:
     the tokens leaning most toward device 0, then the experts they use most moved onto device 0."""
     gen = torch.Generator().manual_seed(seed)
@@ -71,7 +72,7 @@ def skewed_setup(model: Path, devices: int, dtype: str, topic_size: int, seed: i
             hot = load.argsort(descending=True).tolist()
             per_device = n // devices
             rest = sorted(hot[per_device:])
-            lists = [hot[:per_device]] + [rest[d * per_device:(d + 1) * per_device] for d in range(devices - 1)]
+            lists = [hot[:per_device]] + [rest[d * per_device : (d + 1) * per_device] for d in range(devices - 1)]
             placement = Placement.from_device_lists([sorted(x) for x in lists], n)
     return topic, placement
 
@@ -92,11 +93,20 @@ def run(args: argparse.Namespace) -> dict:
 
     def deployment(mode: str) -> DeploymentConfig:
         return DeploymentConfig(
-            model=str(args.model), dtype=args.dtype, backend=args.backend, devices=args.devices,
-            placement=str(placement_file), ray=RayConfig(cpus_per_group=args.cpus_per_group),
-            balancing=BalanceConfig(mode=mode, gamma=args.gamma, gamma_decay_windows=args.gamma_decay_windows,
-                                    max_bias=args.max_bias,
-                                    window_tokens=args.window_tokens, name=f"balance-bench-{uuid.uuid4().hex[:6]}"),
+            model=str(args.model),
+            dtype=args.dtype,
+            backend=args.backend,
+            devices=args.devices,
+            placement=str(placement_file),
+            ray=RayConfig(cpus_per_group=args.cpus_per_group),
+            balancing=BalanceConfig(
+                mode=mode,
+                gamma=args.gamma,
+                gamma_decay_windows=args.gamma_decay_windows,
+                max_bias=args.max_bias,
+                window_tokens=args.window_tokens,
+                name=f"balance-bench-{uuid.uuid4().hex[:6]}",
+            ),
         )
 
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -113,18 +123,36 @@ def run(args: argparse.Namespace) -> dict:
             stats = engine.balance_stats()
             reports = stats["last_window"]
             expert_worst, device_worst = worst(reports)
-            rows.append({"window": window, "bias_version": stats["version"], "expert_max_over_mean": expert_worst,
-                         "device_max_over_mean": device_worst,
-                         "changed_share": max(r["changed_share"] for r in reports),
-                         "seconds": time.perf_counter() - t0})
-            print(f"window {window:>3}: worst expert max/mean {expert_worst:5.2f}, worst device max/mean "
-                  f"{device_worst:5.2f}, tokens changed {rows[-1]['changed_share']:.0%}", flush=True)
+            rows.append(
+                {
+                    "window": window,
+                    "bias_version": stats["version"],
+                    "expert_max_over_mean": expert_worst,
+                    "device_max_over_mean": device_worst,
+                    "changed_share": max(r["changed_share"] for r in reports),
+                    "changed_slot_share": max(r["changed_slot_share"] for r in reports),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            print(
+                f"window {window:>3}: worst expert max/mean {expert_worst:5.2f}, worst device max/mean "
+                f"{device_worst:5.2f}, tokens changed {rows[-1]['changed_share']:.0%}, expert slots changed "
+                f"{rows[-1]['changed_slot_share']:.0%}",
+                flush=True,
+            )
             if expert_worst <= TARGET and device_worst <= TARGET:
                 converged_at = window
                 break
         after = reports
-    return {"before": before, "after": after, "windows": rows, "converged_at": converged_at,
-            "skewed_layers": skewed_layers, "topic_tokens": topic.tolist(), "placement": json.loads(placement.to_json())}
+    return {
+        "before": before,
+        "after": after,
+        "windows": rows,
+        "converged_at": converged_at,
+        "skewed_layers": skewed_layers,
+        "topic_tokens": topic.tolist(),
+        "placement": json.loads(placement.to_json()),
+    }
 
 
 def main() -> None:
@@ -136,7 +164,7 @@ def main() -> None:
     parser.add_argument("--topic-size", type=int, default=32)
     parser.add_argument("--window-tokens", type=int, default=4096)
     parser.add_argument("--gamma", type=float, default=0.03)
-    parser.add_argument("--gamma-decay-windows", type=float, default=10.0)
+    parser.add_argument("--gamma-decay-windows", type=float, default=5.0)
     parser.add_argument("--max-bias", type=float, default=0.5)
     parser.add_argument("--max-windows", type=int, default=60)
     parser.add_argument("--cpus-per-group", type=float, default=0.5)
@@ -152,16 +180,29 @@ def main() -> None:
     result = run(args)
     print("\nbefore (exact routing, observe mode):")
     print(report_table(result["before"]))
-    print(f"\nafter {len(result['windows'])} adapt windows of {args.window_tokens} tokens "
-          f"(γ={args.gamma}, decaying as γ/(1 + w/{args.gamma_decay_windows}), max_bias={args.max_bias}):")
+    print(
+        f"\nafter {len(result['windows'])} adapt windows of {args.window_tokens} tokens "
+        f"(γ={args.gamma}, decaying as γ/(1 + w/{args.gamma_decay_windows}), max_bias={args.max_bias}):"
+    )
     print(report_table(result["after"]))
     print(f"\nlayers with a device at ≥ {SKEW}× mean load under exact routing: {result['skewed_layers']}")
-    verdict = f"converged (≤ {TARGET}) after {result['converged_at']} windows" if result["converged_at"] else \
-        f"NOT converged to ≤ {TARGET} within {args.max_windows} windows"
+    verdict = (
+        f"converged (≤ {TARGET}) after {result['converged_at']} windows"
+        if result["converged_at"]
+        else f"NOT converged to ≤ {TARGET} within {args.max_windows} windows"
+    )
     print(verdict)
-    meta = {"benchmark": "balance", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "backend": args.backend, "devices": args.devices, "window_tokens": args.window_tokens,
-            "gamma": args.gamma, "gamma_decay_windows": args.gamma_decay_windows, "max_bias": args.max_bias, "model": str(args.model)}
+    meta = {
+        "benchmark": "balance",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backend": args.backend,
+        "devices": args.devices,
+        "window_tokens": args.window_tokens,
+        "gamma": args.gamma,
+        "gamma_decay_windows": args.gamma_decay_windows,
+        "max_bias": args.max_bias,
+        "model": str(args.model),
+    }
     args.json.write_text(json.dumps({**meta, **result}, indent=1))
     print(f"wrote {args.json}")
 

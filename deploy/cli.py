@@ -1,4 +1,4 @@
-"""The `expertmesh` command line: make-model, generate."""
+"""The `expertmesh` command line: make-model, generate, stats."""
 
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--expert-kernel", choices=["auto", "triton", "torch"],
                      help="expert math: Triton kernels or torch (auto: Triton on GPU, torch on CPU)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    st = sub.add_parser("stats", help="print a running deployment's live per-layer balance table")
+    st.add_argument("--config", type=Path, help="deployment YAML (gives the router name, namespace, address)")
+    st.add_argument("--address", help="Ray cluster of the deployment (default: the config's, else RAY_ADDRESS)")
+    st.add_argument("--name", help="router service actor name (default: balancing.name, 'router-service')")
+    st.add_argument("--namespace", help="Ray namespace (default: ray.namespace, 'expertmesh')")
+    st.add_argument("--json", action="store_true")
     return parser
 
 
@@ -123,12 +129,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    import os
+
+    import ray
+
+    from gateway.config import DeploymentConfig
+    from router_service.service import report_table
+
+    config = DeploymentConfig.from_yaml(args.config) if args.config else DeploymentConfig(model="-")
+    address = args.address or config.ray.address or os.environ.get("RAY_ADDRESS")
+    name = args.name or config.balancing.name
+    namespace = args.namespace or config.ray.namespace
+    if not ray.is_initialized():
+        if not address:
+            raise ValueError("--address: no Ray cluster given (and RAY_ADDRESS is unset); an embedded deployment "
+                             "is only visible from its own process (use Engine.stats_table() there)")
+        ray.init(address=address, namespace=namespace, log_to_driver=False)
+    try:
+        actor = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        raise ValueError(f"--name {name!r}: no router service of that name in namespace {namespace!r}") from None
+    stats = ray.get(actor.stats.remote(), timeout=30)
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    print(f"router service {name!r}: mode={stats['mode']} bias version={stats['version']} "
+          f"windows closed={stats['windows_closed']} gateways={stats['gateways']}")
+    print(report_table(stats["last_window"]) if stats["last_window"] else "(no window closed yet)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"make-model": cmd_make_model, "generate": cmd_generate}
+    handlers = {"make-model": cmd_make_model, "generate": cmd_generate, "stats": cmd_stats}
     try:
         return handlers[args.command](args)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:

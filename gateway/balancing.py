@@ -48,7 +48,7 @@ class BalanceClient:
         rows = list(zip(step.offsets, step.lengths, strict=True))
         for layer, r in routings.items():
             self.window[layer].add(observe_routing(r.ids, r.scores, self.expert_device, self.n_devices,
-                                                   r.changed_tokens()))
+                                                   r.changed_tokens(), r.changed_slots()))
             norm = normalised_scores(r.scores)
             for seq_id, (off, n) in zip(step.seq_ids, rows, strict=True):
                 acc = self.per_seq[layer].setdefault(seq_id, [torch.zeros(self.n_experts, dtype=torch.long),

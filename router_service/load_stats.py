@@ -65,6 +65,7 @@ class LayerWindow:
     seq_balance_sum: float = 0.0  # Σ over sequences of their own expert balance
     sequences: int = 0
     changed: int = 0  # tokens whose experts differ from the model's own routing
+    changed_slots: int = 0  # token-expert slots whose expert differs
 
     @classmethod
     def empty(cls, n_experts: int, n_devices: int) -> LayerWindow:
@@ -79,6 +80,7 @@ class LayerWindow:
         self.seq_balance_sum += other.seq_balance_sum
         self.sequences += other.sequences
         self.changed += other.changed
+        self.changed_slots += other.changed_slots
 
 
 def normalised_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -87,13 +89,15 @@ def normalised_scores(scores: torch.Tensor) -> torch.Tensor:
 
 
 def observe_routing(
-    ids: torch.Tensor, scores: torch.Tensor, expert_device: torch.Tensor, n_devices: int, changed: int = 0
+    ids: torch.Tensor, scores: torch.Tensor, expert_device: torch.Tensor, n_devices: int, changed: int = 0,
+    changed_slots: int = 0,
 ) -> LayerWindow:
     """Summarise one layer's routing of a step (sequence-wise terms are added by the caller). ids: [T, K]."""
     counts = torch.bincount(ids.flatten(), minlength=scores.shape[1])
     on_device = torch.zeros(ids.shape[0], n_devices, dtype=torch.bool)
     on_device[torch.arange(ids.shape[0])[:, None].expand_as(ids), expert_device[ids]] = True
-    return LayerWindow(counts, normalised_scores(scores).sum(0), on_device.sum(0), ids.shape[0], changed=changed)
+    return LayerWindow(counts, normalised_scores(scores).sum(0), on_device.sum(0), ids.shape[0], changed=changed,
+                       changed_slots=changed_slots)
 
 
 @dataclass
@@ -109,6 +113,7 @@ class LayerReport:
     communication_balance: float
     sequence_balance: float
     changed_share: float  # fidelity price: share of tokens routed differently from the model's own choice
+    changed_slot_share: float  # share of token-expert slots holding an expert the model would not have chosen
     bias_min: float = 0.0
     bias_max: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -131,4 +136,5 @@ def layer_report(
         communication_balance=communication_balance(w.device_tokens, w.score_sum, w.tokens, m, expert_device),
         sequence_balance=w.seq_balance_sum / w.sequences if w.sequences else 0.0,
         changed_share=w.changed / w.tokens if w.tokens else 0.0,
+        changed_slot_share=w.changed_slots / (w.tokens * top_k) if w.tokens else 0.0,
     )

@@ -28,6 +28,12 @@ class Routing:
             return 0
         return int((self.ids.sort(dim=-1).values != self.exact_ids.sort(dim=-1).values).any(dim=-1).sum())
 
+    def changed_slots(self) -> int:
+        """Token-expert slots holding an expert the model's own routing would not have chosen."""
+        if self.exact_ids is None:
+            return 0
+        return int((~(self.ids[:, :, None] == self.exact_ids[:, None, :]).any(dim=-1)).sum())
+
 
 def router_scores(hidden: torch.Tensor, gate_weight: torch.Tensor, scoring_func: str) -> torch.Tensor:
     """Scores in float32. hidden: [T, H]; gate_weight: [E, H] -> [T, E]."""

@@ -20,13 +20,14 @@ logger = logging.getLogger(__name__)
 def window_to_wire(w: LayerWindow) -> dict:
     """A LayerWindow as plain lists (what crosses Ray: no pickled torch tensors)."""
     return {"counts": w.counts.tolist(), "score_sum": w.score_sum.tolist(), "device_tokens": w.device_tokens.tolist(),
-            "tokens": w.tokens, "seq_balance_sum": w.seq_balance_sum, "sequences": w.sequences, "changed": w.changed}
+            "tokens": w.tokens, "seq_balance_sum": w.seq_balance_sum, "sequences": w.sequences, "changed": w.changed,
+            "changed_slots": w.changed_slots}
 
 
 def window_from_wire(d: dict) -> LayerWindow:
     return LayerWindow(torch.tensor(d["counts"], dtype=torch.long), torch.tensor(d["score_sum"], dtype=torch.float64),
                        torch.tensor(d["device_tokens"], dtype=torch.long), int(d["tokens"]),
-                       float(d["seq_balance_sum"]), int(d["sequences"]), int(d["changed"]))
+                       float(d["seq_balance_sum"]), int(d["sequences"]), int(d["changed"]), int(d["changed_slots"]))
 
 
 class RouterService:
@@ -137,13 +138,14 @@ class RouterService:
 def report_table(reports: list[dict]) -> str:
     """A readable per-layer table of LayerReport dicts."""
     head = (f"{'layer':>5} {'tokens':>7} {'expert max/mean':>15} {'device max/mean':>15} {'expert bal':>10} "
-            f"{'device bal':>10} {'comm bal':>9} {'seq bal':>8} {'bias range':>17} {'changed':>8}")
+            f"{'device bal':>10} {'comm bal':>9} {'seq bal':>8} {'bias range':>17} {'changed tokens':>14} {'slots':>6}")
     lines = [head]
     for r in reports:
         lines.append(
             f"{r['layer']:>5} {r['tokens']:>7} {r['expert_max_over_mean']:>15.2f} {r['device_max_over_mean']:>15.2f} "
             f"{r['expert_balance']:>10.3f} {r['device_balance']:>10.3f} {r['communication_balance']:>9.3f} "
-            f"{r['sequence_balance']:>8.3f} {r['bias_min']:>+8.3f}..{r['bias_max']:<+7.3f} {r['changed_share']:>8.1%}"
+            f"{r['sequence_balance']:>8.3f} {r['bias_min']:>+8.3f}..{r['bias_max']:<+7.3f} {r['changed_share']:>14.1%} "
+            f"{r['changed_slot_share']:>6.1%}"
         )
     return "\n".join(lines)
 

@@ -83,3 +83,26 @@ def test_gateway_keeps_routing_with_its_last_bias_when_the_service_is_gone(model
         assert "error" in stats
         for layer, bias in live_bias(engine).items():
             assert torch.equal(bias, kept[layer])
+
+
+def test_stats_cli_reads_a_running_router_service_from_another_process(model_dirs, ray_cluster):
+    import json
+    import subprocess
+    import sys
+
+    name = f"router-{uuid.uuid4().hex[:6]}"
+    with Engine.from_config(config(model_dirs["tiny-v3"], name)) as engine:
+        for i in range(3):
+            engine.logits(random_prompts(272, [48], seed=i))
+        expected = engine.balance_stats()
+        address = ray_cluster.get_runtime_context().gcs_address
+        cmd = [sys.executable, "-m", "deploy.cli", "stats", "--address", address, "--name", name,
+               "--namespace", engine.config.ray.namespace]
+        table = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert table.returncode == 0, table.stderr
+        assert f"bias version={expected['version']}" in table.stdout and "expert max/mean" in table.stdout
+        as_json = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120)
+        assert json.loads(as_json.stdout)["windows_closed"] == expected["windows_closed"]
+        missing = subprocess.run([*cmd[:-4], "--name", "nope", "--namespace", engine.config.ray.namespace],
+                                 capture_output=True, text=True, timeout=120)
+        assert missing.returncode == 2 and "no router service of that name" in missing.stderr
