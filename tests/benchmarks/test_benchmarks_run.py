@@ -49,3 +49,16 @@ def test_kernels_benchmark_runs_in_the_interpreter(tmp_path):
     assert data["device"].startswith("CPU interpreter")
     assert {(r["impl"], r["tokens"]) for r in data["rows"]} >= {("triton", 1), ("triton", 5), ("torch loop", 5)}
     assert all(r["finite"] and r["rel_err_vs_fp64"] < 2e-3 for r in data["rows"])
+
+
+@pytest.mark.slow
+def test_balance_benchmark_smoke(tmp_path, model_dirs):
+    out = tmp_path / "balance.json"
+    done = run("balance.py", "--model", str(model_dirs["tiny-v3"]), "--backend", "local", "--devices", "2",
+               "--dtype", "float32", "--window-tokens", "512", "--max-windows", "3", "--topic-size", "8",
+               "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(out.read_text())
+    assert len(data["before"]) == 2 and 1 <= len(data["windows"]) <= 3
+    assert all(r["changed_share"] == 0 for r in data["before"])  # observe mode: the model's own routing
+    assert data["windows"][-1]["bias_version"] >= 1
