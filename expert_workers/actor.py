@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from expert_workers.expert_group import ExpertGroup
+from expert_workers.spans import traced_run
+from model_core.telemetry import Telemetry, TracingConfig
 from protos.codec import DTYPES, numpy_to_tensor, readonly_tensor, tensor_to_numpy
 
 logger = logging.getLogger(__name__)
@@ -31,26 +33,32 @@ class ExpertGroupActor:
         threads: int = 1,
         kernel: str = "auto",
         torch_device: str = "cpu",
+        tracing: TracingConfig | None = None,
     ) -> None:
         torch.set_num_threads(max(1, threads))
+        self.telemetry = Telemetry(tracing or TracingConfig(exporter="none"), f"expert-group-{device}")
         self.group = ExpertGroup(Path(model_dir), expert_ids, dtype=DTYPES[dtype], device=device, kernel=kernel,
                                  torch_device=torch_device)
         self.server = None
         if serve_grpc:
             from expert_workers.grpc_server import ExpertServer
 
-            self.server = ExpertServer(self.group, max_message_bytes=max_message_bytes)
+            self.server = ExpertServer(self.group, max_message_bytes=max_message_bytes, tracer=self.telemetry.tracer)
             self.server.start()
         logger.info("expert group %d ready: %d experts, %d weight bytes", device, len(expert_ids),
                     self.group.weight_bytes)
 
     def forward(
-        self, layer: int, hidden: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray, hidden_dtype: str
+        self, layer: int, hidden: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray, hidden_dtype: str,
+        carrier: dict[str, str] | None = None,
     ) -> tuple[np.ndarray, list[int], float]:
-        """hidden [T, H] (bfloat16 as int16 bits), expert_ids [T, K], weights [T, K] -> (output, counts, ms)."""
+        """hidden [T, H] (bfloat16 as int16 bits), expert_ids [T, K], weights [T, K] -> (output, counts, ms).
+
+        carrier: the caller's W3C trace context ({'traceparent': ...}), continued by this group's server span.
+        """
         h = numpy_to_tensor(hidden, DTYPES[hidden_dtype])
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
-        result = self.group.run(layer, h, ids, w)
+        result = traced_run(self.group, self.telemetry.tracer, carrier, "ray", layer, h, ids, w)
         return tensor_to_numpy(result.output), result.tokens_per_expert, result.compute_ms
 
     def describe(self) -> dict:
@@ -70,6 +78,8 @@ class ExpertGroupActor:
         return self.server.address if self.server else None
 
     def shutdown(self) -> None:
+        """Stop the gRPC server and flush this process's spans (called before the actor is killed)."""
         if self.server is not None:
             self.server.stop()
             self.server = None
+        self.telemetry.shutdown()

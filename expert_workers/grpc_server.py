@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -12,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from expert_workers.expert_group import ExpertGroup
+from expert_workers.spans import traced_run
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos.codec import NAMES, proto_to_tensor, tensor_to_proto
@@ -40,8 +42,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     (health checks answer while a batch computes).
     """
 
-    def __init__(self, group: ExpertGroup) -> None:
+    def __init__(self, group: ExpertGroup, tracer=None) -> None:
         self.group = group
+        self.tracer = tracer  # an OpenTelemetry tracer, or None when tracing is off
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-math")
 
     def close(self) -> None:
@@ -49,8 +52,12 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         loop = asyncio.get_running_loop()
+        carrier = None
+        if self.tracer is not None:
+            carrier = {k: v for k, v in (context.invocation_metadata() or ()) if k in ("traceparent", "tracestate")}
+        arrived = time.perf_counter()
         try:
-            return await loop.run_in_executor(self._executor, self._forward, request)
+            return await loop.run_in_executor(self._executor, self._forward, request, carrier, arrived)
         except ValueError as exc:  # CodecError, ExpertRequestError and missing fields
             logger.info("Forward rejected: %s", exc)
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -71,14 +78,16 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             model_type=g.spec.model_type,
         )
 
-    def _forward(self, request: pb.ForwardRequest) -> pb.ForwardResponse:
+    def _forward(self, request: pb.ForwardRequest, carrier: dict | None = None, arrived: float = 0.0
+                 ) -> pb.ForwardResponse:
+        queue_ms = (time.perf_counter() - arrived) * 1e3 if arrived else 0.0  # waiting for the expert-math thread
         for field in ("hidden", "expert_ids", "weights"):
             if not request.HasField(field):
                 raise ValueError(f"{field}: missing from ForwardRequest")
         hidden = proto_to_tensor(request.hidden, "hidden")
         ids = proto_to_tensor(request.expert_ids, "expert_ids")
         weights = proto_to_tensor(request.weights, "weights")
-        result = self.group.run(request.layer, hidden, ids, weights)
+        result = traced_run(self.group, self.tracer, carrier, "grpc", request.layer, hidden, ids, weights, queue_ms)
         response = pb.ForwardResponse(tokens_per_expert=result.tokens_per_expert, compute_ms=result.compute_ms)
         tensor_to_proto(result.output, out=response.output)
         return response
@@ -90,8 +99,9 @@ class ExpertServer:
     It runs its own event loop in a background thread, so synchronous code and Ray actors can start it.
     """
 
-    def __init__(self, group: ExpertGroup, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, group: ExpertGroup, max_message_bytes: int = MAX_MESSAGE_BYTES, tracer=None) -> None:
         self.group = group
+        self.tracer = tracer
         self.options = channel_options(max_message_bytes)
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -149,7 +159,7 @@ class ExpertServer:
             loop.close()
 
     async def _serve(self) -> int:
-        self._servicer = ExpertServicer(self.group)
+        self._servicer = ExpertServicer(self.group, self.tracer)
         self._health = health_aio.HealthServicer()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

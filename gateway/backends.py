@@ -25,6 +25,8 @@ class ExpertBackend(Protocol):
 
     placement: Placement
 
+    def set_tracer(self, tracer) -> None: ...
+
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> PendingExperts:
@@ -36,14 +38,23 @@ class ExpertBackend(Protocol):
 
 class _PendingCombine:
     def __init__(self, transport: Transport, layer: int, batches: list[DeviceBatch], sent: list[Any],
-                 shape: tuple[int, int], dtype: torch.dtype) -> None:
+                 shape: tuple[int, int], dtype: torch.dtype, spans: list | None) -> None:
         self.transport, self.layer, self.batches, self.sent = transport, layer, batches, sent
-        self.shape, self.dtype = shape, dtype
+        self.shape, self.dtype, self.spans = shape, dtype, spans
         self.replies: list[ExpertReply] = []
 
     def wait(self) -> torch.Tensor:
         pending = [(b.device, self.layer, s) for b, s in zip(self.batches, self.sent, strict=True)]
-        self.replies = self.transport.receive(pending)
+        try:
+            self.replies = self.transport.receive(pending)
+        finally:
+            if self.spans:
+                for span, reply in zip(self.spans, self.replies or [None] * len(self.spans), strict=True):
+                    if reply is not None:
+                        span.set_attribute("expertmesh.bytes_received",
+                                           reply.output.numel() * reply.output.element_size())
+                        span.set_attribute("expertmesh.compute_ms", reply.compute_ms)
+                    span.end()
         return combine(*self.shape, self.batches, [r.output for r in self.replies], self.dtype)
 
 
@@ -58,15 +69,47 @@ class DispatchingBackend:
         self.transport = transport
         self.expert_device = placement.device_tensor()
         self.stats = DispatchStats(placement.n_devices)
+        self.tracer = None  # set by the engine when tracing is on: one CLIENT span per device per layer
         self._on_close = on_close
+
+    def set_tracer(self, tracer) -> None:
+        """Trace dispatches (None: off). In-process groups record their server spans with the same tracer."""
+        self.tracer = tracer
+        if hasattr(self.transport, "tracer"):
+            self.transport.tracer = tracer
 
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> PendingExperts:
         batches = plan_dispatch(topk_ids, topk_weights, self.expert_device, self.placement.n_devices)
-        sent = [self.transport.send(b.device, layer, hidden[b.rows], b.ids, b.weights) for b in batches]
+        if self.tracer is None:
+            sent = [self.transport.send(b.device, layer, hidden[b.rows], b.ids, b.weights) for b in batches]
+            spans = None
+        else:
+            sent, spans = self._send_traced(layer, hidden, batches)
         self.stats.record(layer, batches, hidden.element_size(), hidden.shape[1])
-        return _PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype)
+        return _PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype, spans)
+
+    def _send_traced(self, layer: int, hidden: torch.Tensor, batches: list[DeviceBatch]) -> tuple[list, list]:
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanKind
+
+        from model_core.telemetry import inject_context
+
+        sent, spans = [], []
+        for b in batches:
+            rows = hidden[b.rows]
+            span = self.tracer.start_span(f"dispatch device {b.device}", kind=SpanKind.CLIENT, attributes={
+                "expertmesh.layer": layer, "expertmesh.device": b.device, "expertmesh.tokens": int(b.rows.numel()),
+                "expertmesh.experts_hit": int(torch.unique(b.ids[b.ids >= 0]).numel()),
+                "expertmesh.bytes_sent": int(rows.numel() * rows.element_size() + b.ids.numel() * b.ids.element_size()
+                                             + b.weights.numel() * b.weights.element_size()),
+            })
+            with trace.use_span(span, end_on_exit=False):
+                carrier = inject_context()
+            sent.append(self.transport.send(b.device, layer, rows, b.ids, b.weights, carrier))
+            spans.append(span)
+        return sent, spans
 
     def close(self) -> None:
         self.transport.close()

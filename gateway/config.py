@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import yaml
 
+from model_core.telemetry import TracingConfig
 from router_service.bias import BalanceConfig
 
 BACKENDS = ("local", "ray", "grpc")
@@ -53,6 +54,7 @@ class DeploymentConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
     balancing: BalanceConfig = field(default_factory=BalanceConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, tuple(DTYPES))
@@ -98,7 +100,7 @@ class DeploymentConfig:
         if not isinstance(raw, dict):
             raise DeploymentConfigError(f"deployment: expected a mapping, got {type(raw).__name__}")
         raw = dict(raw)
-        sections = {"ray": RayConfig, "rpc": RpcConfig, "balancing": BalanceConfig}
+        sections = {"ray": RayConfig, "rpc": RpcConfig, "balancing": BalanceConfig, "tracing": TracingConfig}
         nested = {}
         for name, kind in sections.items():
             value = raw.pop(name, None) or {}
@@ -123,7 +125,7 @@ class DeploymentConfig:
     def with_overrides(self, **overrides: Any) -> DeploymentConfig:
         """Replace top-level fields (CLI flags); None values are ignored, 'ray.x' / 'rpc.x' reach sections."""
         top: dict[str, Any] = {}
-        nested: dict[str, dict[str, Any]] = {"ray": {}, "rpc": {}, "balancing": {}}
+        nested: dict[str, dict[str, Any]] = {"ray": {}, "rpc": {}, "balancing": {}, "tracing": {}}
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -140,6 +142,7 @@ class DeploymentConfig:
             ray=dataclasses.replace(self.ray, **nested["ray"]),
             rpc=dataclasses.replace(self.rpc, **nested["rpc"]),
             balancing=dataclasses.replace(self.balancing, **nested["balancing"]),
+            tracing=dataclasses.replace(self.tracing, **nested["tracing"]),
         )
 
 

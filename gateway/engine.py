@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import uuid
 from pathlib import Path
 
 import torch
@@ -15,9 +17,11 @@ from gateway.expert_groups import build_backend
 from gateway.kv_cache import LatentCache
 from gateway.model import GatewayModel
 from gateway.routing_summary import RoutingSummary
+from gateway.routing_trace import RequestTrace, RoutingTraceStore
 from gateway.sampling import sample
 from gateway.step import StepBatch
 from model_core.spec import ModelSpec
+from model_core.telemetry import Telemetry
 from router_service.placement import Placement
 from router_service.service import report_table
 
@@ -39,6 +43,11 @@ class Engine:
         self.model = GatewayModel(config.model, spec, backend, dtype, top_m_devices=config.top_m_devices)
         self.routing_summary = RoutingSummary(spec.moe_layers, spec.n_routed_experts)
         self.balance = start_balancing(config, spec, self.model, backend.placement)
+        self.telemetry = Telemetry(config.tracing, "gateway")
+        self.model.tracer = self.telemetry.tracer
+        backend.set_tracer(self.telemetry.tracer)
+        self.traces = RoutingTraceStore(config.tracing.routing_trace_capacity, config.tracing.routing_trace_dir)
+        self.last_request_ids: list[str] = []  # one per prompt of the latest generate() / logits() call
         self._seq_ids = itertools.count()
 
     @classmethod
@@ -121,9 +130,17 @@ class Engine:
             return head + "\n(no window closed yet)"
         return head + "\n" + report_table(stats["last_window"])
 
+    def routing_trace(self, request_id: str) -> RequestTrace:
+        """The routing a request received: experts, weights and devices per token position and MoE layer.
+
+        Raises KeyError when the id was never seen or has been evicted (see tracing.routing_trace_capacity).
+        """
+        return self.traces.get(request_id)
+
     def close(self) -> None:
         if self.balance is not None:
             self.balance.sync()
+        self.telemetry.shutdown()
         self.backend.close()
         if self.balance is not None and self.balance.started_ray:
             import ray
@@ -152,35 +169,59 @@ class Engine:
                     f"max_position_embeddings={limit}"
                 )
 
+    def _span(self, name: str, **attributes):
+        """A span under the current one, or nothing when tracing is off."""
+        if self.telemetry.tracer is None:
+            return contextlib.nullcontext()
+        return self.telemetry.tracer.start_as_current_span(name, attributes={
+            f"expertmesh.{k}": v for k, v in attributes.items()})
+
+    def _begin(self, prompts: list[list[int]], request_ids: list[str] | None) -> tuple[list[int], list[RequestTrace]]:
+        """Sequence ids and routing traces for a call's prompts (request ids given or generated)."""
+        if request_ids is None:
+            request_ids = [uuid.uuid4().hex[:16] for _ in prompts]
+        elif len(request_ids) != len(prompts) or len(set(request_ids)) != len(request_ids):
+            raise ValueError(f"request_ids: expected {len(prompts)} distinct ids, one per prompt")
+        self.last_request_ids = list(request_ids)
+        traces = [self.traces.start(r, self.spec.moe_layers, self.spec.top_k, len(p))
+                  for r, p in zip(request_ids, prompts, strict=True)]
+        return [next(self._seq_ids) for _ in prompts], traces
+
     def _step(
-        self, cache: LatentCache, seqs: list[int], starts: list[int], new: list[list[int]]
+        self, cache: LatentCache, seqs: list[int], starts: list[int], new: list[list[int]],
+        traces: list[RequestTrace],
     ) -> tuple[torch.Tensor, StepBatch]:
         """Run one forward over `new` tokens of each sequence; returns final hidden [N, H] and books routing."""
         step = StepBatch(seqs, starts, [len(t) for t in new])
         for s, start, t in zip(seqs, starts, new, strict=True):
             cache.reserve(s, start + len(t))
         tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.long)
-        hidden, routings = self.model.forward(tokens, step, cache)
+        kind = "decode_step" if all(n == 1 for n in step.lengths) else "prefill"
+        with self._span(kind, tokens=step.n_tokens, sequences=len(seqs)):
+            hidden, routings = self.model.forward(tokens, step, cache)
         self.routing_summary.add(routings)
+        self.traces.record_step(traces, step.offsets, step.lengths, new, routings, self.model.expert_device)
         if self.balance is not None:
             self.balance.observe(routings, step)
         return hidden, step
 
     @torch.inference_mode()
-    def logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+    def logits(self, prompts: list[list[int]], request_ids: list[str] | None = None) -> list[torch.Tensor]:
         """Full-sequence logits of a ragged batch: one float32 tensor [len_i, vocab] per prompt."""
         self._check_prompts(prompts)
+        seqs, traces = self._begin(prompts, request_ids)
         cache = self.model.new_cache()
-        seqs = [next(self._seq_ids) for _ in prompts]
         for s, p in zip(seqs, prompts, strict=True):
             cache.allocate(s, len(p))
         try:
-            hidden, step = self._step(cache, seqs, [0] * len(prompts), [list(p) for p in prompts])
-            logits = self.model.logits(hidden)
+            with self._span("logits", request_ids=self.last_request_ids, prompts=len(prompts)):
+                hidden, step = self._step(cache, seqs, [0] * len(prompts), [list(p) for p in prompts], traces)
+                logits = self.model.logits(hidden)
             return [logits[o : o + n].clone() for o, n in zip(step.offsets, step.lengths, strict=True)]
         finally:
-            for s in seqs:
+            for s, t in zip(seqs, traces, strict=True):
                 cache.free(s)
+                self.traces.finish(t.request_id)
 
     @torch.inference_mode()
     def generate(
@@ -191,37 +232,43 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_at_eos: bool = True,
+        request_ids: list[str] | None = None,
     ) -> list[list[int]]:
         """New tokens for each prompt (prefill together, then one decode step per token over the live batch).
 
         A sequence stops after max_new_tokens or after emitting the model's eos token (kept in the output).
+        Each prompt is one request: its id (given, or generated) is in `engine.last_request_ids` afterwards,
+        and `engine.routing_trace(request_id)` returns the routing it received.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive integer")
         self._check_prompts(prompts, max_new_tokens)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = self.spec.eos_token_id if stop_at_eos else None
+        seqs, traces = self._begin(prompts, request_ids)
         cache = self.model.new_cache()
-        seqs = [next(self._seq_ids) for _ in prompts]
         for s, p in zip(seqs, prompts, strict=True):
             cache.allocate(s, len(p) + max_new_tokens)
         outputs: list[list[int]] = [[] for _ in prompts]
         try:
-            live = list(range(len(prompts)))
-            starts = [0] * len(prompts)
-            new = [list(p) for p in prompts]
-            while live:
-                hidden, step = self._step(cache, [seqs[i] for i in live], starts, new)
-                next_ids = sample(self.model.logits(hidden[step.last_rows()]), temperature, top_p, generator)
-                still, starts, new = [], [], []
-                for i, tok in zip(live, next_ids.tolist(), strict=True):
-                    outputs[i].append(tok)
-                    if len(outputs[i]) < max_new_tokens and tok != eos:
-                        still.append(i)
-                        starts.append(cache.length(seqs[i]))
-                        new.append([tok])
-                live = still
+            with self._span("generate", request_ids=self.last_request_ids, prompts=len(prompts),
+                            max_new_tokens=max_new_tokens):
+                live = list(range(len(prompts)))
+                starts = [0] * len(prompts)
+                new = [list(p) for p in prompts]
+                while live:
+                    hidden, step = self._step(cache, [seqs[i] for i in live], starts, new, [traces[i] for i in live])
+                    next_ids = sample(self.model.logits(hidden[step.last_rows()]), temperature, top_p, generator)
+                    still, starts, new = [], [], []
+                    for i, tok in zip(live, next_ids.tolist(), strict=True):
+                        outputs[i].append(tok)
+                        if len(outputs[i]) < max_new_tokens and tok != eos:
+                            still.append(i)
+                            starts.append(cache.length(seqs[i]))
+                            new.append([tok])
+                    live = still
             return outputs
         finally:
-            for s in seqs:
+            for s, t in zip(seqs, traces, strict=True):
                 cache.free(s)
+                self.traces.finish(t.request_id)

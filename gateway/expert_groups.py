@@ -73,7 +73,7 @@ class RayExpertGroups:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=d),
             ).remote(cfg.model, placement.experts_on(d), cfg.dtype, d, serve_grpc=True,
                      max_message_bytes=cfg.rpc.max_message_mb << 20, threads=max(1, math.floor(cpus)),
-                     kernel=cfg.expert_kernel, torch_device=cfg.expert_torch_device)
+                     kernel=cfg.expert_kernel, torch_device=cfg.expert_torch_device, tracing=cfg.tracing)
             for d in range(placement.n_devices)
         ]
         try:

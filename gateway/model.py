@@ -50,7 +50,9 @@ class GatewayModel:
     ) -> None:
         self.spec, self.backend, self.dtype = spec, backend, dtype
         self.top_m_devices = top_m_devices
+        self.tracer = None  # an OpenTelemetry tracer when tracing is on: one span per MoE layer
         self.device_members = backend.placement.members() if top_m_devices is not None else None
+        self.expert_device = backend.placement.device_tensor()
         self.reader = CheckpointReader(model_dir)
         w = {}
         for name, shape in gateway_layout(spec).items():
@@ -81,6 +83,27 @@ class GatewayModel:
             shared=ffn("mlp.shared_experts") if moe and self.spec.n_shared_experts else None,
         )
 
+    def _moe(self, i: int, layer: LayerWeights, u: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """Route, dispatch the routed experts, compute the shared experts meanwhile, combine: [N, H]."""
+        spec = self.spec
+        routing = route_tokens(
+            u, layer.gate, spec.router, layer.selection_bias, self.device_members, self.top_m_devices
+        )
+        limited, biased = self.top_m_devices is not None, layer.selection_bias is not layer.model_bias
+        if limited or biased:
+            # Serving may change the routing (device limit, live bias): keep the model's own choice to compare,
+            # and with both, the live-bias choice before the limit, to tell the two causes apart.
+            exact = select_experts(routing.scores, spec.router, layer.model_bias).ids
+            unlimited = None
+            if limited and biased:
+                unlimited = select_experts(routing.scores, spec.router, layer.selection_bias).ids
+            routing = dataclasses.replace(routing, exact_ids=exact, unlimited_ids=unlimited, top_m_applied=limited,
+                                          bias_applied=biased)
+        pending = self.backend.dispatch(i, u, routing.ids, routing.weights)
+        shared = swiglu(u, *layer.shared) if layer.shared is not None else None  # overlaps the dispatch
+        routed = pending.wait()
+        return (routed if shared is None else routed + shared), routing
+
     def new_cache(self) -> LatentCache:
         return LatentCache(self.spec.num_hidden_layers, self.spec.kv_lora_rank, self.spec.qk_rope_head_dim, self.dtype)
 
@@ -98,17 +121,14 @@ class GatewayModel:
             if layer.mlp is not None:
                 h = h + swiglu(u, *layer.mlp)
                 continue
-            routing = route_tokens(
-                u, layer.gate, spec.router, layer.selection_bias, self.device_members, self.top_m_devices
-            )
-            if self.top_m_devices is not None or layer.selection_bias is not layer.model_bias:
-                # Serving changed the routing (device limit, live bias): keep the model's own choice to compare.
-                exact = select_experts(routing.scores, spec.router, layer.model_bias).ids
-                routing = dataclasses.replace(routing, exact_ids=exact)
-            pending = self.backend.dispatch(i, u, routing.ids, routing.weights)
-            shared = swiglu(u, *layer.shared) if layer.shared is not None else None  # overlaps the dispatch
-            routed = pending.wait()
-            h = h + (routed if shared is None else routed + shared)
+            if self.tracer is None:
+                routed_and_shared, routing = self._moe(i, layer, u)
+            else:
+                with self.tracer.start_as_current_span("moe_layer", attributes={
+                    "expertmesh.layer": i, "expertmesh.tokens": int(u.shape[0])}) as span:
+                    routed_and_shared, routing = self._moe(i, layer, u)
+                    span.set_attribute("expertmesh.experts_hit", int(torch.unique(routing.ids).numel()))
+            h = h + routed_and_shared
             routings[i] = routing
         for seq_id, n in zip(step.seq_ids, step.lengths, strict=True):
             cache.advance(seq_id, n)

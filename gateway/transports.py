@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
+from expert_workers.spans import traced_run
 from protos.codec import NAMES, numpy_to_tensor, proto_to_tensor, tensor_to_numpy, tensor_to_proto
 
 
@@ -24,7 +25,10 @@ class ExpertReply:
 class Transport(Protocol):
     """Sends one device's batch for one layer; `receive` waits for a list of sends, in order."""
 
-    def send(self, device: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Any: ...
+    def send(self, device: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+             carrier: dict[str, str] | None = None) -> Any:
+        """carrier: W3C trace context for the expert group's server span (None when tracing is off)."""
+        ...
 
     def receive(self, pending: list[tuple[int, int, Any]]) -> list[ExpertReply]: ...
 
@@ -36,9 +40,10 @@ class LocalTransport:
 
     def __init__(self, groups: list) -> None:
         self.groups = groups
+        self.tracer = None
 
-    def send(self, device, layer, hidden, ids, weights):
-        result = self.groups[device].run(layer, hidden, ids, weights)
+    def send(self, device, layer, hidden, ids, weights, carrier=None):
+        result = traced_run(self.groups[device], self.tracer, carrier, "local", layer, hidden, ids, weights)
         return ExpertReply(result.output, result.tokens_per_expert, result.compute_ms)
 
     def receive(self, pending):
@@ -54,9 +59,9 @@ class RayTransport:
     def __init__(self, actors: list, timeout_s: float) -> None:
         self.actors, self.timeout_s = actors, timeout_s
 
-    def send(self, device, layer, hidden, ids, weights):
+    def send(self, device, layer, hidden, ids, weights, carrier=None):
         return self.actors[device].forward.remote(
-            layer, tensor_to_numpy(hidden), ids.numpy(), weights.numpy(), NAMES[hidden.dtype]
+            layer, tensor_to_numpy(hidden), ids.numpy(), weights.numpy(), NAMES[hidden.dtype], carrier
         ), hidden.dtype
 
     def receive(self, pending):
@@ -92,12 +97,13 @@ class GrpcTransport:
         self.channels = [grpc.insecure_channel(a, options=channel_options(max_message_bytes)) for a in addresses]
         self.stubs = [pb_grpc.ExpertServiceStub(c) for c in self.channels]
 
-    def send(self, device, layer, hidden, ids, weights):
+    def send(self, device, layer, hidden, ids, weights, carrier=None):
         req = self._pb.ForwardRequest(layer=layer)
         tensor_to_proto(hidden, req.hidden)
         tensor_to_proto(ids, req.expert_ids)
         tensor_to_proto(weights, req.weights)
-        return self.stubs[device].Forward.future(req, timeout=self.timeout_s)
+        metadata = tuple(carrier.items()) if carrier else None  # W3C traceparent rides in gRPC metadata
+        return self.stubs[device].Forward.future(req, timeout=self.timeout_s, metadata=metadata)
 
     def receive(self, pending):
         replies = []

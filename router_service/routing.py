@@ -21,12 +21,30 @@ class Routing:
     weights: torch.Tensor  # [T, K] float32 combine weights (never include the bias)
     scores: torch.Tensor  # [T, E] float32 unbiased scores (softmax or sigmoid)
     exact_ids: torch.Tensor | None = None  # [T, K] the model's own choice, when serving changed the routing
+    unlimited_ids: torch.Tensor | None = None  # [T, K] live bias without the device limit (when both applied)
+    top_m_applied: bool = False
+    bias_applied: bool = False
 
     def changed_tokens(self) -> int:
         """Tokens whose expert set differs from the model's own routing (0 when no limit was applied)."""
         if self.exact_ids is None:
             return 0
         return int((self.ids.sort(dim=-1).values != self.exact_ids.sort(dim=-1).values).any(dim=-1).sum())
+
+    def change_flags(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token: (the device limit changed its experts, the live bias changed them). Both [T] bool."""
+        none = torch.zeros(self.ids.shape[0], dtype=torch.bool)
+        if self.exact_ids is None:
+            return none, none
+
+        def differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (a.sort(dim=-1).values != b.sort(dim=-1).values).any(dim=-1)
+
+        before_limit = self.unlimited_ids if self.unlimited_ids is not None else (
+            self.exact_ids if self.top_m_applied else self.ids)
+        by_bias = differ(before_limit, self.exact_ids) if self.bias_applied else none
+        by_limit = differ(self.ids, before_limit) if self.top_m_applied else none
+        return by_limit, by_bias
 
     def changed_slots(self) -> int:
         """Token-expert slots holding an expert the model's own routing would not have chosen."""

@@ -1,0 +1,32 @@
+"""Server spans around ExpertGroup.run, shared by the Ray and gRPC shells (nothing happens when tracing is off)."""
+
+from __future__ import annotations
+
+import torch
+
+from expert_workers.expert_group import ExpertGroup, ExpertResult
+from model_core.telemetry import extract_context
+
+
+def traced_run(
+    group: ExpertGroup, tracer, carrier: dict[str, str] | None, transport: str, layer: int, hidden: torch.Tensor,
+    ids: torch.Tensor, weights: torch.Tensor, queue_ms: float = 0.0,
+) -> ExpertResult:
+    """group.run inside an `expert_group.forward` SERVER span continuing the gateway's trace (W3C carrier)."""
+    if tracer is None:
+        return group.run(layer, hidden, ids, weights)
+    from opentelemetry.trace import SpanKind
+
+    with tracer.start_as_current_span("expert_group.forward", context=extract_context(carrier),
+                                      kind=SpanKind.SERVER) as span:
+        result = group.run(layer, hidden, ids, weights)
+        span.set_attributes({
+            "expertmesh.layer": layer, "expertmesh.device": group.device, "expertmesh.transport": transport,
+            "expertmesh.tokens": int(hidden.shape[0]),
+            "expertmesh.experts_hit": sum(1 for c in result.tokens_per_expert if c),
+            "expertmesh.compute_ms": result.compute_ms, "expertmesh.queue_ms": queue_ms,
+            "expertmesh.bytes_received": int(hidden.numel() * hidden.element_size() + ids.numel() * ids.element_size()
+                                             + weights.numel() * weights.element_size()),
+            "expertmesh.bytes_sent": int(result.output.numel() * result.output.element_size()),
+        })
+        return result

@@ -1,0 +1,190 @@
+"""Per-request routing traces: for every token position and MoE layer, the experts, weights and devices used."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from router_service.routing import Routing
+
+logger = logging.getLogger(__name__)
+
+# Shape legend: P = token positions routed so far, L = MoE layers, K = experts per token.
+
+
+@dataclass
+class RequestTrace:
+    """The routing one request received. Position p is the p-th token fed to the model (prompt, then generated)."""
+
+    request_id: str
+    layers: list[int]
+    top_k: int
+    prompt_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)  # the token at each position
+    _ids: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L, K]
+    _weights: list[torch.Tensor] = field(default_factory=list)
+    _devices: list[torch.Tensor] = field(default_factory=list)
+    _by_limit: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L] bool
+    _by_bias: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, tokens: list[int], ids, weights, devices, by_limit, by_bias) -> None:
+        self.tokens.extend(tokens)
+        self._ids.append(ids)
+        self._weights.append(weights)
+        self._devices.append(devices)
+        self._by_limit.append(by_limit)
+        self._by_bias.append(by_bias)
+
+    def _cat(self, chunks: list[torch.Tensor], shape_tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat(chunks) if chunks else torch.empty((0, *shape_tail), dtype=dtype)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """[P, L, K] int32 global expert ids."""
+        return self._cat(self._ids, (len(self.layers), self.top_k), torch.int32)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self._cat(self._weights, (len(self.layers), self.top_k), torch.float32)
+
+    @property
+    def devices(self) -> torch.Tensor:
+        return self._cat(self._devices, (len(self.layers), self.top_k), torch.int32)
+
+    @property
+    def changed_by_top_m(self) -> torch.Tensor:
+        return self._cat(self._by_limit, (len(self.layers),), torch.bool)
+
+    @property
+    def changed_by_bias(self) -> torch.Tensor:
+        return self._cat(self._by_bias, (len(self.layers),), torch.bool)
+
+    def routed_experts(self) -> np.ndarray:
+        """int32 [tokens, layers, top_k]: the "routed experts" array other serving engines return."""
+        return self.ids.numpy().astype(np.int32)
+
+    def to_json(self) -> dict:
+        return {
+            "request_id": self.request_id, "layers": self.layers, "top_k": self.top_k,
+            "prompt_tokens": self.prompt_tokens, "tokens": self.tokens,
+            "expert_ids": self.ids.tolist(), "weights": self.weights.tolist(), "devices": self.devices.tolist(),
+            "changed_by_top_m": self.changed_by_top_m.tolist(), "changed_by_bias": self.changed_by_bias.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> RequestTrace:
+        trace = cls(d["request_id"], d["layers"], d["top_k"], d["prompt_tokens"])
+        if d["tokens"]:
+            trace.add(d["tokens"], torch.tensor(d["expert_ids"], dtype=torch.int32),
+                      torch.tensor(d["weights"], dtype=torch.float32), torch.tensor(d["devices"], dtype=torch.int32),
+                      torch.tensor(d["changed_by_top_m"]), torch.tensor(d["changed_by_bias"]))
+        return trace
+
+    def expert_counts(self, n_experts: int) -> np.ndarray:
+        """[L, n_experts] how many of this request's tokens each expert served, per layer."""
+        ids = self.ids
+        out = np.zeros((len(self.layers), n_experts), dtype=np.int64)
+        for j in range(len(self.layers)):
+            out[j] = torch.bincount(ids[:, j].flatten().long(), minlength=n_experts).numpy()
+        return out
+
+    def table(self) -> str:
+        """One line per (position, layer): token, experts with weights and devices, what changed the choice."""
+        lines = [f"request {self.request_id}: {len(self.tokens)} positions ({self.prompt_tokens} prompt), "
+                 f"MoE layers {self.layers}, top-{self.top_k}",
+                 f"{'pos':>4} {'token':>6} {'layer':>5}  experts (weight @ device)"]
+        ids, w, dev = self.ids, self.weights, self.devices
+        lim, bias = self.changed_by_top_m, self.changed_by_bias
+        for p, tok in enumerate(self.tokens):
+            for j, layer in enumerate(self.layers):
+                slots = zip(ids[p, j].tolist(), w[p, j].tolist(), dev[p, j].tolist(), strict=True)
+                experts = " ".join(f"{e}({x:.3f}@{d})" for e, x, d in slots)
+                notes = ("  [top-M changed]" if lim[p, j] else "") + ("  [bias changed]" if bias[p, j] else "")
+                lines.append(f"{p:>4} {tok:>6} {layer:>5}  {experts}{notes}")
+        return "\n".join(lines)
+
+    def heatmap_png(self, path: str | Path, n_experts: int) -> Path:
+        """A layer × expert heatmap of this request's token counts (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise RuntimeError("--png needs matplotlib: pip install matplotlib") from None
+        counts = self.expert_counts(n_experts)
+        fig, ax = plt.subplots(figsize=(max(6, n_experts * 0.18), 1.2 + 0.45 * len(self.layers)))
+        im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(self.layers)), [f"layer {layer}" for layer in self.layers])
+        ax.set_xlabel("expert")
+        ax.set_title(f"request {self.request_id}: tokens per expert ({len(self.tokens)} positions)")
+        fig.colorbar(im, ax=ax, label="tokens")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+class RoutingTraceStore:
+    """Bounded store of request traces (oldest evicted first); optionally mirrored as <dir>/<request_id>.json."""
+
+    def __init__(self, capacity: int, directory: str | None = None) -> None:
+        self.capacity = capacity
+        self.directory = Path(directory) if directory else None
+        self._traces: OrderedDict[str, RequestTrace] = OrderedDict()
+        self.evicted = 0
+
+    def start(self, request_id: str, layers: list[int], top_k: int, prompt_tokens: int) -> RequestTrace:
+        if request_id in self._traces:
+            raise ValueError(f"request_id={request_id!r}: already traced; request ids must be unique")
+        trace = RequestTrace(request_id, layers, top_k, prompt_tokens)
+        self._traces[request_id] = trace
+        while len(self._traces) > self.capacity:
+            old, _ = self._traces.popitem(last=False)
+            self.evicted += 1
+            if self.directory is not None:
+                (self.directory / f"{old}.json").unlink(missing_ok=True)
+        return trace
+
+    def finish(self, request_id: str) -> None:
+        """Mirror a completed trace to the directory, if one is configured."""
+        if self.directory is None or request_id not in self._traces:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / f"{request_id}.json").write_text(json.dumps(self._traces[request_id].to_json()))
+
+    def get(self, request_id: str) -> RequestTrace:
+        if request_id not in self._traces:
+            raise KeyError(f"request_id={request_id!r}: no routing trace (never seen, or evicted: the store keeps "
+                           f"the last {self.capacity} requests)")
+        return self._traces[request_id]
+
+    def __len__(self) -> int:
+        return len(self._traces)
+
+    def record_step(
+        self, traces: list[RequestTrace], offsets: list[int], lengths: list[int], tokens: list[list[int]],
+        routings: dict[int, Routing], expert_device: torch.Tensor,
+    ) -> None:
+        """Append one forward step's routing to the traces of the sequences in it."""
+        layers = sorted(routings)
+        if not layers:
+            for trace, toks in zip(traces, tokens, strict=True):
+                trace.tokens.extend(toks)
+            return
+        ids = torch.stack([routings[layer].ids for layer in layers], dim=1).to(torch.int32)  # [N, L, K]
+        weights = torch.stack([routings[layer].weights for layer in layers], dim=1).float()
+        flags = [routings[layer].change_flags() for layer in layers]
+        by_limit = torch.stack([f[0] for f in flags], dim=1)  # [N, L]
+        by_bias = torch.stack([f[1] for f in flags], dim=1)
+        devices = expert_device[ids.long()].to(torch.int32)
+        for trace, off, n, toks in zip(traces, offsets, lengths, tokens, strict=True):
+            rows = slice(off, off + n)
+            trace.add(toks, ids[rows], weights[rows], devices[rows], by_limit[rows], by_bias[rows])
