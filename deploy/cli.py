@@ -1,4 +1,4 @@
-"""The `expertmesh` command line: make-model, generate, stats."""
+"""The `expertmesh` command line: make-model, generate, trace, stats."""
 
 from __future__ import annotations
 
@@ -55,7 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else embedded local Ray)")
     gen.add_argument("--expert-kernel", choices=["auto", "triton", "torch"],
                      help="expert math: Triton kernels or torch (auto: Triton on GPU, torch on CPU)")
+    gen.add_argument("--trace-dir", help="also write the request's routing trace to DIR/<request id>.json")
+    gen.add_argument("--otel", choices=["none", "console", "otlp", "otlp-http", "jsonl"],
+                     help="OpenTelemetry exporter (default: tracing.exporter, else OTEL_TRACES_EXPORTER)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    tr = sub.add_parser("trace", help="show which experts, on which devices, served a request")
+    tr.add_argument("request_id")
+    tr.add_argument("--dir", required=True, type=Path, help="the routing-trace directory (tracing.routing_trace_dir)")
+    tr.add_argument("--json", action="store_true", help="print the trace as JSON")
+    tr.add_argument("--png", type=Path, help="write a layer × expert heatmap of the request to this file")
+    tr.add_argument("--experts", type=int, help="number of routed experts (default: the largest id seen + 1)")
+
     st = sub.add_parser("stats", help="print a running deployment's live per-layer balance table")
     st.add_argument("--config", type=Path, help="deployment YAML (gives the router name, namespace, address)")
     st.add_argument("--address", help="Ray cluster of the deployment (default: the config's, else RAY_ADDRESS)")
@@ -81,7 +91,8 @@ def deployment_from_args(args: argparse.Namespace):
     overrides = {
         "model": args.model, "dtype": args.dtype, "backend": args.backend, "devices": args.devices,
         "placement": args.placement, "top_m_devices": args.top_m_devices, "ray.address": args.address,
-        "expert_kernel": args.expert_kernel,
+        "expert_kernel": args.expert_kernel, "tracing.routing_trace_dir": args.trace_dir,
+        "tracing.exporter": args.otel,
     }
     if args.config is not None:
         return DeploymentConfig.from_yaml(args.config).with_overrides(**overrides)
@@ -115,10 +126,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )[0]
         summary = engine.routing_summary
         text = tokenizer.decode(tokens) if tokenizer else None
+        request_id = engine.last_request_ids[0]
         if args.json:
-            print(json.dumps({"prompt_ids": prompt, "tokens": tokens, "text": text, "routing": summary.rows(),
-                              "backend": config.backend, "devices": config.devices}))
+            print(json.dumps({"request_id": request_id, "prompt_ids": prompt, "tokens": tokens, "text": text,
+                              "routing": summary.rows(), "backend": config.backend, "devices": config.devices}))
             return 0
+        print(f"request id : {request_id}")
         print(f"prompt ids : {prompt}")
         print(f"new tokens : {tokens}")
         if text is not None:
@@ -126,6 +139,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"deployment : backend={config.backend} devices={config.devices} top_m_devices={config.top_m_devices}")
         print("\nrouting per MoE layer (prefill + decode):")
         print(summary.table())
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from gateway.routing_trace import RequestTrace
+
+    file = args.dir / f"{args.request_id}.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no routing trace for request {args.request_id!r} (wrong id, wrong --dir, "
+                                "or evicted: the directory keeps tracing.routing_trace_capacity requests)")
+    trace = RequestTrace.from_json(json.loads(file.read_text()))
+    if args.json:
+        print(json.dumps(trace.to_json()))
+    else:
+        print(trace.table())
+    if args.png:
+        n_experts = args.experts or int(trace.ids.max()) + 1
+        print(f"wrote {trace.heatmap_png(args.png, n_experts)}")
     return 0
 
 
@@ -165,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"make-model": cmd_make_model, "generate": cmd_generate, "stats": cmd_stats}
+    handlers = {"make-model": cmd_make_model, "generate": cmd_generate, "stats": cmd_stats, "trace": cmd_trace}
     try:
         return handlers[args.command](args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         print(f"expertmesh {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

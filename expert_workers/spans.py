@@ -20,6 +20,8 @@ def traced_run(
     with tracer.start_as_current_span("expert_group.forward", context=extract_context(carrier),
                                       kind=SpanKind.SERVER) as span:
         result = group.run(layer, hidden, ids, weights)
+        if not span.is_recording():
+            return result
         span.set_attributes({
             "expertmesh.layer": layer, "expertmesh.device": group.device, "expertmesh.transport": transport,
             "expertmesh.tokens": int(hidden.shape[0]),

@@ -50,7 +50,7 @@ class _PendingCombine:
         finally:
             if self.spans:
                 for span, reply in zip(self.spans, self.replies or [None] * len(self.spans), strict=True):
-                    if reply is not None:
+                    if reply is not None and span.is_recording():
                         span.set_attribute("expertmesh.bytes_received",
                                            reply.output.numel() * reply.output.element_size())
                         span.set_attribute("expertmesh.compute_ms", reply.compute_ms)
@@ -99,12 +99,15 @@ class DispatchingBackend:
         sent, spans = [], []
         for b in batches:
             rows = hidden[b.rows]
-            span = self.tracer.start_span(f"dispatch device {b.device}", kind=SpanKind.CLIENT, attributes={
-                "expertmesh.layer": layer, "expertmesh.device": b.device, "expertmesh.tokens": int(b.rows.numel()),
-                "expertmesh.experts_hit": int(torch.unique(b.ids[b.ids >= 0]).numel()),
-                "expertmesh.bytes_sent": int(rows.numel() * rows.element_size() + b.ids.numel() * b.ids.element_size()
-                                             + b.weights.numel() * b.weights.element_size()),
-            })
+            span = self.tracer.start_span(f"dispatch device {b.device}", kind=SpanKind.CLIENT)
+            if span.is_recording():  # an unsampled trace pays for no attributes
+                span.set_attributes({
+                    "expertmesh.layer": layer, "expertmesh.device": b.device, "expertmesh.tokens": int(b.rows.numel()),
+                    "expertmesh.experts_hit": int(torch.unique(b.ids[b.ids >= 0]).numel()),
+                    "expertmesh.bytes_sent": int(rows.numel() * rows.element_size()
+                                                 + b.ids.numel() * b.ids.element_size()
+                                                 + b.weights.numel() * b.weights.element_size()),
+                })
             with trace.use_span(span, end_on_exit=False):
                 carrier = inject_context()
             sent.append(self.transport.send(b.device, layer, rows, b.ids, b.weights, carrier))

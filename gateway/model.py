@@ -127,7 +127,8 @@ class GatewayModel:
                 with self.tracer.start_as_current_span("moe_layer", attributes={
                     "expertmesh.layer": i, "expertmesh.tokens": int(u.shape[0])}) as span:
                     routed_and_shared, routing = self._moe(i, layer, u)
-                    span.set_attribute("expertmesh.experts_hit", int(torch.unique(routing.ids).numel()))
+                    if span.is_recording():
+                        span.set_attribute("expertmesh.experts_hit", int(torch.unique(routing.ids).numel()))
             h = h + routed_and_shared
             routings[i] = routing
         for seq_id, n in zip(step.seq_ids, step.lengths, strict=True):
