@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import yaml
 
+from gateway.scheduler import SchedulerConfig
 from model_core.telemetry import TracingConfig
 from router_service.bias import BalanceConfig
 
@@ -55,6 +56,7 @@ class DeploymentConfig:
     rpc: RpcConfig = field(default_factory=RpcConfig)
     balancing: BalanceConfig = field(default_factory=BalanceConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, tuple(DTYPES))
@@ -100,7 +102,8 @@ class DeploymentConfig:
         if not isinstance(raw, dict):
             raise DeploymentConfigError(f"deployment: expected a mapping, got {type(raw).__name__}")
         raw = dict(raw)
-        sections = {"ray": RayConfig, "rpc": RpcConfig, "balancing": BalanceConfig, "tracing": TracingConfig}
+        sections = {"ray": RayConfig, "rpc": RpcConfig, "balancing": BalanceConfig, "tracing": TracingConfig,
+                    "scheduler": SchedulerConfig}
         nested = {}
         for name, kind in sections.items():
             value = raw.pop(name, None) or {}
@@ -125,7 +128,7 @@ class DeploymentConfig:
     def with_overrides(self, **overrides: Any) -> DeploymentConfig:
         """Replace top-level fields (CLI flags); None values are ignored, 'ray.x' / 'rpc.x' reach sections."""
         top: dict[str, Any] = {}
-        nested: dict[str, dict[str, Any]] = {"ray": {}, "rpc": {}, "balancing": {}, "tracing": {}}
+        nested: dict[str, dict[str, Any]] = {"ray": {}, "rpc": {}, "balancing": {}, "tracing": {}, "scheduler": {}}
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -143,6 +146,7 @@ class DeploymentConfig:
             rpc=dataclasses.replace(self.rpc, **nested["rpc"]),
             balancing=dataclasses.replace(self.balancing, **nested["balancing"]),
             tracing=dataclasses.replace(self.tracing, **nested["tracing"]),
+            scheduler=dataclasses.replace(self.scheduler, **nested["scheduler"]),
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import threading
 import uuid
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from gateway.model import GatewayModel
 from gateway.routing_summary import RoutingSummary
 from gateway.routing_trace import RequestTrace, RoutingTraceStore
 from gateway.sampling import sample
+from gateway.scheduler import Request, Scheduler
 from gateway.step import StepBatch
+from gateway.transports import DispatchError
 from model_core.spec import ModelSpec
 from model_core.telemetry import Telemetry
 from router_service.placement import Placement
@@ -49,6 +52,11 @@ class Engine:
         self.traces = RoutingTraceStore(config.tracing.routing_trace_capacity, config.tracing.routing_trace_dir)
         self.last_request_ids: list[str] = []  # one per prompt of the latest generate() / logits() call
         self._seq_ids = itertools.count()
+        self.scheduler = Scheduler(config.scheduler)
+        self.cache = self.model.new_cache()  # sequences get their latent cache on admission, free it on finish
+        self._traces_of: dict[str, RequestTrace] = {}
+        self._step_lock = threading.RLock()  # one forward at a time
+        self._queue_lock = threading.Lock()  # submit() from other threads vs. schedule()
 
     @classmethod
     def from_pretrained(
@@ -196,7 +204,8 @@ class Engine:
         for s, start, t in zip(seqs, starts, new, strict=True):
             cache.reserve(s, start + len(t))
         tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.long)
-        kind = "decode_step" if all(n == 1 for n in step.lengths) else "prefill"
+        one = [n == 1 for n in step.lengths]
+        kind = "decode_step" if all(one) else "prefill" if not any(one) else "mixed_step"
         with self._span(kind, tokens=step.n_tokens, sequences=len(seqs)):
             hidden, routings = self.model.forward(tokens, step, cache)
         self.routing_summary.add(routings)
@@ -208,6 +217,10 @@ class Engine:
     @torch.inference_mode()
     def logits(self, prompts: list[list[int]], request_ids: list[str] | None = None) -> list[torch.Tensor]:
         """Full-sequence logits of a ragged batch: one float32 tensor [len_i, vocab] per prompt."""
+        with self._step_lock:
+            return self._logits(prompts, request_ids)
+
+    def _logits(self, prompts: list[list[int]], request_ids: list[str] | None) -> list[torch.Tensor]:
         self._check_prompts(prompts)
         seqs, traces = self._begin(prompts, request_ids)
         cache = self.model.new_cache()
@@ -223,7 +236,96 @@ class Engine:
                 cache.free(s)
                 self.traces.finish(t.request_id)
 
+    def submit(
+        self,
+        prompt: list[int],
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+        request_id: str | None = None,
+        on_token=None,
+        on_finish=None,
+    ) -> Request:
+        """Queue one request for continuous batching; `step()` (or the serving loop) runs it.
+
+        Raises ValueError naming the bad field, QueueFull when scheduler.max_waiting requests already wait.
+        on_token(request, token) and on_finish(request) are called on the thread that runs `step()`.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive integer")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature={temperature!r}: expected a number >= 0")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p!r}: expected 0 < top_p <= 1")
+        self._check_prompts([prompt], max_new_tokens)
+        request = Request(
+            request_id=request_id or uuid.uuid4().hex[:16], prompt=list(prompt), max_new_tokens=max_new_tokens,
+            temperature=float(temperature), top_p=float(top_p),
+            stop_ids=frozenset([self.spec.eos_token_id]) if stop_at_eos and self.spec.eos_token_id is not None
+            else frozenset(),
+            generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+            on_token=on_token, on_finish=on_finish,
+        )
+        with self._queue_lock:
+            self.scheduler.add(request)  # QueueFull before anything is allocated
+            try:
+                self._traces_of[request.request_id] = self.traces.start(
+                    request.request_id, self.spec.moe_layers, self.spec.top_k, len(prompt))
+            except ValueError:
+                self.scheduler.waiting.pop()
+                raise
+        return request
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
     @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """One continuous-batching step: every running sequence decodes a token and waiting prompts are
+        prefilled under the token budget, all in one forward. Returns the requests that finished."""
+        with self._step_lock:
+            with self._queue_lock:
+                decodes, prefills = self.scheduler.schedule()
+            batch = decodes + prefills
+            if not batch:
+                return []
+            for r in prefills:
+                r.seq_id = next(self._seq_ids)
+                self.cache.allocate(r.seq_id, len(r.prompt) + r.max_new_tokens)
+            traces = [self._traces_of[r.request_id] for r in batch]
+            try:
+                hidden, step = self._step(self.cache, [r.seq_id for r in batch], [r.cached for r in batch],
+                                          [r.next_input() for r in batch], traces)
+                logits = self.model.logits(hidden[step.last_rows()])
+            except Exception as exc:  # a failed dispatch fails this step's requests; the engine keeps serving
+                logger.warning("step failed for %d requests: %s", len(batch), exc)
+                for r in batch:
+                    r.error, r.finish_reason = f"{type(exc).__name__}: {exc}", "error"
+                return self._retire(batch)
+            for r, row in zip(batch, logits, strict=True):
+                token = int(sample(row[None], r.temperature, r.top_p, r.generator)[0])
+                r.output.append(token)
+                if r.on_token is not None:
+                    r.on_token(r, token)
+                if token in r.stop_ids:
+                    r.finish_reason = "stop"
+                elif len(r.output) >= r.max_new_tokens:
+                    r.finish_reason = "length"
+            return self._retire([r for r in batch if r.done])
+
+    def _retire(self, finished: list[Request]) -> list[Request]:
+        with self._queue_lock:
+            self.scheduler.retire(finished)
+        for r in finished:
+            self.cache.free(r.seq_id)
+            self.traces.finish(r.request_id)
+            self._traces_of.pop(r.request_id, None)
+            if r.on_finish is not None:
+                r.on_finish(r)
+        return finished
+
     def generate(
         self,
         prompts: list[list[int]],
@@ -234,41 +336,27 @@ class Engine:
         stop_at_eos: bool = True,
         request_ids: list[str] | None = None,
     ) -> list[list[int]]:
-        """New tokens for each prompt (prefill together, then one decode step per token over the live batch).
+        """New tokens for each prompt, through the continuous-batching scheduler (prompts that fit the token
+        budget prefill together, then one decode step per token over the live batch).
 
         A sequence stops after max_new_tokens or after emitting the model's eos token (kept in the output).
         Each prompt is one request: its id (given, or generated) is in `engine.last_request_ids` afterwards,
-        and `engine.routing_trace(request_id)` returns the routing it received.
+        and `engine.routing_trace(request_id)` returns the routing it received. seed: request i samples
+        with a generator seeded seed + i.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive integer")
-        self._check_prompts(prompts, max_new_tokens)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        eos = self.spec.eos_token_id if stop_at_eos else None
-        seqs, traces = self._begin(prompts, request_ids)
-        cache = self.model.new_cache()
-        for s, p in zip(seqs, prompts, strict=True):
-            cache.allocate(s, len(p) + max_new_tokens)
-        outputs: list[list[int]] = [[] for _ in prompts]
-        try:
-            with self._span("generate", request_ids=self.last_request_ids, prompts=len(prompts),
-                            max_new_tokens=max_new_tokens):
-                live = list(range(len(prompts)))
-                starts = [0] * len(prompts)
-                new = [list(p) for p in prompts]
-                while live:
-                    hidden, step = self._step(cache, [seqs[i] for i in live], starts, new, [traces[i] for i in live])
-                    next_ids = sample(self.model.logits(hidden[step.last_rows()]), temperature, top_p, generator)
-                    still, starts, new = [], [], []
-                    for i, tok in zip(live, next_ids.tolist(), strict=True):
-                        outputs[i].append(tok)
-                        if len(outputs[i]) < max_new_tokens and tok != eos:
-                            still.append(i)
-                            starts.append(cache.length(seqs[i]))
-                            new.append([tok])
-                    live = still
-            return outputs
-        finally:
-            for s, t in zip(seqs, traces, strict=True):
-                cache.free(s)
-                self.traces.finish(t.request_id)
+        self._check_prompts(prompts, max_new_tokens if isinstance(max_new_tokens, int) else 0)
+        if request_ids is not None and (len(request_ids) != len(prompts) or len(set(request_ids)) != len(request_ids)):
+            raise ValueError(f"request_ids: expected {len(prompts)} distinct ids, one per prompt")
+        requests = []
+        with self._span("generate", prompts=len(prompts), max_new_tokens=max_new_tokens):
+            for i, prompt in enumerate(prompts):
+                requests.append(self.submit(
+                    prompt, max_new_tokens, temperature, top_p, None if seed is None else seed + i, stop_at_eos,
+                    request_ids[i] if request_ids else None))
+            self.last_request_ids = [r.request_id for r in requests]
+            while not all(r.done for r in requests):
+                self.step()
+        failed = [r for r in requests if r.error]
+        if failed:
+            raise DispatchError(f"request {failed[0].request_id}: {failed[0].error}")
+        return [r.output for r in requests]

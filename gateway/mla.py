@@ -28,7 +28,8 @@ class MLAttention:
     def forward(self, x: torch.Tensor, step: StepBatch, cache: LatentCache, absorb: bool | None = None) -> torch.Tensor:
         """x: [N, H] (already normed) -> [N, H]. Writes this step's c_kv and k_pe to the cache.
 
-        absorb: compute attention in latent space (decode); default: absorb when every sequence has one new token.
+        absorb: compute attention in latent space; default: per sequence, absorbed for a one-token step (decode)
+        and expanded for more (prefill), so a sequence's decode math does not depend on what shares the step.
         """
         spec, w = self.spec, self.w
         n_tok, h = x.shape[0], spec.num_attention_heads
@@ -46,14 +47,12 @@ class MLAttention:
         q_pe = self.rope.apply(q_pe, cos, sin)
         k_pe = self.rope.apply(k_pe, cos, sin)  # [N, p]
 
-        if absorb is None:
-            absorb = all(n == 1 for n in step.lengths)
         out = x.new_empty(n_tok, h, spec.v_head_dim)
         for seq_id, start, n, off in zip(step.seq_ids, step.starts, step.lengths, step.offsets, strict=True):
             rows = slice(off, off + n)
             cache.write(self.layer, seq_id, start, c_kv[rows], k_pe[rows])
             ckv_all, kpe_all = cache.read(self.layer, seq_id, start + n)  # [S, r], [S, p]
-            attend = self._absorbed if absorb else self._expanded
+            attend = self._absorbed if (n == 1 if absorb is None else absorb) else self._expanded
             out[rows] = attend(q_nope[rows], q_pe[rows], ckv_all, kpe_all, start)
         return F.linear(out.reshape(n_tok, -1), w["o_proj.weight"], w.get("o_proj.bias"))
 
