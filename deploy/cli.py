@@ -1,4 +1,4 @@
-"""The `expertmesh` command line: make-model, generate, trace, stats."""
+"""The `expertmesh` command line: make-model, generate, serve, trace, stats."""
 
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--otel", choices=["none", "console", "otlp", "otlp-http", "jsonl"],
                      help="OpenTelemetry exporter (default: tracing.exporter, else OTEL_TRACES_EXPORTER)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve")
+    sv.add_argument("--config", required=True, type=Path, help="deployment YAML (deploy/configs/*.yaml)")
+    sv.add_argument("--address", help="Ray cluster to join (default: the config's, RAY_ADDRESS, else embedded)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+
     tr = sub.add_parser("trace", help="show which experts, on which devices, served a request")
     tr.add_argument("request_id")
     tr.add_argument("--dir", required=True, type=Path, help="the routing-trace directory (tracing.routing_trace_dir)")
@@ -142,6 +148,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    import ray
+    import yaml
+    from ray import serve
+
+    from deploy.serve_app import build
+    from gateway.config import DeploymentConfig
+
+    raw = yaml.safe_load(args.config.read_text())
+    config = DeploymentConfig.from_dict(raw)
+    if args.address:
+        raw = {**raw, "ray": {**(raw.get("ray") or {}), "address": args.address}}
+        config = DeploymentConfig.from_dict(raw)
+    address = config.ray_address
+    if address:
+        ray.init(address=address, namespace=config.ray.namespace)
+    else:
+        needed = int(config.devices * config.ray.cpus_per_group) + 2
+        ray.init(num_cpus=max(needed, 4), namespace=config.ray.namespace, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build({"deployment": raw}), name="expertmesh", route_prefix="/")
+    print(f"expertmesh serving {config.model} on http://{args.host}:{args.port} (backend={config.backend}, "
+          f"devices={config.devices}); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from gateway.routing_trace import RequestTrace
 
@@ -196,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"make-model": cmd_make_model, "generate": cmd_generate, "stats": cmd_stats, "trace": cmd_trace}
+    handlers = {"make-model": cmd_make_model, "generate": cmd_generate, "stats": cmd_stats, "trace": cmd_trace,
+                "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -38,9 +39,11 @@ class ExpertBackend(Protocol):
 
 class _PendingCombine:
     def __init__(self, transport: Transport, layer: int, batches: list[DeviceBatch], sent: list[Any],
-                 shape: tuple[int, int], dtype: torch.dtype, spans: list | None) -> None:
+                 shape: tuple[int, int], dtype: torch.dtype, spans: list | None, stats: DispatchStats,
+                 started: float) -> None:
         self.transport, self.layer, self.batches, self.sent = transport, layer, batches, sent
         self.shape, self.dtype, self.spans = shape, dtype, spans
+        self.stats, self.started = stats, started
         self.replies: list[ExpertReply] = []
 
     def wait(self) -> torch.Tensor:
@@ -55,7 +58,10 @@ class _PendingCombine:
                                            reply.output.numel() * reply.output.element_size())
                         span.set_attribute("expertmesh.compute_ms", reply.compute_ms)
                     span.end()
-        return combine(*self.shape, self.batches, [r.output for r in self.replies], self.dtype)
+        out = combine(*self.shape, self.batches, [r.output for r in self.replies], self.dtype)
+        self.stats.layers += 1
+        self.stats.wait_seconds += time.perf_counter() - self.started
+        return out
 
 
 class DispatchingBackend:
@@ -81,6 +87,7 @@ class DispatchingBackend:
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> PendingExperts:
+        started = time.perf_counter()
         batches = plan_dispatch(topk_ids, topk_weights, self.expert_device, self.placement.n_devices)
         if self.tracer is None:
             sent = [self.transport.send(b.device, layer, hidden[b.rows], b.ids, b.weights) for b in batches]
@@ -88,7 +95,8 @@ class DispatchingBackend:
         else:
             sent, spans = self._send_traced(layer, hidden, batches)
         self.stats.record(layer, batches, hidden.element_size(), hidden.shape[1])
-        return _PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype, spans)
+        return _PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype, spans,
+                               self.stats, started)
 
     def _send_traced(self, layer: int, hidden: torch.Tensor, batches: list[DeviceBatch]) -> tuple[list, list]:
         from opentelemetry import trace

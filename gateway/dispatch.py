@@ -55,6 +55,8 @@ class DispatchStats:
         self.calls = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.layers = 0  # layer dispatches completed
+        self.wait_seconds = 0.0  # their wall time, send to combine
 
     def record(self, layer: int, batches: list[DeviceBatch], hidden_itemsize: int, hidden_size: int) -> None:
         counts = self.tokens.setdefault(layer, torch.zeros(self.n_devices, dtype=torch.long))

@@ -1,0 +1,84 @@
+"""The Ray Serve application: one gateway replica running the Engine behind the OpenAI-compatible HTTP API."""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi.responses import JSONResponse, PlainTextResponse
+from ray import serve
+
+from gateway import http_api
+from gateway.config import DeploymentConfig
+from gateway.http_api import CompletionRequest, GatewayState
+
+logger = logging.getLogger(__name__)
+
+app = http_api.create_app()
+
+
+@serve.deployment(name="expertmesh-gateway", num_replicas=1, max_ongoing_requests=1024,
+                  ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class GatewayDeployment:
+    """Starts the engine (and through it the expert-group actors and the router service) in its replica;
+    the routes are thin methods over gateway.http_api."""
+
+    def __init__(self, deployment: dict[str, Any]) -> None:
+        from gateway import Engine
+        from gateway.engine_loop import EngineLoop
+        from model_core.tokenizer import ByteTokenizer
+
+        config = DeploymentConfig.from_dict(deployment)
+        engine = Engine.from_config(config)
+        try:
+            tokenizer = ByteTokenizer.from_dir(config.model)
+        except (FileNotFoundError, ValueError):
+            tokenizer = None
+        self.state = GatewayState(EngineLoop(engine), Path(config.model).name, tokenizer)
+        logger.info("expertmesh gateway ready: %s, backend=%s, devices=%d", config.model, config.backend,
+                    config.devices)
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self) -> JSONResponse:
+        return http_api.ready(getattr(self, "state", None))
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return http_api.models(self.state)
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Any:
+        return await http_api.completions(self.state, body)
+
+    @app.get("/v1/routing/{request_id}")
+    async def routing(self, request_id: str) -> Any:
+        return http_api.routing(self.state, request_id)
+
+    @app.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        return http_api.metrics(self.state)
+
+    def __del__(self) -> None:
+        state = getattr(self, "state", None)
+        if state is not None:
+            state.engine_loop.stop()
+            state.engine_loop.engine.close()
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `serve run deploy.serve_app:build config=...` and Serve config files.
+
+    args: {"config": "path/to/deployment.yaml"} and/or {"deployment": {...inline settings...}}.
+    """
+    deployment: dict[str, Any] = {}
+    if "config" in args:
+        import yaml
+
+        deployment.update(yaml.safe_load(Path(args["config"]).read_text()))
+    deployment.update(args.get("deployment", {}))
+    DeploymentConfig.from_dict(deployment)  # fail here, with the field named, not inside a replica
+    return GatewayDeployment.bind(deployment)

@@ -1,0 +1,73 @@
+"""EngineLoop: runs Engine.step() on a background thread and hands tokens to asyncio callers (the HTTP layer)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from gateway.engine import Engine
+from gateway.scheduler import Request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopStats:
+    """Counters the metrics endpoint reads."""
+
+    requests: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0, "rejected": 0})
+    tokens_generated: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0
+    started: float = field(default_factory=time.time)
+
+
+class EngineLoop:
+    """Owns the engine's stepping while serving. `submit` is called from the event loop; each token and the
+    end of each request are delivered to an asyncio.Queue as ("token", id) / ("done", request)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.stats = LoopStats()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], loop: asyncio.AbstractEventLoop, **params) -> tuple[Request, asyncio.Queue]:
+        """Queue a request (ValueError / QueueFull propagate before anything runs)."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_token(request: Request, token: int) -> None:
+            self.stats.tokens_generated += 1
+            loop.call_soon_threadsafe(queue.put_nowait, ("token", token))
+
+        def on_finish(request: Request) -> None:
+            self.stats.requests["error" if request.error else "ok"] += 1
+            loop.call_soon_threadsafe(queue.put_nowait, ("done", request))
+
+        request = self.engine.submit(prompt, on_token=on_token, on_finish=on_finish, **params)
+        self._wake.set()
+        return request, queue
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            start = time.perf_counter()
+            try:
+                self.engine.step()
+            except Exception:  # step() already fails its own requests; never let the loop die
+                logger.exception("engine step failed")
+            self.stats.steps += 1
+            self.stats.step_seconds += time.perf_counter() - start
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)

@@ -1,0 +1,195 @@
+"""The OpenAI-compatible HTTP API (FastAPI): completions with SSE streaming, models, health, Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.engine_loop import EngineLoop
+from gateway.scheduler import QueueFull
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions (the subset of OpenAI's fields expertmesh implements; others are rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | list[int]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    seed: int | None = None
+    user: str | None = None
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+
+
+@dataclass
+class GatewayState:
+    """What the handlers need: the engine loop, the model's name, its tokenizer (None: ids only)."""
+
+    engine_loop: EngineLoop
+    model_name: str
+    tokenizer: Any = None
+
+
+def create_app() -> FastAPI:
+    """The FastAPI app with 400s for malformed or invalid bodies; a host (the Ray Serve deployment) adds the
+    routes as methods that call the handlers below with its GatewayState."""
+    app = FastAPI(title="expertmesh", version="0.1.0")
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+                             for e in exc.errors())
+        return error(400, problems)
+
+    return app
+
+
+def ready(state: GatewayState | None) -> JSONResponse:
+    if state is None:
+        return JSONResponse(status_code=503, content={"status": "loading"})
+    return JSONResponse(content={"status": "ready", "model": state.model_name})
+
+
+def models(state: GatewayState) -> dict:
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "owned_by": "expertmesh"}]}
+
+
+async def completions(state: GatewayState, body: CompletionRequest) -> Any:
+    """POST /v1/completions: JSON, or server-sent events when body.stream."""
+    loop = state.engine_loop
+    if body.model is not None and body.model != state.model_name:
+        return error(404, f"model={body.model!r}: this server serves {state.model_name!r}", "not_found_error")
+    if isinstance(body.prompt, str):
+        if state.tokenizer is None:
+            return error(400, "prompt: this model has no tokenizer.json; send token ids")
+        prompt = state.tokenizer.encode(body.prompt)
+    else:
+        prompt = body.prompt
+    try:
+        req, queue = loop.submit(prompt, asyncio.get_running_loop(), max_new_tokens=body.max_tokens,
+                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    except QueueFull as exc:
+        loop.stats.requests["rejected"] += 1
+        return error(429, str(exc), "rate_limit_error")
+    except ValueError as exc:
+        loop.stats.requests["rejected"] += 1
+        return error(400, str(exc).replace("prompts[0]", "prompt").replace("max_new_tokens", "max_tokens"))
+    created = int(time.time())
+    if body.stream:
+        return StreamingResponse(_stream(req, queue, state, created), media_type="text/event-stream")
+    while (await queue.get())[0] != "done":
+        pass
+    if req.error:
+        return error(503, f"request {req.request_id} failed: {req.error}", "server_error")
+    return _completion(req, state, created)
+
+
+def routing(state: GatewayState, request_id: str) -> Any:
+    """GET /v1/routing/{request_id}: the request's routing trace."""
+    try:
+        return state.engine_loop.engine.routing_trace(request_id).to_json()
+    except KeyError as exc:
+        return error(404, str(exc.args[0]), "not_found_error")
+
+
+def metrics(state: GatewayState) -> PlainTextResponse:
+    return PlainTextResponse(prometheus_text(state.engine_loop), media_type="text/plain; version=0.0.4")
+
+
+def _text(state, tokens: list[int]) -> str:
+    return state.tokenizer.decode(tokens) if state.tokenizer is not None else ""
+
+
+def _completion(req, state, created: int) -> dict:
+    return {
+        "id": f"cmpl-{req.request_id}", "object": "text_completion", "created": created, "model": state.model_name,
+        "choices": [{"index": 0, "text": _text(state, req.output), "token_ids": req.output, "logprobs": None,
+                     "finish_reason": req.finish_reason}],
+        "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
+                  "total_tokens": len(req.prompt) + len(req.output)},
+    }
+
+
+async def _stream(req, queue: asyncio.Queue, state, created: int):
+    """Server-sent events: one chunk per token, a final chunk with finish_reason and usage, then [DONE]."""
+    emitted, tokens = "", []
+    while True:
+        kind, value = await queue.get()
+        if kind == "done":
+            break
+        tokens.append(value)
+        text = _text(state, tokens)
+        piece = "" if text.endswith("\ufffd") else text[len(emitted):]  # hold back a half-decoded UTF-8 char
+        emitted += piece
+        chunk = {"id": f"cmpl-{req.request_id}", "object": "text_completion", "created": created,
+                 "model": state.model_name,
+                 "choices": [{"index": 0, "text": piece, "token_ids": [value], "finish_reason": None}]}
+        yield f"data: {json.dumps(chunk)}\n\n"
+    if req.error:
+        yield f"data: {json.dumps({'error': {'message': req.error, 'type': 'server_error'}})}\n\n"
+    else:
+        final = _completion(req, state, created)
+        final["choices"][0]["text"] = _text(state, req.output)[len(emitted):]
+        final["choices"][0]["token_ids"] = []
+        yield f"data: {json.dumps(final)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def prometheus_text(loop: EngineLoop) -> str:
+    """Prometheus exposition text, built from the engine's live counters at scrape time."""
+    engine, stats = loop.engine, loop.stats
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
+        lines.append(f"# HELP expertmesh_{name} {help_text}")
+        lines.append(f"# TYPE expertmesh_{name} {kind}")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"expertmesh_{name}{{{label_text}}} {value}" if labels else f"expertmesh_{name} {value}")
+
+    uptime = max(time.time() - stats.started, 1e-9)
+    metric("requests_total", "counter", "Completion requests by outcome.",
+           [({"status": k}, v) for k, v in stats.requests.items()])
+    metric("generated_tokens_total", "counter", "Tokens generated.", [({}, stats.tokens_generated)])
+    metric("tokens_per_second", "gauge", "Generated tokens per second since start.",
+           [({}, stats.tokens_generated / uptime)])
+    metric("queue_depth", "gauge", "Requests waiting for admission.", [({}, len(engine.scheduler.waiting))])
+    metric("running_sequences", "gauge", "Sequences in the running batch.", [({}, len(engine.scheduler.running))])
+    metric("steps_total", "counter", "Engine steps.", [({}, stats.steps)])
+    metric("step_seconds_total", "counter", "Time spent in engine steps.", [({}, stats.step_seconds)])
+    summary = engine.routing_summary
+    metric("expert_tokens_total", "counter", "Tokens routed to each expert, per MoE layer.",
+           [({"layer": layer, "expert": e}, int(c)) for layer, counts in summary.tokens_per_expert.items()
+            for e, c in enumerate(counts.tolist())])
+    metric("expert_balancedness", "gauge", "Mean over max expert load per layer (1 = perfectly even).",
+           [({"layer": layer}, (counts.float().mean() / counts.max()).item() if counts.max() > 0 else 0.0)
+            for layer, counts in summary.tokens_per_expert.items()])
+    dispatch = engine.backend.stats
+    metric("device_tokens_total", "counter", "Token rows dispatched to each device, per MoE layer.",
+           [({"layer": layer, "device": d}, int(c)) for layer, counts in dispatch.tokens.items()
+            for d, c in enumerate(counts.tolist())])
+    metric("dispatch_calls_total", "counter", "Expert-group calls.", [({}, dispatch.calls)])
+    metric("dispatch_seconds_total", "counter", "Wall time of layer dispatches (send to combine).",
+           [({}, dispatch.wait_seconds)])
+    metric("dispatch_layers_total", "counter", "Layer dispatches.", [({}, dispatch.layers)])
+    if engine.balance is not None:
+        m = engine.balance.metrics()
+        metric("bias_version", "gauge", "Version of the live balancing bias in use.", [({}, m["bias_version"])])
+        metric("router_unreachable", "gauge", "1 when the router service cannot be reached.",
+               [({}, int(m["router_unreachable"]))])
+    return "\n".join(lines) + "\n"
