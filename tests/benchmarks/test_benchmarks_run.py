@@ -62,3 +62,14 @@ def test_balance_benchmark_smoke(tmp_path, model_dirs):
     assert len(data["before"]) == 2 and 1 <= len(data["windows"]) <= 3
     assert all(r["changed_share"] == 0 for r in data["before"])  # observe mode: the model's own routing
     assert data["windows"][-1]["bias_version"] >= 1
+
+
+@pytest.mark.slow
+def test_serve_load_benchmark_smoke(tmp_path, model_dirs):
+    out = tmp_path / "serve.json"
+    done = run("serve_load.py", "--model", str(model_dirs["tiny-v3"]), "--dtype", "float32", "--backend", "local",
+               "--devices", "1", "--clients", "2", "--seconds", "3", "--max-tokens", "4", "--prompt-len", "8",
+               "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(out.read_text())
+    assert data["errors"] == 0 and data["requests"] >= 2 and data["tokens_per_s"] > 0
