@@ -1,4 +1,4 @@
-"""The `expertmesh` command line: make-model, generate, serve, trace, stats."""
+"""The `expertmesh` command line: make-model, generate, serve, scale, trace, stats."""
 
 from __future__ import annotations
 
@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--address", help="Ray cluster to join (default: the config's, RAY_ADDRESS, else embedded)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
+
+    sc = sub.add_parser("scale", help="change an expert group's replica count on a running service")
+    sc.add_argument("--group", required=True, type=int)
+    sc.add_argument("--replicas", required=True, type=int)
+    sc.add_argument("--url", default="http://127.0.0.1:8000", help="the service started by `expertmesh serve`")
 
     tr = sub.add_parser("trace", help="show which experts, on which devices, served a request")
     tr.add_argument("request_id")
@@ -181,6 +186,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    import requests
+
+    try:
+        r = requests.post(f"{args.url}/admin/scale", json={"group": args.group, "replicas": args.replicas},
+                          timeout=600)
+    except requests.RequestException as exc:
+        raise RuntimeError(f"--url {args.url}: {exc}") from None
+    if r.status_code != 200:
+        raise ValueError(r.json().get("error", {}).get("message", r.text))
+    body = r.json()
+    print(f"group {body['group']}: {body['replicas']} replicas (ids {body['replica_ids']})")
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from gateway.routing_trace import RequestTrace
 
@@ -236,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     handlers = {"make-model": cmd_make_model, "generate": cmd_generate, "stats": cmd_stats, "trace": cmd_trace,
-                "serve": cmd_serve}
+                "serve": cmd_serve, "scale": cmd_scale}
     try:
         return handlers[args.command](args)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:

@@ -9,7 +9,7 @@ from ray import serve
 
 from gateway import http_api
 from gateway.config import DeploymentConfig
-from gateway.http_api import CompletionRequest, GatewayState
+from gateway.http_api import CompletionRequest, GatewayState, ScaleRequest
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ class GatewayDeployment:
     @app.get("/v1/routing/{request_id}")
     async def routing(self, request_id: str) -> Any:
         return http_api.routing(self.state, request_id)
+
+    @app.post("/admin/scale")
+    async def scale(self, body: ScaleRequest) -> Any:
+        return await http_api.scale(self.state, body)
 
     @app.get("/metrics")
     async def metrics(self) -> PlainTextResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ class ExpertGroupActor:
         tracing: TracingConfig | None = None,
     ) -> None:
         torch.set_num_threads(max(1, threads))
+        self.started_at = time.time()  # a restarted actor reports a new start time
         self.telemetry = Telemetry(tracing or TracingConfig(exporter="none"), f"expert-group-{device}")
         self.group = ExpertGroup(Path(model_dir), expert_ids, dtype=DTYPES[dtype], device=device, kernel=kernel,
                                  torch_device=torch_device)
@@ -71,6 +73,7 @@ class ExpertGroupActor:
             "loaded_tensors": sorted(g.reader.loaded),
             "grpc_address": self.server.address if self.server else None,
             "kernel": g.kernel,
+            "started_at": self.started_at,
             "torch_device": str(g.torch_device),
         }
 

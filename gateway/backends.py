@@ -76,6 +76,7 @@ class DispatchingBackend:
         self.expert_device = placement.device_tensor()
         self.stats = DispatchStats(placement.n_devices)
         self.tracer = None  # set by the engine when tracing is on: one CLIENT span per device per layer
+        self.pool = None  # the replica pool, for Ray-backed deployments
         self._on_close = on_close
 
     def set_tracer(self, tracer) -> None:

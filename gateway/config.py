@@ -38,6 +38,7 @@ class RayConfig:
 @dataclass(frozen=True)
 class RpcConfig:
     timeout_s: float = 30.0  # deadline on every dispatch call
+    replica_deadline_s: float = 60.0  # how long a group may have no answering replica before its calls fail
     max_message_mb: int = 256  # gRPC send/receive limit, both sides
 
 
@@ -50,6 +51,7 @@ class DeploymentConfig:
     backend: str = "local"
     devices: int = 1
     placement: str = "contiguous"  # or a YAML/JSON file {devices: [[expert ids], ...]}
+    replicas: int | list[int] = 1  # actors per device group: one number for all, or one per group
     top_m_devices: int | None = None  # None = the model's exact routing
     expert_kernel: str = "auto"  # auto: Triton on GPU, torch on CPU; 'triton' on CPU needs TRITON_INTERPRET=1
     ray: RayConfig = field(default_factory=RayConfig)
@@ -71,10 +73,20 @@ class DeploymentConfig:
             raise DeploymentConfigError(f"top_m_devices={self.top_m_devices!r}: expected null or an integer >= 1")
         if not self.ray.cpus_per_group > 0:
             raise DeploymentConfigError(f"ray.cpus_per_group={self.ray.cpus_per_group}: expected > 0")
+        per_group = self.replicas if isinstance(self.replicas, list) else [self.replicas] * self.devices
+        if len(per_group) != self.devices or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
+                                                 for r in per_group):
+            raise DeploymentConfigError(
+                f"replicas={self.replicas!r}: expected an integer >= 1 or a list of {self.devices} such integers")
+        if not self.rpc.replica_deadline_s > 0:
+            raise DeploymentConfigError(f"rpc.replica_deadline_s={self.rpc.replica_deadline_s}: expected > 0")
         if not self.rpc.timeout_s > 0:
             raise DeploymentConfigError(f"rpc.timeout_s={self.rpc.timeout_s}: expected > 0")
         if not isinstance(self.rpc.max_message_mb, int) or self.rpc.max_message_mb < 1:
             raise DeploymentConfigError(f"rpc.max_message_mb={self.rpc.max_message_mb!r}: expected an integer >= 1")
+
+    def replicas_of(self, device: int) -> int:
+        return self.replicas[device] if isinstance(self.replicas, list) else self.replicas
 
     @property
     def torch_dtype(self) -> torch.dtype:

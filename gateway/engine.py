@@ -138,6 +138,14 @@ class Engine:
             return head + "\n(no window closed yet)"
         return head + "\n" + report_table(stats["last_window"])
 
+    def scale(self, group: int, replicas: int) -> list[int]:
+        """Run `replicas` replicas of expert group `group` (ray / grpc backends). New replicas load their
+        weights before they take traffic; removed ones drain first; requests keep flowing meanwhile."""
+        pool = getattr(self.backend, "pool", None)
+        if pool is None:
+            raise ValueError(f"backend={self.config.backend!r}: scaling needs the ray or grpc backend")
+        return pool.scale(group, replicas)
+
     def routing_trace(self, request_id: str) -> RequestTrace:
         """The routing a request received: experts, weights and devices per token position and MoE layer.
 

@@ -107,6 +107,25 @@ def routing(state: GatewayState, request_id: str) -> Any:
         return error(404, str(exc.args[0]), "not_found_error")
 
 
+class ScaleRequest(BaseModel):
+    """POST /admin/scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group: int = Field(ge=0)
+    replicas: int = Field(ge=1, le=64)
+
+
+async def scale(state: GatewayState, body: ScaleRequest) -> Any:
+    """Change a group's replica count while serving (blocks this request, not the others)."""
+    engine = state.engine_loop.engine
+    try:
+        live = await asyncio.to_thread(engine.scale, body.group, body.replicas)
+    except ValueError as exc:
+        return error(400, str(exc))
+    return {"group": body.group, "replicas": len(live), "replica_ids": live}
+
+
 def metrics(state: GatewayState) -> PlainTextResponse:
     return PlainTextResponse(prometheus_text(state.engine_loop), media_type="text/plain; version=0.0.4")
 
@@ -187,6 +206,14 @@ def prometheus_text(loop: EngineLoop) -> str:
     metric("dispatch_seconds_total", "counter", "Wall time of layer dispatches (send to combine).",
            [({}, dispatch.wait_seconds)])
     metric("dispatch_layers_total", "counter", "Layer dispatches.", [({}, dispatch.layers)])
+    pool = engine.backend.pool
+    if pool is not None:
+        metric("group_replicas", "gauge", "Live replicas per expert group.",
+               [({"group": d}, len(pool.live(d))) for d in sorted(pool.groups)])
+        metric("replica_restarts_total", "counter", "Expert-group actors Ray restarted after a failure.",
+               [({}, pool.restarts)])
+        metric("dispatch_retries_total", "counter", "Dispatch calls re-sent after a replica failed.",
+               [({}, engine.backend.transport.retries)])
     if engine.balance is not None:
         m = engine.balance.metrics()
         metric("bias_version", "gauge", "Version of the live balancing bias in use.", [({}, m["bias_version"])])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -9,6 +11,8 @@ import torch
 
 from expert_workers.spans import traced_run
 from protos.codec import NAMES, numpy_to_tensor, proto_to_tensor, tensor_to_numpy, tensor_to_proto
+
+logger = logging.getLogger(__name__)
 
 
 class DispatchError(RuntimeError):
@@ -53,49 +57,130 @@ class LocalTransport:
         self.groups = []
 
 
-class RayTransport:
-    """Ray actor calls carrying numpy views (never pickled torch tensors): the object store reads them zero-copy."""
+@dataclass
+class _Call:
+    """One device batch in flight on one replica, with what is needed to send it again elsewhere."""
 
-    def __init__(self, actors: list, timeout_s: float) -> None:
-        self.actors, self.timeout_s = actors, timeout_s
+    replica: object
+    handle: Any
+    args: tuple
+    dtype: torch.dtype
+    retried: bool = False
 
-    def send(self, device, layer, hidden, ids, weights, carrier=None):
-        return self.actors[device].forward.remote(
-            layer, tensor_to_numpy(hidden), ids.numpy(), weights.numpy(), NAMES[hidden.dtype], carrier
-        ), hidden.dtype
+
+class _ReplicaTransport:
+    """Shared retry logic: a call that fails because its replica died, restarts or hangs is sent again to a live
+    replica (or the restarted one) until `deadline_s` has passed; expert compute is pure, so a retry is safe."""
+
+    RETRYABLE: tuple = ()
+
+    def __init__(self, pool, timeout_s: float, deadline_s: float) -> None:
+        self.pool, self.timeout_s, self.deadline_s = pool, timeout_s, deadline_s
+        self.retries = 0
+
+    def _submit(self, device: int, args: tuple, dtype: torch.dtype, avoid=None, deadline: float | None = None):
+        from gateway.replica_pool import NoLiveReplica
+
+        while True:
+            try:
+                replica = self.pool.pick(device, avoid)
+                break
+            except NoLiveReplica:
+                if deadline is None:
+                    deadline = time.monotonic() + self.deadline_s
+                if time.monotonic() > deadline:
+                    raise DispatchError(f"group {device}: no live replica for {self.deadline_s}s") from None
+                time.sleep(0.05)
+        try:
+            return _Call(replica, self._call(replica, args), args, dtype)
+        except Exception:
+            self.pool.release(replica)
+            raise
 
     def receive(self, pending):
-        import ray
+        return [self._result(device, layer, call) for device, layer, call in pending]
 
-        replies = []
-        for device, layer, (ref, dtype) in pending:
+    def _result(self, device: int, layer: int, call: _Call) -> ExpertReply:
+        deadline, pause = None, 0.05
+        while True:
             try:
-                out, counts, ms = ray.get(ref, timeout=self.timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise DispatchError(f"device {device}, layer {layer}: no reply within {self.timeout_s}s") from None
-            except ray.exceptions.RayError as exc:
-                raise DispatchError(f"device {device}, layer {layer}: {exc}") from exc
-            replies.append(ExpertReply(numpy_to_tensor(out, dtype), counts, ms))
-        return replies
+                reply = self._wait(call)
+            except self.RETRYABLE as exc:
+                self.pool.release(call.replica)
+                call.replica.failures += 1
+                self.retries += 1
+                deadline = deadline or time.monotonic() + self.deadline_s
+                if time.monotonic() > deadline:
+                    raise DispatchError(f"group {device}, layer {layer}: no replica answered within "
+                                        f"{self.deadline_s}s (last error: {self._describe(exc)})") from None
+                logger.warning("group %d layer %d: replica %s failed (%s); retrying", device, layer,
+                               call.replica.name, self._describe(exc))
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                call = self._submit(device, call.args, call.dtype, avoid=call.replica, deadline=deadline)
+                call.retried = True
+                continue
+            except Exception as exc:
+                self.pool.release(call.replica)
+                raise DispatchError(f"group {device}, layer {layer}: {self._describe(exc)}") from exc
+            self.pool.release(call.replica)
+            if call.retried:
+                self.pool.note_restart(call.replica)
+            return reply
 
     def close(self) -> None:
-        self.actors = []
+        self.pool = None
+
+    @staticmethod
+    def _describe(exc: Exception) -> str:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-class GrpcTransport:
-    """gRPC unary calls to each group's ExpertService, all devices in flight at once, with deadlines."""
+class RayTransport(_ReplicaTransport):
+    """Ray actor calls carrying numpy views (never pickled torch tensors): the object store reads them zero-copy."""
 
-    def __init__(self, addresses: list[str], timeout_s: float, max_message_bytes: int) -> None:
+    def __init__(self, pool, timeout_s: float, deadline_s: float) -> None:
+        import ray
+
+        super().__init__(pool, timeout_s, deadline_s)
+        self._ray = ray
+        self.RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError)
+
+    def send(self, device, layer, hidden, ids, weights, carrier=None):
+        args = (layer, tensor_to_numpy(hidden), ids.numpy(), weights.numpy(), NAMES[hidden.dtype], carrier)
+        return self._submit(device, args, hidden.dtype)
+
+    def _call(self, replica, args):
+        return replica.actor.forward.remote(*args)
+
+    def _wait(self, call: _Call) -> ExpertReply:
+        out, counts, ms = self._ray.get(call.handle, timeout=self.timeout_s)
+        return ExpertReply(numpy_to_tensor(out, call.dtype), counts, ms)
+
+
+class GrpcTransport(_ReplicaTransport):
+    """gRPC unary calls to each replica's ExpertService, all devices in flight at once, with deadlines.
+
+    A replica that Ray restarted serves on a new port: after a failure the pool re-reads its address."""
+
+    def __init__(self, pool, timeout_s: float, deadline_s: float, max_message_bytes: int) -> None:
         import grpc
 
         from expert_workers.grpc_server import channel_options
         from protos import expert_service_pb2 as pb
         from protos import expert_service_pb2_grpc as pb_grpc
 
-        self._grpc, self._pb = grpc, pb
-        self.timeout_s = timeout_s
-        self.channels = [grpc.insecure_channel(a, options=channel_options(max_message_bytes)) for a in addresses]
-        self.stubs = [pb_grpc.ExpertServiceStub(c) for c in self.channels]
+        super().__init__(pool, timeout_s, deadline_s)
+        self._grpc, self._pb, self._pb_grpc = grpc, pb, pb_grpc
+        self._options = channel_options(max_message_bytes)
+        self._channels: dict[str, tuple] = {}  # address -> (channel, stub)
+        self.RETRYABLE = (_Retryable,)
+
+    def _stub(self, address: str):
+        if address not in self._channels:
+            channel = self._grpc.insecure_channel(address, options=self._options)
+            self._channels[address] = (channel, self._pb_grpc.ExpertServiceStub(channel))
+        return self._channels[address][1]
 
     def send(self, device, layer, hidden, ids, weights, carrier=None):
         req = self._pb.ForwardRequest(layer=layer)
@@ -103,20 +188,30 @@ class GrpcTransport:
         tensor_to_proto(ids, req.expert_ids)
         tensor_to_proto(weights, req.weights)
         metadata = tuple(carrier.items()) if carrier else None  # W3C traceparent rides in gRPC metadata
-        return self.stubs[device].Forward.future(req, timeout=self.timeout_s, metadata=metadata)
+        return self._submit(device, (req, metadata), hidden.dtype)
 
-    def receive(self, pending):
-        replies = []
-        for device, layer, future in pending:
-            try:
-                resp = future.result()
-            except self._grpc.RpcError as exc:
-                raise DispatchError(f"device {device}, layer {layer}: {exc.code().name}: {exc.details()}") from None
-            replies.append(ExpertReply(proto_to_tensor(resp.output, "output"), list(resp.tokens_per_expert),
-                                       resp.compute_ms))
-        return replies
+    def _call(self, replica, args):
+        req, metadata = args
+        return self._stub(replica.grpc_address).Forward.future(req, timeout=self.timeout_s, metadata=metadata)
+
+    def _wait(self, call: _Call) -> ExpertReply:
+        grpc = self._grpc
+        try:
+            resp = call.handle.result()
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                self.pool.note_restart(call.replica)  # picks up the new port if Ray restarted it
+                raise _Retryable(f"{code.name}: {exc.details()}") from None
+            raise DispatchError(f"{code.name}: {exc.details()}") from None
+        return ExpertReply(proto_to_tensor(resp.output, "output"), list(resp.tokens_per_expert), resp.compute_ms)
 
     def close(self) -> None:
-        for c in self.channels:
-            c.close()
-        self.channels, self.stubs = [], []
+        for channel, _ in self._channels.values():
+            channel.close()
+        self._channels = {}
+        super().close()
+
+
+class _Retryable(RuntimeError):
+    """A gRPC failure of the replica (not of the request): try another replica."""

@@ -58,7 +58,7 @@ def test_each_actor_loads_only_its_experts(devices, model_dirs, ray_cluster):
     path = model_dirs["tiny-v3"]
     with Engine.from_pretrained(path, backend="ray", devices=devices) as engine:
         placement = engine.backend.placement
-        infos = ray_cluster.get([a.describe.remote() for a in engine.backend.transport.actors])
+        infos = ray_cluster.get([a.describe.remote() for a in engine.backend.pool.actors()])
         per_expert = 3 * engine.spec.hidden_size * engine.spec.moe_intermediate_size * 4  # float32 gate, up, down
         for d, info in enumerate(infos):
             mine = placement.experts_on(d)

@@ -1,0 +1,108 @@
+"""Expert-group replicas: scaling while requests flow, and surviving an expert actor that dies mid-request."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from gateway import Engine
+from gateway.config import DeploymentConfig, RpcConfig
+from gateway.transports import DispatchError
+from tests.conftest import random_prompts
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = random_prompts(272, [6, 10, 4], seed=12)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dirs):
+    with Engine.from_pretrained(model_dirs["tiny-v3"]) as engine:
+        return [engine.generate([p], max_new_tokens=12, stop_at_eos=False)[0] for p in PROMPTS]
+
+
+def test_scale_a_group_up_and_down_while_requests_flow(model_dirs, ray_cluster, expected):
+    with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray", devices=2) as engine:
+        results, failures, stop = [], [], threading.Event()
+
+        def traffic():
+            while not stop.is_set():
+                try:
+                    results.append(engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False))
+                except Exception as exc:  # any failure fails the test below
+                    failures.append(exc)
+
+        worker = threading.Thread(target=traffic, daemon=True)
+        worker.start()
+        try:
+            time.sleep(0.5)
+            assert len(engine.scale(0, 2)) == 2
+            pool = engine.backend.pool
+            new = max(pool.live(0), key=lambda r: r.index)
+            calls_before = new.calls
+            time.sleep(1.0)
+            assert new.calls > calls_before  # the new replica took traffic once it had loaded
+            assert len(engine.scale(0, 1)) == 1
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            worker.join(timeout=120)
+        assert failures == []
+        assert len(results) >= 3 and all(r == expected for r in results)
+        assert [len(pool.live(d)) for d in (0, 1)] == [1, 1]
+        with pytest.raises(ValueError, match="replicas=0"):
+            engine.scale(0, 0)
+
+
+@pytest.mark.parametrize("backend", ["ray", "grpc"])
+def test_a_killed_expert_actor_is_restarted_and_the_request_completes_with_the_same_tokens(
+        backend, model_dirs, ray_cluster, expected):
+    with Engine.from_pretrained(model_dirs["tiny-v3"], backend=backend, devices=2) as engine:
+        pool = engine.backend.pool
+        victim = pool.live(1)[0]
+        actor_id = victim.actor._actor_id.hex()
+
+        def kill_on_fifth_token(request, token):
+            if len(request.output) == 5 and request.request_id == "r0":
+                ray_cluster.kill(victim.actor, no_restart=False)  # Ray restarts it (max_restarts=-1)
+
+        requests = [engine.submit(p, max_new_tokens=12, stop_at_eos=False, request_id=f"r{i}",
+                                  on_token=kill_on_fifth_token) for i, p in enumerate(PROMPTS)]
+        while engine.has_work():
+            engine.step()
+        assert [r.output for r in requests] == expected and not any(r.error for r in requests)
+        assert engine.backend.transport.retries >= 1 and pool.restarts >= 1
+        assert pool.live(1)[0].actor._actor_id.hex() == actor_id  # the same actor, restarted
+        from gateway.engine_loop import EngineLoop
+        from gateway.http_api import prometheus_text
+
+        loop = EngineLoop(engine)
+        loop.stop()
+        text = prometheus_text(loop)
+        assert "expertmesh_replica_restarts_total 1" in text or "expertmesh_replica_restarts_total 2" in text
+
+
+def test_a_group_without_replicas_fails_its_requests_and_serving_resumes_when_it_returns(model_dirs, ray_cluster,
+                                                                                          expected):
+    cfg = DeploymentConfig(model=str(model_dirs["tiny-v3"]), backend="ray", devices=2,
+                           rpc=RpcConfig(timeout_s=10, replica_deadline_s=1.5))
+    with Engine.from_config(cfg) as engine:
+        pool = engine.backend.pool
+        victim = pool.live(1)[0]
+
+        def kill_for_good(request, token):
+            if len(request.output) == 3:
+                ray_cluster.kill(victim.actor, no_restart=True)
+
+        doomed = engine.submit(PROMPTS[0], max_new_tokens=12, stop_at_eos=False, on_token=kill_for_good)
+        while engine.has_work():
+            engine.step()
+        assert doomed.finish_reason == "error" and "group 1" in doomed.error and "1.5s" in doomed.error
+        with pytest.raises(DispatchError, match="group 1"):
+            engine.generate([PROMPTS[1]], max_new_tokens=2)
+        engine.scale(1, 2)  # a fresh replica joins next to the dead one ...
+        with pool._lock:
+            pool.groups[1] = [r for r in pool.groups[1] if r is not victim]  # ... which an operator removes
+        assert engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False) == expected
