@@ -143,3 +143,40 @@ def test_a_full_queue_answers_429(model_dirs):
     assert "queue full" in json.loads(second.body)["error"]["message"]
     assert loop.stats.requests["rejected"] == 1
     engine.close()
+
+
+@pytest.mark.slow
+def test_scale_cli_while_http_requests_flow(server, model_dirs):
+    import subprocess
+    import sys
+
+    prompts = random_prompts(272, [6, 8], seed=21)
+    with Engine.from_pretrained(model_dirs["tiny-v3"]) as engine:
+        expected = [engine.generate([p], max_new_tokens=6)[0] for p in prompts]
+    outputs, stop = [], False
+
+    def traffic():
+        while not stop:
+            for p in prompts:
+                r = complete(server, prompt=p, max_tokens=6, temperature=0)
+                outputs.append((r.status_code, r.json()["choices"][0]["token_ids"] if r.status_code == 200 else r.text))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(traffic) for _ in range(2)]
+        try:
+            for replicas in (2, 1):
+                done = subprocess.run([sys.executable, "-m", "deploy.cli", "scale", "--group", "0", "--replicas",
+                                       str(replicas), "--url", server], capture_output=True, text=True, timeout=300)
+                assert done.returncode == 0, done.stderr
+                assert f"group 0: {replicas} replicas" in done.stdout
+        finally:
+            stop = True
+            for f in futures:
+                f.result(timeout=120)
+    assert outputs and all(code == 200 for code, _ in outputs)
+    assert all(tokens in expected for _, tokens in outputs)
+    metrics = requests.get(f"{server}/metrics", timeout=30).text
+    assert 'expertmesh_group_replicas{group="0"} 1' in metrics
+    bad = subprocess.run([sys.executable, "-m", "deploy.cli", "scale", "--group", "9", "--replicas", "1", "--url",
+                          server], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "group=9" in bad.stderr
