@@ -185,12 +185,15 @@ class Engine:
                     f"max_position_embeddings={limit}"
                 )
 
-    def _span(self, name: str, **attributes):
-        """A span under the current one, or nothing when tracing is off."""
+    def _span(self, name: str, links: list | None = None, **attributes):
+        """A span under the current one (linked to `links` spans), or nothing when tracing is off."""
         if self.telemetry.tracer is None:
             return contextlib.nullcontext()
-        return self.telemetry.tracer.start_as_current_span(name, attributes={
-            f"expertmesh.{k}": v for k, v in attributes.items()})
+        from opentelemetry.trace import Link
+
+        return self.telemetry.tracer.start_as_current_span(
+            name, attributes={f"expertmesh.{k}": v for k, v in attributes.items()},
+            links=[Link(s.get_span_context()) for s in links or []])
 
     def _begin(self, prompts: list[list[int]], request_ids: list[str] | None) -> tuple[list[int], list[RequestTrace]]:
         """Sequence ids and routing traces for a call's prompts (request ids given or generated)."""
@@ -205,7 +208,7 @@ class Engine:
 
     def _step(
         self, cache: LatentCache, seqs: list[int], starts: list[int], new: list[list[int]],
-        traces: list[RequestTrace],
+        traces: list[RequestTrace], request_spans: list | None = None,
     ) -> tuple[torch.Tensor, StepBatch]:
         """Run one forward over `new` tokens of each sequence; returns final hidden [N, H] and books routing."""
         step = StepBatch(seqs, starts, [len(t) for t in new])
@@ -214,7 +217,8 @@ class Engine:
         tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.long)
         one = [n == 1 for n in step.lengths]
         kind = "decode_step" if all(one) else "prefill" if not any(one) else "mixed_step"
-        with self._span(kind, tokens=step.n_tokens, sequences=len(seqs)):
+        # A step serves many requests: it links to each request's span (continuous batching has no single parent).
+        with self._span(kind, links=request_spans, tokens=step.n_tokens, sequences=len(seqs)):
             hidden, routings = self.model.forward(tokens, step, cache)
         self.routing_summary.add(routings)
         self.traces.record_step(traces, step.offsets, step.lengths, new, routings, self.model.expert_device)
@@ -276,14 +280,23 @@ class Engine:
             generator=torch.Generator().manual_seed(seed) if seed is not None else None,
             on_token=on_token, on_finish=on_finish,
         )
-        with self._queue_lock:
-            self.scheduler.add(request)  # QueueFull before anything is allocated
-            try:
-                self._traces_of[request.request_id] = self.traces.start(
-                    request.request_id, self.spec.moe_layers, self.spec.top_k, len(prompt))
-            except ValueError:
-                self.scheduler.waiting.pop()
-                raise
+        if self.telemetry.tracer is not None:  # one span per request, from submission to its last token
+            request.span = self.telemetry.tracer.start_span("request", attributes={
+                "expertmesh.request_id": request.request_id, "expertmesh.prompt_tokens": len(prompt),
+                "expertmesh.max_new_tokens": max_new_tokens})
+        try:
+            with self._queue_lock:
+                self.scheduler.add(request)  # QueueFull before anything is allocated
+                try:
+                    self._traces_of[request.request_id] = self.traces.start(
+                        request.request_id, self.spec.moe_layers, self.spec.top_k, len(prompt))
+                except ValueError:
+                    self.scheduler.waiting.pop()
+                    raise
+        except Exception:
+            if request.span is not None:
+                request.span.end()
+            raise
         return request
 
     def has_work(self) -> bool:
@@ -304,8 +317,9 @@ class Engine:
                 self.cache.allocate(r.seq_id, len(r.prompt) + r.max_new_tokens)
             traces = [self._traces_of[r.request_id] for r in batch]
             try:
+                spans = [r.span for r in batch if r.span is not None]
                 hidden, step = self._step(self.cache, [r.seq_id for r in batch], [r.cached for r in batch],
-                                          [r.next_input() for r in batch], traces)
+                                          [r.next_input() for r in batch], traces, spans)
                 logits = self.model.logits(hidden[step.last_rows()])
             except Exception as exc:  # a failed dispatch fails this step's requests; the engine keeps serving
                 logger.warning("step failed for %d requests: %s", len(batch), exc)
@@ -327,6 +341,10 @@ class Engine:
         with self._queue_lock:
             self.scheduler.retire(finished)
         for r in finished:
+            if r.span is not None:
+                r.span.set_attributes({"expertmesh.completion_tokens": len(r.output),
+                                       "expertmesh.finish_reason": r.finish_reason})
+                r.span.end()
             self.cache.free(r.seq_id)
             self.traces.finish(r.request_id)
             self._traces_of.pop(r.request_id, None)

@@ -43,6 +43,7 @@ class Request:
     seq_id: int = -1
     error: str | None = None
     finish_reason: str | None = None  # "length" | "stop" | "error"
+    span: object = None  # its OpenTelemetry span while tracing is on
 
     @property
     def cached(self) -> int:

@@ -144,6 +144,7 @@ def span_to_dict(span) -> dict:
         "start_ns": span.start_time,
         "end_ns": span.end_time,
         "attributes": dict(span.attributes or {}),
+        "links": [f"{link.context.span_id:016x}" for link in span.links],
         "status": span.status.status_code.name,
     }
 

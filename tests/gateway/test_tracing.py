@@ -145,3 +145,26 @@ def test_trace_cli_prints_table_json_and_heatmap(model_dirs, tmp_path):
     assert len(as_json["expert_ids"]) == 5 and len(as_json["expert_ids"][0]) == 2
     missing = cli("trace", "nope", "--dir", str(tmp_path))
     assert missing.returncode == 2 and "no routing trace for request 'nope'" in missing.stderr
+
+
+def test_continuous_batching_steps_link_to_every_request_they_serve(model_dirs, tmp_path):
+    cfg = DeploymentConfig(model=str(model_dirs["tiny-v3"]), devices=2,
+                           tracing=TracingConfig(exporter="jsonl", jsonl_dir=str(tmp_path)))
+    engine = Engine.from_config(cfg)
+    try:
+        a = engine.submit([5, 6, 7], max_new_tokens=3, request_id="a")
+        engine.step()
+        b = engine.submit([8, 9], max_new_tokens=3, request_id="b")  # joins while a decodes
+        while engine.has_work():
+            engine.step()
+        assert a.done and b.done
+    finally:
+        engine.close()
+    spans = read_spans(tmp_path)
+    requests_ = {s["attributes"]["expertmesh.request_id"]: s for s in spans if s["name"] == "request"}
+    assert set(requests_) == {"a", "b"} and all(r["parent_span_id"] is None for r in requests_.values())
+    assert requests_["a"]["attributes"]["expertmesh.completion_tokens"] == 3
+    steps = [s for s in spans if s["name"] in ("prefill", "decode_step", "mixed_step")]
+    linked = {link for s in steps for link in s["links"]}
+    assert {requests_["a"]["span_id"], requests_["b"]["span_id"]} <= linked
+    assert any(s["name"] == "mixed_step" and len(s["links"]) == 2 for s in steps)  # b's prefill + a's decode
