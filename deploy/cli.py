@@ -172,8 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if address:
         ray.init(address=address, namespace=config.ray.namespace)
     else:
-        needed = int(config.devices * config.ray.cpus_per_group) + 2
-        ray.init(num_cpus=max(needed, 4), namespace=config.ray.namespace, include_dashboard=False)
+        ray.init(num_cpus=config.embedded_ray_cpus(), namespace=config.ray.namespace, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build({"deployment": raw}), name="expertmesh", route_prefix="/")
     print(f"expertmesh serving {config.model} on http://{args.host}:{args.port} (backend={config.backend}, "

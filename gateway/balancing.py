@@ -175,7 +175,7 @@ def start_balancing(config, spec, model, placement) -> BalanceClient | None:
         from gateway.expert_groups import connect_ray
         from router_service.service import RouterService
 
-        started_ray = connect_ray(config, placement.n_devices)
+        started_ray = connect_ray(config)
         service = ray.remote(RouterService).options(
             name=cfg.name, namespace=config.ray.namespace, get_if_exists=True, max_restarts=-1, max_task_retries=3,
             num_cpus=0,

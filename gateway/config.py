@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,12 @@ class DeploymentConfig:
             raise DeploymentConfigError(f"rpc.timeout_s={self.rpc.timeout_s}: expected > 0")
         if not isinstance(self.rpc.max_message_mb, int) or self.rpc.max_message_mb < 1:
             raise DeploymentConfigError(f"rpc.max_message_mb={self.rpc.max_message_mb!r}: expected an integer >= 1")
+
+    def embedded_ray_cpus(self) -> int:
+        """Logical CPUs for an embedded Ray: room for every replica twice over (so groups can scale up), plus
+        the gateway. Logical CPUs only reserve slots; the OS shares the real cores."""
+        replicas = sum(self.replicas_of(d) for d in range(self.devices))
+        return max(os.cpu_count() or 1, math.ceil(2 * replicas * self.ray.cpus_per_group) + 2)
 
     def replicas_of(self, device: int) -> int:
         return self.replicas[device] if isinstance(self.replicas, list) else self.replicas

@@ -57,6 +57,7 @@ class Engine:
         self._traces_of: dict[str, RequestTrace] = {}
         self._step_lock = threading.RLock()  # one forward at a time
         self._queue_lock = threading.Lock()  # submit() from other threads vs. schedule()
+        self._cancelled: set[str] = set()
 
     @classmethod
     def from_pretrained(
@@ -299,8 +300,24 @@ class Engine:
             raise
         return request
 
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (e.g. its client went away): it finishes with reason 'cancelled' at the next step."""
+        with self._queue_lock:
+            self._cancelled.add(request_id)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def _take_cancelled(self) -> list[Request]:
+        """Remove cancelled requests from both queues (called at the start of a step, under the queue lock)."""
+        if not self._cancelled:
+            return []
+        gone = [r for r in [*self.scheduler.waiting, *self.scheduler.running] if r.request_id in self._cancelled]
+        self._cancelled.clear()
+        self.scheduler.waiting = type(self.scheduler.waiting)(r for r in self.scheduler.waiting if r not in gone)
+        for r in gone:
+            r.finish_reason = "cancelled"
+        return gone
 
     @torch.inference_mode()
     def step(self) -> list[Request]:
@@ -308,10 +325,13 @@ class Engine:
         prefilled under the token budget, all in one forward. Returns the requests that finished."""
         with self._step_lock:
             with self._queue_lock:
+                cancelled = self._take_cancelled()
+            retired = self._retire(cancelled) if cancelled else []
+            with self._queue_lock:
                 decodes, prefills = self.scheduler.schedule()
             batch = decodes + prefills
             if not batch:
-                return []
+                return retired
             for r in prefills:
                 r.seq_id = next(self._seq_ids)
                 self.cache.allocate(r.seq_id, len(r.prompt) + r.max_new_tokens)
@@ -325,7 +345,7 @@ class Engine:
                 logger.warning("step failed for %d requests: %s", len(batch), exc)
                 for r in batch:
                     r.error, r.finish_reason = f"{type(exc).__name__}: {exc}", "error"
-                return self._retire(batch)
+                return retired + self._retire(batch)
             for r, row in zip(batch, logits, strict=True):
                 token = int(sample(row[None], r.temperature, r.top_p, r.generator)[0])
                 r.output.append(token)
@@ -335,7 +355,7 @@ class Engine:
                     r.finish_reason = "stop"
                 elif len(r.output) >= r.max_new_tokens:
                     r.finish_reason = "length"
-            return self._retire([r for r in batch if r.done])
+            return retired + self._retire([r for r in batch if r.done])
 
     def _retire(self, finished: list[Request]) -> list[Request]:
         with self._queue_lock:
@@ -345,7 +365,7 @@ class Engine:
                 r.span.set_attributes({"expertmesh.completion_tokens": len(r.output),
                                        "expertmesh.finish_reason": r.finish_reason})
                 r.span.end()
-            self.cache.free(r.seq_id)
+            self.cache.free(r.seq_id)  # a request cancelled before admission has none: a no-op
             self.traces.finish(r.request_id)
             self._traces_of.pop(r.request_id, None)
             if r.on_finish is not None:

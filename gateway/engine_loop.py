@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 class LoopStats:
     """Counters the metrics endpoint reads."""
 
-    requests: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0, "rejected": 0})
+    requests: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0, "rejected": 0, "cancelled": 0})
     tokens_generated: int = 0
     steps: int = 0
     step_seconds: float = 0.0
@@ -46,12 +46,19 @@ class EngineLoop:
             loop.call_soon_threadsafe(queue.put_nowait, ("token", token))
 
         def on_finish(request: Request) -> None:
-            self.stats.requests["error" if request.error else "ok"] += 1
+            outcome = "error" if request.error else "cancelled" if request.finish_reason == "cancelled" else "ok"
+            self.stats.requests[outcome] += 1
             loop.call_soon_threadsafe(queue.put_nowait, ("done", request))
 
         request = self.engine.submit(prompt, on_token=on_token, on_finish=on_finish, **params)
         self._wake.set()
         return request, queue
+
+    def cancel(self, request: Request) -> None:
+        """The client went away: stop generating for it."""
+        if not request.done:
+            self.engine.cancel(request.request_id)
+            self._wake.set()
 
     def _run(self) -> None:
         while not self._stop:

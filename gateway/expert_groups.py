@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
-import os
 
 from expert_workers.expert_group import ExpertGroup
 from gateway.backends import DispatchingBackend
@@ -43,7 +41,7 @@ def build_backend(cfg: DeploymentConfig, spec: ModelSpec, placement: Placement) 
     return backend
 
 
-def connect_ray(cfg: DeploymentConfig, n_devices: int) -> bool:
+def connect_ray(cfg: DeploymentConfig) -> bool:
     """Join RAY_ADDRESS / cfg.ray.address, or start Ray embedded here; returns whether this call connected."""
     import ray
 
@@ -53,7 +51,6 @@ def connect_ray(cfg: DeploymentConfig, n_devices: int) -> bool:
     if address:
         ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=False)
     else:
-        needed = math.ceil(n_devices * cfg.ray.cpus_per_group) + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), namespace=cfg.ray.namespace, include_dashboard=False,
+        ray.init(num_cpus=cfg.embedded_ray_cpus(), namespace=cfg.ray.namespace, include_dashboard=False,
                  log_to_driver=False)
     return True

@@ -92,8 +92,11 @@ async def completions(state: GatewayState, body: CompletionRequest) -> Any:
     created = int(time.time())
     if body.stream:
         return StreamingResponse(_stream(req, queue, state, created), media_type="text/event-stream")
-    while (await queue.get())[0] != "done":
-        pass
+    try:
+        while (await queue.get())[0] != "done":
+            pass
+    finally:
+        loop.cancel(req)  # a no-op when it finished; stops generation if the client went away
     if req.error:
         return error(503, f"request {req.request_id} failed: {req.error}", "server_error")
     return _completion(req, state, created)
@@ -146,6 +149,14 @@ def _completion(req, state, created: int) -> dict:
 
 async def _stream(req, queue: asyncio.Queue, state, created: int):
     """Server-sent events: one chunk per token, a final chunk with finish_reason and usage, then [DONE]."""
+    try:
+        async for event in _events(req, queue, state, created):
+            yield event
+    finally:  # the client disconnected (the generator is closed early) or the request ended: a no-op then
+        state.engine_loop.cancel(req)
+
+
+async def _events(req, queue: asyncio.Queue, state, created: int):
     emitted, tokens = "", []
     while True:
         kind, value = await queue.get()

@@ -52,7 +52,7 @@ class ExpertGroupPool:
 
         self._ray = ray
         self.cfg, self.placement = cfg, placement
-        self.started_ray = connect_ray(cfg, placement.n_devices)
+        self.started_ray = connect_ray(cfg)
         self.deployment_id = uuid.uuid4().hex[:8]
         self.groups: dict[int, list[Replica]] = {d: [] for d in range(placement.n_devices)}
         self._lock = threading.Lock()

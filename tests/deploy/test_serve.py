@@ -180,3 +180,23 @@ def test_scale_cli_while_http_requests_flow(server, model_dirs):
     bad = subprocess.run([sys.executable, "-m", "deploy.cli", "scale", "--group", "9", "--replicas", "1", "--url",
                           server], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "group=9" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_mid_stream_cancels_its_request(server):
+    import time
+
+    r = requests.post(f"{server}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0,
+                                                         "stream": True}, stream=True, timeout=60)
+    lines = r.iter_lines(decode_unicode=True)
+    assert next(line for line in lines if line).startswith("data: ")
+    r.close()  # hang up after the first token
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metrics = requests.get(f"{server}/metrics", timeout=30).text
+        if 'expertmesh_requests_total{status="cancelled"} 1' in metrics:
+            break
+        time.sleep(0.2)
+    assert 'expertmesh_requests_total{status="cancelled"} 1' in metrics
+    assert "expertmesh_running_sequences 0" in metrics
+    assert complete(server, prompt=[4, 5], max_tokens=2, temperature=0).status_code == 200

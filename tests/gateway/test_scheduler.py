@@ -65,3 +65,20 @@ def test_streaming_callbacks_and_seeded_sampling(model_dirs):
         assert seen == r.output and finished == [r] and len(seen) == 5
         again = engine.generate([[4, 5, 6]], max_new_tokens=5, temperature=1.3, top_p=0.9, seed=11, stop_at_eos=False)
         assert again[0] == r.output
+
+
+def test_cancelled_requests_leave_at_the_next_step_and_free_their_cache(model_dirs):
+    with Engine.from_pretrained(model_dirs["tiny-v3"]) as engine:
+        keep = engine.submit([5, 6, 7], max_new_tokens=6, stop_at_eos=False, request_id="keep")
+        drop = engine.submit([8, 9], max_new_tokens=50, stop_at_eos=False, request_id="drop")
+        queued = engine.submit([4], max_new_tokens=5, request_id="queued")
+        engine.step()
+        engine.cancel("drop")
+        engine.cancel("queued")
+        finished = engine.step()
+        assert {r.request_id for r in finished} >= {"drop"} and drop.finish_reason == "cancelled"
+        assert queued.finish_reason == "cancelled" and len(drop.output) == 1
+        while engine.has_work():
+            engine.step()
+        assert keep.finish_reason == "length" and len(keep.output) == 6
+        assert engine.cache._store == {}
