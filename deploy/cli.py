@@ -114,17 +114,17 @@ def deployment_from_args(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from gateway import Engine
-    from model_core.tokenizer import ByteTokenizer
+    from model_core.tokenizer import load_tokenizer
 
     config = deployment_from_args(args)
     tokenizer = None
     if args.prompt is not None:
-        tokenizer = ByteTokenizer.from_dir(config.model)
+        tokenizer = load_tokenizer(config.model)
         prompt = tokenizer.encode(args.prompt)
     else:
         prompt = args.prompt_ids
         try:
-            tokenizer = ByteTokenizer.from_dir(config.model)
+            tokenizer = load_tokenizer(config.model)
         except (FileNotFoundError, ValueError):
             tokenizer = None
     with Engine.from_config(config) as engine:

@@ -26,12 +26,12 @@ class GatewayDeployment:
     def __init__(self, deployment: dict[str, Any]) -> None:
         from gateway import Engine
         from gateway.engine_loop import EngineLoop
-        from model_core.tokenizer import ByteTokenizer
+        from model_core.tokenizer import load_tokenizer
 
         config = DeploymentConfig.from_dict(deployment)
         engine = Engine.from_config(config)
         try:
-            tokenizer = ByteTokenizer.from_dir(config.model)
+            tokenizer = load_tokenizer(config.model)
         except (FileNotFoundError, ValueError):
             tokenizer = None
         self.state = GatewayState(EngineLoop(engine), Path(config.model).name, tokenizer)

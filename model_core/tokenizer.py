@@ -1,4 +1,4 @@
-"""A byte-level tokenizer: reads and writes the Hugging Face tokenizer.json of generated checkpoints."""
+"""Tokenizers: the byte-level one generated checkpoints carry, and any other tokenizer.json via `tokenizers`."""
 
 from __future__ import annotations
 
@@ -123,3 +123,29 @@ class ByteTokenizer:
         specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
         byte_ids = {chars[tok]: i for tok, i in vocab.items() if tok in chars}
         return cls(byte_ids, specials)
+
+
+class HFTokenizer:
+    """Any other tokenizer.json, through the `tokenizers` library (special tokens as its post-processor adds them)."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_bos).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
+    """The model's tokenizer: the byte-level one `make-model` writes, else any tokenizer.json via `tokenizers`.
+
+    Raises FileNotFoundError when there is no tokenizer.json (callers then take token ids only).
+    """
+    try:
+        return ByteTokenizer.from_dir(directory)
+    except ValueError:
+        return HFTokenizer(Path(directory, "tokenizer.json"))

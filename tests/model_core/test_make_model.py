@@ -45,3 +45,21 @@ def test_tokenizer_round_trips_and_agrees_with_hf_tokenizers(model_dirs):
     assert ids == theirs.encode(text).ids
     assert ours.decode(ids) == text == theirs.decode(ids)
     assert ours.encode("a")[0] == ours.bos_id == json.loads((path / "config.json").read_text())["bos_token_id"]
+
+
+def test_other_tokenizer_json_files_load_through_the_tokenizers_library(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from model_core.tokenizer import HFTokenizer, load_tokenizer
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "!": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, HFTokenizer)
+    assert loaded.encode("hello world !") == [1, 2, 3] and loaded.decode([1, 2]) == "hello world"
+    import pytest
+
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "nowhere")
