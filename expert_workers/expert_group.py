@@ -64,7 +64,7 @@ class ExpertGroup:
         # global id -> local row, -1 where the expert lives elsewhere
         self.local_index = torch.full((n,), -1, dtype=torch.long)
         self.local_index[torch.tensor(self.expert_ids)] = torch.arange(len(self.expert_ids))
-        self.reader = CheckpointReader(model_dir)
+        self.reader = CheckpointReader(model_dir, self.spec.fp8_block)
         self.w_gate_up: dict[int, torch.Tensor] = {}
         self.w_down: dict[int, torch.Tensor] = {}
         shapes = expert_shapes(self.spec)

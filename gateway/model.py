@@ -53,7 +53,7 @@ class GatewayModel:
         self.tracer = None  # an OpenTelemetry tracer when tracing is on: one span per MoE layer
         self.device_members = backend.placement.members() if top_m_devices is not None else None
         self.expert_device = backend.placement.device_tensor()
-        self.reader = CheckpointReader(model_dir)
+        self.reader = CheckpointReader(model_dir, spec.fp8_block)
         w = {}
         for name, shape in gateway_layout(spec).items():
             keep_fp32 = name.endswith("e_score_correction_bias")

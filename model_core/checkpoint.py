@@ -12,6 +12,7 @@ from safetensors import safe_open
 from model_core.spec import ModelSpec
 
 INDEX_NAME = "model.safetensors.index.json"
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 SINGLE_NAME = "model.safetensors"
 
 
@@ -36,8 +37,11 @@ class CheckpointReader:
     prove which tensors it touched (the gateway never reads routed experts).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, fp8_block: tuple[int, int] | None = None) -> None:
+        """fp8_block: the scale block of block-wise FP8 weights (ModelSpec.fp8_block); float8 tensors are then
+        dequantized on read with their `<name>_scale_inv`, and refused without one."""
         self.path = Path(path)
+        self.fp8_block = fp8_block
         self._handles: dict[str, object] = {}
         self.file_of: dict[str, str] = self._map_names()
         self.loaded: set[str] = set()
@@ -94,8 +98,29 @@ class CheckpointReader:
             raise CheckpointError(
                 f"{self.path / file}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}"
             )
+        if tensor.dtype in FLOAT8:
+            tensor = self._dequantize(name, tensor)
         self.loaded.add(name)
         return tensor.to(dtype) if dtype is not None else tensor
+
+    def _dequantize(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W = fp8 · scale_inv, one scale per (block_out × block_in) tile (DeepSeek-V3's FP8 release)."""
+        scale_name = f"{name}_scale_inv"
+        if self.fp8_block is None or scale_name not in self.file_of:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} is {weight.dtype} but "
+                + ("config.json has no quantization_config" if self.fp8_block is None else f"{scale_name!r} is missing")
+            )
+        bo, bi = self.fp8_block
+        out, inp = weight.shape
+        scale = self._open(self.file_of[scale_name]).get_tensor(scale_name).float()
+        expected = (-(-out // bo), -(-inp // bi))
+        if tuple(scale.shape) != expected:
+            raise CheckpointError(f"{self.path}: {scale_name!r} has shape {list(scale.shape)}, expected "
+                                  f"{list(expected)} for blocks of {list(self.fp8_block)}")
+        self.loaded.add(scale_name)
+        full = scale.repeat_interleave(bo, 0)[:out].repeat_interleave(bi, 1)[:, :inp]
+        return weight.float() * full
 
 
 def expert_shapes(spec: ModelSpec) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:

@@ -92,6 +92,7 @@ class ModelSpec:
     torch_dtype: str
     rope: RopeSpec
     router: RouterSpec
+    fp8_block: tuple[int, int] | None = None  # block-wise FP8 weights (DeepSeek-V3's release): scale block size
 
     @property
     def qk_head_dim(self) -> int:
@@ -210,6 +211,7 @@ class ModelSpec:
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         max_pos = f.pos_int("max_position_embeddings")
+        fp8_block = _parse_quantization(raw.get("quantization_config"))
         return cls(
             model_type=model_type,
             vocab_size=f.pos_int("vocab_size"),
@@ -246,12 +248,26 @@ class ModelSpec:
                 routed_scaling_factor=f.pos_float("routed_scaling_factor", default=1.0),
                 has_correction_bias=topk_method == "noaux_tc",
             ),
+            fp8_block=fp8_block,
         )
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN attention-scale correction: 0.1·mscale·ln(scale) + 1 (1 when not scaled)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _parse_quantization(q: Any) -> tuple[int, int] | None:
+    """DeepSeek-V3's block-wise FP8 (`quant_method: fp8`, `weight_block_size: [128, 128]`); other methods fail."""
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise ConfigError(f"quantization_config.quant_method={method!r}: only 'fp8' (block-wise) is supported")
+    block = q.get("weight_block_size", [128, 128])
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ConfigError(f"quantization_config.weight_block_size={block!r}: expected two positive integers")
+    return block[0], block[1]
 
 
 def _parse_rope(raw: dict[str, Any], max_pos: int) -> RopeSpec:

@@ -1,0 +1,83 @@
+"""Block-wise FP8 checkpoints (DeepSeek-V3's release format) are dequantized on read, tile by tile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gateway import Engine
+from model_core.checkpoint import CheckpointError, CheckpointReader
+from model_core.make_model import make_model
+from model_core.spec import ConfigError, ModelSpec
+from tests.conftest import random_prompts
+
+BLOCK = (16, 8)  # small tiles so the tiny model's shapes have partial blocks
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile absmax scaling to float8_e4m3fn; returns (fp8 weight, scale_inv [ceil(out/bo), ceil(in/bi)])."""
+    bo, bi = BLOCK
+    out, inp = w.shape
+    scale = torch.zeros(-(-out // bo), -(-inp // bi))
+    q = torch.empty(out, inp, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = w[i * bo:(i + 1) * bo, j * bi:(j + 1) * bi]
+            scale[i, j] = tile.abs().max().clamp(min=1e-12) / 448.0
+            q[i * bo:(i + 1) * bo, j * bi:(j + 1) * bi] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+@pytest.fixture(scope="module")
+def fp8_and_dequantized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    src = make_model("tiny-v3", root / "src", seed=4)
+    reader = CheckpointReader(src)
+    fp8, deq = {}, {}
+    for name in reader.names():
+        w = reader.get(name)
+        quantizable = w.dim() == 2 and name.endswith("proj.weight")  # linear projections, as DeepSeek-V3 ships
+        if quantizable:
+            q, s = quantize(w)
+            fp8[name], fp8[f"{name}_scale_inv"] = q, s
+            full = s.repeat_interleave(BLOCK[0], 0)[: w.shape[0]].repeat_interleave(BLOCK[1], 1)[:, : w.shape[1]]
+            deq[name] = q.float() * full
+        else:
+            fp8[name] = deq[name] = w
+    config = json.loads((src / "config.json").read_text())
+    out = {}
+    for kind, tensors, cfg in (("fp8", fp8, {**config, "quantization_config": {"quant_method": "fp8",
+                                                                              "weight_block_size": list(BLOCK)}}),
+                               ("deq", deq, config)):
+        d = root / kind
+        d.mkdir()
+        save_file(tensors, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps(cfg))
+        out[kind] = d
+    return out["fp8"], out["deq"], src
+
+
+def test_fp8_checkpoint_serves_exactly_its_dequantized_weights(fp8_and_dequantized):
+    fp8, deq, src = fp8_and_dequantized
+    prompts = random_prompts(272, [9, 4], seed=2)
+    with Engine.from_pretrained(fp8) as a, Engine.from_pretrained(deq) as b, Engine.from_pretrained(src) as c:
+        la, lb, lc = a.logits(prompts), b.logits(prompts), c.logits(prompts)
+        assert all(torch.equal(x, y) for x, y in zip(la, lb, strict=True))
+        assert all(not torch.equal(x, z) for x, z in zip(la, lc, strict=True))  # fp8 is an approximation ...
+        assert max(((x - z).abs().max() / z.abs().max()).item() for x, z in zip(la, lc, strict=True)) < 0.25
+        assert any(n.endswith("_scale_inv") for n in a.model.reader.loaded)
+
+
+def test_fp8_without_config_or_scales_is_refused(fp8_and_dequantized, tmp_path):
+    fp8, _, _ = fp8_and_dequantized
+    reader = CheckpointReader(fp8)  # no fp8_block: the config's quantization_config was not passed
+    name = "model.layers.1.mlp.experts.0.up_proj.weight"
+    with pytest.raises(CheckpointError, match="float8_e4m3fn but config.json has no quantization_config"):
+        reader.get(name)
+    with pytest.raises(ConfigError, match="quant_method='awq'"):
+        ModelSpec.from_dict({**json.loads((fp8 / "config.json").read_text()),
+                             "quantization_config": {"quant_method": "awq"}})
+    assert ModelSpec.from_dir(fp8).fp8_block == BLOCK
