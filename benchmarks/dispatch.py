@@ -130,13 +130,14 @@ def main() -> None:
         make_model("small-v3", args.model)
     import ray
 
-    ray.init(num_cpus=max(os.cpu_count() or 1, 2 * args.devices + 1), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(os.cpu_count() or 1, 3 * args.devices + 2), include_dashboard=False, log_to_driver=False)
     d = args.devices
     common = {"dtype": args.dtype}
     engines = {
         "in-process (1 group)": Engine.from_pretrained(args.model, backend="local", **common),
         f"in-process ({d} groups)": Engine.from_pretrained(args.model, backend="local", devices=d, **common),
         f"ray ({d} actors)": Engine.from_pretrained(args.model, backend="ray", devices=d, **common),
+        f"ray-dag ({d} actors)": Engine.from_pretrained(args.model, backend="ray-dag", devices=d, **common),
         f"grpc ({d} actors)": Engine.from_pretrained(args.model, backend="grpc", devices=d, **common),
     }
     try:

@@ -63,6 +63,10 @@ class ExpertGroupActor:
         result = traced_run(self.group, self.telemetry.tracer, carrier, "ray", layer, h, ids, w)
         return tensor_to_numpy(result.output), result.tokens_per_expert, result.compute_ms
 
+    def forward_dag(self, args: tuple | None) -> tuple[np.ndarray, list[int], float] | None:
+        """The same forward as a Ray Compiled Graph node: args is forward's arguments, or None (no tokens here)."""
+        return None if args is None else self.forward(*args)
+
     def describe(self) -> dict:
         g = self.group
         return {

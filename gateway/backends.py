@@ -95,6 +95,8 @@ class DispatchingBackend:
             spans = None
         else:
             sent, spans = self._send_traced(layer, hidden, batches)
+        if hasattr(self.transport, "flush"):  # transports that send a whole layer at once (compiled graph)
+            self.transport.flush()
         self.stats.record(layer, batches, hidden.element_size(), hidden.shape[1])
         return _PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype, spans,
                                self.stats, started)

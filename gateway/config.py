@@ -16,7 +16,7 @@ from gateway.scheduler import SchedulerConfig
 from model_core.telemetry import TracingConfig
 from router_service.bias import BalanceConfig
 
-BACKENDS = ("local", "ray", "grpc")
+BACKENDS = ("local", "ray", "ray-dag", "grpc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_RESOURCES = ("cpu", "gpu")
 EXPERT_KERNELS = ("auto", "triton", "torch")
@@ -79,6 +79,9 @@ class DeploymentConfig:
                                                  for r in per_group):
             raise DeploymentConfigError(
                 f"replicas={self.replicas!r}: expected an integer >= 1 or a list of {self.devices} such integers")
+        if self.backend == "ray-dag" and any(r != 1 for r in per_group):
+            raise DeploymentConfigError(f"replicas={self.replicas!r}: backend 'ray-dag' (a compiled graph) runs "
+                                        "exactly one replica per group; use backend 'ray' for replicas")
         if not self.rpc.replica_deadline_s > 0:
             raise DeploymentConfigError(f"rpc.replica_deadline_s={self.rpc.replica_deadline_s}: expected > 0")
         if not self.rpc.timeout_s > 0:
@@ -103,7 +106,7 @@ class DeploymentConfig:
     def router_on_ray(self) -> bool:
         """Whether the router service runs as a named Ray actor (else in this process)."""
         where = self.balancing.service
-        return where == "ray" or (where == "auto" and self.backend in ("ray", "grpc"))
+        return where == "ray" or (where == "auto" and self.backend in ("ray", "ray-dag", "grpc"))
 
     @property
     def expert_torch_device(self) -> str:

@@ -8,7 +8,7 @@ from expert_workers.expert_group import ExpertGroup
 from gateway.backends import DispatchingBackend
 from gateway.config import DeploymentConfig
 from gateway.replica_pool import ExpertGroupPool
-from gateway.transports import GrpcTransport, LocalTransport, RayTransport
+from gateway.transports import GrpcTransport, LocalTransport, RayDagTransport, RayTransport
 from model_core.spec import ModelSpec
 from router_service.placement import Placement
 
@@ -30,14 +30,16 @@ def build_backend(cfg: DeploymentConfig, spec: ModelSpec, placement: Placement) 
     try:
         if cfg.backend == "ray":
             transport = RayTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s)
+        elif cfg.backend == "ray-dag":
+            transport = RayDagTransport(pool, cfg.rpc.timeout_s)
         else:
             transport = GrpcTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s,
                                       cfg.rpc.max_message_mb << 20)
     except Exception:
         pool.shutdown()
         raise
-    backend = DispatchingBackend(placement, transport, on_close=pool.shutdown)
-    backend.pool = pool
+    backend = DispatchingBackend(placement, transport, on_close=pool.shutdown)  # transport closes first
+    backend.pool = pool if cfg.backend != "ray-dag" else None  # a compiled graph has a fixed topology
     return backend
 
 

@@ -158,6 +158,58 @@ class RayTransport(_ReplicaTransport):
         return ExpertReply(numpy_to_tensor(out, call.dtype), counts, ms)
 
 
+class RayDagTransport:
+    """One Ray Compiled Graph over one replica per group: a layer's batches leave in a single execute() over
+    shared-memory channels instead of one actor call each (DESIGN.md measured ~5× less per-call overhead).
+    Fixed topology: one replica per group, no run-time scaling, and a failed actor fails the call (no retry)."""
+
+    def __init__(self, pool, timeout_s: float) -> None:
+        import ray
+        from ray.dag import InputNode, MultiOutputNode
+
+        self._ray, self.pool, self.timeout_s = ray, pool, timeout_s
+        self.n_devices = len(pool.groups)
+        actors = [pool.live(d)[0].actor for d in range(self.n_devices)]
+        with InputNode() as inp:
+            dag = MultiOutputNode([a.forward_dag.bind(inp[d]) for d, a in enumerate(actors)])
+        self.dag = dag.experimental_compile()
+        self.retries = 0
+        self._staged: dict[int, tuple] = {}
+        self._dtypes: dict[int, torch.dtype] = {}
+        self._ref = None
+
+    def send(self, device, layer, hidden, ids, weights, carrier=None):
+        self._staged[device] = (layer, tensor_to_numpy(hidden), ids.numpy(), weights.numpy(), NAMES[hidden.dtype],
+                                carrier)
+        self._dtypes[device] = hidden.dtype
+        return device
+
+    def flush(self) -> None:
+        """Run the graph once for every batch staged since the last flush (devices without tokens get None)."""
+        inputs = [self._staged.get(d) for d in range(self.n_devices)]
+        self._staged = {}
+        self._ref = self.dag.execute(*inputs)
+
+    def receive(self, pending):
+        ray = self._ray
+        ref, self._ref = self._ref, None
+        try:
+            results = ray.get(ref, timeout=self.timeout_s)
+        except Exception as exc:
+            raise DispatchError(f"compiled graph, layer {pending[0][1] if pending else '?'}: "
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        replies = []
+        for device, _, _ in pending:
+            out, counts, ms = results[device]
+            replies.append(ExpertReply(numpy_to_tensor(out, self._dtypes[device]), counts, ms))
+        return replies
+
+    def close(self) -> None:
+        if self.dag is not None:
+            self.dag.teardown()
+            self.dag = None
+
+
 class GrpcTransport(_ReplicaTransport):
     """gRPC unary calls to each replica's ExpertService, all devices in flight at once, with deadlines.
 

@@ -35,7 +35,7 @@ def test_dispatch_benchmark_smoke(tmp_path, model_dirs):
                "--quick", "--json", str(out))
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
-    assert len(data["layer"]) == 8 and len(data["end_to_end"]) == 4
+    assert len(data["layer"]) == 10 and len(data["end_to_end"]) == 5
     assert data["end_to_end"][0]["prefill_vs_in_process"] == 1.0
     distributed = [r for r in data["layer"] if not r["deployment"].startswith("in-process")]
     assert all(r["calls_per_layer"] >= 1 and r["bytes_per_layer"] > 0 for r in distributed)

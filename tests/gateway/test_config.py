@@ -42,6 +42,8 @@ def test_ray_address_comes_from_the_environment_when_not_configured(monkeypatch)
         ("model: m\ntop_m_devices: 0\n", "top_m_devices=0"),
         ("model: m\nray: {device_resource: tpu}\n", "ray.device_resource='tpu'"),
         ("model: m\nrpc: {timeout_s: 0}\n", r"rpc\.timeout_s=0"),
+        ("model: m\nbackend: ray-dag\ndevices: 2\nreplicas: [1, 2]\n", "exactly one replica per group"),
+        ("model: m\ndevices: 2\nreplicas: [1]\n", r"replicas=\[1\]: expected an integer >= 1 or a list of 2"),
         ("- just\n- a list\n", "expected a mapping"),
         ("model: [unclosed\n", "cannot read deployment file"),
     ],

@@ -13,7 +13,7 @@ from tests.conftest import random_prompts
 pytestmark = pytest.mark.slow
 
 CASES = [(preset, backend, d) for preset in ("tiny-v2-group", "tiny-v3") for backend in ("ray", "grpc")
-         for d in (1, 2, 4)]
+         for d in (1, 2, 4)] + [(preset, "ray-dag", d) for preset in ("tiny-v2-group", "tiny-v3") for d in (2, 4)]
 
 
 def decode_logits(engine: Engine, seq: list[int], prefill: int) -> torch.Tensor:
