@@ -123,6 +123,10 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--deployments", nargs="+", default=["local", "ray", "grpc"],
+                        choices=["local", "ray", "ray-dag", "grpc"],
+                        help="compared with the in-process engine; measure ray-dag in a run of its own on a small "
+                             "machine: compiled-graph actors poll their channels and slow every other process")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "dispatch.json")
     args = parser.parse_args()
     if not (args.model / "config.json").is_file():
@@ -130,16 +134,14 @@ def main() -> None:
         make_model("small-v3", args.model)
     import ray
 
-    ray.init(num_cpus=max(os.cpu_count() or 1, 3 * args.devices + 2), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(os.cpu_count() or 1, len(args.deployments) * args.devices + 2), include_dashboard=False,
+             log_to_driver=False)
     d = args.devices
-    common = {"dtype": args.dtype}
-    engines = {
-        "in-process (1 group)": Engine.from_pretrained(args.model, backend="local", **common),
-        f"in-process ({d} groups)": Engine.from_pretrained(args.model, backend="local", devices=d, **common),
-        f"ray ({d} actors)": Engine.from_pretrained(args.model, backend="ray", devices=d, **common),
-        f"ray-dag ({d} actors)": Engine.from_pretrained(args.model, backend="ray-dag", devices=d, **common),
-        f"grpc ({d} actors)": Engine.from_pretrained(args.model, backend="grpc", devices=d, **common),
-    }
+    labels = {"local": f"in-process ({d} groups)", "ray": f"ray ({d} actors)", "ray-dag": f"ray-dag ({d} actors)",
+              "grpc": f"grpc ({d} actors)"}
+    engines = {"in-process (1 group)": Engine.from_pretrained(args.model, backend="local", dtype=args.dtype)}
+    for backend in args.deployments:
+        engines[labels[backend]] = Engine.from_pretrained(args.model, backend=backend, devices=d, dtype=args.dtype)
     try:
         runs = {8: 10 if args.quick else 50, 2048: 2 if args.quick else 5}
         layer_rows = [row for t, n in runs.items() for row in layer_round_trips(engines, t, n)]

@@ -32,7 +32,7 @@ def test_moe_layer_benchmark_smoke(tmp_path):
 def test_dispatch_benchmark_smoke(tmp_path, model_dirs):
     out = tmp_path / "dispatch.json"
     done = run("dispatch.py", "--model", str(model_dirs["tiny-v3"]), "--devices", "2", "--dtype", "float32",
-               "--quick", "--json", str(out))
+               "--quick", "--deployments", "local", "ray", "ray-dag", "grpc", "--json", str(out))
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
     assert len(data["layer"]) == 10 and len(data["end_to_end"]) == 5
