@@ -31,7 +31,7 @@ class ExpertResult:
 class ExpertGroup:
     """Holds, for every MoE layer, the stacked weights of the experts in `expert_ids` and nothing else.
 
-    Transports (in-process, Ray, gRPC) are thin shells around `run` / `forward`.
+    Transports (in-process, Ray, gRPC) are thin shells around `run`.
     """
 
     def __init__(
@@ -124,18 +124,6 @@ class ExpertGroup:
         out = self._compute(layer, hidden, local, topk_weights)
         counts = torch.bincount(local[local >= 0], minlength=len(self.expert_ids))
         return ExpertResult(out, counts.tolist(), (time.perf_counter() - start) * 1e3)
-
-    def forward(
-        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """Partial routed output of this group's experts (in-process use).
-
-        hidden: [T, H]; topk_ids: [T, K] global ids (-1 or experts hosted elsewhere contribute nothing);
-        topk_weights: [T, K] -> [T, H].
-        """
-        self._check_layer(layer)
-        local = torch.where(topk_ids >= 0, self.local_index[topk_ids.clamp(min=0)], -1)
-        return self._compute(layer, hidden, local, topk_weights)
 
     def _check_layer(self, layer: int) -> None:
         if layer not in self.w_gate_up:

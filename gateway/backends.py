@@ -82,8 +82,7 @@ class DispatchingBackend:
     def set_tracer(self, tracer) -> None:
         """Trace dispatches (None: off). In-process groups record their server spans with the same tracer."""
         self.tracer = tracer
-        if hasattr(self.transport, "tracer"):
-            self.transport.tracer = tracer
+        self.transport.tracer = tracer
 
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
@@ -95,8 +94,7 @@ class DispatchingBackend:
             spans = None
         else:
             sent, spans = self._send_traced(layer, hidden, batches)
-        if hasattr(self.transport, "flush"):  # transports that send a whole layer at once (compiled graph)
-            self.transport.flush()
+        self.transport.flush()
         self.stats.record(layer, batches, hidden.element_size(), hidden.shape[1])
         return _PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype, spans,
                                self.stats, started)

@@ -170,19 +170,21 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int = 0) -> None:
+    def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int = 0, single: bool = False) -> None:
+        """Errors name the prompt: `prompts[i]` for a batch, `prompt` for one submitted request."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts: expected a non-empty list of token-id lists")
         vocab, limit = self.spec.vocab_size, self.spec.max_position_embeddings
         for i, p in enumerate(prompts):
+            field = "prompt" if single else f"prompts[{i}]"
             if not isinstance(p, (list, tuple)) or not p:
-                raise ValueError(f"prompts[{i}]: expected a non-empty list of token ids")
+                raise ValueError(f"{field}: expected a non-empty list of token ids")
             bad = [t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"prompts[{i}]: token ids {bad[:5]} are outside [0, vocab_size={vocab})")
+                raise ValueError(f"{field}: token ids {bad[:5]} are outside [0, vocab_size={vocab})")
             if len(p) + max_new_tokens > limit:
                 raise ValueError(
-                    f"prompts[{i}]: {len(p)} tokens + max_new_tokens={max_new_tokens} exceeds "
+                    f"{field}: {len(p)} tokens + max_new_tokens={max_new_tokens} exceeds "
                     f"max_position_embeddings={limit}"
                 )
 
@@ -272,7 +274,7 @@ class Engine:
             raise ValueError(f"temperature={temperature!r}: expected a number >= 0")
         if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p={top_p!r}: expected 0 < top_p <= 1")
-        self._check_prompts([prompt], max_new_tokens)
+        self._check_prompts([prompt], max_new_tokens, single=True)
         request = Request(
             request_id=request_id or uuid.uuid4().hex[:16], prompt=list(prompt), max_new_tokens=max_new_tokens,
             temperature=float(temperature), top_p=float(top_p),

@@ -14,7 +14,6 @@ from router_service.placement import Placement
 
 logger = logging.getLogger(__name__)
 
-READY_TIMEOUT_S = 120.0
 
 
 def build_backend(cfg: DeploymentConfig, spec: ModelSpec, placement: Placement) -> DispatchingBackend:

@@ -88,7 +88,7 @@ async def completions(state: GatewayState, body: CompletionRequest) -> Any:
         return error(429, str(exc), "rate_limit_error")
     except ValueError as exc:
         loop.stats.requests["rejected"] += 1
-        return error(400, str(exc).replace("prompts[0]", "prompt").replace("max_new_tokens", "max_tokens"))
+        return error(400, str(exc).replace("max_new_tokens", "max_tokens"))  # the API's name for it
     created = int(time.time())
     if body.stream:
         return StreamingResponse(_stream(req, queue, state, created), media_type="text/event-stream")

@@ -27,12 +27,18 @@ class ExpertReply:
 
 
 class Transport(Protocol):
-    """Sends one device's batch for one layer; `receive` waits for a list of sends, in order."""
+    """Sends one device's batch for one layer; `flush` marks the end of a layer's sends (a compiled graph
+    sends them all then); `receive` waits for a list of sends, in order. `tracer` is set when tracing is on
+    (only in-process groups record server spans with it; remote groups have their own)."""
+
+    tracer: Any
 
     def send(self, device: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
              carrier: dict[str, str] | None = None) -> Any:
         """carrier: W3C trace context for the expert group's server span (None when tracing is off)."""
         ...
+
+    def flush(self) -> None: ...
 
     def receive(self, pending: list[tuple[int, int, Any]]) -> list[ExpertReply]: ...
 
@@ -49,6 +55,9 @@ class LocalTransport:
     def send(self, device, layer, hidden, ids, weights, carrier=None):
         result = traced_run(self.groups[device], self.tracer, carrier, "local", layer, hidden, ids, weights)
         return ExpertReply(result.output, result.tokens_per_expert, result.compute_ms)
+
+    def flush(self) -> None:
+        pass  # each send already ran
 
     def receive(self, pending):
         return [reply for _, _, reply in pending]
@@ -77,6 +86,10 @@ class _ReplicaTransport:
     def __init__(self, pool, timeout_s: float, deadline_s: float) -> None:
         self.pool, self.timeout_s, self.deadline_s = pool, timeout_s, deadline_s
         self.retries = 0
+        self.tracer = None
+
+    def flush(self) -> None:
+        pass  # each send is already in flight
 
     def _submit(self, device: int, args: tuple, dtype: torch.dtype, avoid=None, deadline: float | None = None):
         from gateway.replica_pool import NoLiveReplica
@@ -174,6 +187,7 @@ class RayDagTransport:
             dag = MultiOutputNode([a.forward_dag.bind(inp[d]) for d, a in enumerate(actors)])
         self.dag = dag.experimental_compile()
         self.retries = 0
+        self.tracer = None
         self._staged: dict[int, tuple] = {}
         self._dtypes: dict[int, torch.dtype] = {}
         self._ref = None

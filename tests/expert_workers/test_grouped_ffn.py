@@ -106,8 +106,10 @@ def test_expert_group_loads_only_its_experts_and_computes_their_share(model_dirs
     ids = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(10)])
     w = torch.rand(10, 4, generator=gen)
     masked = torch.where(torch.isin(ids, torch.tensor(mine)), ids, -1)
-    torch.testing.assert_close(group.forward(1, hidden, ids, w), full.forward(1, hidden, masked, w))
+    torch.testing.assert_close(group.run(1, hidden, masked, w).output, full.run(1, hidden, masked, w).output)
     with pytest.raises(ValueError, match="layer=0: not an MoE layer"):
-        group.forward(0, hidden, ids, w)
+        group.run(0, hidden, masked, w)
+    with pytest.raises(ValueError, match="are not hosted on this group"):
+        group.run(1, hidden, ids, w)
     with pytest.raises(ValueError, match="expert_ids"):
         ExpertGroup(path, [3, 16])

@@ -70,7 +70,7 @@ def request(layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.
 def assert_good_request_works(stub: pb_grpc.ExpertServiceStub, group: ExpertGroup, seed: int = 99) -> None:
     hidden, ids, weights = routing(5, seed)
     reply = stub.Forward(request(2, hidden, ids, weights), timeout=TIMEOUT)
-    assert torch.equal(proto_to_tensor(reply.output, "output"), group.forward(2, hidden, ids, weights))
+    assert torch.equal(proto_to_tensor(reply.output, "output"), group.run(2, hidden, ids, weights).output)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -81,7 +81,7 @@ def test_forward_equals_in_process_group(stub, group, dtype, layer):
     reply = stub.Forward(request(layer, hidden, ids, weights), timeout=TIMEOUT)
     output = proto_to_tensor(reply.output, "output")
     assert output.dtype == dtype
-    assert torch.equal(output, group.forward(layer, hidden, ids, weights))
+    assert torch.equal(output, group.run(layer, hidden, ids, weights).output)
     assert output.abs().sum() > 0
     expected_counts = torch.bincount(ids[ids >= 0], minlength=len(HOSTED)).tolist()
     assert list(reply.tokens_per_expert) == expected_counts
@@ -94,7 +94,7 @@ def test_forward_with_int32_ids_and_non_identity_hosting(model_dirs):
         hidden, ids, weights = routing(11, seed=5, hosted=[13, 2, 9], k=2)
         ids = ids.to(torch.int32)
         reply = pb_grpc.ExpertServiceStub(ch).Forward(request(1, hidden, ids, weights), timeout=TIMEOUT)
-    assert torch.equal(proto_to_tensor(reply.output), group.forward(1, hidden, ids.long(), weights))
+    assert torch.equal(proto_to_tensor(reply.output), group.run(1, hidden, ids.long(), weights).output)
     assert list(reply.tokens_per_expert) == [int((ids == e).sum()) for e in [13, 2, 9]]
 
 
@@ -195,7 +195,7 @@ def test_health_answers_while_a_forward_computes(stub, channel, group, monkeypat
         assert not pending.done()
     finally:
         release.set()
-    assert torch.equal(proto_to_tensor(pending.result().output), group.forward(1, hidden, ids, weights))
+    assert torch.equal(proto_to_tensor(pending.result().output), group.run(1, hidden, ids, weights).output)
 
 
 def test_oversize_message_is_resource_exhausted(group):
