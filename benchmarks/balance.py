@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway import Engine  # noqa: E402
 from gateway.config import DeploymentConfig, RayConfig  # noqa: E402
-from gateway.step import StepBatch  # noqa: E402
+from gateway.model.step import StepBatch  # noqa: E402
 from model_core.make_model import make_model  # noqa: E402
 from router_service.bias import BalanceConfig  # noqa: E402
 from router_service.placement import Placement  # noqa: E402

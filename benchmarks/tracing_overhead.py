@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway import Engine  # noqa: E402
 from gateway.config import DeploymentConfig  # noqa: E402
-from gateway.dispatch import combine, plan_dispatch  # noqa: E402
+from gateway.dispatch.dispatcher import combine, plan_dispatch  # noqa: E402
 from model_core.make_model import make_model  # noqa: E402
 from model_core.telemetry import TracingConfig  # noqa: E402
 from router_service.routing import route_tokens  # noqa: E402

@@ -202,7 +202,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from gateway.routing_trace import RequestTrace
+    from gateway.serving.routing_trace import RequestTrace
 
     file = args.dir / f"{args.request_id}.json"
     if not file.is_file():

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
-from gateway import http_api
 from gateway.config import DeploymentConfig
-from gateway.http_api import CompletionRequest, GatewayState, ScaleRequest
+from gateway.serving import http_api
+from gateway.serving.http_api import CompletionRequest, GatewayState, ScaleRequest
 
 logger = logging.getLogger(__name__)
 
@@ -21,11 +21,11 @@ app = http_api.create_app()
 @serve.ingress(app)
 class GatewayDeployment:
     """Starts the engine (and through it the expert-group actors and the router service) in its replica;
-    the routes are thin methods over gateway.http_api."""
+    the routes are thin methods over gateway.serving.http_api."""
 
     def __init__(self, deployment: dict[str, Any]) -> None:
         from gateway import Engine
-        from gateway.engine_loop import EngineLoop
+        from gateway.serving.engine_loop import EngineLoop
         from model_core.tokenizer import load_tokenizer
 
         config = DeploymentConfig.from_dict(deployment)

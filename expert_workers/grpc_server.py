@@ -16,23 +16,13 @@ from expert_workers.expert_group import ExpertGroup
 from expert_workers.spans import traced_run
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
+from protos.channel import MAX_MESSAGE_BYTES, channel_options
 from protos.codec import NAMES, proto_to_tensor, tensor_to_proto
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name  # "expertmesh.v1.ExpertService"
 START_TIMEOUT_S = 30.0
-
-
-def channel_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """gRPC options for both ends of an expert channel, so client and server enforce the same message limit."""
-    if max_bytes <= 0:
-        raise ValueError(f"max_bytes={max_bytes}: expected a positive byte count")
-    return [
-        ("grpc.max_send_message_length", max_bytes),
-        ("grpc.max_receive_message_length", max_bytes),
-    ]
 
 
 class ExpertServicer(pb_grpc.ExpertServiceServicer):

@@ -1,5 +1,5 @@
 """Gateway: the model minus routed experts, the expert dispatch, and the public Engine API."""
 
-from gateway.engine import Engine
+from gateway.serving.engine import Engine
 
 __all__ = ["Engine"]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import yaml
 
-from gateway.scheduler import SchedulerConfig
+from gateway.serving.scheduler import SchedulerConfig
 from model_core.telemetry import TracingConfig
 from router_service.bias import BalanceConfig
 

@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from gateway import Engine
-from gateway.engine_loop import EngineLoop
-from gateway.http_api import CompletionRequest, GatewayState, completions
+from gateway.serving.engine_loop import EngineLoop
+from gateway.serving.http_api import CompletionRequest, GatewayState, completions
 from tests.conftest import random_prompts
 
 
@@ -124,7 +124,7 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(server, body, status
 
 def test_a_full_queue_answers_429(model_dirs):
     from gateway.config import DeploymentConfig
-    from gateway.scheduler import SchedulerConfig
+    from gateway.serving.scheduler import SchedulerConfig
 
     cfg = DeploymentConfig(model=str(model_dirs["tiny-v2"]), scheduler=SchedulerConfig(max_waiting=1))
     engine = Engine.from_config(cfg)

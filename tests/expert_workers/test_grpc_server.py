@@ -11,9 +11,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expert_workers.expert_group import ExpertGroup
-from expert_workers.grpc_server import SERVICE_NAME, ExpertServer, channel_options
+from expert_workers.grpc_server import SERVICE_NAME, ExpertServer
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
+from protos.channel import channel_options
 from protos.codec import proto_to_tensor, tensor_to_proto
 
 HOSTED = [0, 1, 2, 3, 4, 5, 6, 7]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gateway import Engine
-from gateway.step import StepBatch
+from gateway.model.step import StepBatch
 from model_core.checkpoint import expert_weight_names
 from tests.conftest import random_prompts
 

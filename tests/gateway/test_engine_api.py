@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gateway import Engine
-from gateway.sampling import sample
+from gateway.model.sampling import sample
 from tests.conftest import random_prompts
 
 

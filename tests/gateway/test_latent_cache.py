@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from gateway import Engine
-from gateway.kv_cache import LatentCache
-from gateway.step import StepBatch
+from gateway.model.kv_cache import LatentCache
+from gateway.model.step import StepBatch
 from model_core.checkpoint import is_routed_expert_tensor
 from model_core.layout import gateway_layout
 from tests.conftest import random_prompts

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gateway import Engine
-from gateway.step import StepBatch
+from gateway.model.step import StepBatch
 from tests.conftest import TINY_PRESETS, random_prompts
 
 pytestmark = pytest.mark.parametrize("preset", TINY_PRESETS)

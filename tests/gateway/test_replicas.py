@@ -9,7 +9,7 @@ import pytest
 
 from gateway import Engine
 from gateway.config import DeploymentConfig, RpcConfig
-from gateway.transports import DispatchError
+from gateway.dispatch.transports import DispatchError
 from tests.conftest import random_prompts
 
 pytestmark = pytest.mark.slow
@@ -75,8 +75,8 @@ def test_a_killed_expert_actor_is_restarted_and_the_request_completes_with_the_s
         assert [r.output for r in requests] == expected and not any(r.error for r in requests)
         assert engine.backend.transport.retries >= 1 and pool.restarts >= 1
         assert pool.live(1)[0].actor._actor_id.hex() == actor_id  # the same actor, restarted
-        from gateway.engine_loop import EngineLoop
-        from gateway.http_api import prometheus_text
+        from gateway.serving.engine_loop import EngineLoop
+        from gateway.serving.http_api import prometheus_text
 
         loop = EngineLoop(engine)
         loop.stop()

@@ -6,7 +6,7 @@ import pytest
 
 from gateway import Engine
 from gateway.config import DeploymentConfig
-from gateway.scheduler import QueueFull, Request, Scheduler, SchedulerConfig
+from gateway.serving.scheduler import QueueFull, Request, Scheduler, SchedulerConfig
 from tests.conftest import random_prompts
 
 

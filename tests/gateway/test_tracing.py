@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-import gateway.model as gateway_model
+import gateway.model.model as gateway_model
 from gateway import Engine
 from gateway.config import DeploymentConfig
 from model_core.telemetry import TracingConfig

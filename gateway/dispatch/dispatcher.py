@@ -1,43 +1,82 @@
-"""Expert backends: the dispatcher/combiner that sends each layer's routed tokens to the expert groups."""
+"""The dispatcher: one dispatch plan per MoE layer, every device's batch in flight at once, partial sums combined."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from gateway.dispatch import DeviceBatch, DispatchStats, combine, plan_dispatch
-from gateway.transports import ExpertReply, Transport
+from gateway.dispatch.transports import ExpertReply, Transport
 from router_service.placement import Placement
 
+# Shape legend: T = tokens in the layer, K = experts per token, H = hidden, n = rows sent to one device.
 
-class PendingExperts(Protocol):
+
+@dataclass(frozen=True)
+class DeviceBatch:
+    """What one expert group receives for one layer."""
+
+    device: int
+    rows: torch.Tensor  # [n] int64 token indices into the layer's batch
+    ids: torch.Tensor  # [n, K] global expert ids, -1 where the expert lives on another device
+    weights: torch.Tensor  # [n, K] float32
+
+
+def plan_dispatch(
+    ids: torch.Tensor, weights: torch.Tensor, expert_device: torch.Tensor, n_devices: int
+) -> list[DeviceBatch]:
+    """One batch per device that any token reaches; a token goes to a device once, with all its experts there.
+
+    ids, weights: [T, K]; expert_device: [E] -> batches in device order.
+    """
+    device_of = expert_device[ids]  # [T, K]
+    batches = []
+    for d in range(n_devices):
+        here = device_of == d  # [T, K]
+        rows = torch.nonzero(here.any(dim=1)).flatten()
+        if rows.numel() == 0:
+            continue
+        batches.append(DeviceBatch(d, rows, torch.where(here[rows], ids[rows], -1), weights[rows]))
+    return batches
+
+
+def combine(n_tokens: int, hidden_size: int, batches: list[DeviceBatch], partials: list[torch.Tensor],
+            dtype: torch.dtype) -> torch.Tensor:
+    """Scatter-add each device's partial output back in token order (devices summed in device order)."""
+    out = torch.zeros(n_tokens, hidden_size, dtype=dtype)
+    for batch, partial in zip(batches, partials, strict=True):
+        out.index_add_(0, batch.rows, partial.to(dtype))
+    return out
+
+
+class DispatchStats:
+    """Counters per (layer, device): token rows sent, calls, bytes out and back (read from the plan's shapes)."""
+
+    def __init__(self, n_devices: int) -> None:
+        self.n_devices = n_devices
+        self.tokens: dict[int, torch.Tensor] = {}
+        self.calls = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.layers = 0  # layer dispatches completed
+        self.wait_seconds = 0.0  # their wall time, send to combine
+
+    def record(self, layer: int, batches: list[DeviceBatch], hidden_itemsize: int, hidden_size: int) -> None:
+        counts = self.tokens.setdefault(layer, torch.zeros(self.n_devices, dtype=torch.long))
+        for b in batches:
+            n, k = b.ids.shape
+            counts[b.device] += n
+            self.calls += 1
+            self.bytes_sent += n * hidden_size * hidden_itemsize + n * k * (b.ids.element_size() + 4)
+            self.bytes_received += n * hidden_size * hidden_itemsize
+
+
+class PendingCombine:
     """A dispatched layer whose routed output is not needed yet (the gateway computes shared experts meanwhile)."""
 
-    def wait(self) -> torch.Tensor:
-        """The summed routed-expert output, [T, H] in token order."""
-        ...
-
-
-class ExpertBackend(Protocol):
-    """Computes routed experts for one MoE layer of a batch of tokens."""
-
-    placement: Placement
-
-    def set_tracer(self, tracer) -> None: ...
-
-    def dispatch(
-        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> PendingExperts:
-        """hidden: [T, H]; topk_ids: [T, K] global expert ids; topk_weights: [T, K] float32."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class _PendingCombine:
     def __init__(self, transport: Transport, layer: int, batches: list[DeviceBatch], sent: list[Any],
                  shape: tuple[int, int], dtype: torch.dtype, spans: list | None, stats: DispatchStats,
                  started: float) -> None:
@@ -47,6 +86,7 @@ class _PendingCombine:
         self.replies: list[ExpertReply] = []
 
     def wait(self) -> torch.Tensor:
+        """The summed routed-expert output, [T, H] in token order."""
         pending = [(b.device, self.layer, s) for b, s in zip(self.batches, self.sent, strict=True)]
         try:
             self.replies = self.transport.receive(pending)
@@ -64,19 +104,21 @@ class _PendingCombine:
         return out
 
 
-class DispatchingBackend:
-    """One dispatch plan per layer, all devices' batches in flight at once, partial sums scatter-added back.
+class Dispatcher:
+    """Computes the routed experts of one MoE layer through the expert groups.
 
-    The local, Ray and gRPC deployments differ only in `transport`.
+    The local, Ray and gRPC deployments differ only in `transport`; `pool` is the replica pool when the groups
+    are Ray actors that can be scaled (None otherwise).
     """
 
-    def __init__(self, placement: Placement, transport: Transport, on_close: Callable[[], None] | None = None) -> None:
+    def __init__(self, placement: Placement, transport: Transport, pool: Any = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.placement = placement
         self.transport = transport
+        self.pool = pool
         self.expert_device = placement.device_tensor()
         self.stats = DispatchStats(placement.n_devices)
         self.tracer = None  # set by the engine when tracing is on: one CLIENT span per device per layer
-        self.pool = None  # the replica pool, for Ray-backed deployments
         self._on_close = on_close
 
     def set_tracer(self, tracer) -> None:
@@ -86,7 +128,8 @@ class DispatchingBackend:
 
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> PendingExperts:
+    ) -> PendingCombine:
+        """hidden: [T, H]; topk_ids: [T, K] global expert ids; topk_weights: [T, K] float32."""
         started = time.perf_counter()
         batches = plan_dispatch(topk_ids, topk_weights, self.expert_device, self.placement.n_devices)
         if self.tracer is None:
@@ -96,8 +139,8 @@ class DispatchingBackend:
             sent, spans = self._send_traced(layer, hidden, batches)
         self.transport.flush()
         self.stats.record(layer, batches, hidden.element_size(), hidden.shape[1])
-        return _PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype, spans,
-                               self.stats, started)
+        return PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype, spans,
+                              self.stats, started)
 
     def _send_traced(self, layer: int, hidden: torch.Tensor, batches: list[DeviceBatch]) -> tuple[list, list]:
         from opentelemetry import trace

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from expert_workers.actor import ExpertGroupActor
 from gateway.config import DeploymentConfig
+from gateway.dispatch.ray_runtime import connect_ray
 from router_service.placement import Placement
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,6 @@ class ExpertGroupPool:
 
     def __init__(self, cfg: DeploymentConfig, placement: Placement) -> None:
         import ray
-
-        from gateway.expert_groups import connect_ray
 
         self._ray = ray
         self.cfg, self.placement = cfg, placement

@@ -10,6 +10,8 @@ from typing import Any, Protocol
 import torch
 
 from expert_workers.spans import traced_run
+from gateway.dispatch.replica_pool import NoLiveReplica
+from protos.channel import channel_options
 from protos.codec import NAMES, numpy_to_tensor, proto_to_tensor, tensor_to_numpy, tensor_to_proto
 
 logger = logging.getLogger(__name__)
@@ -92,8 +94,6 @@ class _ReplicaTransport:
         pass  # each send is already in flight
 
     def _submit(self, device: int, args: tuple, dtype: torch.dtype, avoid=None, deadline: float | None = None):
-        from gateway.replica_pool import NoLiveReplica
-
         while True:
             try:
                 replica = self.pool.pick(device, avoid)
@@ -232,7 +232,6 @@ class GrpcTransport(_ReplicaTransport):
     def __init__(self, pool, timeout_s: float, deadline_s: float, max_message_bytes: int) -> None:
         import grpc
 
-        from expert_workers.grpc_server import channel_options
         from protos import expert_service_pb2 as pb
         from protos import expert_service_pb2_grpc as pb_grpc
 

@@ -8,8 +8,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from gateway.engine import Engine
-from gateway.scheduler import Request
+from gateway.serving.engine import Engine
+from gateway.serving.scheduler import Request
 
 logger = logging.getLogger(__name__)
 

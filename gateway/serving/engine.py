@@ -11,18 +11,18 @@ from pathlib import Path
 
 import torch
 
-from gateway.backends import ExpertBackend
-from gateway.balancing import start_balancing
 from gateway.config import DeploymentConfig, RayConfig, RpcConfig
-from gateway.expert_groups import build_backend
-from gateway.kv_cache import LatentCache
-from gateway.model import GatewayModel
-from gateway.routing_summary import RoutingSummary
-from gateway.routing_trace import RequestTrace, RoutingTraceStore
-from gateway.sampling import sample
-from gateway.scheduler import Request, Scheduler
-from gateway.step import StepBatch
-from gateway.transports import DispatchError
+from gateway.dispatch.dispatcher import Dispatcher
+from gateway.dispatch.groups import build_dispatcher
+from gateway.dispatch.transports import DispatchError
+from gateway.model.kv_cache import LatentCache
+from gateway.model.model import GatewayModel
+from gateway.model.sampling import sample
+from gateway.model.step import StepBatch
+from gateway.serving.balancing import start_balancing
+from gateway.serving.routing_summary import RoutingSummary
+from gateway.serving.routing_trace import RequestTrace, RoutingTraceStore
+from gateway.serving.scheduler import Request, Scheduler
 from model_core.spec import ModelSpec
 from model_core.telemetry import Telemetry
 from router_service.placement import Placement
@@ -38,7 +38,7 @@ class Engine:
     >>> engine.generate([[1, 2, 3]], max_new_tokens=8)
     """
 
-    def __init__(self, config: DeploymentConfig, spec: ModelSpec, backend: ExpertBackend, dtype: torch.dtype) -> None:
+    def __init__(self, config: DeploymentConfig, spec: ModelSpec, backend: Dispatcher, dtype: torch.dtype) -> None:
         self.config = config
         self.model_dir = Path(config.model)
         self.spec = spec
@@ -108,7 +108,7 @@ class Engine:
                 f"placement {config.placement}: has {placement.n_devices} devices, but devices={config.devices}"
             )
         placement.check_top_m(spec.top_k, config.top_m_devices)
-        backend = build_backend(config, spec, placement)
+        backend = build_dispatcher(config, spec, placement)
         try:
             return cls(config, spec, backend, config.torch_dtype)
         except Exception:

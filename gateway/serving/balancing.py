@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gateway.step import StepBatch
+from gateway.model.step import StepBatch
 from router_service.load_stats import LayerWindow, expert_balance, normalised_scores, observe_routing
 from router_service.routing import Routing
 from router_service.service import window_to_wire
@@ -172,7 +172,7 @@ def start_balancing(config, spec, model, placement) -> BalanceClient | None:
     if config.router_on_ray:
         import ray
 
-        from gateway.expert_groups import connect_ray
+        from gateway.dispatch.ray_runtime import connect_ray
         from router_service.service import RouterService
 
         started_ray = connect_ray(config)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gateway.kv_cache import LatentCache
-from gateway.layers import RotaryEmbedding, rms_norm
-from gateway.step import StepBatch
+from gateway.model.kv_cache import LatentCache
+from gateway.model.layers import RotaryEmbedding, rms_norm
+from gateway.model.step import StepBatch
 from model_core.spec import ModelSpec
 
 # Shape legend: N = new tokens in the step, n = one sequence's new tokens, S = its cached length,

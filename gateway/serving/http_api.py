@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.engine_loop import EngineLoop
-from gateway.scheduler import QueueFull
+from gateway.serving.engine_loop import EngineLoop
+from gateway.serving.scheduler import QueueFull
 
 
 class CompletionRequest(BaseModel):

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gateway.backends import ExpertBackend
-from gateway.kv_cache import LatentCache
-from gateway.layers import RotaryEmbedding, rms_norm
-from gateway.mla import MLAttention
-from gateway.step import StepBatch
+from gateway.dispatch.dispatcher import Dispatcher
+from gateway.model.kv_cache import LatentCache
+from gateway.model.layers import RotaryEmbedding, rms_norm
+from gateway.model.mla import MLAttention
+from gateway.model.step import StepBatch
 from model_core.checkpoint import CheckpointReader
 from model_core.ffn import swiglu
 from model_core.layout import gateway_layout
@@ -44,7 +44,7 @@ class GatewayModel:
         self,
         model_dir: str | Path,
         spec: ModelSpec,
-        backend: ExpertBackend,
+        backend: Dispatcher,
         dtype: torch.dtype,
         top_m_devices: int | None = None,
     ) -> None:

@@ -1,0 +1,1 @@
+"""Reaching the expert groups: dispatch plans and combine, transports, Ray replica pools."""

@@ -1,0 +1,37 @@
+"""Starting a deployment's expert groups (in-process, or replicated Ray actors) behind one Dispatcher."""
+
+from __future__ import annotations
+
+from expert_workers.expert_group import ExpertGroup
+from gateway.config import DeploymentConfig
+from gateway.dispatch.dispatcher import Dispatcher
+from gateway.dispatch.replica_pool import ExpertGroupPool
+from gateway.dispatch.transports import GrpcTransport, LocalTransport, RayDagTransport, RayTransport
+from model_core.spec import ModelSpec
+from router_service.placement import Placement
+
+
+def build_dispatcher(cfg: DeploymentConfig, spec: ModelSpec, placement: Placement) -> Dispatcher:
+    """The dispatcher for `cfg.backend`, with its expert groups started and loaded."""
+    if cfg.backend == "local":
+        groups = [
+            ExpertGroup(cfg.model, placement.experts_on(d), cfg.torch_dtype, spec, device=d,
+                        kernel=cfg.expert_kernel, torch_device=cfg.expert_torch_device)
+            for d in range(placement.n_devices)
+        ]
+        return Dispatcher(placement, LocalTransport(groups))
+    pool = ExpertGroupPool(cfg, placement)
+    try:
+        if cfg.backend == "ray":
+            transport = RayTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s)
+        elif cfg.backend == "ray-dag":
+            transport = RayDagTransport(pool, cfg.rpc.timeout_s)
+        else:
+            transport = GrpcTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s,
+                                      cfg.rpc.max_message_mb << 20)
+    except Exception:
+        pool.shutdown()
+        raise
+    # A compiled graph has a fixed topology: no scaling through the pool.
+    return Dispatcher(placement, transport, pool=pool if cfg.backend != "ray-dag" else None,
+                      on_close=pool.shutdown)  # the transport closes first

@@ -1,0 +1,1 @@
+"""The gateway model: all but the routed experts (embeddings, MLA and its latent cache, dense layers, router)."""
