@@ -22,6 +22,8 @@ class BalanceConfig:
     name: str = "router-service"  # the named Ray actor; engines naming the same service share one bias
     checkpoint: str | None = None  # file the service saves its state to after every update (survives restarts)
     push_every_steps: int = 1  # gateway steps between pushes of load counts
+    max_pending_pushes: int = 8  # unanswered pushes before a gateway holds its counts back (keeps memory bounded)
+    history_windows: int = 100  # closed windows' reports the service keeps (and checkpoints)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -36,8 +38,10 @@ class BalanceConfig:
             raise ValueError(f"balancing.window_tokens={self.window_tokens!r}: expected an integer >= 1")
         if self.service not in ("auto", "local", "ray"):
             raise ValueError(f"balancing.service={self.service!r}: expected 'auto', 'local' or 'ray'")
-        if not isinstance(self.push_every_steps, int) or self.push_every_steps < 1:
-            raise ValueError(f"balancing.push_every_steps={self.push_every_steps!r}: expected an integer >= 1")
+        for name in ("push_every_steps", "max_pending_pushes", "history_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"balancing.{name}={value!r}: expected an integer >= 1")
 
 
 def bias_step(delta: torch.Tensor, load: torch.Tensor, gamma: float, max_bias: float) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -116,7 +116,6 @@ class LayerReport:
     changed_slot_share: float  # share of token-expert slots holding an expert the model would not have chosen
     bias_min: float = 0.0
     bias_max: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def layer_report(

@@ -48,7 +48,7 @@ class RouterService:
         n = len(expert_device)
         self.window = {layer: LayerWindow.empty(n, n_devices) for layer in self.layers}
         self.windows_closed = 0
-        self.history: list[list[dict]] = []  # one list of layer reports per closed window
+        self.history: list[list[dict]] = []  # layer reports of the last `history_windows` closed windows
         self.gateways: dict[str, int] = {}  # pushes per gateway
         self.restored = self._restore()
 
@@ -72,6 +72,7 @@ class RouterService:
             reports.append(asdict(report))
         self.controller.update({layer: self.window[layer].counts for layer in self.layers})
         self.history.append(reports)
+        del self.history[: -self.config.history_windows]
         self.windows_closed += 1
         n = len(self.expert_device)
         self.window = {layer: LayerWindow.empty(n, self.n_devices) for layer in self.layers}
@@ -93,10 +94,8 @@ class RouterService:
         }
 
     def report_history(self) -> list[list[dict]]:
+        """The per-layer reports of the last `history_windows` closed windows, oldest first."""
         return self.history
-
-    def ping(self) -> bool:
-        return True
 
     # -- persistence ------------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -104,7 +103,7 @@ class RouterService:
             "version": self.controller.version, "windows_closed": self.windows_closed,
             "delta": {layer: self.controller.delta[layer].tolist() for layer in self.layers},
             "window": {layer: window_to_wire(self.window[layer]) for layer in self.layers},
-            "history": self.history[-50:], "gateways": self.gateways,
+            "history": self.history, "gateways": self.gateways,
         }
 
     def _save(self) -> None:
@@ -129,7 +128,7 @@ class RouterService:
         self.controller.delta = {int(k): torch.tensor(v, dtype=torch.float32) for k, v in state["delta"].items()}
         self.window = {int(k): window_from_wire(v) for k, v in state["window"].items()}
         self.windows_closed = state["windows_closed"]
-        self.history = state["history"]
+        self.history = state["history"][-self.config.history_windows :]
         self.gateways = state["gateways"]
         logger.info("router service restored from %s at bias version %d", path, self.controller.version)
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from typing import Any
 
@@ -21,20 +22,29 @@ class BalanceClient:
 
     Remote calls are fire-and-forget: pushes and snapshot requests are checked later with ray.wait(timeout=0),
     so a slow or dead router service never stalls a decode step. When it cannot be reached the gateway keeps
-    routing with its last bias and `unreachable` / `failures` say so.
+    routing with its last bias and `unreachable` / `failures` say so. At most `max_pending_pushes` pushes are in
+    flight: while that many are unanswered, counts keep accumulating in the local window (memory stays bounded,
+    nothing is lost) and go out in one push once the service answers again.
+
+    `observe` runs on the engine thread while `flush` / `sync` may run on a caller's (stats, shutdown): one lock
+    guards the window, the in-flight calls and the in-process service; nothing waits on a remote call under it.
     """
 
     def __init__(self, service: Any, remote: bool, apply_bias, expert_device: torch.Tensor, n_devices: int,
-                 n_experts: int, top_k: int, moe_layers: list[int], push_every_steps: int) -> None:
+                 n_experts: int, top_k: int, moe_layers: list[int], push_every_steps: int,
+                 max_pending_pushes: int = 8) -> None:
         self.service, self.remote, self.apply_bias, self.top_k = service, remote, apply_bias, top_k
         self.expert_device, self.n_devices, self.n_experts = expert_device, n_devices, n_experts
         self.moe_layers, self.push_every_steps = moe_layers, push_every_steps
+        self.max_pending_pushes = max_pending_pushes
         self.gateway_id = uuid.uuid4().hex[:8]
         self.version = -1
         self.steps = 0
         self.failures = 0
+        self.held_back = 0  # flushes kept local because max_pending_pushes pushes were unanswered
         self.unreachable = False
         self.started_ray = False  # whether connecting to the service started Ray (the engine shuts it down)
+        self._lock = threading.Lock()
         self._pending_pushes: list = []
         self._pending_snapshot = None
         self._reset()
@@ -46,43 +56,55 @@ class BalanceClient:
     def observe(self, routings: dict[int, Routing], step: StepBatch) -> None:
         """Add one forward step's routing; push and poll on schedule."""
         rows = list(zip(step.offsets, step.lengths, strict=True))
-        for layer, r in routings.items():
-            self.window[layer].add(observe_routing(r.ids, r.scores, self.expert_device, self.n_devices,
-                                                   r.changed_tokens(), r.changed_slots()))
-            norm = normalised_scores(r.scores)
-            for seq_id, (off, n) in zip(step.seq_ids, rows, strict=True):
-                acc = self.per_seq[layer].setdefault(seq_id, [torch.zeros(self.n_experts, dtype=torch.long),
-                                                              torch.zeros(self.n_experts, dtype=torch.float64), 0])
-                acc[0] += torch.bincount(r.ids[off : off + n].flatten(), minlength=self.n_experts)
-                acc[1] += norm[off : off + n].sum(0)
-                acc[2] += n
-        self.steps += 1
-        if self.steps % self.push_every_steps == 0:
+        with self._lock:
+            for layer, r in routings.items():
+                self.window[layer].add(observe_routing(r.ids, r.scores, self.expert_device, self.n_devices,
+                                                       r.changed_tokens(), r.changed_slots()))
+                norm = normalised_scores(r.scores)
+                for seq_id, (off, n) in zip(step.seq_ids, rows, strict=True):
+                    acc = self.per_seq[layer].setdefault(seq_id, [torch.zeros(self.n_experts, dtype=torch.long),
+                                                                  torch.zeros(self.n_experts, dtype=torch.float64), 0])
+                    acc[0] += torch.bincount(r.ids[off : off + n].flatten(), minlength=self.n_experts)
+                    acc[1] += norm[off : off + n].sum(0)
+                    acc[2] += n
+            self.steps += 1
+            due = self.steps % self.push_every_steps == 0
+        if due:
             self.flush()
         self.poll()
 
     def flush(self) -> None:
-        """Send the accumulated windows (sequence-wise balance per sequence seen in the window)."""
-        wire = {}
-        for layer, w in self.window.items():
-            if w.tokens == 0:
-                continue
-            for counts, score_sum, n in self.per_seq[layer].values():
-                w.seq_balance_sum += expert_balance(counts, score_sum, n, self.top_k)
-                w.sequences += 1
-            wire[layer] = window_to_wire(w)
-        self._reset()
-        if not wire:
-            return
-        if not self.remote:
-            self.service.push(self.gateway_id, wire)
-            return
-        self._check_pushes()
-        self._pending_pushes.append(self.service.push.remote(self.gateway_id, wire))
+        """Send the accumulated windows (sequence-wise balance per sequence seen in the window), unless
+        `max_pending_pushes` earlier pushes are still unanswered: then the window stays here and grows."""
+        with self._lock:
+            if self.remote:
+                self._check_pushes()
+                if len(self._pending_pushes) >= self.max_pending_pushes:
+                    self.held_back += 1
+                    self.unreachable = True
+                    return
+            wire = {}
+            for layer, w in self.window.items():
+                if w.tokens == 0:
+                    continue
+                for counts, score_sum, n in self.per_seq[layer].values():
+                    w.seq_balance_sum += expert_balance(counts, score_sum, n, self.top_k)
+                    w.sequences += 1
+                wire[layer] = window_to_wire(w)
+            self._reset()
+            if not wire:
+                return
+            if not self.remote:
+                self.service.push(self.gateway_id, wire)  # under the lock: the in-process service is not thread-safe
+                return
+            self._pending_pushes.append(self.service.push.remote(self.gateway_id, wire))
 
     def _check_pushes(self) -> None:
+        """Drop answered pushes from the in-flight list (lock held)."""
         import ray
 
+        if not self._pending_pushes:
+            return
         done, self._pending_pushes = ray.wait(self._pending_pushes, num_returns=len(self._pending_pushes), timeout=0)
         for ref in done:
             try:
@@ -93,39 +115,58 @@ class BalanceClient:
 
     def poll(self) -> None:
         """Apply a newer bias if the service has published one (never blocks on a remote service)."""
-        if not self.remote:
-            self._apply(*self.service.snapshot(self.version))
-            return
-        import ray
+        with self._lock:
+            if not self.remote:
+                self._apply(*self.service.snapshot(self.version))
+                return
+            import ray
 
-        if self._pending_snapshot is None:
-            self._pending_snapshot = self.service.snapshot.remote(self.version)
-            return
-        done, _ = ray.wait([self._pending_snapshot], timeout=0)
-        if not done:
-            return
-        ref, self._pending_snapshot = self._pending_snapshot, None
-        try:
-            self._apply(*ray.get(ref))
-            self.unreachable = False
-        except ray.exceptions.RayError as exc:
-            self._failed(exc)
+            if self._pending_snapshot is None:
+                self._pending_snapshot = self.service.snapshot.remote(self.version)
+                return
+            done, _ = ray.wait([self._pending_snapshot], timeout=0)
+            if not done:
+                return
+            ref, self._pending_snapshot = self._pending_snapshot, None
+            try:
+                self._apply(*ray.get(ref))
+                self.unreachable = False
+            except ray.exceptions.RayError as exc:
+                self._failed(exc)
 
     def sync(self, timeout_s: float = 30.0) -> None:
         """Push what is pending and wait for the service's current bias (for tests, benchmarks and shutdown)."""
         self.flush()
         if not self.remote:
+            self.poll()
             return
         import ray
 
         try:
-            ray.get(self._pending_pushes, timeout=timeout_s)
-            self._pending_pushes = []
-            self._pending_snapshot = None
-            self._apply(*ray.get(self.service.snapshot.remote(self.version), timeout=timeout_s))
-            self.unreachable = False
+            self._wait_pushes(timeout_s)
+            self.flush()  # what was held back while pushes were unanswered
+            self._wait_pushes(timeout_s)
+            snapshot = ray.get(self.service.snapshot.remote(self.version), timeout=timeout_s)
+            with self._lock:
+                self._pending_snapshot = None
+                self._apply(*snapshot)
+                self.unreachable = False
         except ray.exceptions.RayError as exc:
-            self._failed(exc)
+            with self._lock:
+                self._failed(exc)
+
+    def _wait_pushes(self, timeout_s: float) -> None:
+        """Block (without the lock) until the pushes in flight now are answered."""
+        import ray
+
+        with self._lock:
+            waiting = list(self._pending_pushes)
+        if not waiting:
+            return
+        ray.get(waiting, timeout=timeout_s)
+        answered = set(waiting)
+        with self._lock:
+            self._pending_pushes = [ref for ref in self._pending_pushes if ref not in answered]
 
     def _apply(self, version: int, biases: dict | None) -> None:
         if biases is not None and version != self.version:
@@ -133,23 +174,27 @@ class BalanceClient:
             self.version = version
 
     def _failed(self, exc: Exception) -> None:
+        """Record a failed call (lock held). Pushes still in flight stay listed: they may yet land, and they
+        keep the backlog bounded; answered ones (failed included) leave the list in _check_pushes."""
         self.failures += 1
         self.unreachable = True
-        self._pending_pushes = []
         self._pending_snapshot = None
         logger.warning("router service unreachable (%s); routing keeps bias version %d", exc, self.version)
 
     def call(self, method: str, *args: Any, timeout_s: float = 30.0) -> Any:
         """Call a RouterService method and wait (not for the decode loop: stats, tests)."""
         if not self.remote:
-            return getattr(self.service, method)(*args)
+            with self._lock:
+                return getattr(self.service, method)(*args)
         import ray
 
         return ray.get(getattr(self.service, method).remote(*args), timeout=timeout_s)
 
     def metrics(self) -> dict:
-        return {"bias_version": self.version, "router_unreachable": self.unreachable,
-                "router_failures": self.failures, "steps": self.steps}
+        with self._lock:
+            return {"bias_version": self.version, "router_unreachable": self.unreachable,
+                    "router_failures": self.failures, "steps": self.steps,
+                    "pending_pushes": len(self._pending_pushes), "held_back_flushes": self.held_back}
 
 
 def start_balancing(config, spec, model, placement) -> BalanceClient | None:
@@ -186,7 +231,8 @@ def start_balancing(config, spec, model, placement) -> BalanceClient | None:
 
         service, remote, started_ray = RouterService(*args), False, False
     client = BalanceClient(service, remote, model.set_selection_bias, placement.device_tensor(), placement.n_devices,
-                           spec.n_routed_experts, spec.top_k, spec.moe_layers, cfg.push_every_steps)
+                           spec.n_routed_experts, spec.top_k, spec.moe_layers, cfg.push_every_steps,
+                           cfg.max_pending_pushes)
     client.started_ray = started_ray
     client.sync()  # wait once, at start-up, for the service and its current bias; later polls never block
     return client

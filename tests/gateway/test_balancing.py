@@ -1,19 +1,93 @@
-"""Live balancing end to end: gateways share one router-service actor, survive its restart and its loss."""
+"""Live balancing: the gateway's client counts every token exactly once, even under concurrent flushes and a
+hung service; end to end, gateways share one router-service actor, survive its restart and its loss."""
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 
 from gateway import Engine
 from gateway.config import DeploymentConfig
+from gateway.model.step import StepBatch
+from gateway.serving.balancing import BalanceClient
 from router_service.bias import BalanceConfig
+from router_service.routing import Routing
+from router_service.service import RouterService, window_to_wire
 from tests.conftest import random_prompts
 
-pytestmark = pytest.mark.slow
+# A small layer for client tests: E experts on D devices, K per token, two MoE layers.
+E, D, K, LAYERS = 8, 2, 2, [1, 2]
+EXPERT_DEVICE = [0] * 4 + [1] * 4
+
+
+def random_step(seed: int) -> tuple[dict[int, Routing], StepBatch]:
+    """One step of 1-3 sequences with random routing (distinct experts per token) in every layer."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 5, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen).tolist()
+    step = StepBatch(list(range(seed % 3, seed % 3 + len(lengths))), [0] * len(lengths), lengths)
+    routings = {}
+    for layer in LAYERS:
+        scores = torch.rand(step.n_tokens, E, generator=gen)
+        ids = torch.rand(step.n_tokens, E, generator=gen).argsort(dim=-1)[:, :K]
+        routings[layer] = Routing(ids=ids, weights=scores.gather(1, ids), scores=scores)
+    return routings, step
+
+
+def in_process_service(**balancing) -> RouterService:
+    cfg = BalanceConfig(**{"mode": "observe", "window_tokens": 10**9, **balancing})
+    return RouterService({layer: [0.0] * E for layer in LAYERS}, EXPERT_DEVICE, D, K, cfg)
+
+
+def client_for(service, remote: bool = False, **kwargs) -> BalanceClient:
+    return BalanceClient(service, remote, lambda biases: None, torch.tensor(EXPERT_DEVICE), D, E, K, LAYERS,
+                         **{"push_every_steps": 2, **kwargs})
+
+
+def observed_totals(steps) -> dict[int, torch.Tensor]:
+    return {layer: sum(torch.bincount(r[layer].ids.flatten(), minlength=E) for r, _ in steps) for layer in LAYERS}
+
+
+def test_flushes_from_another_thread_neither_lose_nor_double_count():
+    service = in_process_service()
+    client = client_for(service)
+    steps = [random_step(seed) for seed in range(400)]
+    done = threading.Event()
+
+    def engine_thread():
+        for routings, step in steps:
+            client.observe(routings, step)
+        done.set()
+
+    def stats_thread():  # Engine.balance_stats from an HTTP handler: sync -> flush on the caller's thread
+        while not done.is_set():
+            client.flush()
+            client.sync()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible so an unguarded window shows its race
+    try:
+        threads = [threading.Thread(target=engine_thread), threading.Thread(target=stats_thread),
+                   threading.Thread(target=stats_thread)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+    client.sync()
+    expected = observed_totals(steps)
+    tokens = sum(step.n_tokens for _, step in steps)
+    for layer in LAYERS:
+        assert service.window[layer].tokens == tokens
+        assert torch.equal(service.window[layer].counts, expected[layer])
+        assert int(service.window[layer].device_tokens.sum()) >= tokens
+
 
 
 def config(path, name: str, **balancing) -> DeploymentConfig:
@@ -25,6 +99,51 @@ def live_bias(engine: Engine) -> dict[int, torch.Tensor]:
     return {layer: engine.model.layers[layer].selection_bias for layer in engine.spec.moe_layers}
 
 
+class HeldRouterService(RouterService):
+    """A real RouterService whose pushes hang while the file `hold` exists: a service that stops answering."""
+
+    def __init__(self, hold: str, *args) -> None:
+        super().__init__(*args)
+        self.hold = Path(hold)
+
+    def push(self, gateway: str, windows: dict) -> int:
+        while self.hold.exists():
+            time.sleep(0.02)
+        return super().push(gateway, windows)
+
+    def open_window(self) -> dict:
+        return {layer: window_to_wire(w) for layer, w in self.window.items()}
+
+
+@pytest.mark.slow
+def test_a_hung_service_bounds_pushes_in_flight_and_gets_every_count_once_it_answers(ray_cluster, tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()
+    service = in_process_service()
+    actor = ray_cluster.remote(HeldRouterService).options(num_cpus=0).remote(
+        str(hold), {layer: [0.0] * E for layer in LAYERS}, EXPERT_DEVICE, D, K, service.config)
+    client = client_for(actor, remote=True, push_every_steps=1, max_pending_pushes=3)
+    steps = [random_step(seed) for seed in range(30)]
+    try:
+        for routings, step in steps:
+            client.observe(routings, step)
+            assert len(client._pending_pushes) <= 3
+        hung = client.metrics()
+        assert hung["pending_pushes"] == 3 and hung["router_unreachable"] and hung["held_back_flushes"] >= 20
+        hold.unlink()  # the service answers again
+        client.sync(timeout_s=60)
+        assert client.metrics()["pending_pushes"] == 0 and not client.metrics()["router_unreachable"]
+        arrived = ray_cluster.get(actor.open_window.remote(), timeout=60)
+        expected = observed_totals(steps)
+        for layer in LAYERS:
+            assert arrived[layer]["tokens"] == sum(step.n_tokens for _, step in steps)
+            assert arrived[layer]["counts"] == expected[layer].tolist()
+    finally:
+        hold.unlink(missing_ok=True)
+        ray_cluster.kill(actor)
+
+
+@pytest.mark.slow
 def test_two_gateways_sharing_a_router_service_converge_to_one_bias(model_dirs, ray_cluster):
     name = f"router-{uuid.uuid4().hex[:6]}"
     path = model_dirs["tiny-v3"]
@@ -47,6 +166,7 @@ def test_two_gateways_sharing_a_router_service_converge_to_one_bias(model_dirs, 
         assert "expert max/mean" in a.stats_table()
 
 
+@pytest.mark.slow
 def test_router_service_restart_resumes_from_its_checkpoint(model_dirs, ray_cluster, tmp_path):
     name = f"router-{uuid.uuid4().hex[:6]}"
     cfg = config(model_dirs["tiny-v3"], name, checkpoint=str(tmp_path / "router.json"))
@@ -68,6 +188,7 @@ def test_router_service_restart_resumes_from_its_checkpoint(model_dirs, ray_clus
         assert engine.balance_stats()["version"] > before["version"]
 
 
+@pytest.mark.slow
 def test_gateway_keeps_routing_with_its_last_bias_when_the_service_is_gone(model_dirs, ray_cluster):
     name = f"router-{uuid.uuid4().hex[:6]}"
     with Engine.from_config(config(model_dirs["tiny-v3"], name)) as engine:
@@ -85,6 +206,7 @@ def test_gateway_keeps_routing_with_its_last_bias_when_the_service_is_gone(model
             assert torch.equal(bias, kept[layer])
 
 
+@pytest.mark.slow
 def test_stats_cli_reads_a_running_router_service_from_another_process(model_dirs, ray_cluster):
     import json
     import subprocess

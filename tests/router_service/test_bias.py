@@ -53,7 +53,9 @@ def test_bias_changes_selection_never_weights():
     "kwargs, field",
     [({"mode": "on"}, "mode"), ({"gamma": 0}, "gamma"), ({"max_bias": -1}, "max_bias"),
      ({"window_tokens": 0}, "window_tokens"), ({"service": "k8s"}, "service"),
-     ({"gamma_decay_windows": 0}, "gamma_decay_windows"), ({"push_every_steps": 0}, "push_every_steps")],
+     ({"gamma_decay_windows": 0}, "gamma_decay_windows"), ({"push_every_steps": 0}, "push_every_steps"),
+     ({"max_pending_pushes": 0}, "max_pending_pushes"), ({"history_windows": 0}, "history_windows"),
+     ({"history_windows": 2.5}, "history_windows")],
 )
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"balancing.{field}"):

@@ -19,8 +19,9 @@ def skewed_push(service: RouterService, gateway: str, tokens: int = 10) -> int:
     return service.push(gateway, {1: w, 2: w})
 
 
-def make(tmp_path, mode="adapt", window=20) -> RouterService:
-    cfg = BalanceConfig(mode=mode, gamma=0.1, window_tokens=window, checkpoint=str(tmp_path / "router.json"))
+def make(tmp_path, mode="adapt", window=20, **balancing) -> RouterService:
+    cfg = BalanceConfig(mode=mode, gamma=0.1, window_tokens=window, checkpoint=str(tmp_path / "router.json"),
+                        **balancing)
     return RouterService({1: [0.0] * 4, 2: [0.5, 0, 0, 0]}, DEVICE, 2, 2, cfg)
 
 
@@ -55,6 +56,19 @@ def test_a_restarted_service_resumes_bias_and_open_window_from_its_checkpoint(tm
     assert again.restored and again.snapshot(-1) == s.snapshot(-1)
     assert again.stats()["open_window_tokens"] == {1: 5, 2: 5}
     assert again.windows_closed == 1 and again.history == s.history
+
+
+def test_history_keeps_only_the_last_history_windows_and_survives_a_restart(tmp_path):
+    s = make(tmp_path, window=10, history_windows=3)
+    for _ in range(7):
+        skewed_push(s, "a")
+    assert s.windows_closed == 7 and len(s.history) == 3
+    assert s.report_history() == s.history and s.stats()["last_window"] == s.history[-1]
+    assert [w[0]["bias_max"] for w in s.history] == pytest.approx([0.4, 0.5, 0.5])  # windows 4, 5, 6
+    again = make(tmp_path, window=10, history_windows=3)
+    assert again.restored and again.history == s.history and again.windows_closed == 7
+    smaller = make(tmp_path, window=10, history_windows=2)  # a restart with a smaller bound trims on restore
+    assert smaller.history == s.history[-2:]
 
 
 def test_wire_format_round_trips():
