@@ -29,7 +29,8 @@ class TracingConfig:
     endpoint: str | None = None
     jsonl_dir: str = "traces"
     sample_ratio: float | None = None
-    routing_trace_capacity: int = 1024  # requests whose routing trace the gateway keeps (oldest evicted)
+    routing_trace_capacity: int = 1024  # finished requests whose routing trace the gateway keeps (oldest evicted)
+    routing_trace_max_mb: float = 256.0  # and at most this many MB of them (running requests are never evicted)
     routing_trace_dir: str | None = None  # also write each request's routing trace there (for `expertmesh trace`)
 
     def __post_init__(self) -> None:
@@ -39,6 +40,9 @@ class TracingConfig:
             raise ValueError(f"tracing.sample_ratio={self.sample_ratio}: expected 0..1")
         if not isinstance(self.routing_trace_capacity, int) or self.routing_trace_capacity < 1:
             raise ValueError(f"tracing.routing_trace_capacity={self.routing_trace_capacity!r}: expected an int >= 1")
+        mb = self.routing_trace_max_mb
+        if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
+            raise ValueError(f"tracing.routing_trace_max_mb={mb!r}: expected a number > 0")
 
     @property
     def resolved_exporter(self) -> str:

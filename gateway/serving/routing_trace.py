@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,12 @@ from router_service.routing import Routing
 
 logger = logging.getLogger(__name__)
 
-# Shape legend: P = token positions routed so far, L = MoE layers, K = experts per token.
+# Shape legend: P = token positions routed so far, L = MoE layers, K = experts per token, N = a step's tokens.
+
+
+def _own(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A compact CPU copy: a row slice of a step's [N, ...] tensor would otherwise pin the whole tensor."""
+    return t.to(device="cpu", dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 @dataclass
@@ -27,19 +34,30 @@ class RequestTrace:
     top_k: int
     prompt_tokens: int = 0
     tokens: list[int] = field(default_factory=list)  # the token at each position
-    _ids: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L, K]
-    _weights: list[torch.Tensor] = field(default_factory=list)
-    _devices: list[torch.Tensor] = field(default_factory=list)
+    _ids: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L, K] int32
+    _weights: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L, K] float32
+    _devices: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L, K] int32
     _by_limit: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L] bool
     _by_bias: list[torch.Tensor] = field(default_factory=list)
+    nbytes: int = 0  # bytes of the tensor chunks held
 
-    def add(self, tokens: list[int], ids, weights, devices, by_limit, by_bias) -> None:
+    def add(self, tokens: list[int], ids, weights, devices, by_limit, by_bias) -> int:
+        """Append n positions (compact copies of the given [n, ...] rows); returns the bytes added."""
+        chunks = (_own(ids, torch.int32), _own(weights, torch.float32), _own(devices, torch.int32),
+                  _own(by_limit, torch.bool), _own(by_bias, torch.bool))
         self.tokens.extend(tokens)
-        self._ids.append(ids)
-        self._weights.append(weights)
-        self._devices.append(devices)
-        self._by_limit.append(by_limit)
-        self._by_bias.append(by_bias)
+        for kept, chunk in zip((self._ids, self._weights, self._devices, self._by_limit, self._by_bias), chunks,
+                               strict=True):
+            kept.append(chunk)
+        added = sum(c.nbytes for c in chunks)
+        self.nbytes += added
+        return added
+
+    def snapshot(self) -> RequestTrace:
+        """A copy that later appends do not change (chunks are never modified, so they are shared)."""
+        return dataclasses.replace(self, tokens=list(self.tokens), _ids=list(self._ids),
+                                   _weights=list(self._weights), _devices=list(self._devices),
+                                   _by_limit=list(self._by_limit), _by_bias=list(self._by_bias))
 
     def _cat(self, chunks: list[torch.Tensor], shape_tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.cat(chunks) if chunks else torch.empty((0, *shape_tail), dtype=dtype)
@@ -133,41 +151,71 @@ class RequestTrace:
 
 
 class RoutingTraceStore:
-    """Bounded store of request traces (oldest evicted first); optionally mirrored as <dir>/<request_id>.json."""
+    """Request traces bounded by count and bytes, optionally mirrored as <dir>/<request_id>.json.
 
-    def __init__(self, capacity: int, directory: str | None = None) -> None:
+    Only finished traces are evicted (the one finished longest ago first): a running request keeps its trace.
+    Thread-safe: the engine thread starts, records and finishes traces while HTTP handlers read them.
+    """
+
+    def __init__(self, capacity: int, directory: str | None = None, max_bytes: int = 256 << 20) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.directory = Path(directory) if directory else None
-        self._traces: OrderedDict[str, RequestTrace] = OrderedDict()
+        self._lock = threading.Lock()
+        self._traces: dict[str, RequestTrace] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()  # in finishing order; only these are evicted
+        self.nbytes = 0  # tensor bytes of every trace held
         self.evicted = 0
 
     def start(self, request_id: str, layers: list[int], top_k: int, prompt_tokens: int) -> RequestTrace:
-        if request_id in self._traces:
-            raise ValueError(f"request_id={request_id!r}: already traced; request ids must be unique")
-        trace = RequestTrace(request_id, layers, top_k, prompt_tokens)
-        self._traces[request_id] = trace
-        while len(self._traces) > self.capacity:
-            old, _ = self._traces.popitem(last=False)
+        with self._lock:
+            if request_id in self._traces:
+                raise ValueError(f"request_id={request_id!r}: already traced; request ids must be unique")
+            trace = RequestTrace(request_id, layers, top_k, prompt_tokens)
+            self._traces[request_id] = trace
+            self._evict()
+            return trace
+
+    def finish(self, request_id: str) -> None:
+        """Mark a trace complete (evictable from now on) and mirror it to the directory, if one is configured."""
+        with self._lock:
+            trace = self._traces.get(request_id)
+            if trace is None or request_id in self._finished:
+                return
+            self._finished[request_id] = None
+            if self.directory is not None:
+                try:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    (self.directory / f"{request_id}.json").write_text(json.dumps(trace.to_json()))
+                except OSError:  # the mirror is best effort; the request itself has finished
+                    logger.exception("routing trace %s: cannot write it to %s", request_id, self.directory)
+            self._evict()
+
+    def get(self, request_id: str) -> RequestTrace:
+        """A snapshot of the trace (a running request's trace keeps growing in the store, not in the snapshot)."""
+        with self._lock:
+            trace = self._traces.get(request_id)
+            if trace is None:
+                raise KeyError(f"request_id={request_id!r}: no routing trace (never seen, or evicted: the store keeps "
+                               f"the last {self.capacity} requests within {self.max_bytes / 2**20:g} MB)")
+            return trace.snapshot()
+
+    def __contains__(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._traces
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._traces)
+
+    def _evict(self) -> None:
+        """Drop finished traces, oldest first, until both bounds hold (or only running traces are left)."""
+        while self._finished and (len(self._traces) > self.capacity or self.nbytes > self.max_bytes):
+            old, _ = self._finished.popitem(last=False)
+            self.nbytes -= self._traces.pop(old).nbytes
             self.evicted += 1
             if self.directory is not None:
                 (self.directory / f"{old}.json").unlink(missing_ok=True)
-        return trace
-
-    def finish(self, request_id: str) -> None:
-        """Mirror a completed trace to the directory, if one is configured."""
-        if self.directory is None or request_id not in self._traces:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / f"{request_id}.json").write_text(json.dumps(self._traces[request_id].to_json()))
-
-    def get(self, request_id: str) -> RequestTrace:
-        if request_id not in self._traces:
-            raise KeyError(f"request_id={request_id!r}: no routing trace (never seen, or evicted: the store keeps "
-                           f"the last {self.capacity} requests)")
-        return self._traces[request_id]
-
-    def __len__(self) -> int:
-        return len(self._traces)
 
     def record_step(
         self, traces: list[RequestTrace], offsets: list[int], lengths: list[int], tokens: list[list[int]],
@@ -176,8 +224,9 @@ class RoutingTraceStore:
         """Append one forward step's routing to the traces of the sequences in it."""
         layers = sorted(routings)
         if not layers:
-            for trace, toks in zip(traces, tokens, strict=True):
-                trace.tokens.extend(toks)
+            with self._lock:
+                for trace, toks in zip(traces, tokens, strict=True):
+                    trace.tokens.extend(toks)
             return
         ids = torch.stack([routings[layer].ids for layer in layers], dim=1).to(torch.int32)  # [N, L, K]
         weights = torch.stack([routings[layer].weights for layer in layers], dim=1).float()
@@ -185,6 +234,11 @@ class RoutingTraceStore:
         by_limit = torch.stack([f[0] for f in flags], dim=1)  # [N, L]
         by_bias = torch.stack([f[1] for f in flags], dim=1)
         devices = expert_device[ids.long()].to(torch.int32)
-        for trace, off, n, toks in zip(traces, offsets, lengths, tokens, strict=True):
-            rows = slice(off, off + n)
-            trace.add(toks, ids[rows], weights[rows], devices[rows], by_limit[rows], by_bias[rows])
+        ids, weights, devices, by_limit, by_bias = (t.cpu() for t in (ids, weights, devices, by_limit, by_bias))
+        with self._lock:
+            for trace, off, n, toks in zip(traces, offsets, lengths, tokens, strict=True):
+                rows = slice(off, off + n)
+                added = trace.add(toks, ids[rows], weights[rows], devices[rows], by_limit[rows], by_bias[rows])
+                if self._traces.get(trace.request_id) is trace:
+                    self.nbytes += added
+            self._evict()
