@@ -32,7 +32,11 @@ class GatewayDeployment:
         engine = Engine.from_config(config)
         try:
             tokenizer = load_tokenizer(config.model)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
+            logger.info("%s has no tokenizer: prompts must be token ids", config.model)
+            tokenizer = None
+        except ValueError:
+            logger.warning("%s: tokenizer unreadable, prompts must be token ids", config.model, exc_info=True)
             tokenizer = None
         self.state = GatewayState(EngineLoop(engine), Path(config.model).name, tokenizer)
         logger.info("expertmesh gateway ready: %s, backend=%s, devices=%d", config.model, config.backend,
@@ -69,8 +73,7 @@ class GatewayDeployment:
     def __del__(self) -> None:
         state = getattr(self, "state", None)
         if state is not None:
-            state.engine_loop.stop()
-            state.engine_loop.engine.close()
+            state.engine_loop.close()  # closes the engine only once no step runs any more (logs why not)
 
 
 def build(args: dict[str, Any]) -> serve.Application:

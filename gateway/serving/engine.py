@@ -1,12 +1,10 @@
-"""The public Python API: load a checkpoint, score prompts, generate tokens."""
+"""The public Python API: load a checkpoint, score prompts, submit and generate tokens, scale, inspect, close."""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
-import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,49 +13,26 @@ from gateway.config import DeploymentConfig, RayConfig, RpcConfig
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.groups import build_dispatcher
 from gateway.dispatch.transports import DispatchError
-from gateway.model.kv_cache import LatentCache
-from gateway.model.model import GatewayModel
-from gateway.model.sampling import sample
-from gateway.model.step import StepBatch
-from gateway.serving.balancing import start_balancing
-from gateway.serving.routing_summary import RoutingSummary
-from gateway.serving.routing_trace import RequestTrace, RoutingTraceStore
-from gateway.serving.scheduler import Request, Scheduler
+from gateway.serving.engine_core import EngineCore
+from gateway.serving.routing_trace import RequestTrace
+from gateway.serving.scheduler import Request
 from model_core.spec import ModelSpec
-from model_core.telemetry import Telemetry
 from router_service.placement import Placement
 from router_service.service import report_table
 
 logger = logging.getLogger(__name__)
 
 
-class Engine:
-    """A DeepSeek-V2/V3 model served as gateway + expert backend.
+class Engine(EngineCore):
+    """A DeepSeek-V2/V3 model served as gateway + expert backend (EngineCore does the stepping).
 
     >>> engine = Engine.from_pretrained("models/tiny-v3", backend="local")
     >>> engine.generate([[1, 2, 3]], max_new_tokens=8)
     """
 
     def __init__(self, config: DeploymentConfig, spec: ModelSpec, backend: Dispatcher, dtype: torch.dtype) -> None:
-        self.config = config
-        self.model_dir = Path(config.model)
-        self.spec = spec
-        self.backend = backend
-        self.model = GatewayModel(config.model, spec, backend, dtype, top_m_devices=config.top_m_devices)
-        self.routing_summary = RoutingSummary(spec.moe_layers, spec.n_routed_experts)
-        self.balance = start_balancing(config, spec, self.model, backend.placement)
-        self.telemetry = Telemetry(config.tracing, "gateway")
-        self.model.tracer = self.telemetry.tracer
-        backend.set_tracer(self.telemetry.tracer)
-        self.traces = RoutingTraceStore(config.tracing.routing_trace_capacity, config.tracing.routing_trace_dir)
+        super().__init__(config, spec, backend, dtype)
         self.last_request_ids: list[str] = []  # one per prompt of the latest generate() / logits() call
-        self._seq_ids = itertools.count()
-        self.scheduler = Scheduler(config.scheduler)
-        self.cache = self.model.new_cache()  # sequences get their latent cache on admission, free it on finish
-        self._traces_of: dict[str, RequestTrace] = {}
-        self._step_lock = threading.RLock()  # one forward at a time
-        self._queue_lock = threading.Lock()  # submit() from other threads vs. schedule()
-        self._cancelled: set[str] = set()
 
     @classmethod
     def from_pretrained(
@@ -127,6 +102,7 @@ class Engine:
         try:
             stats = self.balance.call("stats")
         except Exception as exc:  # the service is down: report what this gateway knows
+            logger.warning("router service stats unavailable", exc_info=True)
             stats = {"mode": self.config.balancing.mode, "last_window": [], "error": str(exc)}
         return {**stats, "gateway": self.balance.metrics()}
 
@@ -150,19 +126,23 @@ class Engine:
     def routing_trace(self, request_id: str) -> RequestTrace:
         """The routing a request received: experts, weights and devices per token position and MoE layer.
 
-        Raises KeyError when the id was never seen or has been evicted (see tracing.routing_trace_capacity).
+        A running request's trace is a snapshot of what it has run so far. Raises KeyError when the id was never
+        seen or has been evicted (see tracing.routing_trace_capacity and tracing.routing_trace_max_mb).
         """
         return self.traces.get(request_id)
 
     def close(self) -> None:
-        if self.balance is not None:
-            self.balance.sync()
-        self.telemetry.shutdown()
-        self.backend.close()
-        if self.balance is not None and self.balance.started_ray:
-            import ray
+        """Flush balancing counts, stop tracing and the expert groups. Waits for a running step to end first:
+        tearing the backend down under a forward would fail or hang it."""
+        with self._step_lock:
+            if self.balance is not None:
+                self.balance.sync()
+            self.telemetry.shutdown()
+            self.backend.close()
+            if self.balance is not None and self.balance.started_ray:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
 
     def __enter__(self) -> Engine:
         return self
@@ -188,16 +168,6 @@ class Engine:
                     f"max_position_embeddings={limit}"
                 )
 
-    def _span(self, name: str, links: list | None = None, **attributes):
-        """A span under the current one (linked to `links` spans), or nothing when tracing is off."""
-        if self.telemetry.tracer is None:
-            return contextlib.nullcontext()
-        from opentelemetry.trace import Link
-
-        return self.telemetry.tracer.start_as_current_span(
-            name, attributes={f"expertmesh.{k}": v for k, v in attributes.items()},
-            links=[Link(s.get_span_context()) for s in links or []])
-
     def _begin(self, prompts: list[list[int]], request_ids: list[str] | None) -> tuple[list[int], list[RequestTrace]]:
         """Sequence ids and routing traces for a call's prompts (request ids given or generated)."""
         if request_ids is None:
@@ -208,26 +178,6 @@ class Engine:
         traces = [self.traces.start(r, self.spec.moe_layers, self.spec.top_k, len(p))
                   for r, p in zip(request_ids, prompts, strict=True)]
         return [next(self._seq_ids) for _ in prompts], traces
-
-    def _step(
-        self, cache: LatentCache, seqs: list[int], starts: list[int], new: list[list[int]],
-        traces: list[RequestTrace], request_spans: list | None = None,
-    ) -> tuple[torch.Tensor, StepBatch]:
-        """Run one forward over `new` tokens of each sequence; returns final hidden [N, H] and books routing."""
-        step = StepBatch(seqs, starts, [len(t) for t in new])
-        for s, start, t in zip(seqs, starts, new, strict=True):
-            cache.reserve(s, start + len(t))
-        tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.long)
-        one = [n == 1 for n in step.lengths]
-        kind = "decode_step" if all(one) else "prefill" if not any(one) else "mixed_step"
-        # A step serves many requests: it links to each request's span (continuous batching has no single parent).
-        with self._span(kind, links=request_spans, tokens=step.n_tokens, sequences=len(seqs)):
-            hidden, routings = self.model.forward(tokens, step, cache)
-        self.routing_summary.add(routings)
-        self.traces.record_step(traces, step.offsets, step.lengths, new, routings, self.model.expert_device)
-        if self.balance is not None:
-            self.balance.observe(routings, step)
-        return hidden, step
 
     @torch.inference_mode()
     def logits(self, prompts: list[list[int]], request_ids: list[str] | None = None) -> list[torch.Tensor]:
@@ -243,7 +193,7 @@ class Engine:
             cache.allocate(s, len(p))
         try:
             with self._span("logits", request_ids=self.last_request_ids, prompts=len(prompts)):
-                hidden, step = self._step(cache, seqs, [0] * len(prompts), [list(p) for p in prompts], traces)
+                hidden, step = self._forward(cache, seqs, [0] * len(prompts), [list(p) for p in prompts], traces)
                 logits = self.model.logits(hidden)
             return [logits[o : o + n].clone() for o, n in zip(step.offsets, step.lengths, strict=True)]
         finally:
@@ -260,13 +210,14 @@ class Engine:
         seed: int | None = None,
         stop_at_eos: bool = True,
         request_id: str | None = None,
-        on_token=None,
-        on_finish=None,
+        on_token: Callable[[Request, int], None] | None = None,
+        on_finish: Callable[[Request], None] | None = None,
     ) -> Request:
         """Queue one request for continuous batching; `step()` (or the serving loop) runs it.
 
         Raises ValueError naming the bad field, QueueFull when scheduler.max_waiting requests already wait.
-        on_token(request, token) and on_finish(request) are called on the thread that runs `step()`.
+        on_token(request, token) and on_finish(request) are called on the thread that runs `step()`; one that
+        raises fails this request alone (finish_reason 'error', the error names the callback).
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive integer")
@@ -306,73 +257,6 @@ class Engine:
         """Stop a request (e.g. its client went away): it finishes with reason 'cancelled' at the next step."""
         with self._queue_lock:
             self._cancelled.add(request_id)
-
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
-
-    def _take_cancelled(self) -> list[Request]:
-        """Remove cancelled requests from both queues (called at the start of a step, under the queue lock)."""
-        if not self._cancelled:
-            return []
-        gone = [r for r in [*self.scheduler.waiting, *self.scheduler.running] if r.request_id in self._cancelled]
-        self._cancelled.clear()
-        self.scheduler.waiting = type(self.scheduler.waiting)(r for r in self.scheduler.waiting if r not in gone)
-        for r in gone:
-            r.finish_reason = "cancelled"
-        return gone
-
-    @torch.inference_mode()
-    def step(self) -> list[Request]:
-        """One continuous-batching step: every running sequence decodes a token and waiting prompts are
-        prefilled under the token budget, all in one forward. Returns the requests that finished."""
-        with self._step_lock:
-            with self._queue_lock:
-                cancelled = self._take_cancelled()
-            retired = self._retire(cancelled) if cancelled else []
-            with self._queue_lock:
-                decodes, prefills = self.scheduler.schedule()
-            batch = decodes + prefills
-            if not batch:
-                return retired
-            for r in prefills:
-                r.seq_id = next(self._seq_ids)
-                self.cache.allocate(r.seq_id, len(r.prompt) + r.max_new_tokens)
-            traces = [self._traces_of[r.request_id] for r in batch]
-            try:
-                spans = [r.span for r in batch if r.span is not None]
-                hidden, step = self._step(self.cache, [r.seq_id for r in batch], [r.cached for r in batch],
-                                          [r.next_input() for r in batch], traces, spans)
-                logits = self.model.logits(hidden[step.last_rows()])
-            except Exception as exc:  # a failed dispatch fails this step's requests; the engine keeps serving
-                logger.warning("step failed for %d requests: %s", len(batch), exc)
-                for r in batch:
-                    r.error, r.finish_reason = f"{type(exc).__name__}: {exc}", "error"
-                return retired + self._retire(batch)
-            for r, row in zip(batch, logits, strict=True):
-                token = int(sample(row[None], r.temperature, r.top_p, r.generator)[0])
-                r.output.append(token)
-                if r.on_token is not None:
-                    r.on_token(r, token)
-                if token in r.stop_ids:
-                    r.finish_reason = "stop"
-                elif len(r.output) >= r.max_new_tokens:
-                    r.finish_reason = "length"
-            return retired + self._retire([r for r in batch if r.done])
-
-    def _retire(self, finished: list[Request]) -> list[Request]:
-        with self._queue_lock:
-            self.scheduler.retire(finished)
-        for r in finished:
-            if r.span is not None:
-                r.span.set_attributes({"expertmesh.completion_tokens": len(r.output),
-                                       "expertmesh.finish_reason": r.finish_reason})
-                r.span.end()
-            self.cache.free(r.seq_id)  # a request cancelled before admission has none: a no-op
-            self.traces.finish(r.request_id)
-            self._traces_of.pop(r.request_id, None)
-            if r.on_finish is not None:
-                r.on_finish(r)
-        return finished
 
     def generate(
         self,

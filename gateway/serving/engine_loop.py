@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 class LoopStats:
     """Counters the metrics endpoint reads."""
 
-    requests: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0, "rejected": 0, "cancelled": 0})
+    requests: dict[str, int] = field(
+        default_factory=lambda: {"ok": 0, "error": 0, "rejected": 0, "cancelled": 0, "timeout": 0})
     tokens_generated: int = 0
     steps: int = 0
     step_seconds: float = 0.0
@@ -34,6 +35,7 @@ class EngineLoop:
         self.stats = LoopStats()
         self._wake = threading.Event()
         self._stop = False
+        self._timed_out: set[str] = set()  # requests already counted as "timeout" (not again when they finish)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -46,8 +48,11 @@ class EngineLoop:
             loop.call_soon_threadsafe(queue.put_nowait, ("token", token))
 
         def on_finish(request: Request) -> None:
-            outcome = "error" if request.error else "cancelled" if request.finish_reason == "cancelled" else "ok"
-            self.stats.requests[outcome] += 1
+            if request.request_id in self._timed_out:
+                self._timed_out.discard(request.request_id)
+            else:
+                outcome = "error" if request.error else "cancelled" if request.finish_reason == "cancelled" else "ok"
+                self.stats.requests[outcome] += 1
             loop.call_soon_threadsafe(queue.put_nowait, ("done", request))
 
         request = self.engine.submit(prompt, on_token=on_token, on_finish=on_finish, **params)
@@ -60,6 +65,15 @@ class EngineLoop:
             self.engine.cancel(request.request_id)
             self._wake.set()
 
+    def expire(self, request: Request) -> None:
+        """The request ran past scheduler.request_timeout_s: count it as a timeout and stop generating for it."""
+        if not request.done:
+            logger.warning("request %s: no result within scheduler.request_timeout_s=%g s; cancelling it",
+                           request.request_id, self.engine.config.scheduler.request_timeout_s)
+            self._timed_out.add(request.request_id)
+            self.stats.requests["timeout"] += 1
+            self.cancel(request)
+
     def _run(self) -> None:
         while not self._stop:
             if not self.engine.has_work():
@@ -69,12 +83,28 @@ class EngineLoop:
             start = time.perf_counter()
             try:
                 self.engine.step()
-            except Exception:  # step() already fails its own requests; never let the loop die
-                logger.exception("engine step failed")
+            except Exception:  # step() fails its own requests; this is a bug in it: log it, keep serving
+                logger.exception("engine step raised")
             self.stats.steps += 1
             self.stats.step_seconds += time.perf_counter() - start
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Ask the loop thread to end and wait up to timeout_s; returns whether it ended (False: a step still
+        runs on it)."""
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            logger.warning("engine loop still running a step after %.1f s", timeout_s)
+            return False
+        return True
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Stop the loop, then close the engine, but only once no step runs on the loop thread any more (closing
+        under a running step would tear the backend down beneath it). Returns whether the engine was closed."""
+        if not self.stop(timeout_s):
+            logger.error("engine not closed: a step is still running on the engine loop thread after %.1f s; "
+                         "its expert groups stay up until that step returns and close() is called again", timeout_s)
+            return False
+        self.engine.close()
+        return True

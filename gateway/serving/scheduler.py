@@ -18,12 +18,16 @@ class SchedulerConfig:
     max_batch_tokens: int = 8192  # tokens per forward step (prefill tokens + one per running sequence)
     max_running: int = 64  # sequences decoding at once
     max_waiting: int = 256  # queued requests before new ones are refused
+    request_timeout_s: float = 600.0  # an HTTP request still unanswered after this is cancelled (504)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_running", "max_waiting"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"scheduler.{name}={value!r}: expected an integer >= 1")
+        timeout = self.request_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"scheduler.request_timeout_s={timeout!r}: expected a number of seconds > 0")
 
 
 @dataclass
@@ -42,7 +46,7 @@ class Request:
     output: list[int] = field(default_factory=list)
     seq_id: int = -1
     error: str | None = None
-    finish_reason: str | None = None  # "length" | "stop" | "error"
+    finish_reason: str | None = None  # "length" | "stop" | "error" | "cancelled"
     span: object = None  # its OpenTelemetry span while tracing is on
 
     @property
@@ -57,6 +61,9 @@ class Request:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def fail(self, error: str) -> None:
+        self.error, self.finish_reason = error, "error"
 
 
 class Scheduler:

@@ -1,0 +1,171 @@
+"""The stepping core: one continuous-batching step schedules, runs the forward, samples, calls back and retires."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from gateway.config import DeploymentConfig
+from gateway.dispatch.dispatcher import Dispatcher
+from gateway.model.kv_cache import LatentCache
+from gateway.model.model import GatewayModel
+from gateway.model.sampling import sample
+from gateway.model.step import StepBatch
+from gateway.serving.balancing import start_balancing
+from gateway.serving.routing_summary import RoutingSummary
+from gateway.serving.routing_trace import RequestTrace, RoutingTraceStore
+from gateway.serving.scheduler import Request, Scheduler
+from model_core.spec import ModelSpec
+from model_core.telemetry import Telemetry
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """The model, the scheduler and the latent cache; `step()` advances every live request by one forward.
+
+    A failure stays with what failed: a failed forward fails that step's requests, a raising callback fails its
+    own request; either way the request retires and frees its cache, and the engine keeps serving.
+    """
+
+    def __init__(self, config: DeploymentConfig, spec: ModelSpec, backend: Dispatcher, dtype: torch.dtype) -> None:
+        self.config = config
+        self.model_dir = Path(config.model)
+        self.spec = spec
+        self.backend = backend
+        self.model = GatewayModel(config.model, spec, backend, dtype, top_m_devices=config.top_m_devices)
+        self.routing_summary = RoutingSummary(spec.moe_layers, spec.n_routed_experts)
+        self.balance = start_balancing(config, spec, self.model, backend.placement)
+        self.telemetry = Telemetry(config.tracing, "gateway")
+        self.model.tracer = self.telemetry.tracer
+        backend.set_tracer(self.telemetry.tracer)
+        tracing = config.tracing
+        self.traces = RoutingTraceStore(tracing.routing_trace_capacity, tracing.routing_trace_dir,
+                                        max_bytes=int(tracing.routing_trace_max_mb * 2**20))
+        self._seq_ids = itertools.count()
+        self.scheduler = Scheduler(config.scheduler)
+        self.cache = self.model.new_cache()  # sequences get their latent cache on admission, free it on finish
+        self._traces_of: dict[str, RequestTrace] = {}
+        self._step_lock = threading.RLock()  # one forward at a time; close() waits for it too
+        self._queue_lock = threading.Lock()  # submit() and cancel() from other threads vs. schedule()
+        self._cancelled: set[str] = set()
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """One continuous-batching step: every running sequence decodes a token and waiting prompts are
+        prefilled under the token budget, all in one forward. Returns the requests that finished."""
+        with self._step_lock:
+            retired = self._retire(self._take_cancelled())
+            with self._queue_lock:
+                decodes, prefills = self.scheduler.schedule()
+            batch = decodes + prefills
+            if not batch:
+                return retired
+            try:
+                for r in prefills:
+                    r.seq_id = next(self._seq_ids)
+                    self.cache.allocate(r.seq_id, len(r.prompt) + r.max_new_tokens)
+                hidden, step = self._forward(
+                    self.cache, [r.seq_id for r in batch], [r.cached for r in batch], [r.next_input() for r in batch],
+                    [self._traces_of[r.request_id] for r in batch], [r.span for r in batch if r.span is not None])
+                logits = self.model.logits(hidden[step.last_rows()])
+            except Exception as exc:  # a failed dispatch fails this step's requests; the engine keeps serving
+                logger.exception("step failed for %d requests", len(batch))
+                for r in batch:
+                    r.fail(f"{type(exc).__name__}: {exc}")
+                return retired + self._retire(batch)
+            for r, row in zip(batch, logits, strict=True):
+                self._emit(r, int(sample(row[None], r.temperature, r.top_p, r.generator)[0]))
+            return retired + self._retire([r for r in batch if r.done])
+
+    def _forward(
+        self, cache: LatentCache, seqs: list[int], starts: list[int], new: list[list[int]],
+        traces: list[RequestTrace], request_spans: list | None = None,
+    ) -> tuple[torch.Tensor, StepBatch]:
+        """Run one forward over `new` tokens of each sequence; returns final hidden [N, H] and books routing."""
+        step = StepBatch(seqs, starts, [len(t) for t in new])
+        for s, start, t in zip(seqs, starts, new, strict=True):
+            cache.reserve(s, start + len(t))
+        tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.long)
+        one = [n == 1 for n in step.lengths]
+        kind = "decode_step" if all(one) else "prefill" if not any(one) else "mixed_step"
+        # A step serves many requests: it links to each request's span (continuous batching has no single parent).
+        with self._span(kind, links=request_spans, tokens=step.n_tokens, sequences=len(seqs)):
+            hidden, routings = self.model.forward(tokens, step, cache)
+        self.routing_summary.add(routings)
+        self.traces.record_step(traces, step.offsets, step.lengths, new, routings, self.model.expert_device)
+        if self.balance is not None:
+            self.balance.observe(routings, step)
+        return hidden, step
+
+    def _emit(self, r: Request, token: int) -> None:
+        """Hand a sampled token to its request: its callback, then whether it is done."""
+        r.output.append(token)
+        if r.on_token is not None:
+            try:
+                r.on_token(r, token)
+            except Exception as exc:
+                self._callback_failed(r, "on_token", exc)
+                return
+        if token in r.stop_ids:
+            r.finish_reason = "stop"
+        elif len(r.output) >= r.max_new_tokens:
+            r.finish_reason = "length"
+
+    def _callback_failed(self, r: Request, name: str, exc: Exception) -> None:
+        """A caller's callback raised: that request fails (the batch does not); a first error is kept."""
+        logger.error("request %s: its %s callback raised; failing the request", r.request_id, name, exc_info=exc)
+        if r.error is None:
+            r.fail(f"{name} callback raised {type(exc).__name__}: {exc}")
+
+    def _take_cancelled(self) -> list[Request]:
+        """Remove cancelled requests from both queues (they retire before the next schedule)."""
+        with self._queue_lock:
+            if not self._cancelled:
+                return []
+            waiting, running = self.scheduler.waiting, self.scheduler.running
+            cancelled, self._cancelled = self._cancelled, set()
+            gone = [r for r in [*waiting, *running] if r.request_id in cancelled]
+            self.scheduler.waiting = type(waiting)(r for r in waiting if r.request_id not in cancelled)
+        for r in gone:
+            r.finish_reason = "cancelled"
+        return gone
+
+    def _retire(self, finished: list[Request]) -> list[Request]:
+        """Take finished requests out of the batch, free their cache and trace, then call their on_finish."""
+        if not finished:
+            return finished
+        with self._queue_lock:
+            self.scheduler.retire(finished)
+        for r in finished:
+            self.cache.free(r.seq_id)  # a request cancelled before admission has none: a no-op
+            self.traces.finish(r.request_id)
+            self._traces_of.pop(r.request_id, None)
+            if r.on_finish is not None:
+                try:
+                    r.on_finish(r)
+                except Exception as exc:
+                    self._callback_failed(r, "on_finish", exc)
+            if r.span is not None:
+                r.span.set_attributes({"expertmesh.completion_tokens": len(r.output),
+                                       "expertmesh.finish_reason": r.finish_reason})
+                r.span.end()
+        return finished
+
+    def _span(self, name: str, links: list | None = None, **attributes):
+        """A span under the current one (linked to `links` spans), or nothing when tracing is off."""
+        if self.telemetry.tracer is None:
+            return contextlib.nullcontext()
+        from opentelemetry.trace import Link
+
+        return self.telemetry.tracer.start_as_current_span(
+            name, attributes={f"expertmesh.{k}": v for k, v in attributes.items()},
+            links=[Link(s.get_span_context()) for s in links or []])

@@ -1,0 +1,130 @@
+"""Failure paths of the engine: a raising callback fails only its request, a failed step is logged with its
+traceback, and closing never races a step that is still running."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from gateway import Engine
+from gateway.dispatch.transports import DispatchError
+from gateway.serving.engine_loop import EngineLoop
+from tests.conftest import random_prompts
+
+
+@pytest.fixture()
+def engine(model_dirs):
+    e = Engine.from_pretrained(model_dirs["tiny-v3"])
+    yield e
+    e.close()
+
+
+def run_all(engine: Engine) -> None:
+    for _ in range(200):
+        if not engine.has_work():
+            return
+        engine.step()
+    raise AssertionError("the engine did not drain in 200 steps")
+
+
+def test_a_raising_on_token_fails_only_its_request_and_the_batch_continues(engine):
+    prompts = random_prompts(engine.spec.vocab_size, [5, 9, 4], seed=3)
+    alone = [engine.generate([p], max_new_tokens=6, stop_at_eos=False)[0] for p in prompts]
+
+    def explode_on_second_token(request, token):
+        if len(request.output) == 2:
+            raise RuntimeError("client queue closed")
+
+    finished = []
+    requests = [engine.submit(p, max_new_tokens=6, stop_at_eos=False, request_id=f"r{i}",
+                              on_token=explode_on_second_token if i == 1 else None, on_finish=finished.append)
+                for i, p in enumerate(prompts)]
+    run_all(engine)
+    bad = requests[1]
+    assert bad.finish_reason == "error" and bad.output == alone[1][:2]
+    assert "on_token" in bad.error and "RuntimeError: client queue closed" in bad.error
+    assert [r.output for i, r in enumerate(requests) if i != 1] == [alone[0], alone[2]]
+    assert all(r.finish_reason == "length" for i, r in enumerate(requests) if i != 1)
+    assert sorted(r.request_id for r in finished) == ["r0", "r1", "r2"]  # on_finish still reaches the failed one
+    assert engine.cache._store == {} and engine.scheduler.running == [] and engine._traces_of == {}
+    assert engine.routing_trace("r1").tokens[-1] == bad.output[0]  # its trace finished with what it ran
+
+
+def test_a_raising_on_finish_does_not_keep_other_requests_from_retiring(engine, caplog):
+    seen = []
+
+    def broken(request):
+        raise ValueError("on_finish bug")
+
+    a = engine.submit([4, 5, 6], max_new_tokens=3, stop_at_eos=False, request_id="a", on_finish=broken)
+    b = engine.submit([7, 8, 9], max_new_tokens=3, stop_at_eos=False, request_id="b", on_finish=seen.append)
+    with caplog.at_level(logging.ERROR, logger="gateway.serving"):
+        run_all(engine)
+    assert seen == [b] and b.finish_reason == "length" and b.error is None
+    assert a.finish_reason == "error" and "on_finish" in a.error and "ValueError: on_finish bug" in a.error
+    assert engine.cache._store == {} and engine.scheduler.running == []
+    assert any(r.exc_info and "on_finish" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failed_step_fails_its_requests_and_is_logged_with_the_traceback(engine, monkeypatch, caplog):
+    def down(*args, **kwargs):
+        raise DispatchError("group 1 unreachable")
+
+    monkeypatch.setattr(engine.model, "forward", down)
+    r = engine.submit([4, 5], max_new_tokens=2, request_id="x")
+    with caplog.at_level(logging.WARNING, logger="gateway.serving"):
+        assert engine.step() == [r]
+    assert r.finish_reason == "error" and "DispatchError: group 1 unreachable" in r.error
+    (record,) = [rec for rec in caplog.records if "step failed" in rec.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is DispatchError
+    assert engine.cache._store == {} and not engine.has_work()
+
+
+class SlowStep:
+    """An on_token that holds the engine's step until released; records what happened in which order."""
+
+    def __init__(self) -> None:
+        self.entered, self.release, self.order = threading.Event(), threading.Event(), []
+
+    def __call__(self, request, token) -> None:
+        self.entered.set()
+        self.release.wait(timeout=30)
+        self.order.append("step done")
+
+
+def test_engine_close_waits_for_the_running_step(model_dirs, monkeypatch):
+    engine = Engine.from_pretrained(model_dirs["tiny-v2"])
+    slow = SlowStep()
+    real_close = engine.backend.close
+    monkeypatch.setattr(engine.backend, "close", lambda: (slow.order.append("backend closed"), real_close()))
+    engine.submit([4, 5, 6], max_new_tokens=1, on_token=slow)
+    loop = EngineLoop(engine)
+    assert slow.entered.wait(timeout=30)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    time.sleep(0.3)
+    assert closer.is_alive() and slow.order == []  # close is waiting for the step, not tearing down under it
+    slow.release.set()
+    closer.join(timeout=30)
+    assert slow.order == ["step done", "backend closed"]
+    assert loop.stop(timeout_s=30)
+
+
+def test_loop_close_leaves_the_engine_open_while_a_step_is_still_running(model_dirs, monkeypatch, caplog):
+    engine = Engine.from_pretrained(model_dirs["tiny-v2"])
+    slow = SlowStep()
+    closed = []
+    real_close = engine.close
+    monkeypatch.setattr(engine, "close", lambda: (closed.append(True), real_close()))
+    engine.submit([4, 5, 6], max_new_tokens=1, on_token=slow)
+    loop = EngineLoop(engine)
+    assert slow.entered.wait(timeout=30)
+    with caplog.at_level(logging.ERROR, logger="gateway.serving"):
+        assert loop.close(timeout_s=0.2) is False
+    assert closed == [] and any("still running" in r.getMessage() for r in caplog.records)
+    slow.release.set()
+    assert loop.close(timeout_s=30) is True and closed == [True]
+
