@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -90,11 +92,15 @@ async def completions(state: GatewayState, body: CompletionRequest) -> Any:
         loop.stats.requests["rejected"] += 1
         return error(400, str(exc).replace("max_new_tokens", "max_tokens"))  # the API's name for it
     created = int(time.time())
+    deadline = time.monotonic() + loop.engine.config.scheduler.request_timeout_s
     if body.stream:
-        return StreamingResponse(_stream(req, queue, state, created), media_type="text/event-stream")
+        return StreamingResponse(_stream(req, queue, state, created, deadline), media_type="text/event-stream")
     try:
-        while (await queue.get())[0] != "done":
+        while (await _next(queue, deadline))[0] != "done":
             pass
+    except asyncio.TimeoutError:
+        loop.expire(req)
+        return error(504, _timeout_message(req, state), "timeout_error")
     finally:
         loop.cancel(req)  # a no-op when it finished; stops generation if the client went away
     if req.error:
@@ -147,19 +153,38 @@ def _completion(req, state, created: int) -> dict:
     }
 
 
-async def _stream(req, queue: asyncio.Queue, state, created: int):
+async def _next(queue: asyncio.Queue, deadline: float) -> tuple[str, Any]:
+    """The request's next event; asyncio.TimeoutError once its deadline (time.monotonic) has passed, so no
+    client waits forever on an engine that stalled."""
+    return await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0.0))
+
+
+def _timeout_message(req, state: GatewayState) -> str:
+    limit = state.engine_loop.engine.config.scheduler.request_timeout_s
+    return (f"request {req.request_id}: no result within scheduler.request_timeout_s={limit:g} s "
+            f"({len(req.output)} tokens generated); cancelled")
+
+
+async def _stream(req, queue: asyncio.Queue, state, created: int, deadline: float):
     """Server-sent events: one chunk per token, a final chunk with finish_reason and usage, then [DONE]."""
     try:
-        async for event in _events(req, queue, state, created):
+        async for event in _events(req, queue, state, created, deadline):
             yield event
     finally:  # the client disconnected (the generator is closed early) or the request ended: a no-op then
         state.engine_loop.cancel(req)
 
 
-async def _events(req, queue: asyncio.Queue, state, created: int):
+async def _events(req, queue: asyncio.Queue, state, created: int, deadline: float):
     emitted, tokens = "", []
     while True:
-        kind, value = await queue.get()
+        try:
+            kind, value = await _next(queue, deadline)
+        except asyncio.TimeoutError:
+            state.engine_loop.expire(req)
+            error_event = {"error": {"message": _timeout_message(req, state), "type": "timeout_error"}}
+            yield f"data: {json.dumps(error_event)}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         if kind == "done":
             break
         tokens.append(value)
@@ -193,6 +218,9 @@ def prometheus_text(loop: EngineLoop) -> str:
             lines.append(f"expertmesh_{name}{{{label_text}}} {value}" if labels else f"expertmesh_{name} {value}")
 
     uptime = max(time.time() - stats.started, 1e-9)
+    rss = _resident_memory_bytes()
+    if rss is not None:
+        metric("process_resident_memory_bytes", "gauge", "Resident memory of this gateway process.", [({}, rss)])
     metric("requests_total", "counter", "Completion requests by outcome.",
            [({"status": k}, v) for k, v in stats.requests.items()])
     metric("generated_tokens_total", "counter", "Tokens generated.", [({}, stats.tokens_generated)])
@@ -225,9 +253,20 @@ def prometheus_text(loop: EngineLoop) -> str:
                [({}, pool.restarts)])
         metric("dispatch_retries_total", "counter", "Dispatch calls re-sent after a replica failed.",
                [({}, engine.backend.transport.retries)])
+        metric("replica_inflight", "gauge", "Dispatch calls in flight on each expert-group replica.",
+               [({"group": g, "replica": i}, n) for (g, i), n in sorted(pool.inflight().items())])
     if engine.balance is not None:
         m = engine.balance.metrics()
         metric("bias_version", "gauge", "Version of the live balancing bias in use.", [({}, m["bias_version"])])
         metric("router_unreachable", "gauge", "1 when the router service cannot be reached.",
                [({}, int(m["router_unreachable"]))])
     return "\n".join(lines) + "\n"
+
+
+def _resident_memory_bytes() -> int | None:
+    """This process's resident set size from /proc/self/statm (Linux); None where there is no /proc."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")

@@ -90,8 +90,10 @@ def test_models_health_ready_metrics_and_routing(server):
     assert requests.get(f"{server}/v1/routing/nope", timeout=30).status_code == 404
     metrics = requests.get(f"{server}/metrics", timeout=30).text
     for name in ("requests_total", "generated_tokens_total", "queue_depth", "expert_tokens_total",
-                 "device_tokens_total", "dispatch_seconds_total", "tokens_per_second"):
+                 "device_tokens_total", "dispatch_seconds_total", "tokens_per_second",
+                 "process_resident_memory_bytes"):
         assert f"expertmesh_{name}" in metrics
+    assert 'expertmesh_replica_inflight{group="1",replica="0"} 0' in metrics  # ray backend: a pool, now idle
     assert 'expertmesh_requests_total{status="ok"}' in metrics
 
 

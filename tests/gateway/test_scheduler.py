@@ -36,6 +36,13 @@ def test_a_prompt_larger_than_the_budget_runs_alone_and_a_full_queue_refuses():
     assert [r.request_id for r in s.schedule()[1]] == ["big"]
 
 
+@pytest.mark.parametrize("bad", [0, -1.5, True, "10"])
+def test_request_timeout_must_be_a_positive_number(bad):
+    with pytest.raises(ValueError, match=f"scheduler.request_timeout_s={bad!r}: expected a number of seconds > 0"):
+        SchedulerConfig(request_timeout_s=bad)
+    assert SchedulerConfig().request_timeout_s == 600
+
+
 def test_requests_joining_a_busy_batch_get_the_tokens_they_get_alone(model_dirs):
     cfg = DeploymentConfig(model=str(model_dirs["tiny-v3"]), devices=2)
     prompts = random_prompts(272, [5, 12, 3, 8, 6], seed=4)
