@@ -81,9 +81,6 @@ class ExpertGroupActor:
             "torch_device": str(g.torch_device),
         }
 
-    def grpc_address(self) -> str | None:
-        return self.server.address if self.server else None
-
     def shutdown(self) -> None:
         """Stop the gRPC server and flush this process's spans (called before the actor is killed)."""
         if self.server is not None:

@@ -25,7 +25,7 @@ def build_dispatcher(cfg: DeploymentConfig, spec: ModelSpec, placement: Placemen
         if cfg.backend == "ray":
             transport = RayTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s)
         elif cfg.backend == "ray-dag":
-            transport = RayDagTransport(pool, cfg.rpc.timeout_s)
+            transport = RayDagTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s)
         else:
             transport = GrpcTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s,
                                       cfg.rpc.max_message_mb << 20)

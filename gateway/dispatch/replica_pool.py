@@ -7,7 +7,9 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from expert_workers.actor import ExpertGroupActor
 from gateway.config import DeploymentConfig
@@ -17,6 +19,7 @@ from router_service.placement import Placement
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0
+PROBE_BACKOFF_S = 0.2  # between probes of a replica that stays down
 
 
 class NoLiveReplica(RuntimeError):
@@ -25,39 +28,51 @@ class NoLiveReplica(RuntimeError):
 
 @dataclass
 class Replica:
-    """One ExpertGroupActor serving one device group's experts."""
+    """One ExpertGroupActor serving one device group's experts. Fields change only under the pool's lock."""
 
     device: int
     index: int
-    actor: object  # ray ActorHandle
-    placement_group: object
-    grpc_address: str
+    actor: Any  # ray ActorHandle
+    placement_group: Any
+    name: str
+    grpc_address: str = ""
+    started_at: float = 0.0  # the actor's start time: a new value means Ray restarted it
     inflight: int = 0
     calls: int = 0
     draining: bool = False
     failures: int = 0
-    name: str = ""
     restarts: int = 0
-    started_at: float = 0.0  # the actor's start time: a new value means Ray restarted it
+    down_since: float | None = None  # when it first failed since it last answered
+    unconfirmed: bool = False  # it failed, and no probe has since read its start time and gRPC address
+    probe: Any = None  # a pending describe() call: answers once the (restarted) actor serves again
+    probe_after: float = 0.0  # no new probe before this monotonic time
 
 
 class ExpertGroupPool:
     """`replicas[d]` live ExpertGroupActors per device group d. New replicas load their weights (and answer
     `describe`) before they join; removed ones stop taking traffic and drain their in-flight calls first.
-    Actors restart on failure (`max_restarts=-1`); the transports retry a failed call on a live replica."""
 
-    def __init__(self, cfg: DeploymentConfig, placement: Placement) -> None:
+    Actors restart on failure (`max_restarts=-1`); the transports retry a failed call on a live replica. A failed
+    replica is probed without blocking anyone (`describe` answers once Ray has restarted it, with its new gRPC
+    address); one that stays down for `rpc.replica_deadline_s` is evicted and a fresh replica replaces it.
+    """
+
+    def __init__(self, cfg: DeploymentConfig, placement: Placement, actor_class: type = ExpertGroupActor) -> None:
         import ray
 
         self._ray = ray
-        self.cfg, self.placement = cfg, placement
+        self.cfg, self.placement, self.actor_class = cfg, placement, actor_class
+        self.evict_after_s = cfg.rpc.replica_deadline_s
         self.started_ray = connect_ray(cfg)
         self.deployment_id = uuid.uuid4().hex[:8]
         self.groups: dict[int, list[Replica]] = {d: [] for d in range(placement.n_devices)}
         self._lock = threading.Lock()
         self._next_index = 0
-        self._rr = 0
-        self.restarts = 0
+        self._rr: dict[int, int] = {}  # per group: round-robin among equally loaded replicas
+        self._closed = False
+        self._background: list[threading.Thread] = []
+        self.restarts = 0  # restarts Ray made, seen by probes
+        self.evicted = 0  # replicas removed because they stayed down
         try:
             self._add([d for d in range(placement.n_devices) for _ in range(cfg.replicas_of(d))])
         except Exception:
@@ -81,14 +96,14 @@ class ExpertGroupPool:
                 index = self._next_index
                 self._next_index += 1
             name = f"expert-group-{d}-r{index}-{self.deployment_id}"
-            actor = ray.remote(ExpertGroupActor).options(
+            actor = ray.remote(self.actor_class).options(
                 name=name, namespace=cfg.ray.namespace, num_cpus=cpus, num_gpus=1 if gpu else 0,
                 max_restarts=-1, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
             ).remote(cfg.model, self.placement.experts_on(d), cfg.dtype, d, serve_grpc=True,
                      max_message_bytes=cfg.rpc.max_message_mb << 20, threads=max(1, math.floor(cpus)),
                      kernel=cfg.expert_kernel, torch_device=cfg.expert_torch_device, tracing=cfg.tracing)
-            started.append(Replica(d, index, actor, pg, "", name=name))
+            started.append(Replica(d, index, actor, pg, name))
         try:
             infos = ray.get([r.actor.describe.remote() for r in started], timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
@@ -98,10 +113,9 @@ class ExpertGroupPool:
                 f"expert groups {devices}: replicas did not become ready within {READY_TIMEOUT_S:.0f}s; does the "
                 f"cluster have room for bundles of {bundle}? (resources: {ray.cluster_resources()})"
             ) from None
-        for r, info in zip(started, infos, strict=True):
-            r.grpc_address, r.started_at = info["grpc_address"], info["started_at"]
         with self._lock:
-            for r in started:
+            for r, info in zip(started, infos, strict=True):
+                r.grpc_address, r.started_at = info["grpc_address"], info["started_at"]
                 self.groups[r.device].append(r)
         return started
 
@@ -111,8 +125,8 @@ class ExpertGroupPool:
 
         try:
             ray.get(replica.actor.shutdown.remote(), timeout=10)  # stops its gRPC server, flushes its spans
-        except Exception:  # a dead actor has nothing to stop
-            logger.debug("replica %s shutdown call failed", replica.name, exc_info=True)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            logger.info("replica %s: no clean shutdown (%s); killing it", replica.name, type(exc).__name__)
         ray.kill(replica.actor, no_restart=True)
         remove_placement_group(replica.placement_group)
 
@@ -131,8 +145,14 @@ class ExpertGroupPool:
                 for v in victims:
                     v.draining = True  # no new calls go there
             deadline = time.monotonic() + drain_timeout_s
-            while any(v.inflight for v in victims) and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                with self._lock:
+                    if not any(v.inflight for v in victims):
+                        break
                 time.sleep(0.01)
+            else:
+                logger.warning("group %d: replicas %s still had calls in flight after %.0fs; stopping them",
+                               device, [v.name for v in victims], drain_timeout_s)
             with self._lock:
                 self.groups[device] = [r for r in self.groups[device] if r not in victims]
             for v in victims:
@@ -141,6 +161,11 @@ class ExpertGroupPool:
         return [r.index for r in self.live(device)]
 
     def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            background, self._background = self._background, []
+        for thread in background:  # replacements being started: let them finish, then stop them with the rest
+            thread.join(timeout=READY_TIMEOUT_S)
         for replicas in list(self.groups.values()):
             for r in replicas:
                 self._stop(r)
@@ -154,16 +179,22 @@ class ExpertGroupPool:
         with self._lock:
             return [r for r in self.groups[device] if not r.draining]
 
-    def pick(self, device: int, avoid: Replica | None = None) -> Replica:
-        """The live replica with the fewest calls in flight (round-robin among equals); `avoid` only if alone."""
+    def pick(self, device: int, avoid: Collection[Replica] = (), strict: bool = False) -> Replica:
+        """The live replica with the fewest calls in flight (round-robin among equals), preferring replicas that
+        are not known to be down. Replicas in `avoid` are taken only as the last choice, and never when `strict`."""
         with self._lock:
+            self._poll_probes_locked()
             live = [r for r in self.groups[device] if not r.draining]
-            if not live:
-                raise NoLiveReplica(f"group {device}: no live replica")
-            choices = [r for r in live if r is not avoid] or live
-            self._rr += 1
+            choices = [r for r in live if all(r is not a for a in avoid)]
+            if not strict and not choices:
+                choices = live
+            if not choices:
+                others = " other than " + ", ".join(a.name for a in avoid) if avoid else ""
+                raise NoLiveReplica(f"group {device}: no live replica{others}")
+            choices = [r for r in choices if r.down_since is None] or choices
+            rr = self._rr[device] = self._rr.get(device, 0) + 1
             n = len(choices)
-            best = min(enumerate(choices), key=lambda ir: (ir[1].inflight, (ir[0] + self._rr) % n))[1]
+            best = min(enumerate(choices), key=lambda ir: (ir[1].inflight, (ir[0] - rr) % n))[1]
             best.inflight += 1
             best.calls += 1
             return best
@@ -172,25 +203,88 @@ class ExpertGroupPool:
         with self._lock:
             replica.inflight -= 1
 
-    def note_restart(self, replica: Replica) -> None:
-        """Ask a replica that answered after a failure whether Ray restarted it (counted once per restart)."""
-        try:
-            info = self._ray.get(replica.actor.describe.remote(), timeout=30)
-        except Exception:
-            return
-        if info["started_at"] != replica.started_at:
-            replica.started_at = info["started_at"]
-            replica.restarts += 1
+    def answered(self, replica: Replica) -> None:
+        """A call on `replica` returned: it is up."""
+        if replica.down_since is not None:
             with self._lock:
-                self.restarts += 1
-        replica.grpc_address = info["grpc_address"] or replica.grpc_address
+                replica.down_since = None
+
+    def failed(self, replica: Replica) -> None:
+        """A call on `replica` failed because the actor died or restarts: probe it (without waiting)."""
+        with self._lock:
+            replica.failures += 1
+            replica.unconfirmed = True
+            if replica.down_since is None:
+                replica.down_since = time.monotonic()
+            self._probe_locked(replica)
+
+    def poll(self) -> None:
+        """Apply what finished probes found (restarts, new gRPC addresses), start due ones, evict the long dead.
+        Every pick does this; metrics and tests call it when no traffic flows."""
+        with self._lock:
+            self._poll_probes_locked()
+
+    def inflight(self) -> dict[tuple[int, int], int]:
+        """(group, replica index) -> calls in flight, draining replicas included."""
+        with self._lock:
+            return {(d, r.index): r.inflight for d, replicas in sorted(self.groups.items()) for r in replicas}
 
     def actors(self, device: int | None = None) -> list:
         devices = [device] if device is not None else sorted(self.groups)
         return [r.actor for d in devices for r in self.live(d)]
 
-    def describe(self) -> list[dict]:
-        return [{"group": d, "replicas": [{"index": r.index, "name": r.name, "inflight": r.inflight,
-                                            "draining": r.draining, "failures": r.failures, "calls": r.calls,
-                                            "restarts": r.restarts} for r in replicas]}
-                for d, replicas in sorted(self.groups.items())]
+    # -- probing failed replicas (never blocks: ray.wait with timeout 0) -----------------------------------
+    def _probe_locked(self, replica: Replica) -> None:
+        if replica.probe is None and time.monotonic() >= replica.probe_after:
+            replica.probe = replica.actor.describe.remote()
+
+    def _poll_probes_locked(self) -> None:
+        ray = self._ray
+        watched = [r for replicas in self.groups.values() for r in replicas if r.unconfirmed]
+        if not watched:
+            return
+        pending = [r.probe for r in watched if r.probe is not None]
+        done = set(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) if pending else set()
+        now = time.monotonic()
+        for r in watched:
+            if r.probe is not None and r.probe in done:
+                ref, r.probe = r.probe, None
+                try:
+                    info = ray.get(ref)
+                except ray.exceptions.RayError as exc:  # still down (or gone for good)
+                    logger.info("replica %s: probe failed (%s)", r.name, type(exc).__name__)
+                    r.probe_after = now + PROBE_BACKOFF_S
+                else:
+                    if info["started_at"] != r.started_at:
+                        r.started_at = info["started_at"]
+                        r.restarts += 1
+                        self.restarts += 1
+                    r.grpc_address = info["grpc_address"] or r.grpc_address
+                    r.down_since, r.unconfirmed = None, False
+                    continue
+            if r.down_since is not None and now - r.down_since > self.evict_after_s:
+                self._evict_locked(r)
+            else:
+                self._probe_locked(r)
+
+    def _evict_locked(self, replica: Replica) -> None:
+        """Drop a replica that stayed down past the deadline and start a fresh one in its place (in background)."""
+        self.groups[replica.device] = [r for r in self.groups[replica.device] if r is not replica]
+        self.evicted += 1
+        logger.error("replica %s of group %d: down for over %.1fs (rpc.replica_deadline_s); evicted, starting a "
+                     "replacement", replica.name, replica.device, self.evict_after_s)
+        if self._closed:
+            return
+        thread = threading.Thread(target=self._replace, args=(replica,), name=f"replace-{replica.name}", daemon=True)
+        self._background.append(thread)
+        thread.start()
+
+    def _replace(self, dead: Replica) -> None:
+        self._stop(dead)
+        try:
+            with self._lock:
+                if self._closed:
+                    return
+            self._add([dead.device])
+        except Exception:  # a background thread: log it whole; the group stays a replica short
+            logger.exception("group %d: starting a replacement replica failed", dead.device)

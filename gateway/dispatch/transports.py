@@ -72,33 +72,49 @@ class LocalTransport:
 class _Call:
     """One device batch in flight on one replica, with what is needed to send it again elsewhere."""
 
-    replica: object
+    replica: Any
     handle: Any
     args: tuple
     dtype: torch.dtype
-    retried: bool = False
+
+
+class _ReplicaDown(RuntimeError):
+    """The replica's actor died or restarts: send the call again (another replica, or the restarted one)."""
+
+
+class _ReplicaSlow(RuntimeError):
+    """The call ran past `timeout_s`: the replica may still be computing it, so never send it there again."""
 
 
 class _ReplicaTransport:
-    """Shared retry logic: a call that fails because its replica died, restarts or hangs is sent again to a live
-    replica (or the restarted one) until `deadline_s` has passed; expert compute is pure, so a retry is safe."""
+    """Shared retry logic over a replica pool (expert compute is pure, so sending a call again is safe).
 
-    RETRYABLE: tuple = ()
+    - A replica that died or restarts: the call goes again to a live replica, or waits for the restarted one,
+      until `deadline_s` has passed; the pool probes the failed replica without blocking the caller.
+    - A replica that did not answer within `timeout_s`: the call goes to another replica if the group has
+      one; it is never queued again behind itself on the same serial actor (that would double the load of an
+      overloaded actor). With no other replica the call fails with the timeout named.
+    - Every call's in-flight count is released exactly once, whatever happens to the other calls of the layer.
+    """
 
     def __init__(self, pool, timeout_s: float, deadline_s: float) -> None:
         self.pool, self.timeout_s, self.deadline_s = pool, timeout_s, deadline_s
         self.retries = 0
         self.tracer = None
+        self._orphans: list[_Call] = []  # timed-out calls still running on their replica
 
     def flush(self) -> None:
         pass  # each send is already in flight
 
-    def _submit(self, device: int, args: tuple, dtype: torch.dtype, avoid=None, deadline: float | None = None):
+    def _submit(self, device: int, args: tuple, dtype: torch.dtype, avoid: tuple = (), strict: bool = False,
+                deadline: float | None = None) -> _Call:
         while True:
             try:
-                replica = self.pool.pick(device, avoid)
+                replica = self.pool.pick(device, avoid, strict)
                 break
             except NoLiveReplica:
+                if strict:
+                    raise
                 if deadline is None:
                     deadline = time.monotonic() + self.deadline_s
                 if time.monotonic() > deadline:
@@ -111,42 +127,98 @@ class _ReplicaTransport:
             raise
 
     def receive(self, pending):
-        return [self._result(device, layer, call) for device, layer, call in pending]
+        """Every call's reply, in order. After the first call that fails for good, the rest are abandoned
+        (released, cancelled where the transport can) and the failure is raised."""
+        self._sweep_orphans()
+        replies, failure, abandoned = [], None, []
+        for device, layer, call in pending:
+            if failure is not None:
+                abandoned.append(call)
+                continue
+            try:
+                replies.append(self._result(device, layer, call))
+            except DispatchError as exc:
+                failure = exc
+            except Exception as exc:  # a bug or an unexpected client error: still abandon the rest cleanly
+                failure = DispatchError(f"group {device}, layer {layer}: {_describe(exc)}")
+                failure.__cause__ = exc
+        if failure is not None:
+            self._abandon(abandoned)
+            raise failure
+        return replies
 
     def _result(self, device: int, layer: int, call: _Call) -> ExpertReply:
-        deadline, pause = None, 0.05
+        deadline, pause = time.monotonic() + self.deadline_s, 0.05
+        slow: tuple = ()  # replicas that timed out on this call: it is never sent to them again
         while True:
             try:
                 reply = self._wait(call)
-            except self.RETRYABLE as exc:
+            except _ReplicaDown as exc:
                 self.pool.release(call.replica)
-                call.replica.failures += 1
+                self.pool.failed(call.replica)
                 self.retries += 1
-                deadline = deadline or time.monotonic() + self.deadline_s
                 if time.monotonic() > deadline:
                     raise DispatchError(f"group {device}, layer {layer}: no replica answered within "
-                                        f"{self.deadline_s}s (last error: {self._describe(exc)})") from None
+                                        f"{self.deadline_s}s (last error: {exc})") from None
                 logger.warning("group %d layer %d: replica %s failed (%s); retrying", device, layer,
-                               call.replica.name, self._describe(exc))
+                               call.replica.name, exc)
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
-                call = self._submit(device, call.args, call.dtype, avoid=call.replica, deadline=deadline)
-                call.retried = True
+                call = self._submit(device, call.args, call.dtype, avoid=(call.replica, *slow), deadline=deadline)
+                continue
+            except _ReplicaSlow as exc:
+                self._orphan(call)
+                slow = (*slow, call.replica)
+                late = f"group {device}, layer {layer}: replica {call.replica.name} did not answer within " \
+                       f"rpc.timeout_s={self.timeout_s}s ({exc})"
+                if time.monotonic() > deadline:
+                    raise DispatchError(f"{late}; rpc.replica_deadline_s={self.deadline_s}s has passed") from None
+                try:
+                    call = self._submit(device, call.args, call.dtype, avoid=slow, strict=True)
+                except NoLiveReplica:
+                    raise DispatchError(f"{late}; no other replica can take the call") from None
+                self.retries += 1
+                logger.warning("group %d layer %d: replica %s timed out; sent to replica %s", device, layer,
+                               slow[-1].name, call.replica.name)
                 continue
             except Exception as exc:
                 self.pool.release(call.replica)
-                raise DispatchError(f"group {device}, layer {layer}: {self._describe(exc)}") from exc
+                raise DispatchError(f"group {device}, layer {layer}: {_describe(exc)}") from exc
             self.pool.release(call.replica)
-            if call.retried:
-                self.pool.note_restart(call.replica)
+            self.pool.answered(call.replica)
             return reply
 
+    def _orphan(self, call: _Call) -> None:
+        """A timed-out call keeps its replica's in-flight count until it really ends (see _sweep_orphans)."""
+        self._orphans.append(call)
+
+    def _sweep_orphans(self) -> None:
+        still = []
+        for call in self._orphans:
+            if self._finished(call):
+                self.pool.release(call.replica)
+            else:
+                still.append(call)
+        self._orphans = still
+
+    def _abandon(self, calls: list[_Call]) -> None:
+        """Calls of a layer that already failed: cancel what can be, wait briefly for the rest, release them."""
+        for call in calls:
+            self._cancel(call)
+        self._settle(calls, min(self.timeout_s, 5.0))
+        self._orphans.extend(calls)
+        self._sweep_orphans()
+
     def close(self) -> None:
+        for call in self._orphans:
+            self._cancel(call)
+            self.pool.release(call.replica)
+        self._orphans = []
         self.pool = None
 
-    @staticmethod
-    def _describe(exc: Exception) -> str:
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 class RayTransport(_ReplicaTransport):
@@ -157,7 +229,6 @@ class RayTransport(_ReplicaTransport):
 
         super().__init__(pool, timeout_s, deadline_s)
         self._ray = ray
-        self.RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError)
 
     def send(self, device, layer, hidden, ids, weights, carrier=None):
         args = (layer, tensor_to_numpy(hidden), ids.numpy(), weights.numpy(), NAMES[hidden.dtype], carrier)
@@ -167,30 +238,55 @@ class RayTransport(_ReplicaTransport):
         return replica.actor.forward.remote(*args)
 
     def _wait(self, call: _Call) -> ExpertReply:
-        out, counts, ms = self._ray.get(call.handle, timeout=self.timeout_s)
+        ray = self._ray
+        try:
+            out, counts, ms = ray.get(call.handle, timeout=self.timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            raise _ReplicaDown(_describe(exc)) from None
+        except ray.exceptions.GetTimeoutError:
+            raise _ReplicaSlow(f"no reply in {self.timeout_s}s") from None
         return ExpertReply(numpy_to_tensor(out, call.dtype), counts, ms)
+
+    def _finished(self, call: _Call) -> bool:
+        return bool(self._ray.wait([call.handle], timeout=0)[0])
+
+    def _cancel(self, call: _Call) -> None:
+        pass  # a sync actor runs a started call to its end; its in-flight count is released when it does
+
+    def _settle(self, calls: list[_Call], timeout_s: float) -> None:
+        if calls:
+            self._ray.wait([c.handle for c in calls], num_returns=len(calls), timeout=timeout_s)
 
 
 class RayDagTransport:
     """One Ray Compiled Graph over one replica per group: a layer's batches leave in a single execute() over
     shared-memory channels instead of one actor call each (DESIGN.md measured ~5× less per-call overhead).
-    Fixed topology: one replica per group, no run-time scaling, and a failed actor fails the call (no retry)."""
 
-    def __init__(self, pool, timeout_s: float) -> None:
+    Fixed topology: one replica per group, no run-time scaling. When an actor dies the graph is torn down;
+    the next layer waits (up to `deadline_s`) for Ray to restart the actor, compiles the graph again and runs
+    the failed layer once more (expert compute is pure). If that fails the call fails with the reason."""
+
+    def __init__(self, pool, timeout_s: float, deadline_s: float) -> None:
         import ray
-        from ray.dag import InputNode, MultiOutputNode
 
-        self._ray, self.pool, self.timeout_s = ray, pool, timeout_s
+        self._ray, self.pool, self.timeout_s, self.deadline_s = ray, pool, timeout_s, deadline_s
         self.n_devices = len(pool.groups)
-        actors = [pool.live(d)[0].actor for d in range(self.n_devices)]
-        with InputNode() as inp:
-            dag = MultiOutputNode([a.forward_dag.bind(inp[d]) for d, a in enumerate(actors)])
-        self.dag = dag.experimental_compile()
         self.retries = 0
+        self.rebuilds = 0
         self.tracer = None
         self._staged: dict[int, tuple] = {}
+        self._inputs: list = []
         self._dtypes: dict[int, torch.dtype] = {}
         self._ref = None
+        self.dag = self._compile()
+
+    def _compile(self):
+        from ray.dag import InputNode, MultiOutputNode
+
+        actors = [self.pool.live(d)[0].actor for d in range(self.n_devices)]
+        with InputNode() as inp:
+            dag = MultiOutputNode([a.forward_dag.bind(inp[d]) for d, a in enumerate(actors)])
+        return dag.experimental_compile()
 
     def send(self, device, layer, hidden, ids, weights, carrier=None):
         self._staged[device] = (layer, tensor_to_numpy(hidden), ids.numpy(), weights.numpy(), NAMES[hidden.dtype],
@@ -200,34 +296,70 @@ class RayDagTransport:
 
     def flush(self) -> None:
         """Run the graph once for every batch staged since the last flush (devices without tokens get None)."""
-        inputs = [self._staged.get(d) for d in range(self.n_devices)]
+        self._inputs = [self._staged.get(d) for d in range(self.n_devices)]
         self._staged = {}
-        self._ref = self.dag.execute(*inputs)
+        try:
+            self._ref = self.dag.execute(*self._inputs) if self.dag is not None else None
+        except Exception as exc:  # the graph is broken (an actor died): receive() rebuilds it
+            logger.warning("compiled graph execute failed (%s); will rebuild", _describe(exc))
+            self._ref = None
 
     def receive(self, pending):
-        ray = self._ray
-        ref, self._ref = self._ref, None
+        layer = pending[0][1] if pending else "?"
         try:
-            results = ray.get(ref, timeout=self.timeout_s)
+            if self._ref is None:
+                raise RuntimeError("the compiled graph is down")
+            ref, self._ref = self._ref, None
+            results = self._ray.get(ref, timeout=self.timeout_s)
         except Exception as exc:
-            raise DispatchError(f"compiled graph, layer {pending[0][1] if pending else '?'}: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            results = self._rebuild_and_rerun(layer, exc)
         replies = []
         for device, _, _ in pending:
             out, counts, ms = results[device]
             replies.append(ExpertReply(numpy_to_tensor(out, self._dtypes[device]), counts, ms))
         return replies
 
+    def _rebuild_and_rerun(self, layer, failure: Exception) -> list:
+        """Tear the graph down, wait for every actor to serve again, compile anew and run the layer again."""
+        ray = self._ray
+        logger.warning("compiled graph, layer %s: %s; rebuilding it", layer, _describe(failure))
+        self.retries += 1
+        self._teardown()
+        deadline = time.monotonic() + self.deadline_s
+        actors = [self.pool.live(d)[0].actor for d in range(self.n_devices)]
+        while True:
+            try:
+                ray.get([a.describe.remote() for a in actors], timeout=max(0.1, deadline - time.monotonic()))
+                self.dag = self._compile()
+                results = ray.get(self.dag.execute(*self._inputs), timeout=self.timeout_s)
+                self.rebuilds += 1
+                return results
+            except Exception as exc:
+                self._teardown()
+                if time.monotonic() > deadline:
+                    raise DispatchError(
+                        f"compiled graph, layer {layer}: an expert actor failed ({_describe(failure)}) and the graph "
+                        f"could not be rebuilt within rpc.replica_deadline_s={self.deadline_s}s "
+                        f"(last error: {_describe(exc)})") from exc
+                time.sleep(0.2)
+
+    def _teardown(self) -> None:
+        dag, self.dag, self._ref = self.dag, None, None
+        if dag is not None:
+            try:
+                dag.teardown()
+            except Exception as exc:  # a graph whose actor died may fail to tear down cleanly
+                logger.info("compiled graph teardown: %s", _describe(exc))
+
     def close(self) -> None:
-        if self.dag is not None:
-            self.dag.teardown()
-            self.dag = None
+        self._teardown()
 
 
 class GrpcTransport(_ReplicaTransport):
     """gRPC unary calls to each replica's ExpertService, all devices in flight at once, with deadlines.
 
-    A replica that Ray restarted serves on a new port: after a failure the pool re-reads its address."""
+    A replica that Ray restarted serves on a new port; the pool's probe reads it, and the replica's channel is
+    replaced (one channel per replica, never one per port it ever had)."""
 
     def __init__(self, pool, timeout_s: float, deadline_s: float, max_message_bytes: int) -> None:
         import grpc
@@ -238,14 +370,28 @@ class GrpcTransport(_ReplicaTransport):
         super().__init__(pool, timeout_s, deadline_s)
         self._grpc, self._pb, self._pb_grpc = grpc, pb, pb_grpc
         self._options = channel_options(max_message_bytes)
-        self._channels: dict[str, tuple] = {}  # address -> (channel, stub)
-        self.RETRYABLE = (_Retryable,)
+        self._channels: dict[str, tuple[str, Any, Any]] = {}  # replica name -> (address, channel, stub)
 
-    def _stub(self, address: str):
-        if address not in self._channels:
-            channel = self._grpc.insecure_channel(address, options=self._options)
-            self._channels[address] = (channel, self._pb_grpc.ExpertServiceStub(channel))
-        return self._channels[address][1]
+    def _stub(self, replica):
+        known = self._channels.get(replica.name)
+        if known is not None and known[0] == replica.grpc_address:
+            return known[2]
+        if known is not None:
+            known[1].close()  # the replica restarted on another port
+        channel = self._grpc.insecure_channel(replica.grpc_address, options=self._options)
+        self._channels[replica.name] = (replica.grpc_address, channel, self._pb_grpc.ExpertServiceStub(channel))
+        self._forget_removed()
+        return self._channels[replica.name][2]
+
+    def _forget_removed(self) -> None:
+        """Close the channels of replicas that left the pool (scaled down or evicted)."""
+        current = {r.name for replicas in self.pool.groups.values() for r in list(replicas)}
+        for name in [n for n in self._channels if n not in current]:
+            self._channels.pop(name)[1].close()
+
+    @property
+    def channels(self) -> int:
+        return len(self._channels)
 
     def send(self, device, layer, hidden, ids, weights, carrier=None):
         req = self._pb.ForwardRequest(layer=layer)
@@ -257,7 +403,7 @@ class GrpcTransport(_ReplicaTransport):
 
     def _call(self, replica, args):
         req, metadata = args
-        return self._stub(replica.grpc_address).Forward.future(req, timeout=self.timeout_s, metadata=metadata)
+        return self._stub(replica).Forward.future(req, timeout=self.timeout_s, metadata=metadata)
 
     def _wait(self, call: _Call) -> ExpertReply:
         grpc = self._grpc
@@ -265,18 +411,24 @@ class GrpcTransport(_ReplicaTransport):
             resp = call.handle.result()
         except grpc.RpcError as exc:
             code = exc.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                self.pool.note_restart(call.replica)  # picks up the new port if Ray restarted it
-                raise _Retryable(f"{code.name}: {exc.details()}") from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise _ReplicaSlow(f"{code.name}: {exc.details()}") from None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                raise _ReplicaDown(f"{code.name}: {exc.details()}") from None
             raise DispatchError(f"{code.name}: {exc.details()}") from None
         return ExpertReply(proto_to_tensor(resp.output, "output"), list(resp.tokens_per_expert), resp.compute_ms)
 
+    def _finished(self, call: _Call) -> bool:
+        return call.handle.done()  # past its deadline the client side of a gRPC call is over
+
+    def _cancel(self, call: _Call) -> None:
+        call.handle.cancel()
+
+    def _settle(self, calls: list[_Call], timeout_s: float) -> None:
+        pass  # a cancelled gRPC call is over on the client side at once
+
     def close(self) -> None:
-        for channel, _ in self._channels.values():
+        for _, channel, _ in self._channels.values():
             channel.close()
         self._channels = {}
         super().close()
-
-
-class _Retryable(RuntimeError):
-    """A gRPC failure of the replica (not of the request): try another replica."""

@@ -73,6 +73,10 @@ def test_a_killed_expert_actor_is_restarted_and_the_request_completes_with_the_s
         while engine.has_work():
             engine.step()
         assert [r.output for r in requests] == expected and not any(r.error for r in requests)
+        deadline = time.monotonic() + 30
+        while pool.restarts < 1 and time.monotonic() < deadline:  # probes run in the background of the traffic
+            pool.poll()
+            time.sleep(0.05)
         assert engine.backend.transport.retries >= 1 and pool.restarts >= 1
         assert pool.live(1)[0].actor._actor_id.hex() == actor_id  # the same actor, restarted
         from gateway.serving.engine_loop import EngineLoop
@@ -82,6 +86,24 @@ def test_a_killed_expert_actor_is_restarted_and_the_request_completes_with_the_s
         loop.stop()
         text = prometheus_text(loop)
         assert "expertmesh_replica_restarts_total 1" in text or "expertmesh_replica_restarts_total 2" in text
+
+
+def test_ray_dag_rebuilds_its_compiled_graph_after_an_actor_dies(model_dirs, ray_cluster, expected):
+    with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray-dag", devices=2) as engine:
+        transport = engine.backend.transport
+        victim = transport.pool.live(1)[0].actor
+
+        def kill_on_fifth_token(request, token):
+            if len(request.output) == 5 and request.request_id == "r0":
+                ray_cluster.kill(victim, no_restart=False)  # Ray restarts it; the graph must be compiled again
+
+        requests = [engine.submit(p, max_new_tokens=12, stop_at_eos=False, request_id=f"r{i}",
+                                  on_token=kill_on_fifth_token) for i, p in enumerate(PROMPTS)]
+        while engine.has_work():
+            engine.step()
+        assert [r.output for r in requests] == expected and not any(r.error for r in requests)
+        assert transport.rebuilds >= 1  # (on 2 cores a fresh graph can time out once more and be rebuilt again)
+        assert engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False) == expected
 
 
 def test_a_group_without_replicas_fails_its_requests_and_serving_resumes_when_it_returns(model_dirs, ray_cluster,
@@ -102,7 +124,11 @@ def test_a_group_without_replicas_fails_its_requests_and_serving_resumes_when_it
         assert doomed.finish_reason == "error" and "group 1" in doomed.error and "1.5s" in doomed.error
         with pytest.raises(DispatchError, match="group 1"):
             engine.generate([PROMPTS[1]], max_new_tokens=2)
-        engine.scale(1, 2)  # a fresh replica joins next to the dead one ...
-        with pool._lock:
-            pool.groups[1] = [r for r in pool.groups[1] if r is not victim]  # ... which an operator removes
+        deadline = time.monotonic() + 60  # the pool evicts the dead replica and starts a fresh one
+        while (victim in pool.groups[1] or not pool.live(1)) and time.monotonic() < deadline:
+            with pytest.raises(DispatchError, match="group 1"):
+                engine.generate([PROMPTS[1]], max_new_tokens=2)
+        assert pool.evicted == 1 and victim not in pool.groups[1]
+        while len(pool.live(1)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False) == expected

@@ -1,0 +1,246 @@
+"""Replica transports under failure: in-flight counts, timeouts, probes of restarting actors, eviction, channels."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from expert_workers.actor import ExpertGroupActor
+from gateway.config import DeploymentConfig, RpcConfig
+from gateway.dispatch.dispatcher import Dispatcher, plan_dispatch
+from gateway.dispatch.groups import build_dispatcher
+from gateway.dispatch.replica_pool import ExpertGroupPool
+from gateway.dispatch.transports import DispatchError, GrpcTransport, LocalTransport, RayTransport
+from model_core.spec import ModelSpec
+from router_service.placement import Placement
+
+pytestmark = pytest.mark.slow
+
+DEVICES = 2
+
+
+def deployment(path, backend="ray", replicas=1, timeout_s=30.0, deadline_s=60.0) -> DeploymentConfig:
+    return DeploymentConfig(model=str(path), backend=backend, devices=DEVICES, replicas=replicas,
+                            rpc=RpcConfig(timeout_s=timeout_s, replica_deadline_s=deadline_s))
+
+
+def layer_batch(spec: ModelSpec, n: int = 12, seed: int = 0) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A MoE layer index with random hidden rows [n, H], distinct expert ids [n, K] and weights [n, K]."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, spec.hidden_size, generator=gen)
+    ids = torch.stack([torch.randperm(spec.n_routed_experts, generator=gen)[: spec.top_k] for _ in range(n)])
+    weights = torch.rand(n, spec.top_k, generator=gen)
+    return spec.moe_layers[0], hidden, ids, weights
+
+
+@pytest.fixture(scope="module")
+def reference(model_dirs):
+    """The in-process dispatcher: what every transport must return."""
+    path = model_dirs["tiny-v3"]
+    cfg = DeploymentConfig(model=str(path), devices=DEVICES)
+    dispatcher = build_dispatcher(cfg, ModelSpec.from_dir(path), Placement.contiguous(16, DEVICES))
+    assert isinstance(dispatcher.transport, LocalTransport)
+    yield dispatcher
+    dispatcher.close()
+
+
+def expected(reference: Dispatcher, batch) -> torch.Tensor:
+    return reference.dispatch(*batch).wait()
+
+
+def make(path, actor_class=ExpertGroupActor, transport="ray", **kw) -> Dispatcher:
+    cfg = deployment(path, backend=transport, **kw)
+    pool = ExpertGroupPool(cfg, Placement.contiguous(16, DEVICES), actor_class=actor_class)
+    if transport == "ray":
+        t = RayTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s)
+    else:
+        t = GrpcTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s, cfg.rpc.max_message_mb << 20)
+    return Dispatcher(pool.placement, t, pool=pool, on_close=pool.shutdown)
+
+
+@pytest.mark.parametrize("transport", ["ray", "grpc"])
+def test_a_failed_call_releases_every_in_flight_count_of_its_layer(transport, model_dirs, ray_cluster):
+    path = model_dirs["tiny-v3"]
+    spec = ModelSpec.from_dir(path)
+    dispatcher = make(path, transport=transport)
+    try:
+        layer, hidden, ids, weights = layer_batch(spec)
+        t = dispatcher.transport
+        on = [ids.clone(), ids.clone()]
+        on[0][ids >= 8] = -1  # contiguous placement: experts 0..7 on group 0, 8..15 on group 1
+        on[1][ids < 8] = -1
+        # Group 0 gets a layer it does not serve (refused: not retryable); group 1's call is fine.
+        pending = [(0, 999, t.send(0, 999, hidden, on[0], weights)),
+                   (1, layer, t.send(1, layer, hidden, on[1], weights))]
+        with pytest.raises(DispatchError, match="group 0, layer 999"):
+            t.receive(pending)
+        assert set(dispatcher.pool.inflight().values()) == {0}
+        started = time.monotonic()
+        dispatcher.pool.scale(1, 2)
+        dispatcher.pool.scale(1, 1)  # drains at once: nothing is left counted in flight
+        assert time.monotonic() - started < 30
+        assert set(dispatcher.pool.inflight().values()) == {0}
+    finally:
+        dispatcher.close()
+
+
+class SlowOnDemand(ExpertGroupActor):
+    """An expert actor whose next forward can be made slow; it counts its forward calls."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.forwards, self.delay = 0, 0.0
+
+    def slow_next(self, seconds: float) -> None:
+        self.delay = seconds
+
+    def forward(self, *args, **kwargs):
+        self.forwards += 1
+        delay, self.delay = self.delay, 0.0
+        time.sleep(delay)
+        return super().forward(*args, **kwargs)
+
+    def forward_calls(self) -> int:
+        return self.forwards
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_timed_out_call_is_never_sent_again_to_the_replica_still_computing_it(replicas, model_dirs, ray_cluster,
+                                                                                 reference):
+    path = model_dirs["tiny-v3"]
+    batch = layer_batch(ModelSpec.from_dir(path), seed=replicas)
+    want = expected(reference, batch)
+    dispatcher = make(path, SlowOnDemand, replicas=replicas, timeout_s=0.5, deadline_s=20)
+    try:
+        pool = dispatcher.pool
+        slow = pool.live(0)[0]
+        ray_cluster.get(slow.actor.slow_next.remote(3.0))
+        if replicas == 1:
+            with pytest.raises(DispatchError, match=r"did not answer within rpc.timeout_s=0.5s.*no other replica"):
+                dispatcher.dispatch(*batch).wait()
+        else:  # round robin: one of two dispatches lands on the slow replica and is answered by the other
+            for _ in range(2):
+                assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
+            assert dispatcher.transport.retries == 1
+        assert ray_cluster.get(slow.actor.forward_calls.remote()) == 1  # the original only, never a duplicate
+        time.sleep(3.0)
+        assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
+        assert set(pool.inflight().values()) == {0}  # the timed-out call was counted until it really ended
+    finally:
+        dispatcher.close()
+
+
+class SlowRestart(ExpertGroupActor):
+    """After Ray restarts it, the actor takes 4 s to come back (a big checkpoint loading)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        import ray
+
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            time.sleep(4.0)
+        super().__init__(*args, **kwargs)
+
+
+@pytest.mark.parametrize("transport", ["ray", "grpc"])
+def test_a_restarting_replica_never_blocks_the_step_while_another_replica_serves(transport, model_dirs, ray_cluster,
+                                                                                 reference):
+    path = model_dirs["tiny-v3"]
+    batch = layer_batch(ModelSpec.from_dir(path), seed=3)
+    dispatcher = make(path, SlowRestart, transport=transport, replicas=2)
+    try:
+        pool = dispatcher.pool
+        want = expected(reference, batch)
+        for _ in range(2):
+            assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
+        assert all(r.calls == 1 for r in pool.live(0) + pool.live(1))  # round robin per group
+        victim = pool.live(0)[0]
+        ray_cluster.kill(victim.actor, no_restart=False)
+        worst = 0.0
+        for _ in range(6):  # some calls hit the dead replica and are retried on the other one
+            started = time.monotonic()
+            assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
+            worst = max(worst, time.monotonic() - started)
+        assert worst < 2.0  # nobody waited for the 4 s restart
+        deadline = time.monotonic() + 30
+        while pool.restarts < 1 and time.monotonic() < deadline:  # the probe sees the restart, in the background
+            pool.poll()
+            time.sleep(0.05)
+        assert pool.restarts == 1 and victim.restarts == 1 and victim.down_since is None
+        assert len(pool.live(0)) == 2 and set(pool.inflight().values()) == {0}
+    finally:
+        dispatcher.close()
+
+
+def test_a_replica_that_stays_dead_is_evicted_and_replaced(model_dirs, ray_cluster, reference):
+    path = model_dirs["tiny-v3"]
+    batch = layer_batch(ModelSpec.from_dir(path), seed=4)
+    dispatcher = make(path, replicas=2, deadline_s=1.0)
+    try:
+        pool = dispatcher.pool
+        want = expected(reference, batch)
+        victim = pool.live(1)[0]
+        ray_cluster.kill(victim.actor, no_restart=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
+            live = pool.live(1)
+            if victim not in live and len(live) == 2:
+                break
+            time.sleep(0.1)
+        assert pool.evicted == 1 and victim not in pool.live(1) and len(pool.live(1)) == 2
+        assert all(r.down_since is None for r in pool.live(1))
+        assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
+    finally:
+        dispatcher.close()
+
+
+def test_grpc_keeps_one_channel_per_replica_across_restarts(model_dirs, ray_cluster, reference):
+    path = model_dirs["tiny-v3"]
+    batch = layer_batch(ModelSpec.from_dir(path), seed=5)
+    dispatcher = make(path, transport="grpc")
+    try:
+        pool, want = dispatcher.pool, expected(reference, batch)
+        ports = set()
+        for _ in range(3):
+            victim = pool.live(1)[0]
+            ports.add(victim.grpc_address)
+            ray_cluster.kill(victim.actor, no_restart=False)
+            deadline = time.monotonic() + 60
+            while victim.grpc_address in ports and time.monotonic() < deadline:
+                assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
+        assert len(ports) == 3  # it really came back on new ports
+        assert dispatcher.transport.channels == DEVICES
+    finally:
+        dispatcher.close()
+
+
+def test_concurrent_dispatches_leave_consistent_replica_counts(model_dirs, ray_cluster, reference):
+    path = model_dirs["tiny-v3"]
+    batches = [layer_batch(ModelSpec.from_dir(path), n=4, seed=10 + i) for i in range(4)]
+    wants = [expected(reference, b) for b in batches]
+    dispatcher = make(path, replicas=2)
+    try:
+        errors: list[BaseException] = []
+
+        def worker(i: int) -> None:
+            try:
+                for _ in range(15):
+                    assert torch.allclose(dispatcher.dispatch(*batches[i]).wait(), wants[i], atol=1e-6)
+            except BaseException as exc:  # any failure fails the test below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert errors == []
+        pool = dispatcher.pool
+        assert set(pool.inflight().values()) == {0}
+        sends = sum(len(plan_dispatch(b[2], b[3], reference.expert_device, DEVICES)) for b in batches) * 15
+        assert sum(r.calls for d in range(DEVICES) for r in pool.live(d)) == sends
+    finally:
+        dispatcher.close()
