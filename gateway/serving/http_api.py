@@ -247,10 +247,13 @@ def prometheus_text(loop: EngineLoop) -> str:
     metric("dispatch_layers_total", "counter", "Layer dispatches.", [({}, dispatch.layers)])
     pool = engine.backend.pool
     if pool is not None:
+        pool.poll()  # apply what background probes of failed replicas found
         metric("group_replicas", "gauge", "Live replicas per expert group.",
                [({"group": d}, len(pool.live(d))) for d in sorted(pool.groups)])
         metric("replica_restarts_total", "counter", "Expert-group actors Ray restarted after a failure.",
                [({}, pool.restarts)])
+        metric("replicas_evicted_total", "counter", "Replicas removed (and replaced) after staying down.",
+               [({}, pool.evicted)])
         metric("dispatch_retries_total", "counter", "Dispatch calls re-sent after a replica failed.",
                [({}, engine.backend.transport.retries)])
         metric("replica_inflight", "gauge", "Dispatch calls in flight on each expert-group replica.",

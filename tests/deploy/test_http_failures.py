@@ -1,4 +1,4 @@
-"""The HTTP handlers under failure, without Ray: a stalled engine answers 504 / an SSE error after the request
+"""The HTTP handlers under failure: a stalled engine answers 504 / an SSE error after the request
 timeout, a request whose delivery breaks does not hang its batch-mates, and the metrics report memory and
 per-replica in-flight calls."""
 
@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+
+import pytest
 
 from gateway import Engine
 from gateway.config import DeploymentConfig
@@ -77,30 +79,25 @@ def test_a_request_whose_delivery_breaks_does_not_hang_the_requests_batched_with
     engine.close()
 
 
-class FakePool:
-    """The replica pool's read side, as the metrics see it."""
-
-    groups = {0: [0, 1], 1: [0]}
-    restarts = 0
-
-    def live(self, group: int) -> list:
-        return self.groups[group]
-
-    def inflight(self) -> dict[tuple[int, int], int]:
-        return {(0, 0): 2, (0, 1): 0, (1, 0): 5}
-
-
-def test_metrics_report_resident_memory_and_in_flight_calls_per_replica(model_dirs, monkeypatch):
-    engine = Engine.from_pretrained(model_dirs["tiny-v2"])
-    monkeypatch.setattr(engine.backend, "pool", FakePool())
-    monkeypatch.setattr(engine.backend.transport, "retries", 0, raising=False)
-    loop = EngineLoop(engine)
-    loop.stop()
-    text = prometheus_text(loop)
-    rss = next(line for line in text.splitlines() if line.startswith("expertmesh_process_resident_memory_bytes "))
-    statm_bytes = int(Path("/proc/self/statm").read_text().split()[1]) * 4096
-    assert abs(float(rss.split()[1]) - statm_bytes) < 0.5 * statm_bytes and float(rss.split()[1]) > 10 * 2**20
-    assert "# TYPE expertmesh_replica_inflight gauge" in text
-    assert 'expertmesh_replica_inflight{group="0",replica="0"} 2' in text
-    assert 'expertmesh_replica_inflight{group="1",replica="0"} 5' in text
-    engine.close()
+@pytest.mark.slow
+def test_metrics_report_resident_memory_and_in_flight_calls_per_replica(model_dirs, ray_cluster):
+    engine = Engine.from_pretrained(model_dirs["tiny-v2"], backend="ray", devices=2)
+    try:
+        pool = engine.backend.pool
+        held = [pool.pick(0), pool.pick(0)]  # two calls in flight on group 0's replica
+        loop = EngineLoop(engine)
+        loop.stop()
+        text = prometheus_text(loop)
+        rss = next(line for line in text.splitlines() if line.startswith("expertmesh_process_resident_memory_bytes "))
+        statm_bytes = int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+        assert abs(float(rss.split()[1]) - statm_bytes) < 0.5 * statm_bytes and float(rss.split()[1]) > 10 * 2**20
+        assert "# TYPE expertmesh_replica_inflight gauge" in text
+        r0, r1 = pool.live(0)[0], pool.live(1)[0]
+        assert f'expertmesh_replica_inflight{{group="0",replica="{r0.index}"}} 2' in text
+        assert f'expertmesh_replica_inflight{{group="1",replica="{r1.index}"}} 0' in text
+        assert "expertmesh_replicas_evicted_total 0" in text
+        for r in held:
+            pool.release(r)
+        assert f'expertmesh_replica_inflight{{group="0",replica="{r0.index}"}} 0' in prometheus_text(loop)
+    finally:
+        engine.close()
