@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from router_service.accounting import count_routing
+
 # Shape legend: T = tokens in the window, N = routed experts, K = experts per token, D = devices,
 # M = devices per token. Scores are normalised per token (s / Σ_j s_j) so that Σ_i P_i = 1; with that,
 # every measure below is 1.0 for perfectly uniform routing and grows with imbalance.
@@ -93,11 +95,21 @@ def observe_routing(
     changed_slots: int = 0,
 ) -> LayerWindow:
     """Summarise one layer's routing of a step (sequence-wise terms are added by the caller). ids: [T, K]."""
-    counts = torch.bincount(ids.flatten(), minlength=scores.shape[1])
-    on_device = torch.zeros(ids.shape[0], n_devices, dtype=torch.bool)
-    on_device[torch.arange(ids.shape[0])[:, None].expand_as(ids), expert_device[ids]] = True
-    return LayerWindow(counts, normalised_scores(scores).sum(0), on_device.sum(0), ids.shape[0], changed=changed,
-                       changed_slots=changed_slots)
+    c = count_routing(ids, scores.shape[1], expert_device, n_devices)
+    return LayerWindow(c.tokens_per_expert, normalised_scores(scores).sum(0), c.tokens_per_device, ids.shape[0],
+                       changed=changed, changed_slots=changed_slots)
+
+
+def sequence_balance_sum(counts: torch.Tensor, score_sum: torch.Tensor, tokens: torch.Tensor, top_k: int) -> float:
+    """Σ over sequences of each one's expert balance. counts, score_sum: [S, N] per sequence; tokens: [S] (> 0).
+
+    Row s is expert_balance(counts[s], score_sum[s], tokens[s], top_k) = N/(K·T_s²)·Σ_i c_{s,i}·S_{s,i}.
+    """
+    if tokens.numel() == 0:
+        return 0.0
+    n = counts.shape[1]
+    per_seq = (counts.double() * score_sum.double()).sum(dim=1) * n / (top_k * tokens.double() ** 2)
+    return float(per_seq.sum())
 
 
 @dataclass

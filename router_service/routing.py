@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model_core.spec import RouterSpec
+from router_service.accounting import RoutingChange, RoutingCounts
 
 # Shape legend: T = tokens, H = hidden, E = routed experts, K = experts per token,
 # G = expert groups, D = devices.
@@ -15,42 +16,28 @@ from model_core.spec import RouterSpec
 
 @dataclass(frozen=True, slots=True)
 class Routing:
-    """The router's decision for T tokens."""
+    """The router's decision for T tokens, with its accounting once the gateway has done it."""
 
     ids: torch.Tensor  # [T, K] int64 global expert ids
     weights: torch.Tensor  # [T, K] float32 combine weights (never include the bias)
     scores: torch.Tensor  # [T, E] float32 unbiased scores (softmax or sigmoid)
-    exact_ids: torch.Tensor | None = None  # [T, K] the model's own choice, when serving changed the routing
-    unlimited_ids: torch.Tensor | None = None  # [T, K] live bias without the device limit (when both applied)
-    top_m_applied: bool = False
-    bias_applied: bool = False
+    counts: RoutingCounts | None = None  # tokens per expert / sequence / device (see accounting.count_routing)
+    change: RoutingChange | None = None  # set only when serving could change the routing (top-M, live bias)
 
     def changed_tokens(self) -> int:
         """Tokens whose expert set differs from the model's own routing (0 when no limit was applied)."""
-        if self.exact_ids is None:
-            return 0
-        return int((self.ids.sort(dim=-1).values != self.exact_ids.sort(dim=-1).values).any(dim=-1).sum())
+        return 0 if self.change is None else self.change.tokens
 
     def change_flags(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token: (the device limit changed its experts, the live bias changed them). Both [T] bool."""
-        none = torch.zeros(self.ids.shape[0], dtype=torch.bool)
-        if self.exact_ids is None:
+        if self.change is None:
+            none = torch.zeros(self.ids.shape[0], dtype=torch.bool)
             return none, none
-
-        def differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return (a.sort(dim=-1).values != b.sort(dim=-1).values).any(dim=-1)
-
-        before_limit = self.unlimited_ids if self.unlimited_ids is not None else (
-            self.exact_ids if self.top_m_applied else self.ids)
-        by_bias = differ(before_limit, self.exact_ids) if self.bias_applied else none
-        by_limit = differ(self.ids, before_limit) if self.top_m_applied else none
-        return by_limit, by_bias
+        return self.change.by_top_m, self.change.by_bias
 
     def changed_slots(self) -> int:
         """Token-expert slots holding an expert the model's own routing would not have chosen."""
-        if self.exact_ids is None:
-            return 0
-        return int((~(self.ids[:, :, None] == self.exact_ids[:, None, :]).any(dim=-1)).sum())
+        return 0 if self.change is None else self.change.slots
 
 
 def router_scores(hidden: torch.Tensor, gate_weight: torch.Tensor, scoring_func: str) -> torch.Tensor:

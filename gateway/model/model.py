@@ -18,6 +18,7 @@ from model_core.checkpoint import CheckpointReader
 from model_core.ffn import swiglu
 from model_core.layout import gateway_layout
 from model_core.spec import ModelSpec
+from router_service.accounting import compare_routing, count_routing
 from router_service.routing import Routing, route_tokens, select_experts
 
 # Shape legend: N = tokens in the step, H = hidden, V = vocab, K = experts per token.
@@ -53,6 +54,7 @@ class GatewayModel:
         self.tracer = None  # an OpenTelemetry tracer when tracing is on: one span per MoE layer
         self.device_members = backend.placement.members() if top_m_devices is not None else None
         self.expert_device = backend.placement.device_tensor()
+        self.n_devices = backend.placement.n_devices
         self.reader = CheckpointReader(model_dir, spec.fp8_block)
         w = {}
         for name, shape in gateway_layout(spec).items():
@@ -83,26 +85,37 @@ class GatewayModel:
             shared=ffn("mlp.shared_experts") if moe and self.spec.n_shared_experts else None,
         )
 
-    def _moe(self, i: int, layer: LayerWeights, u: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        """Route, dispatch the routed experts, compute the shared experts meanwhile, combine: [N, H]."""
+    def _moe(
+        self, i: int, layer: LayerWeights, u: torch.Tensor, seq_index: torch.Tensor, n_seqs: int
+    ) -> tuple[torch.Tensor, Routing]:
+        """Route, dispatch the routed experts, compute the shared experts and the routing's accounting
+        meanwhile, combine: [N, H]. seq_index: [N] each token's sequence in the step."""
         spec = self.spec
-        routing = route_tokens(
-            u, layer.gate, spec.router, layer.selection_bias, self.device_members, self.top_m_devices
-        )
-        limited, biased = self.top_m_devices is not None, layer.selection_bias is not layer.model_bias
-        if limited or biased:
-            # Serving may change the routing (device limit, live bias): keep the model's own choice to compare,
-            # and with both, the live-bias choice before the limit, to tell the two causes apart.
-            exact = select_experts(routing.scores, spec.router, layer.model_bias).ids
-            unlimited = None
-            if limited and biased:
-                unlimited = select_experts(routing.scores, spec.router, layer.selection_bias).ids
-            routing = dataclasses.replace(routing, exact_ids=exact, unlimited_ids=unlimited, top_m_applied=limited,
-                                          bias_applied=biased)
+        bias = layer.selection_bias  # read once: the balance client may swap it between layers
+        routing = route_tokens(u, layer.gate, spec.router, bias, self.device_members, self.top_m_devices)
         pending = self.backend.dispatch(i, u, routing.ids, routing.weights)
         shared = swiglu(u, *layer.shared) if layer.shared is not None else None  # overlaps the dispatch
+        routing = self._account(routing, layer, bias, seq_index, n_seqs)  # so does the accounting
         routed = pending.wait()
         return (routed if shared is None else routed + shared), routing
+
+    def _account(
+        self, routing: Routing, layer: LayerWeights, bias: torch.Tensor | None, seq_index: torch.Tensor, n_seqs: int
+    ) -> Routing:
+        """The layer's one accounting pass: token counts always; the comparison with the model's own routing
+        only when serving could have changed it (device limit, live bias)."""
+        spec = self.spec
+        counts = count_routing(routing.ids, spec.n_routed_experts, self.expert_device, self.n_devices, seq_index,
+                               n_seqs)
+        limited, biased = self.top_m_devices is not None, bias is not layer.model_bias
+        change = None
+        if limited or biased:
+            # The model's own choice to compare with, and with both, the live-bias choice before the limit,
+            # to tell the two causes apart.
+            exact = select_experts(routing.scores, spec.router, layer.model_bias).ids
+            unlimited = select_experts(routing.scores, spec.router, bias).ids if limited and biased else None
+            change = compare_routing(routing.ids, exact, unlimited, limited, biased)
+        return dataclasses.replace(routing, counts=counts, change=change)
 
     def new_cache(self) -> LatentCache:
         return LatentCache(self.spec.num_hidden_layers, self.spec.kv_lora_rank, self.spec.qk_rope_head_dim, self.dtype)
@@ -113,6 +126,8 @@ class GatewayModel:
         """tokens: [N] -> final normed hidden states [N, H] and each MoE layer's routing."""
         spec = self.spec
         h = F.embedding(tokens, self.embed)  # [N, H]
+        n_seqs = len(step.lengths)
+        seq_index = torch.repeat_interleave(torch.arange(n_seqs), torch.tensor(step.lengths))  # [N]
         routings: dict[int, Routing] = {}
         for i, layer in enumerate(self.layers):
             u = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
@@ -122,13 +137,13 @@ class GatewayModel:
                 h = h + swiglu(u, *layer.mlp)
                 continue
             if self.tracer is None:
-                routed_and_shared, routing = self._moe(i, layer, u)
+                routed_and_shared, routing = self._moe(i, layer, u, seq_index, n_seqs)
             else:
                 with self.tracer.start_as_current_span("moe_layer", attributes={
                     "expertmesh.layer": i, "expertmesh.tokens": int(u.shape[0])}) as span:
-                    routed_and_shared, routing = self._moe(i, layer, u)
+                    routed_and_shared, routing = self._moe(i, layer, u, seq_index, n_seqs)
                     if span.is_recording():
-                        span.set_attribute("expertmesh.experts_hit", int(torch.unique(routing.ids).numel()))
+                        span.set_attribute("expertmesh.experts_hit", int((routing.counts.tokens_per_expert > 0).sum()))
             h = h + routed_and_shared
             routings[i] = routing
         for seq_id, n in zip(step.seq_ids, step.lengths, strict=True):

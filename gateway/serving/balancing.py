@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from gateway.model.step import StepBatch
-from router_service.load_stats import LayerWindow, expert_balance, normalised_scores, observe_routing
+from router_service.load_stats import LayerWindow, normalised_scores, sequence_balance_sum
 from router_service.routing import Routing
 from router_service.service import window_to_wire
 
@@ -51,27 +51,51 @@ class BalanceClient:
 
     def _reset(self) -> None:
         self.window = {layer: LayerWindow.empty(self.n_experts, self.n_devices) for layer in self.moe_layers}
-        self.per_seq: dict[int, dict[int, list]] = {layer: {} for layer in self.moe_layers}
+        # Per-sequence sums for sequence-wise balance: one row per sequence seen in this window.
+        self.seq_row: dict[int, int] = {}
+        self.seq_tokens = torch.zeros(0, dtype=torch.long)  # [S] (every MoE layer routes every token)
+        self.seq_counts = {layer: torch.zeros(0, self.n_experts, dtype=torch.long) for layer in self.moe_layers}
+        self.seq_scores = {layer: torch.zeros(0, self.n_experts, dtype=torch.float64) for layer in self.moe_layers}
 
     def observe(self, routings: dict[int, Routing], step: StepBatch) -> None:
-        """Add one forward step's routing; push and poll on schedule."""
-        rows = list(zip(step.offsets, step.lengths, strict=True))
+        """Add one forward step's routing (its counts come from the model's accounting pass); push and poll on
+        schedule."""
+        n_seqs = len(step.lengths)
+        lengths = torch.tensor(step.lengths)
+        seq_index = torch.repeat_interleave(torch.arange(n_seqs), lengths)  # [T]
+        score_sums = {  # [S, E] normalised scores summed per sequence, outside the lock
+            layer: torch.zeros(n_seqs, self.n_experts, dtype=torch.float64).index_add_(
+                0, seq_index, normalised_scores(r.scores))
+            for layer, r in routings.items()
+        }
         with self._lock:
+            rows = self._rows(step.seq_ids)
+            self.seq_tokens.index_add_(0, rows, lengths)
             for layer, r in routings.items():
-                self.window[layer].add(observe_routing(r.ids, r.scores, self.expert_device, self.n_devices,
-                                                       r.changed_tokens(), r.changed_slots()))
-                norm = normalised_scores(r.scores)
-                for seq_id, (off, n) in zip(step.seq_ids, rows, strict=True):
-                    acc = self.per_seq[layer].setdefault(seq_id, [torch.zeros(self.n_experts, dtype=torch.long),
-                                                                  torch.zeros(self.n_experts, dtype=torch.float64), 0])
-                    acc[0] += torch.bincount(r.ids[off : off + n].flatten(), minlength=self.n_experts)
-                    acc[1] += norm[off : off + n].sum(0)
-                    acc[2] += n
+                c = r.counts
+                self.window[layer].add(LayerWindow(c.tokens_per_expert, score_sums[layer].sum(0), c.tokens_per_device,
+                                                   r.ids.shape[0], changed=r.changed_tokens(),
+                                                   changed_slots=r.changed_slots()))
+                self.seq_counts[layer].index_add_(0, rows, c.per_sequence)
+                self.seq_scores[layer].index_add_(0, rows, score_sums[layer])
             self.steps += 1
             due = self.steps % self.push_every_steps == 0
         if due:
             self.flush()
         self.poll()
+
+    def _rows(self, seq_ids: list[int]) -> torch.Tensor:
+        """Rows of the step's sequences in the per-sequence sums, new sequences appended (lock held)."""
+        new = [s for s in dict.fromkeys(seq_ids) if s not in self.seq_row]
+        if new:
+            first = len(self.seq_row)
+            self.seq_row.update((s, first + j) for j, s in enumerate(new))
+            self.seq_tokens = torch.cat([self.seq_tokens, torch.zeros(len(new), dtype=torch.long)])
+            for layer in self.moe_layers:
+                grow = torch.zeros(len(new), self.n_experts)
+                self.seq_counts[layer] = torch.cat([self.seq_counts[layer], grow.long()])
+                self.seq_scores[layer] = torch.cat([self.seq_scores[layer], grow.double()])
+        return torch.tensor([self.seq_row[s] for s in seq_ids], dtype=torch.long)
 
     def flush(self) -> None:
         """Send the accumulated windows (sequence-wise balance per sequence seen in the window), unless
@@ -87,9 +111,9 @@ class BalanceClient:
             for layer, w in self.window.items():
                 if w.tokens == 0:
                     continue
-                for counts, score_sum, n in self.per_seq[layer].values():
-                    w.seq_balance_sum += expert_balance(counts, score_sum, n, self.top_k)
-                    w.sequences += 1
+                w.seq_balance_sum += sequence_balance_sum(self.seq_counts[layer], self.seq_scores[layer],
+                                                          self.seq_tokens, self.top_k)
+                w.sequences += len(self.seq_row)
                 wire[layer] = window_to_wire(w)
             self._reset()
             if not wire:

@@ -16,8 +16,9 @@ class RoutingSummary:
         self.changed_by_serving = dict.fromkeys(moe_layers, 0)  # experts changed by top-M or live bias
 
     def add(self, routings: dict[int, Routing]) -> None:
+        """Add one step's routings (counted by GatewayModel.forward's accounting pass: no recount here)."""
         for layer, r in routings.items():
-            self.tokens_per_expert[layer] += torch.bincount(r.ids.flatten(), minlength=r.scores.shape[1])
+            self.tokens_per_expert[layer] += r.counts.tokens_per_expert
             self.tokens[layer] += r.ids.shape[0]
             self.changed_by_serving[layer] += r.changed_tokens()
 
@@ -34,7 +35,7 @@ class RoutingSummary:
                     "experts_hit": int((counts > 0).sum()),
                     "max_over_mean": counts.max().item() / mean if mean else 0.0,
                     "busiest": [(int(e), int(c)) for c, e in zip(top.values, top.indices, strict=True)],
-                "changed": self.changed_by_serving[layer],
+                    "changed": self.changed_by_serving[layer],
                 }
             )
         return out

@@ -16,7 +16,9 @@ from gateway import Engine
 from gateway.config import DeploymentConfig
 from gateway.model.step import StepBatch
 from gateway.serving.balancing import BalanceClient
+from router_service.accounting import count_routing
 from router_service.bias import BalanceConfig
+from router_service.load_stats import expert_balance
 from router_service.routing import Routing
 from router_service.service import RouterService, window_to_wire
 from tests.conftest import random_prompts
@@ -31,11 +33,13 @@ def random_step(seed: int) -> tuple[dict[int, Routing], StepBatch]:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 5, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen).tolist()
     step = StepBatch(list(range(seed % 3, seed % 3 + len(lengths))), [0] * len(lengths), lengths)
+    seq_index = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     routings = {}
     for layer in LAYERS:
         scores = torch.rand(step.n_tokens, E, generator=gen)
         ids = torch.rand(step.n_tokens, E, generator=gen).argsort(dim=-1)[:, :K]
-        routings[layer] = Routing(ids=ids, weights=scores.gather(1, ids), scores=scores)
+        counts = count_routing(ids, E, torch.tensor(EXPERT_DEVICE), D, seq_index, len(lengths))
+        routings[layer] = Routing(ids=ids, weights=scores.gather(1, ids), scores=scores, counts=counts)
     return routings, step
 
 
@@ -60,9 +64,11 @@ def test_flushes_from_another_thread_neither_lose_nor_double_count():
     done = threading.Event()
 
     def engine_thread():
-        for routings, step in steps:
-            client.observe(routings, step)
-        done.set()
+        try:
+            for routings, step in steps:
+                client.observe(routings, step)
+        finally:
+            done.set()
 
     def stats_thread():  # Engine.balance_stats from an HTTP handler: sync -> flush on the caller's thread
         while not done.is_set():
@@ -97,6 +103,36 @@ def config(path, name: str, **balancing) -> DeploymentConfig:
 
 def live_bias(engine: Engine) -> dict[int, torch.Tensor]:
     return {layer: engine.model.layers[layer].selection_bias for layer in engine.spec.moe_layers}
+
+
+def test_pushed_window_equals_a_brute_force_summary_of_the_steps():
+    service = in_process_service()
+    client = client_for(service, push_every_steps=1000)
+    steps = [random_step(seed) for seed in range(12)]  # sequence ids recur across steps (decode-like)
+    for routings, step in steps:
+        client.observe(routings, step)
+    client.sync()
+    for layer in LAYERS:
+        per_seq: dict[int, list] = {}
+        score_sum = torch.zeros(E, dtype=torch.float64)
+        device_tokens = torch.zeros(D, dtype=torch.long)
+        for routings, step in steps:
+            r = routings[layer]
+            norm = r.scores.double() / r.scores.double().sum(-1, keepdim=True)
+            score_sum += norm.sum(0)
+            for t in range(step.n_tokens):
+                for d in {EXPERT_DEVICE[e] for e in r.ids[t].tolist()}:
+                    device_tokens[d] += 1
+            for seq_id, off, n in zip(step.seq_ids, step.offsets, step.lengths, strict=True):
+                acc = per_seq.setdefault(seq_id, [torch.zeros(E, dtype=torch.long), torch.zeros(E).double(), 0])
+                acc[0] += torch.bincount(r.ids[off : off + n].flatten(), minlength=E)
+                acc[1] += norm[off : off + n].sum(0)
+                acc[2] += n
+        w = service.window[layer]
+        assert torch.equal(w.counts, observed_totals(steps)[layer]) and torch.equal(w.device_tokens, device_tokens)
+        torch.testing.assert_close(w.score_sum, score_sum)
+        assert w.sequences == len(per_seq) == 5
+        assert w.seq_balance_sum == pytest.approx(sum(expert_balance(c, s, n, K) for c, s, n in per_seq.values()))
 
 
 class HeldRouterService(RouterService):
