@@ -51,11 +51,24 @@ class BalanceClient:
 
     def _reset(self) -> None:
         self.window = {layer: LayerWindow.empty(self.n_experts, self.n_devices) for layer in self.moe_layers}
-        # Per-sequence sums for sequence-wise balance: one row per sequence seen in this window.
+        self._reset_sequences()
+
+    def _reset_sequences(self) -> None:
+        # Per-sequence sums for sequence-wise balance: one row per sequence seen since the last fold.
         self.seq_row: dict[int, int] = {}
         self.seq_tokens = torch.zeros(0, dtype=torch.long)  # [S] (every MoE layer routes every token)
         self.seq_counts = {layer: torch.zeros(0, self.n_experts, dtype=torch.long) for layer in self.moe_layers}
         self.seq_scores = {layer: torch.zeros(0, self.n_experts, dtype=torch.float64) for layer in self.moe_layers}
+
+    def _fold_sequences(self) -> None:
+        """Close the per-sequence sums into each window's sequence-wise balance (lock held)."""
+        if not self.seq_row:
+            return
+        for layer, w in self.window.items():
+            w.seq_balance_sum += sequence_balance_sum(self.seq_counts[layer], self.seq_scores[layer], self.seq_tokens,
+                                                      self.top_k)
+            w.sequences += len(self.seq_row)
+        self._reset_sequences()
 
     def observe(self, routings: dict[int, Routing], step: StepBatch) -> None:
         """Add one forward step's routing (its counts come from the model's accounting pass); push and poll on
@@ -101,20 +114,14 @@ class BalanceClient:
         """Send the accumulated windows (sequence-wise balance per sequence seen in the window), unless
         `max_pending_pushes` earlier pushes are still unanswered: then the window stays here and grows."""
         with self._lock:
+            self._fold_sequences()  # also while held back: per-sequence rows must not grow for the whole outage
             if self.remote:
                 self._check_pushes()
                 if len(self._pending_pushes) >= self.max_pending_pushes:
                     self.held_back += 1
                     self.unreachable = True
                     return
-            wire = {}
-            for layer, w in self.window.items():
-                if w.tokens == 0:
-                    continue
-                w.seq_balance_sum += sequence_balance_sum(self.seq_counts[layer], self.seq_scores[layer],
-                                                          self.seq_tokens, self.top_k)
-                w.sequences += len(self.seq_row)
-                wire[layer] = window_to_wire(w)
+            wire = {layer: window_to_wire(w) for layer, w in self.window.items() if w.tokens}
             self._reset()
             if not wire:
                 return

@@ -135,6 +135,34 @@ def test_pushed_window_equals_a_brute_force_summary_of_the_steps():
         assert w.seq_balance_sum == pytest.approx(sum(expert_balance(c, s, n, K) for c, s, n in per_seq.values()))
 
 
+def worst_over_layers(model_dir, mode: str, windows: int = 12, window: int = 256) -> tuple[list[float], list[float]]:
+    """Skewed traffic (random sequences over a 16-token topic) through an engine with an in-process router
+    service: per closed window, the worst layer's (expert max/mean, device max/mean)."""
+    balancing = BalanceConfig(mode=mode, gamma=0.05, max_bias=1.0, window_tokens=window, service="local")
+    gen = torch.Generator().manual_seed(1)
+    with Engine.from_config(DeploymentConfig(model=str(model_dir), backend="local", devices=4,
+                                             balancing=balancing)) as engine:
+        topic = torch.randint(3, engine.spec.vocab_size, (16,), generator=gen)
+        for _ in range(windows):
+            engine.logits([topic[torch.randint(0, 16, (32,), generator=gen)].tolist() for _ in range(window // 32)])
+        history = engine.balance.call("report_history")
+    assert len(history) == windows
+    return ([max(r["expert_max_over_mean"] for r in w) for w in history],
+            [max(r["device_max_over_mean"] for r in w) for w in history])
+
+
+def test_adapt_mode_lowers_imbalance_on_skewed_traffic(model_dirs):
+    observed_expert, observed_device = worst_over_layers(model_dirs["tiny-v3"], "observe")
+    adapted_expert, adapted_device = worst_over_layers(model_dirs["tiny-v3"], "adapt")
+    assert adapted_expert[0] == observed_expert[0] > 2.5  # same traffic, same (unbiased) first window: skewed
+
+    def later(xs: list[float]) -> float:
+        return sum(xs[6:]) / len(xs[6:])
+
+    assert later(adapted_expert) < 0.75 * later(observed_expert) and later(adapted_expert) < 0.75 * adapted_expert[0]
+    assert later(adapted_device) < 0.85 * later(observed_device)
+
+
 class HeldRouterService(RouterService):
     """A real RouterService whose pushes hang while the file `hold` exists: a service that stops answering."""
 
@@ -163,7 +191,7 @@ def test_a_hung_service_bounds_pushes_in_flight_and_gets_every_count_once_it_ans
     try:
         for routings, step in steps:
             client.observe(routings, step)
-            assert len(client._pending_pushes) <= 3
+            assert len(client._pending_pushes) <= 3 and not client.seq_row  # nothing grows per held-back step
         hung = client.metrics()
         assert hung["pending_pushes"] == 3 and hung["router_unreachable"] and hung["held_back_flushes"] >= 20
         hold.unlink()  # the service answers again
@@ -174,6 +202,7 @@ def test_a_hung_service_bounds_pushes_in_flight_and_gets_every_count_once_it_ans
         for layer in LAYERS:
             assert arrived[layer]["tokens"] == sum(step.n_tokens for _, step in steps)
             assert arrived[layer]["counts"] == expected[layer].tolist()
+            assert arrived[layer]["sequences"] == sum(len(step.lengths) for _, step in steps)
     finally:
         hold.unlink(missing_ok=True)
         ray_cluster.kill(actor)
