@@ -1,4 +1,4 @@
-"""Ray and gRPC expert groups compute the in-process engine's logits and tokens; top-M bounds devices per token."""
+"""Ray and gRPC expert groups compute the in-process engine's logits and tokens and load only their experts."""
 
 from __future__ import annotations
 
