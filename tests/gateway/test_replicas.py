@@ -126,8 +126,11 @@ def test_a_group_without_replicas_fails_its_requests_and_serving_resumes_when_it
             engine.generate([PROMPTS[1]], max_new_tokens=2)
         deadline = time.monotonic() + 60  # the pool evicts the dead replica and starts a fresh one
         while (victim in pool.groups[1] or not pool.live(1)) and time.monotonic() < deadline:
-            with pytest.raises(DispatchError, match="group 1"):
+            try:  # fails until the replacement has loaded (it may be ready by the time this call runs)
                 engine.generate([PROMPTS[1]], max_new_tokens=2)
+            except DispatchError as exc:
+                assert "group 1" in str(exc)
+            time.sleep(0.1)
         assert pool.evicted == 1 and victim not in pool.groups[1]
         while len(pool.live(1)) < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
