@@ -7,6 +7,7 @@ in-flight counts return to 0 and the gateway's memory after warm-up stays within
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -21,6 +22,7 @@ from tests.conftest import random_prompts
 from tests.deploy.test_serve import free_port
 
 pytestmark = pytest.mark.slow
+logger = logging.getLogger(__name__)
 
 DURATION_S = float(os.environ.get("EXPERTMESH_CHAOS_S", "120"))
 KILL_EVERY_S = 10.0
@@ -138,4 +140,9 @@ def test_streaming_clients_survive_killed_actors_and_scaling(chaos_server, model
     assert metric(text, "running_sequences") == [0]
     assert set(metric(text, "replica_inflight")) == {0}
     rss = metric(text, "process_resident_memory_bytes")[0]
+    logger.info("chaos: %d requests (%d ok, %d errors), %d kills, slowest %.1f s, gateway RSS %.0f -> %.0f MiB, "
+                "retries %s, restarts %s, evicted %s", len(outcomes), ok, len(errors), kills,
+                max(seconds for _, _, seconds in outcomes), warm_rss / 2**20, rss / 2**20,
+                metric(text, "dispatch_retries_total"), metric(text, "replica_restarts_total"),
+                metric(text, "replicas_evicted_total"))
     assert rss <= 1.10 * warm_rss, f"gateway memory grew from {warm_rss / 2**20:.0f} MiB to {rss / 2**20:.0f} MiB"
