@@ -15,6 +15,27 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_PRESETS = ["tiny-v2", "tiny-v2-group", "tiny-v3", "tiny-v3-plain"]
+NO_GPU_REASON = "needs a CUDA GPU: run `make gpu-check` on a GPU machine"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip, saying why, when CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=NO_GPU_REASON)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print what tests recorded with `record_property("report", ...)`: measurements that are shown, not asserted."""
+    lines = [f"{r.nodeid}: {value}" for r in terminalreporter.stats.get("passed", [])
+             for key, value in r.user_properties if key == "report"]
+    if lines:
+        terminalreporter.write_sep("-", "reported (not asserted)")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

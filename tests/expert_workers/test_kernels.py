@@ -1,4 +1,8 @@
-"""Triton fused MoE kernels (run under TRITON_INTERPRET=1 without a GPU) equal the torch grouped FFN."""
+"""Triton fused MoE kernels equal the torch grouped FFN: in Triton's CPU interpreter without a GPU, on CUDA with one.
+
+The same cases run on both; `cpu` cases need TRITON_INTERPRET=1 (conftest sets it only when CUDA is absent),
+`cuda` cases are marked `gpu` (and add bfloat16, which the interpreter's dot lacks).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,21 @@ from expert_workers.expert_group import ExpertGroup
 from expert_workers.grouped_ffn import grouped_expert_ffn
 from expert_workers.kernels import KernelInputError, fused_moe, launcher
 from expert_workers.kernels.align import align_pairs
-from expert_workers.kernels.launcher import CONFIG_DIR, launch_config
+from expert_workers.kernels.launcher import CONFIG_DIR, interpreting, launch_config
 
 E, H, I, K = 8, 40, 24, 3  # H and I are not multiples of any block size
-TOL = {torch.float32: 1e-5, torch.float16: 4e-3}  # relative to the output's scale
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}  # max |Δ| relative to the output's scale
+
+on_interpreter = pytest.mark.skipif(
+    not interpreting(), reason="Triton's CPU interpreter is off (TRITON_INTERPRET=1 is set only without a GPU)"
+)
+DEVICES = [pytest.param("cpu", marks=on_interpreter), pytest.param("cuda", marks=pytest.mark.gpu)]
+DEVICE_DTYPES = [
+    *(pytest.param("cpu", d, marks=on_interpreter, id=f"cpu-{d}".replace("torch.", ""))
+      for d in (torch.float32, torch.float16)),
+    *(pytest.param("cuda", d, marks=pytest.mark.gpu, id=f"cuda-{d}".replace("torch.", ""))
+      for d in (torch.float32, torch.float16, torch.bfloat16)),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -27,19 +42,19 @@ def poisoned_workspace(monkeypatch):
     )
 
 
-def make_case(t: int, dtype: torch.dtype, seed: int):
+def make_case(t: int, dtype: torch.dtype, seed: int, device: str = "cpu"):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(t, H, generator=gen).to(dtype)
     w_gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).to(dtype)
     w_down = (torch.randn(E, H, I, generator=gen) / I**0.5).to(dtype)
     ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(t)]) if t else torch.empty(0, K).long()
     weights = torch.rand(t, K, generator=gen)
-    return hidden, w_gate_up, w_down, ids, weights
+    return tuple(x.to(device) for x in (hidden, w_gate_up, w_down, ids, weights))
 
 
 def reference(hidden, w_gate_up, w_down, ids, weights):
-    """The torch path in float32 on the same (rounded) inputs."""
-    return grouped_expert_ffn(hidden.float(), w_gate_up.float(), w_down.float(), ids, weights)
+    """The torch path in float32 on the CPU, on the same (rounded) inputs."""
+    return grouped_expert_ffn(*(x.cpu().float() for x in (hidden, w_gate_up, w_down)), ids.cpu(), weights.cpu())
 
 
 def run_poisoned(hidden, w_gate_up, w_down, ids, weights):
@@ -52,13 +67,13 @@ def run_poisoned(hidden, w_gate_up, w_down, ids, weights):
 def assert_matches(got, expected, dtype):
     assert not got.isnan().any(), "a row was never written"
     scale = expected.abs().max().clamp(min=1e-6)
-    assert ((got.float() - expected).abs().max() / scale).item() < TOL[dtype]
+    assert ((got.cpu().float() - expected.cpu()).abs().max() / scale).item() < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("t", [1, 7, 64, 300])
-def test_matches_torch_path_with_minus_one_ids_and_an_idle_expert(t, dtype):
-    hidden, w_gate_up, w_down, ids, weights = make_case(t, dtype, seed=t)
+def test_matches_torch_path_with_minus_one_ids_and_an_idle_expert(t, device, dtype):
+    hidden, w_gate_up, w_down, ids, weights = make_case(t, dtype, seed=t, device=device)
     ids[ids == 5] = 6  # expert 5 gets no tokens (6 may now repeat within a row, which is allowed)
     ids[::3, 0] = -1  # slots whose expert lives on another device
     if t > 2:
@@ -66,24 +81,55 @@ def test_matches_torch_path_with_minus_one_ids_and_an_idle_expert(t, dtype):
     got = run_poisoned(hidden, w_gate_up, w_down, ids, weights)
     assert_matches(got, reference(hidden, w_gate_up, w_down, ids, weights), dtype)
     if t > 2:
-        assert torch.equal(got[1], torch.zeros(H, dtype=dtype))
+        assert torch.equal(got[1].cpu(), torch.zeros(H, dtype=dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_all_tokens_on_one_expert(dtype):
-    hidden, w_gate_up, w_down, _, weights = make_case(50, dtype, seed=3)
-    ids = torch.full((50, K), -1)
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_all_tokens_on_one_expert(device, dtype):
+    hidden, w_gate_up, w_down, _, weights = make_case(50, dtype, seed=3, device=device)
+    ids = torch.full((50, K), -1, device=device)
     ids[:, 0] = 2
     got = run_poisoned(hidden, w_gate_up, w_down, ids, weights)
     assert_matches(got, reference(hidden, w_gate_up, w_down, ids, weights), dtype)
 
 
-def test_no_tokens_and_int32_ids():
-    hidden, w_gate_up, w_down, ids, weights = make_case(0, torch.float32, seed=0)
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_tokens_and_int32_ids(device):
+    hidden, w_gate_up, w_down, ids, weights = make_case(0, torch.float32, seed=0, device=device)
     assert fused_moe(hidden, w_gate_up, w_down, ids, weights).shape == (0, H)
-    hidden, w_gate_up, w_down, ids, weights = make_case(9, torch.float32, seed=4)
+    hidden, w_gate_up, w_down, ids, weights = make_case(9, torch.float32, seed=4, device=device)
     got = run_poisoned(hidden, w_gate_up, w_down, ids.int(), weights)
     assert_matches(got, reference(hidden, w_gate_up, w_down, ids, weights), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_repeated_runs_on_cuda_are_bitwise_identical(dtype):
+    """An output that moves between runs on the same inputs would mean a race (or a read of unwritten memory);
+    the CPU interpreter runs programs one at a time, so only CUDA can show one."""
+    case = make_case(300, dtype, seed=5, device="cuda")
+    first = run_poisoned(*case)
+    for _ in range(3):
+        assert torch.equal(run_poisoned(*case), first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("t", [1, 64, 1000])
+def test_deepseek_v2_lite_expert_shapes_on_cuda_against_float64(t, dtype, tol):
+    """At V2-Lite's expert shapes (64 experts, H 2048, I 1408, top-6): many K blocks, many programs per expert."""
+    e, h, i, k = 64, 2048, 1408, 6
+    gen = torch.Generator().manual_seed(t)
+    hidden = torch.randn(t, h, generator=gen).to("cuda", dtype)
+    w_gate_up = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).to("cuda", dtype)
+    w_down = (torch.randn(e, h, i, generator=gen) / i**0.5).to("cuda", dtype)
+    ids = torch.rand(t, e, generator=gen).topk(k, dim=-1).indices.to("cuda")
+    weights = torch.rand(t, k, generator=gen).to("cuda")
+    got = run_poisoned(hidden, w_gate_up, w_down, ids, weights).double().cpu()
+    hidden64, w_gate_up64, w_down64, weights64 = (x.cpu().double() for x in (hidden, w_gate_up, w_down, weights))
+    ref = grouped_expert_ffn(hidden64, w_gate_up64, w_down64, ids.cpu(), weights64)
+    assert got.isfinite().all()
+    assert ((got - ref).norm() / ref.norm()).item() < tol
 
 
 def test_align_pads_each_expert_to_whole_blocks_with_a_sentinel():
@@ -126,13 +172,14 @@ def test_launch_tables_cover_every_token_count():
     assert launch_config(5, torch.device("cpu"))[0]["BLOCK_M"] == 16
 
 
-def test_expert_group_triton_kernel_equals_torch_kernel(model_dirs):
+@pytest.mark.parametrize("device", DEVICES)
+def test_expert_group_triton_kernel_equals_torch_kernel(model_dirs, device):
     path = model_dirs["tiny-v3"]
-    triton_group = ExpertGroup(path, [0, 3, 5, 9, 12], kernel="triton")
-    torch_group = ExpertGroup(path, [0, 3, 5, 9, 12], kernel="torch")
+    triton_group = ExpertGroup(path, [0, 3, 5, 9, 12], kernel="triton", torch_device=device)
+    torch_group = ExpertGroup(path, [0, 3, 5, 9, 12], kernel="torch", torch_device=device)
     assert (triton_group.kernel, torch_group.kernel) == ("triton", "torch")
     gen = torch.Generator().manual_seed(2)
-    hidden = torch.randn(20, 64, generator=gen)
+    hidden = torch.randn(20, 64, generator=gen)  # requests arrive on the CPU; the group computes on its device
     ids = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(20)])
     ids = torch.where(torch.isin(ids, torch.tensor([0, 3, 5, 9, 12])), ids, -1)
     weights = torch.rand(20, 4, generator=gen)
