@@ -12,6 +12,7 @@ import torch
 from expert_workers.expert_group import ExpertGroup
 from expert_workers.spans import traced_run
 from model_core.telemetry import Telemetry, TracingConfig
+from protos.channel import RpcSecurity
 from protos.codec import DTYPES, numpy_to_tensor, readonly_tensor, tensor_to_numpy
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,12 @@ class ExpertGroupActor:
         kernel: str = "auto",
         torch_device: str = "cpu",
         tracing: TracingConfig | None = None,
+        grpc_bind: str | None = None,
+        joined_cluster: bool = False,
+        security: RpcSecurity | None = None,
     ) -> None:
+        """grpc_bind, joined_cluster: where the gRPC server binds and what it advertises (`bind_and_advertise`);
+        security: its TLS material and shared token (values, not paths: this actor may run on another host)."""
         torch.set_num_threads(max(1, threads))
         self.started_at = time.time()  # a restarted actor reports a new start time
         self.telemetry = Telemetry(tracing or TracingConfig(exporter="none"), f"expert-group-{device}")
@@ -43,9 +49,13 @@ class ExpertGroupActor:
                                  torch_device=torch_device)
         self.server = None
         if serve_grpc:
-            from expert_workers.grpc_server import ExpertServer
+            import ray.util
 
-            self.server = ExpertServer(self.group, max_message_bytes=max_message_bytes, tracer=self.telemetry.tracer)
+            from expert_workers.grpc_server import ExpertServer, bind_and_advertise
+
+            bind_host, advertised = bind_and_advertise(grpc_bind, joined_cluster, ray.util.get_node_ip_address())
+            self.server = ExpertServer(self.group, max_message_bytes=max_message_bytes, tracer=self.telemetry.tracer,
+                                       bind_host=bind_host, advertised_host=advertised, security=security)
             self.server.start()
         logger.info("expert group %d ready: %d experts, %d weight bytes", device, len(expert_ids),
                     self.group.weight_bytes)

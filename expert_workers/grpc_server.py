@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import threading
 import time
@@ -16,13 +18,66 @@ from expert_workers.expert_group import ExpertGroup
 from expert_workers.spans import traced_run
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
-from protos.channel import MAX_MESSAGE_BYTES, channel_options
+from protos.channel import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY, RpcSecurity, bearer, channel_options
 from protos.codec import NAMES, proto_to_tensor, tensor_to_proto
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name  # "expertmesh.v1.ExpertService"
 START_TIMEOUT_S = 30.0
+LOOPBACK = "127.0.0.1"
+ALL_INTERFACES = ("0.0.0.0", "::")
+
+
+def bind_and_advertise(bind: str | None, joined_cluster: bool, node_ip: str) -> tuple[str, str]:
+    """(host to bind, host clients must dial) for an expert group's server.
+
+    bind: the deployment's `rpc.bind`. None: the node's IP when the deployment joined a Ray cluster (groups
+    may run on other hosts), loopback when Ray is embedded (everything on this host). "0.0.0.0" / "::" bind
+    every interface and advertise the node's IP; any other IP or hostname is bound and advertised as given.
+    """
+    if bind is None:
+        host = node_ip if joined_cluster else LOOPBACK
+        return host, host
+    if bind in ALL_INTERFACES:
+        return bind, node_ip
+    return bind, bind
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as gRPC parses it (IPv6 literals in brackets)."""
+    try:
+        v6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        v6 = False
+    return f"[{host}]:{port}" if v6 else f"{host}:{port}"
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects ExpertService calls that lack the shared token with UNAUTHENTICATED; health checks stay open
+    (a probe needs no secret, and they reveal only SERVING / NOT_SERVING). Never logs or returns the token."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = bearer(token).encode()
+        self._guarded = f"/{SERVICE_NAME}/"
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if not method.startswith(self._guarded):
+            return await continuation(handler_call_details)
+        sent = [v for k, v in handler_call_details.invocation_metadata or () if k == TOKEN_METADATA_KEY]
+        if len(sent) == 1 and isinstance(sent[0], str) and hmac.compare_digest(sent[0].encode(), self._expected):
+            return await continuation(handler_call_details)
+        reason = "no token" if not sent else "a wrong token"
+        return grpc.unary_unary_rpc_method_handler(_rejecter(method, reason))
+
+
+def _rejecter(method: str, reason: str):
+    async def reject(request: bytes, context: grpc.aio.ServicerContext) -> None:
+        logger.warning("rejected %s from %s: %s", method, context.peer(), reason)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: missing or wrong token")
+
+    return reject
 
 
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
@@ -84,15 +139,25 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
 
 class ExpertServer:
-    """A grpc.aio server for one group on 127.0.0.1 (OS-chosen port), with the standard health service.
+    """A grpc.aio server for one group on `bind_host` (OS-chosen port), with the standard health service.
 
-    It runs its own event loop in a background thread, so synchronous code and Ray actors can start it.
+    `address` is what clients dial: `advertised_host` (see `bind_and_advertise`) and the port. With
+    `security` it serves TLS and/or demands the shared token. It runs its own event loop in a background
+    thread, so synchronous code and Ray actors can start it.
     """
 
-    def __init__(self, group: ExpertGroup, max_message_bytes: int = MAX_MESSAGE_BYTES, tracer=None) -> None:
+    def __init__(self, group: ExpertGroup, max_message_bytes: int = MAX_MESSAGE_BYTES, tracer=None,
+                 bind_host: str = LOOPBACK, advertised_host: str | None = None,
+                 security: RpcSecurity | None = None) -> None:
+        if advertised_host in ALL_INTERFACES or (advertised_host is None and bind_host in ALL_INTERFACES):
+            raise ValueError(f"advertised_host={advertised_host!r}: clients cannot dial a wildcard address; "
+                             f"pass the node's IP (bind_host={bind_host!r})")
         self.group = group
         self.tracer = tracer
         self.options = channel_options(max_message_bytes)
+        self.bind_host = bind_host
+        self.advertised_host = advertised_host or bind_host
+        self.security = security or RpcSecurity()
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -105,7 +170,7 @@ class ExpertServer:
     def address(self) -> str:
         if self.port is None:
             raise RuntimeError("ExpertServer.address: the server is not started")
-        return f"127.0.0.1:{self.port}"
+        return host_port(self.advertised_host, self.port)
 
     def start(self) -> int:
         """Bind, start serving and return the port; blocks until the server accepts calls."""
@@ -120,7 +185,9 @@ class ExpertServer:
             except BaseException:
                 self._stop_locked(grace=0.0)
                 raise
-        logger.info("ExpertServer for experts %s serving on %s", self.group.expert_ids, self.address)
+        logger.info("ExpertServer for experts %s serving on %s (bound to %s; tls %s, token %s)",
+                    self.group.expert_ids, self.address, self.bind_host, "on" if self.security.tls else "off",
+                    "required" if self.security.token else "off")
         return self.port
 
     def stop(self, grace: float = 1.0) -> None:
@@ -153,12 +220,18 @@ class ExpertServer:
         self._health = health_aio.HealthServicer()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        self._server = grpc.aio.server(options=self.options)
+        sec = self.security
+        interceptors = [TokenInterceptor(sec.token)] if sec.token else []
+        self._server = grpc.aio.server(options=self.options, interceptors=interceptors)
         pb_grpc.add_ExpertServiceServicer_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        port = self._server.add_insecure_port("127.0.0.1:0")
+        where = host_port(self.bind_host, 0)
+        if sec.tls:
+            port = self._server.add_secure_port(where, sec.server_credentials())
+        else:
+            port = self._server.add_insecure_port(where)
         if port == 0:
-            raise RuntimeError("ExpertServer.start: could not bind 127.0.0.1:0")
+            raise RuntimeError(f"ExpertServer.start: could not bind {where}")
         await self._server.start()
         return port
 
