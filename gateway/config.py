@@ -14,6 +14,7 @@ import yaml
 
 from gateway.serving.scheduler import SchedulerConfig
 from model_core.telemetry import TracingConfig
+from protos.channel import RpcSecurity
 from router_service.bias import BalanceConfig
 
 BACKENDS = ("local", "ray", "ray-dag", "grpc")
@@ -38,9 +39,78 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class RpcConfig:
+    """How the gateway calls expert groups; the gRPC server's bind address, TLS files and shared token.
+
+    Files are read where the gateway starts and their bytes sent to the expert actors, so other hosts need
+    no copies. Errors name the field, never a token or a key.
+    """
+
     timeout_s: float = 30.0  # deadline on every dispatch call
     replica_deadline_s: float = 60.0  # how long a group may have no answering replica before its calls fail
     max_message_mb: int = 256  # gRPC send/receive limit, both sides
+    bind: str | None = None  # None: the node's IP when joining a Ray cluster, else 127.0.0.1; "0.0.0.0" / "::": all
+    tls_cert: str | None = None  # PEM server certificate (chain); with tls_key and tls_ca, gRPC runs over TLS
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_ca: str | None = None  # PEM CA bundle the gateway verifies the servers' certificate with
+    tls_server_name: str | None = None  # the name tls_cert was issued to, when it does not list the node IPs
+    token: str | None = field(default=None, repr=False)  # shared secret every ExpertService call must carry
+    token_file: str | None = None  # or a file holding it (surrounding whitespace ignored); not both
+
+    def __post_init__(self) -> None:
+        if self.bind is not None and (not isinstance(self.bind, str) or not self.bind.strip()
+                                      or any(c.isspace() for c in self.bind) or _has_port(self.bind)):
+            raise DeploymentConfigError(f"rpc.bind={self.bind!r}: expected null, an IP address or a host name "
+                                        "(no port; '0.0.0.0' or '::' binds every interface)")
+        tls = {"rpc.tls_cert": self.tls_cert, "rpc.tls_key": self.tls_key, "rpc.tls_ca": self.tls_ca}
+        missing = [name for name, value in tls.items() if value is None]
+        if 0 < len(missing) < len(tls):
+            raise DeploymentConfigError(f"{missing[0]}: missing (TLS needs rpc.tls_cert, rpc.tls_key and rpc.tls_ca)")
+        if self.tls_server_name is not None and (missing or not isinstance(self.tls_server_name, str)
+                                                 or not self.tls_server_name):
+            raise DeploymentConfigError(f"rpc.tls_server_name={self.tls_server_name!r}: expected a name, and only "
+                                        "with rpc.tls_cert, rpc.tls_key and rpc.tls_ca")
+        if self.token is not None and self.token_file is not None:
+            raise DeploymentConfigError("rpc.token, rpc.token_file: set one, not both")
+        if self.token is not None and not isinstance(self.token, str):
+            raise DeploymentConfigError(f"rpc.token: expected a string, got {type(self.token).__name__}")
+        self.security()  # the files exist, are readable and hold what they should
+
+    def security(self) -> RpcSecurity:
+        """The TLS material and token, read from their files now."""
+        pem = {name: _read_file(f"rpc.{name}", getattr(self, name), marker)
+               for name, marker in (("tls_cert", b"CERTIFICATE"), ("tls_key", b"PRIVATE KEY"),
+                                    ("tls_ca", b"CERTIFICATE"))}
+        token = self.token
+        if self.token_file is not None:
+            token = _read_file("rpc.token_file", self.token_file).decode("utf-8", errors="replace").strip()
+        if token is not None and not _is_token(token):
+            field_name = "rpc.token_file" if self.token_file is not None else "rpc.token"
+            raise DeploymentConfigError(f"{field_name}: the token must be non-empty printable ASCII without spaces "
+                                        "(it travels as gRPC metadata)")
+        return RpcSecurity(**pem, tls_server_name=self.tls_server_name, token=token)
+
+
+def _has_port(host: str) -> bool:
+    """'host:port' or '[v6]:port'; a bare IPv6 address has several colons and no brackets."""
+    return host.startswith("[") or host.count(":") == 1
+
+
+def _read_file(name: str, path: str | None, marker: bytes | None = None) -> bytes | None:
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path:
+        raise DeploymentConfigError(f"{name}={path!r}: expected a file path")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DeploymentConfigError(f"{name}={path}: cannot read ({exc.strerror or exc})") from None
+    if marker is not None and (b"-----BEGIN " not in data or marker not in data):
+        raise DeploymentConfigError(f"{name}={path}: not a PEM file with a {marker.decode()}")
+    return data
+
+
+def _is_token(token: str) -> bool:
+    return bool(token) and all(0x21 <= ord(c) <= 0x7E for c in token)
 
 
 @dataclass(frozen=True)
