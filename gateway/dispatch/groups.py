@@ -28,7 +28,7 @@ def build_dispatcher(cfg: DeploymentConfig, spec: ModelSpec, placement: Placemen
             transport = RayDagTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s)
         else:
             transport = GrpcTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s,
-                                      cfg.rpc.max_message_mb << 20)
+                                      cfg.rpc.max_message_mb << 20, cfg.rpc.security())
     except Exception:
         pool.shutdown()
         raise

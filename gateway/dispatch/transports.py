@@ -11,7 +11,7 @@ import torch
 
 from expert_workers.spans import traced_run
 from gateway.dispatch.replica_pool import NoLiveReplica
-from protos.channel import channel_options
+from protos.channel import RpcSecurity, channel_options
 from protos.codec import NAMES, numpy_to_tensor, proto_to_tensor, tensor_to_numpy, tensor_to_proto
 
 logger = logging.getLogger(__name__)
@@ -359,9 +359,11 @@ class GrpcTransport(_ReplicaTransport):
     """gRPC unary calls to each replica's ExpertService, all devices in flight at once, with deadlines.
 
     A replica that Ray restarted serves on a new port; the pool's probe reads it, and the replica's channel is
-    replaced (one channel per replica, never one per port it ever had)."""
+    replaced (one channel per replica, never one per port it ever had). With `security`, channels verify the
+    servers' TLS certificate against its CA and every Forward carries the shared token."""
 
-    def __init__(self, pool, timeout_s: float, deadline_s: float, max_message_bytes: int) -> None:
+    def __init__(self, pool, timeout_s: float, deadline_s: float, max_message_bytes: int,
+                 security: RpcSecurity | None = None) -> None:
         import grpc
 
         from protos import expert_service_pb2 as pb
@@ -369,7 +371,11 @@ class GrpcTransport(_ReplicaTransport):
 
         super().__init__(pool, timeout_s, deadline_s)
         self._grpc, self._pb, self._pb_grpc = grpc, pb, pb_grpc
-        self._options = channel_options(max_message_bytes)
+        self._security = security or RpcSecurity()
+        self._options = channel_options(max_message_bytes) + self._security.client_options()
+        self._credentials = self._security.channel_credentials() if self._security.tls else None
+        if self._security.token and not self._security.tls:
+            logger.warning("rpc.token is set without TLS: the token crosses the network in plaintext")
         self._channels: dict[str, tuple[str, Any, Any]] = {}  # replica name -> (address, channel, stub)
 
     def _stub(self, replica):
@@ -378,7 +384,10 @@ class GrpcTransport(_ReplicaTransport):
             return known[2]
         if known is not None:
             known[1].close()  # the replica restarted on another port
-        channel = self._grpc.insecure_channel(replica.grpc_address, options=self._options)
+        if self._credentials is not None:
+            channel = self._grpc.secure_channel(replica.grpc_address, self._credentials, options=self._options)
+        else:
+            channel = self._grpc.insecure_channel(replica.grpc_address, options=self._options)
         self._channels[replica.name] = (replica.grpc_address, channel, self._pb_grpc.ExpertServiceStub(channel))
         self._forget_removed()
         return self._channels[replica.name][2]
@@ -398,7 +407,8 @@ class GrpcTransport(_ReplicaTransport):
         tensor_to_proto(hidden, req.hidden)
         tensor_to_proto(ids, req.expert_ids)
         tensor_to_proto(weights, req.weights)
-        metadata = tuple(carrier.items()) if carrier else None  # W3C traceparent rides in gRPC metadata
+        # the token and the W3C traceparent ride in gRPC metadata
+        metadata = (*self._security.call_metadata(), *(carrier.items() if carrier else ())) or None
         return self._submit(device, (req, metadata), hidden.dtype)
 
     def _call(self, replica, args):
