@@ -51,9 +51,13 @@ class RpcSecurity:
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self.tls_ca)
 
-    def client_options(self) -> list[tuple[str, str]]:
-        """Channel options beyond the message limits: the name to verify the server certificate against."""
-        return [("grpc.ssl_target_name_override", self.tls_server_name)] if self.tls and self.tls_server_name else []
+    def client_options(self) -> list[tuple[str, str | int]]:
+        """Channel options beyond the message limits: never through an HTTP proxy (expert traffic goes straight
+        to the group, whatever http_proxy says), and the name to verify the server certificate against."""
+        options: list[tuple[str, str | int]] = [("grpc.enable_http_proxy", 0)]
+        if self.tls and self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        return options
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         return ((TOKEN_METADATA_KEY, bearer(self.token)),) if self.token else ()

@@ -29,13 +29,14 @@ def tls(files, **overrides) -> dict[str, str]:
 def test_tls_files_and_token_file_are_read_into_the_security_settings(files):
     sec = RpcConfig(**tls(files), token_file=files["token"], tls_server_name="experts.internal").security()
     assert (sec.tls_cert, sec.tls_key, sec.tls_ca, sec.token) == (CERT, KEY, CERT, TOKEN)
-    assert sec.client_options() == [("grpc.ssl_target_name_override", "experts.internal")]
+    assert sec.client_options() == [("grpc.enable_http_proxy", 0),
+                                    ("grpc.ssl_target_name_override", "experts.internal")]
     assert sec.call_metadata() == (("authorization", f"Bearer {TOKEN}"),)
 
 
 def test_defaults_are_plaintext_without_a_token():
     sec = RpcConfig().security()
-    assert not sec.tls and sec.call_metadata() == () and sec.client_options() == []
+    assert not sec.tls and sec.call_metadata() == () and sec.client_options() == [("grpc.enable_http_proxy", 0)]
 
 
 @pytest.mark.parametrize("field", ["tls_cert", "tls_key", "tls_ca"])
