@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else embedded local Ray)")
     gen.add_argument("--expert-kernel", choices=["auto", "triton", "torch"],
                      help="expert math: Triton kernels or torch (auto: Triton on GPU, torch on CPU)")
+    gen.add_argument("--gateway-device",
+                     help="where the gateway runs: auto (CUDA when visible, else CPU), cpu, cuda or cuda:N; "
+                          "local expert groups share it")
     gen.add_argument("--trace-dir", help="also write the request's routing trace to DIR/<request id>.json")
     gen.add_argument("--otel", choices=["none", "console", "otlp", "otlp-http", "jsonl"],
                      help="OpenTelemetry exporter (default: tracing.exporter, else OTEL_TRACES_EXPORTER)")
@@ -103,7 +106,8 @@ def deployment_from_args(args: argparse.Namespace):
     overrides = {
         "model": args.model, "dtype": args.dtype, "backend": args.backend, "devices": args.devices,
         "placement": args.placement, "top_m_devices": args.top_m_devices, "ray.address": args.address,
-        "expert_kernel": args.expert_kernel, "tracing.routing_trace_dir": args.trace_dir,
+        "expert_kernel": args.expert_kernel, "gateway_device": args.gateway_device,
+        "tracing.routing_trace_dir": args.trace_dir,
         "tracing.exporter": args.otel,
     }
     if args.config is not None:

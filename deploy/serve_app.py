@@ -87,5 +87,15 @@ def build(args: dict[str, Any]) -> serve.Application:
 
         deployment.update(yaml.safe_load(Path(args["config"]).read_text()))
     deployment.update(args.get("deployment", {}))
-    DeploymentConfig.from_dict(deployment)  # fail here, with the field named, not inside a replica
-    return GatewayDeployment.bind(deployment)
+    config = DeploymentConfig.from_dict(deployment)  # fail here, with the field named, not inside a replica
+    return GatewayDeployment.options(ray_actor_options=gateway_actor_options(config)).bind(deployment)
+
+
+def gateway_actor_options(config: DeploymentConfig) -> dict[str, Any]:
+    """The gateway replica's Ray resources: one GPU when its device resolves to CUDA, none otherwise.
+
+    Ray sets the replica's CUDA_VISIBLE_DEVICES to the GPU it grants, which the replica sees as 'cuda' (cuda:0).
+    'auto' resolves where build() runs: a driver that sees no GPU asks for none, and the replica, seeing none
+    either, stays on the CPU; name 'cuda' to get a GPU replica from a GPU-less driver."""
+    gpus = 1 if config.gateway_torch_device.type == "cuda" else 0
+    return {"num_cpus": 0, "num_gpus": gpus}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from router_service.bias import BalanceConfig
 BACKENDS = ("local", "ray", "ray-dag", "grpc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_RESOURCES = ("cpu", "gpu")
+GATEWAY_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 EXPERT_KERNELS = ("auto", "triton", "torch")
 
 
@@ -32,8 +34,9 @@ class RayConfig:
     """Where expert groups run. address None = start Ray embedded in this process (or use RAY_ADDRESS)."""
 
     address: str | None = None
-    device_resource: str = "cpu"  # "gpu": one {"GPU": 1} bundle per expert group
+    device_resource: str = "cpu"  # "gpu": one {"GPU": gpus_per_group} bundle per expert group
     cpus_per_group: float = 1.0
+    gpus_per_group: float = 1.0  # with device_resource 'gpu': a share of one GPU (0.25: four groups per GPU) or N
     namespace: str = "expertmesh"
 
 
@@ -125,6 +128,7 @@ class DeploymentConfig:
     replicas: int | list[int] = 1  # actors per device group: one number for all, or one per group
     top_m_devices: int | None = None  # None = the model's exact routing
     expert_kernel: str = "auto"  # auto: Triton on GPU, torch on CPU; 'triton' on CPU needs TRITON_INTERPRET=1
+    gateway_device: str = "auto"  # where the gateway's per-token path runs: auto | cpu | cuda | cuda:N
     ray: RayConfig = field(default_factory=RayConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
     balancing: BalanceConfig = field(default_factory=BalanceConfig)
@@ -136,6 +140,9 @@ class DeploymentConfig:
         _choice("backend", self.backend, BACKENDS)
         _choice("ray.device_resource", self.ray.device_resource, DEVICE_RESOURCES)
         _choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
+        if not isinstance(self.gateway_device, str) or not GATEWAY_DEVICE.fullmatch(self.gateway_device):
+            raise DeploymentConfigError(
+                f"gateway_device={self.gateway_device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index)")
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
             raise DeploymentConfigError(f"devices={self.devices!r}: expected an integer >= 1")
         if self.top_m_devices is not None and (
@@ -144,6 +151,12 @@ class DeploymentConfig:
             raise DeploymentConfigError(f"top_m_devices={self.top_m_devices!r}: expected null or an integer >= 1")
         if not self.ray.cpus_per_group > 0:
             raise DeploymentConfigError(f"ray.cpus_per_group={self.ray.cpus_per_group}: expected > 0")
+        gpus = self.ray.gpus_per_group
+        if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not (
+                0 < gpus <= 1 or (gpus >= 1 and float(gpus).is_integer())):
+            # Ray schedules fractions of one GPU, or whole GPUs: 1.5 GPUs cannot be granted.
+            raise DeploymentConfigError(f"ray.gpus_per_group={gpus!r}: expected a share of one GPU (0 < x <= 1) "
+                                        "or a whole number of GPUs")
         per_group = self.replicas if isinstance(self.replicas, list) else [self.replicas] * self.devices
         if len(per_group) != self.devices or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
                                                  for r in per_group):
@@ -182,6 +195,14 @@ class DeploymentConfig:
     def expert_torch_device(self) -> str:
         """Where expert weights live: 'cuda' when expert groups get GPUs, else 'cpu'."""
         return "cuda" if self.ray.device_resource == "gpu" else "cpu"
+
+    @property
+    def gateway_torch_device(self) -> torch.device:
+        """gateway_device resolved: 'auto' is cuda when this process sees a GPU, else cpu. Availability of an
+        explicit 'cuda' is checked where the gateway starts (a driver without GPUs may describe a GPU replica)."""
+        if self.gateway_device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.gateway_device)
 
     @property
     def ray_address(self) -> str | None:

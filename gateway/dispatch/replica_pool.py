@@ -88,7 +88,8 @@ class ExpertGroupPool:
 
         cfg = self.cfg
         cpus, gpu = cfg.ray.cpus_per_group, cfg.ray.device_resource == "gpu"
-        bundle = {"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus}
+        gpus = cfg.ray.gpus_per_group if gpu else 0  # a fraction lets several groups share one GPU
+        bundle = {"CPU": cpus, "GPU": gpus} if gpu else {"CPU": cpus}
         started = []
         for d in devices:
             pg = placement_group([dict(bundle)])
@@ -97,7 +98,7 @@ class ExpertGroupPool:
                 self._next_index += 1
             name = f"expert-group-{d}-r{index}-{self.deployment_id}"
             actor = ray.remote(self.actor_class).options(
-                name=name, namespace=cfg.ray.namespace, num_cpus=cpus, num_gpus=1 if gpu else 0,
+                name=name, namespace=cfg.ray.namespace, num_cpus=cpus, num_gpus=gpus,
                 max_restarts=-1, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
             ).remote(cfg.model, self.placement.experts_on(d), cfg.dtype, d, serve_grpc=True,
