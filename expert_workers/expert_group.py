@@ -64,6 +64,7 @@ class ExpertGroup:
         # global id -> local row, -1 where the expert lives elsewhere
         self.local_index = torch.full((n,), -1, dtype=torch.long)
         self.local_index[torch.tensor(self.expert_ids)] = torch.arange(len(self.expert_ids))
+        self.local_index = self.local_index.to(self.torch_device)  # ids arrive on the host (Ray, gRPC) or here
         self.reader = CheckpointReader(model_dir, self.spec.fp8_block)
         self.w_gate_up: dict[int, torch.Tensor] = {}
         self.w_down: dict[int, torch.Tensor] = {}
@@ -71,14 +72,16 @@ class ExpertGroup:
         for layer in self.spec.moe_layers:
             gate_up, down = [], []
             for e in self.expert_ids:
+                # Each tensor goes to the device as read (safetensors reads to host memory): the layer's stacks
+                # are built there, so the host never holds more than one expert at a time.
                 g, u, d = (
-                    self.reader.get(name, shape, dtype)
+                    self.reader.get(name, shape, dtype).to(self.torch_device)
                     for name, shape in zip(expert_weight_names(layer, e), shapes, strict=True)
                 )
                 gate_up.append(torch.cat([g, u], dim=0))
                 down.append(d)
-            self.w_gate_up[layer] = torch.stack(gate_up).to(self.torch_device)  # [E_local, 2I, H]
-            self.w_down[layer] = torch.stack(down).to(self.torch_device)  # [E_local, H, I]
+            self.w_gate_up[layer] = torch.stack(gate_up)  # [E_local, 2I, H]
+            self.w_down[layer] = torch.stack(down)  # [E_local, H, I]
 
     @property
     def weight_bytes(self) -> int:
@@ -104,7 +107,7 @@ class ExpertGroup:
             )
         if not topk_weights.is_floating_point():
             raise ExpertRequestError(f"weights.dtype={topk_weights.dtype}: expected a floating-point dtype")
-        ids = topk_ids.long()
+        ids = topk_ids.to(self.local_index.device, torch.long)
         n = self.spec.n_routed_experts
         out_of_range = ids[(ids < -1) | (ids >= n)]
         if out_of_range.numel():
@@ -120,6 +123,7 @@ class ExpertGroup:
         """Checked forward for transports: every non-negative id must be hosted here."""
         self.check(layer, hidden, topk_ids, topk_weights)
         start = time.perf_counter()
+        topk_ids = topk_ids.to(self.local_index.device)  # the in-process gateway's ids are already there
         local = torch.where(topk_ids >= 0, self.local_index[topk_ids.long().clamp(min=0)], -1)
         out = self._compute(layer, hidden, local, topk_weights)
         counts = torch.bincount(local[local >= 0], minlength=len(self.expert_ids))

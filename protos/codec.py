@@ -30,7 +30,8 @@ class CodecError(ValueError):
 
 
 def tensor_to_proto(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
-    """Encode a CPU tensor (one copy: into the protobuf bytes field)."""
+    """Encode a tensor on any device (one copy into the protobuf bytes field; a GPU tensor is first copied to
+    the host, here and nowhere else)."""
     if t.dtype not in NAMES:
         raise CodecError(f"dtype {t.dtype} is not supported on the wire (supported: {sorted(DTYPES)})")
     msg = out if out is not None else pb.Tensor()
@@ -70,8 +71,12 @@ def readonly_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor for Ray's object store (bfloat16 travels as its int16 bit pattern)."""
-    t = t.detach().contiguous()
+    """A numpy view of a tensor for Ray's object store (bfloat16 travels as its int16 bit pattern).
+
+    A CPU tensor is viewed without a copy; a tensor on another device (the gateway's GPU) is copied to the host
+    here: the one host copy on the numpy / gRPC paths, so transports never do their own.
+    """
+    t = t.detach().cpu().contiguous()
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 

@@ -34,13 +34,14 @@ def count_routing(
     seq_index: torch.Tensor | None = None, n_seqs: int = 1,
 ) -> RoutingCounts:
     """ids: [T, K]; expert_device: [E]; seq_index: [T] each token's sequence (None: all one sequence).
+    All on one device (the gateway's); the counts stay there.
 
     One bincount over seq_index·E + id gives the per-sequence counts; their sum is the per-expert count.
     """
     keys = ids if seq_index is None else ids + (seq_index * n_experts)[:, None]  # [T, K]
     per_sequence = torch.bincount(keys.flatten(), minlength=n_seqs * n_experts).view(n_seqs, n_experts)
-    on_device = torch.zeros(ids.shape[0], n_devices, dtype=torch.bool)  # [T, D]
-    on_device[torch.arange(ids.shape[0])[:, None].expand_as(ids), expert_device[ids]] = True
+    on_device = torch.zeros(ids.shape[0], n_devices, dtype=torch.bool, device=ids.device)  # [T, D]
+    on_device[torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids), expert_device[ids]] = True
     return RoutingCounts(per_sequence, per_sequence.sum(0), on_device.sum(0))
 
 

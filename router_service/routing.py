@@ -31,7 +31,7 @@ class Routing:
     def change_flags(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token: (the device limit changed its experts, the live bias changed them). Both [T] bool."""
         if self.change is None:
-            none = torch.zeros(self.ids.shape[0], dtype=torch.bool)
+            none = torch.zeros(self.ids.shape[0], dtype=torch.bool, device=self.ids.device)
             return none, none
         return self.change.by_top_m, self.change.by_bias
 
@@ -87,9 +87,9 @@ def check_top_m(device_members: torch.Tensor, top_k: int, top_m_devices: int) ->
         )
 
 
-def contiguous_members(n_experts: int, n_parts: int) -> torch.Tensor:
+def contiguous_members(n_experts: int, n_parts: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Experts split into equal consecutive partitions: [P, E/P]."""
-    return torch.arange(n_experts).view(n_parts, n_experts // n_parts)
+    return torch.arange(n_experts, device=device).view(n_parts, n_experts // n_parts)
 
 
 def members_of(expert_device: torch.Tensor, n_devices: int) -> torch.Tensor:
@@ -116,7 +116,7 @@ def select_experts(
     sel = scores if bias is None else scores + bias.to(scores.dtype)  # [T, E]
     choice = sel
     if spec.group_limited:
-        groups = contiguous_members(spec.n_routed_experts, spec.n_group).to(scores.device)
+        groups = contiguous_members(spec.n_routed_experts, spec.n_group, scores.device)
         choice = sel.masked_fill(~top_partition_mask(sel, groups, spec.group_score, spec.topk_group), float("-inf"))
     if top_m_devices is not None:
         if device_members is None:

@@ -32,7 +32,7 @@ def plan_dispatch(
 
     ids, weights: [T, K]; expert_device: [E] -> batches in device order.
     """
-    device_of = expert_device[ids]  # [T, K]
+    device_of = expert_device[ids]  # [T, K]; expert_device must be on ids' device (Dispatcher keeps it there)
     batches = []
     for d in range(n_devices):
         here = device_of == d  # [T, K]
@@ -44,11 +44,12 @@ def plan_dispatch(
 
 
 def combine(n_tokens: int, hidden_size: int, batches: list[DeviceBatch], partials: list[torch.Tensor],
-            dtype: torch.dtype) -> torch.Tensor:
-    """Scatter-add each device's partial output back in token order (devices summed in device order)."""
-    out = torch.zeros(n_tokens, hidden_size, dtype=dtype)
+            dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Scatter-add each device's partial output back in token order (devices summed in device order), on the
+    gateway's `device`. Partials from remote groups arrive as host tensors: each is copied to `device` once."""
+    out = torch.zeros(n_tokens, hidden_size, dtype=dtype, device=device)
     for batch, partial in zip(batches, partials, strict=True):
-        out.index_add_(0, batch.rows, partial.to(dtype))
+        out.index_add_(0, batch.rows, partial.to(device, dtype))
     return out
 
 
@@ -78,10 +79,10 @@ class PendingCombine:
     """A dispatched layer whose routed output is not needed yet (the gateway computes shared experts meanwhile)."""
 
     def __init__(self, transport: Transport, layer: int, batches: list[DeviceBatch], sent: list[Any],
-                 shape: tuple[int, int], dtype: torch.dtype, spans: list | None, stats: DispatchStats,
-                 started: float) -> None:
+                 shape: tuple[int, int], dtype: torch.dtype, device: torch.device, spans: list | None,
+                 stats: DispatchStats, started: float) -> None:
         self.transport, self.layer, self.batches, self.sent = transport, layer, batches, sent
-        self.shape, self.dtype, self.spans = shape, dtype, spans
+        self.shape, self.dtype, self.device, self.spans = shape, dtype, device, spans
         self.stats, self.started = stats, started
         self.replies: list[ExpertReply] = []
 
@@ -98,7 +99,7 @@ class PendingCombine:
                                            reply.output.numel() * reply.output.element_size())
                         span.set_attribute("expertmesh.compute_ms", reply.compute_ms)
                     span.end()
-        out = combine(*self.shape, self.batches, [r.output for r in self.replies], self.dtype)
+        out = combine(*self.shape, self.batches, [r.output for r in self.replies], self.dtype, self.device)
         self.stats.layers += 1
         self.stats.wait_seconds += time.perf_counter() - self.started
         return out
@@ -108,15 +109,17 @@ class Dispatcher:
     """Computes the routed experts of one MoE layer through the expert groups.
 
     The local, Ray and gRPC deployments differ only in `transport`; `pool` is the replica pool when the groups
-    are Ray actors that can be scaled (None otherwise).
+    are Ray actors that can be scaled (None otherwise). `device` is the gateway's: the dispatch plan is made
+    there (from routing on that device) and partial sums are combined there.
     """
 
     def __init__(self, placement: Placement, transport: Transport, pool: Any = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, device: torch.device | str = "cpu") -> None:
         self.placement = placement
         self.transport = transport
         self.pool = pool
-        self.expert_device = placement.device_tensor()
+        self.device = torch.device(device)
+        self.expert_device = placement.device_tensor().to(self.device)
         self.stats = DispatchStats(placement.n_devices)
         self.tracer = None  # set by the engine when tracing is on: one CLIENT span per device per layer
         self._on_close = on_close
@@ -139,8 +142,8 @@ class Dispatcher:
             sent, spans = self._send_traced(layer, hidden, batches)
         self.transport.flush()
         self.stats.record(layer, batches, hidden.element_size(), hidden.shape[1])
-        return PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype, spans,
-                              self.stats, started)
+        return PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype, hidden.device,
+                              spans, self.stats, started)
 
     def _send_traced(self, layer: int, hidden: torch.Tensor, batches: list[DeviceBatch]) -> tuple[list, list]:
         from opentelemetry import trace

@@ -12,14 +12,18 @@ from router_service.placement import Placement
 
 
 def build_dispatcher(cfg: DeploymentConfig, spec: ModelSpec, placement: Placement) -> Dispatcher:
-    """The dispatcher for `cfg.backend`, with its expert groups started and loaded."""
+    """The dispatcher for `cfg.backend`, with its expert groups started and loaded.
+
+    In-process groups share the gateway's device (no copies between them); Ray actors live on the device their
+    resources give them (`cfg.expert_torch_device`)."""
+    device = cfg.gateway_torch_device
     if cfg.backend == "local":
         groups = [
             ExpertGroup(cfg.model, placement.experts_on(d), cfg.torch_dtype, spec, device=d,
-                        kernel=cfg.expert_kernel, torch_device=cfg.expert_torch_device)
+                        kernel=cfg.expert_kernel, torch_device=str(device))
             for d in range(placement.n_devices)
         ]
-        return Dispatcher(placement, LocalTransport(groups))
+        return Dispatcher(placement, LocalTransport(groups), device=device)
     pool = ExpertGroupPool(cfg, placement)
     try:
         if cfg.backend == "ray":
@@ -34,4 +38,4 @@ def build_dispatcher(cfg: DeploymentConfig, spec: ModelSpec, placement: Placemen
         raise
     # A compiled graph has a fixed topology: no scaling through the pool.
     return Dispatcher(placement, transport, pool=pool if cfg.backend != "ray-dag" else None,
-                      on_close=pool.shutdown)  # the transport closes first
+                      on_close=pool.shutdown, device=device)  # the transport closes first

@@ -12,11 +12,13 @@ class LatentCache:
     the query and output projections at decode).
     """
 
-    def __init__(self, n_layers: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype) -> None:
+    def __init__(self, n_layers: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
         self.n_layers = n_layers
         self.kv_lora_rank = kv_lora_rank
         self.rope_dim = rope_dim
         self.dtype = dtype
+        self.device = torch.device(device)  # the gateway's device: the cache never leaves it
         self._store: dict[int, torch.Tensor] = {}
         self._length: dict[int, int] = {}
 
@@ -28,7 +30,8 @@ class LatentCache:
         if seq_id in self._store:
             raise KeyError(f"seq_id={seq_id}: already has a cache")
         width = self.values_per_token_per_layer
-        self._store[seq_id] = torch.empty(self.n_layers, max(capacity, 1), width, dtype=self.dtype)
+        self._store[seq_id] = torch.empty(self.n_layers, max(capacity, 1), width, dtype=self.dtype,
+                                           device=self.device)
         self._length[seq_id] = 0
 
     def free(self, seq_id: int) -> None:
@@ -43,7 +46,7 @@ class LatentCache:
         store = self._store[seq_id]
         if store.shape[1] >= total:
             return
-        grown = torch.empty(self.n_layers, max(total, 2 * store.shape[1]), store.shape[2], dtype=self.dtype)
+        grown = store.new_empty(self.n_layers, max(total, 2 * store.shape[1]), store.shape[2])
         grown[:, : self._length[seq_id]] = store[:, : self._length[seq_id]]
         self._store[seq_id] = grown
 

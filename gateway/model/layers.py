@@ -55,13 +55,14 @@ class RotaryEmbedding:
     products are those of the interleaved rotation (this is also what transformers returns).
     """
 
-    def __init__(self, rope: RopeSpec, dim: int, interleave: bool) -> None:
-        self.inv_freq, self.scale = rope_inv_freq(rope, dim)
+    def __init__(self, rope: RopeSpec, dim: int, interleave: bool, device: torch.device | str = "cpu") -> None:
+        inv_freq, self.scale = rope_inv_freq(rope, dim)  # computed on the host in float32, then moved: same values
+        self.inv_freq = inv_freq.to(device)
         self.interleave = interleave
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [N] -> cos, sin: [N, dim/2] (scaled)."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        """positions: [N] on inv_freq's device -> cos, sin: [N, dim/2] (scaled)."""
+        freqs = positions.to(self.inv_freq.device)[:, None].float() * self.inv_freq[None, :]
         return freqs.cos() * self.scale, freqs.sin() * self.scale
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

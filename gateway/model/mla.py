@@ -81,7 +81,7 @@ class MLAttention:
         """scores: [h, n, S] where query i sits at position start + i; keys after it are masked."""
         n, s_len = scores.shape[1], scores.shape[2]
         if n > 1:
-            q_pos = torch.arange(start, start + n)[:, None]
-            mask = torch.arange(s_len)[None, :] > q_pos  # [n, S]
+            q_pos = torch.arange(start, start + n, device=scores.device)[:, None]
+            mask = torch.arange(s_len, device=scores.device)[None, :] > q_pos  # [n, S]
             scores = scores.masked_fill(mask, float("-inf"))
         return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)

@@ -48,22 +48,31 @@ class GatewayModel:
         backend: Dispatcher,
         dtype: torch.dtype,
         top_m_devices: int | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
+        """device: where every tensor of the per-token path lives (weights, latent cache, routing, combine)."""
         self.spec, self.backend, self.dtype = spec, backend, dtype
+        self.device = torch.device(device)
+        backend_device = getattr(backend, "device", self.device)
+        if backend_device != self.device:
+            raise ValueError(f"device={self.device}: the dispatcher plans on {backend_device}; both must be the "
+                             "gateway's device (gateway_device)")
         self.top_m_devices = top_m_devices
         self.tracer = None  # an OpenTelemetry tracer when tracing is on: one span per MoE layer
-        self.device_members = backend.placement.members() if top_m_devices is not None else None
-        self.expert_device = backend.placement.device_tensor()
+        members = backend.placement.members() if top_m_devices is not None else None
+        self.device_members = members.to(self.device) if members is not None else None
+        self.expert_device = backend.placement.device_tensor().to(self.device)
         self.n_devices = backend.placement.n_devices
         self.reader = CheckpointReader(model_dir, spec.fp8_block)
         w = {}
         for name, shape in gateway_layout(spec).items():
             keep_fp32 = name.endswith("e_score_correction_bias")
-            w[name] = self.reader.get(name, shape, torch.float32 if keep_fp32 else dtype)
+            # Cast on the host (the read is there anyway), so the device receives each tensor once, at its dtype.
+            w[name] = self.reader.get(name, shape, torch.float32 if keep_fp32 else dtype).to(self.device)
         self.embed = w["model.embed_tokens.weight"]
         self.final_norm = w["model.norm.weight"]
         self.lm_head = self.embed if spec.tie_word_embeddings else w["lm_head.weight"]
-        rope = RotaryEmbedding(spec.rope, spec.qk_rope_head_dim, spec.rope_interleave)
+        rope = RotaryEmbedding(spec.rope, spec.qk_rope_head_dim, spec.rope_interleave, self.device)
         self.layers = [self._layer(w, i, rope) for i in range(spec.num_hidden_layers)]
 
     def _layer(self, w: dict[str, torch.Tensor], i: int, rope: RotaryEmbedding) -> LayerWeights:
@@ -118,16 +127,19 @@ class GatewayModel:
         return dataclasses.replace(routing, counts=counts, change=change)
 
     def new_cache(self) -> LatentCache:
-        return LatentCache(self.spec.num_hidden_layers, self.spec.kv_lora_rank, self.spec.qk_rope_head_dim, self.dtype)
+        return LatentCache(self.spec.num_hidden_layers, self.spec.kv_lora_rank, self.spec.qk_rope_head_dim, self.dtype,
+                           self.device)
 
     def forward(
         self, tokens: torch.Tensor, step: StepBatch, cache: LatentCache, absorb: bool | None = None
     ) -> tuple[torch.Tensor, dict[int, Routing]]:
-        """tokens: [N] -> final normed hidden states [N, H] and each MoE layer's routing."""
+        """tokens: [N] on the model's device -> final normed hidden states [N, H] and each MoE layer's routing
+        (both on the model's device)."""
         spec = self.spec
-        h = F.embedding(tokens, self.embed)  # [N, H]
+        h = F.embedding(tokens.to(self.device), self.embed)  # [N, H]
         n_seqs = len(step.lengths)
-        seq_index = torch.repeat_interleave(torch.arange(n_seqs), torch.tensor(step.lengths))  # [N]
+        seq_index = torch.repeat_interleave(torch.arange(n_seqs, device=self.device),
+                                            torch.tensor(step.lengths, device=self.device))  # [N]
         routings: dict[int, Routing] = {}
         for i, layer in enumerate(self.layers):
             u = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
@@ -154,9 +166,10 @@ class GatewayModel:
         """Route MoE layer L with biases[L] from now on (the live balancing bias)."""
         for layer, bias in biases.items():
             entry = self.layers[layer]
+            bias = bias.to(self.device, torch.float32)
             model = entry.model_bias if entry.model_bias is not None else torch.zeros_like(bias)
             # Identity with model_bias marks "the model's own routing" (no comparison routing needed).
-            entry.selection_bias = entry.model_bias if torch.equal(bias.float(), model) else bias.float()
+            entry.selection_bias = entry.model_bias if torch.equal(bias, model) else bias
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""

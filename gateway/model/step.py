@@ -18,6 +18,7 @@ class StepBatch:
     seq_ids: list[int]
     starts: list[int]
     lengths: list[int]
+    device: torch.device | str = "cpu"  # where `positions` lives: the gateway's device
     offsets: list[int] = field(init=False)
     positions: torch.Tensor = field(init=False)  # [N] int64
 
@@ -29,10 +30,11 @@ class StepBatch:
             if n <= 0:
                 raise ValueError(f"StepBatch: every sequence needs at least one new token, got {n}")
             offsets.append(total)
-            pos.append(torch.arange(start, start + n))
+            pos.extend(range(start, start + n))
             total += n
         object.__setattr__(self, "offsets", offsets)
-        object.__setattr__(self, "positions", torch.cat(pos) if pos else torch.empty(0, dtype=torch.long))
+        # Built on the host and copied once: one transfer per step, not one per sequence.
+        object.__setattr__(self, "positions", torch.tensor(pos, dtype=torch.long).to(self.device))
 
     @property
     def n_tokens(self) -> int:

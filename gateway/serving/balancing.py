@@ -75,22 +75,25 @@ class BalanceClient:
         schedule."""
         n_seqs = len(step.lengths)
         lengths = torch.tensor(step.lengths)
-        seq_index = torch.repeat_interleave(torch.arange(n_seqs), lengths)  # [T]
-        score_sums = {  # [S, E] normalised scores summed per sequence, outside the lock
-            layer: torch.zeros(n_seqs, self.n_experts, dtype=torch.float64).index_add_(
-                0, seq_index, normalised_scores(r.scores))
-            for layer, r in routings.items()
-        }
+        # Outside the lock: reduce on the routing's device (the gateway's), then copy the small sums to the host.
+        device = next(iter(routings.values())).scores.device if routings else torch.device("cpu")
+        seq_index = torch.repeat_interleave(torch.arange(n_seqs, device=device), lengths.to(device))  # [T]
+        host: dict[int, tuple[torch.Tensor, ...]] = {}
+        for layer, r in routings.items():
+            score_sum = torch.zeros(n_seqs, self.n_experts, dtype=torch.float64, device=device).index_add_(
+                0, seq_index, normalised_scores(r.scores))  # [S, E] normalised scores summed per sequence
+            c = r.counts
+            host[layer] = (score_sum.cpu(), c.per_sequence.cpu(), c.tokens_per_expert.cpu(), c.tokens_per_device.cpu())
         with self._lock:
             rows = self._rows(step.seq_ids)
             self.seq_tokens.index_add_(0, rows, lengths)
             for layer, r in routings.items():
-                c = r.counts
-                self.window[layer].add(LayerWindow(c.tokens_per_expert, score_sums[layer].sum(0), c.tokens_per_device,
+                score_sum, per_sequence, per_expert, per_device = host[layer]
+                self.window[layer].add(LayerWindow(per_expert, score_sum.sum(0), per_device,
                                                    r.ids.shape[0], changed=r.changed_tokens(),
                                                    changed_slots=r.changed_slots()))
-                self.seq_counts[layer].index_add_(0, rows, c.per_sequence)
-                self.seq_scores[layer].index_add_(0, rows, score_sums[layer])
+                self.seq_counts[layer].index_add_(0, rows, per_sequence)
+                self.seq_scores[layer].index_add_(0, rows, score_sum)
             self.steps += 1
             due = self.steps % self.push_every_steps == 0
         if due:

@@ -13,7 +13,7 @@ from gateway.config import DeploymentConfig, RayConfig, RpcConfig
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.groups import build_dispatcher
 from gateway.dispatch.transports import DispatchError
-from gateway.serving.engine_core import EngineCore
+from gateway.serving.engine_core import EngineCore, gateway_device
 from gateway.serving.routing_trace import RequestTrace
 from gateway.serving.scheduler import Request
 from model_core.spec import ModelSpec
@@ -47,6 +47,7 @@ class Engine(EngineCore):
         cpus_per_group: float = 1.0,
         timeout_s: float = 30.0,
         expert_kernel: str = "auto",
+        gateway_device: str = "auto",
     ) -> Engine:
         """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory and start its expert groups.
 
@@ -54,7 +55,8 @@ class Engine(EngineCore):
         actors, reached over gRPC). devices: expert groups; placement: 'contiguous' or a placement file;
         top_m_devices: None for the model's exact routing, M to cap each token at M devices. address: a Ray
         cluster to join (default: RAY_ADDRESS, else Ray starts embedded in this process). expert_kernel: 'auto'
-        (Triton on GPU, torch on CPU), 'triton' or 'torch'.
+        (Triton on GPU, torch on CPU), 'triton' or 'torch'. gateway_device: where the gateway's per-token path
+        runs, 'auto' (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'; local expert groups share it.
         """
         config = DeploymentConfig(
             model=str(model_dir),
@@ -64,6 +66,7 @@ class Engine(EngineCore):
             placement=placement,
             top_m_devices=top_m_devices,
             expert_kernel=expert_kernel,
+            gateway_device=gateway_device,
             ray=RayConfig(address=address, cpus_per_group=cpus_per_group),
             rpc=RpcConfig(timeout_s=timeout_s),
         )
@@ -83,6 +86,7 @@ class Engine(EngineCore):
                 f"placement {config.placement}: has {placement.n_devices} devices, but devices={config.devices}"
             )
         placement.check_top_m(spec.top_k, config.top_m_devices)
+        gateway_device(config)  # a GPU this process cannot see fails here, naming the setting, before any loading
         backend = build_dispatcher(config, spec, placement)
         try:
             return cls(config, spec, backend, config.torch_dtype)
@@ -181,7 +185,7 @@ class Engine(EngineCore):
 
     @torch.inference_mode()
     def logits(self, prompts: list[list[int]], request_ids: list[str] | None = None) -> list[torch.Tensor]:
-        """Full-sequence logits of a ragged batch: one float32 tensor [len_i, vocab] per prompt."""
+        """Full-sequence logits of a ragged batch: one float32 host tensor [len_i, vocab] per prompt."""
         with self._step_lock:
             return self._logits(prompts, request_ids)
 
@@ -195,6 +199,7 @@ class Engine(EngineCore):
             with self._span("logits", request_ids=self.last_request_ids, prompts=len(prompts)):
                 hidden, step = self._forward(cache, seqs, [0] * len(prompts), [list(p) for p in prompts], traces)
                 logits = self.model.logits(hidden)
+            logits = logits.cpu()  # scoring returns logits to the caller: one host copy, whatever the device
             return [logits[o : o + n].clone() for o, n in zip(step.offsets, step.lengths, strict=True)]
         finally:
             for s, t in zip(seqs, traces, strict=True):
@@ -231,7 +236,8 @@ class Engine(EngineCore):
             temperature=float(temperature), top_p=float(top_p),
             stop_ids=frozenset([self.spec.eos_token_id]) if stop_at_eos and self.spec.eos_token_id is not None
             else frozenset(),
-            generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+            # On the gateway's device: sampling stays there (see gateway.model.sampling on seeds across devices).
+            generator=torch.Generator(self.device).manual_seed(seed) if seed is not None else None,
             on_token=on_token, on_finish=on_finish,
         )
         if self.telemetry.tracer is not None:  # one span per request, from submission to its last token

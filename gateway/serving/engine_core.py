@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gateway.config import DeploymentConfig
+from gateway.config import DeploymentConfig, DeploymentConfigError
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.model.kv_cache import LatentCache
 from gateway.model.model import GatewayModel
@@ -26,6 +26,19 @@ from model_core.telemetry import Telemetry
 logger = logging.getLogger(__name__)
 
 
+def gateway_device(config: DeploymentConfig) -> torch.device:
+    """config.gateway_device resolved, refusing a GPU this process cannot see (the error names the setting)."""
+    device = config.gateway_torch_device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeploymentConfigError(f"gateway_device={config.gateway_device!r}: CUDA is not available in this "
+                                        "process (use 'auto' or 'cpu', or run where a GPU is visible)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeploymentConfigError(f"gateway_device={config.gateway_device!r}: this process sees "
+                                        f"{torch.cuda.device_count()} GPUs (CUDA_VISIBLE_DEVICES)")
+    return device
+
+
 class EngineCore:
     """The model, the scheduler and the latent cache; `step()` advances every live request by one forward.
 
@@ -38,8 +51,10 @@ class EngineCore:
         self.model_dir = Path(config.model)
         self.spec = spec
         self.backend = backend
-        self.model = GatewayModel(config.model, spec, backend, dtype, top_m_devices=config.top_m_devices)
-        self.routing_summary = RoutingSummary(spec.moe_layers, spec.n_routed_experts)
+        self.device = gateway_device(config)
+        self.model = GatewayModel(config.model, spec, backend, dtype, top_m_devices=config.top_m_devices,
+                                  device=self.device)
+        self.routing_summary = RoutingSummary(spec.moe_layers, spec.n_routed_experts, self.device)
         self.balance = start_balancing(config, spec, self.model, backend.placement)
         self.telemetry = Telemetry(config.tracing, "gateway")
         self.model.tracer = self.telemetry.tracer
@@ -82,8 +97,11 @@ class EngineCore:
                 for r in batch:
                     r.fail(f"{type(exc).__name__}: {exc}")
                 return retired + self._retire(batch)
-            for r, row in zip(batch, logits, strict=True):
-                self._emit(r, int(sample(row[None], r.temperature, r.top_p, r.generator)[0]))
+            # Sampled on the device; the ids are the one thing this step copies to the host (in one transfer).
+            ids = torch.cat([sample(row[None], r.temperature, r.top_p, r.generator)
+                             for r, row in zip(batch, logits, strict=True)]).tolist()
+            for r, token in zip(batch, ids, strict=True):
+                self._emit(r, token)
             return retired + self._retire([r for r in batch if r.done])
 
     def _forward(
@@ -91,10 +109,10 @@ class EngineCore:
         traces: list[RequestTrace], request_spans: list | None = None,
     ) -> tuple[torch.Tensor, StepBatch]:
         """Run one forward over `new` tokens of each sequence; returns final hidden [N, H] and books routing."""
-        step = StepBatch(seqs, starts, [len(t) for t in new])
+        step = StepBatch(seqs, starts, [len(t) for t in new], self.device)
         for s, start, t in zip(seqs, starts, new, strict=True):
             cache.reserve(s, start + len(t))
-        tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.long)
+        tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.long).to(self.device)
         one = [n == 1 for n in step.lengths]
         kind = "decode_step" if all(one) else "prefill" if not any(one) else "mixed_step"
         # A step serves many requests: it links to each request's span (continuous batching has no single parent).

@@ -8,10 +8,15 @@ from router_service.routing import Routing
 
 
 class RoutingSummary:
-    """tokens_per_expert[layer]: [E] int64 counts over every token routed since the engine started."""
+    """tokens_per_expert[layer]: [E] int64 counts over every token routed since the engine started.
 
-    def __init__(self, moe_layers: list[int], n_experts: int) -> None:
-        self.tokens_per_expert = {layer: torch.zeros(n_experts, dtype=torch.long) for layer in moe_layers}
+    The sums stay on the device the counts come from (the gateway's: adding them costs no host sync per step);
+    `rows()` and `table()` read them back to the host.
+    """
+
+    def __init__(self, moe_layers: list[int], n_experts: int, device: torch.device | str = "cpu") -> None:
+        self.tokens_per_expert = {layer: torch.zeros(n_experts, dtype=torch.long, device=device)
+                                  for layer in moe_layers}
         self.tokens = dict.fromkeys(moe_layers, 0)
         self.changed_by_serving = dict.fromkeys(moe_layers, 0)  # experts changed by top-M or live bias
 
@@ -26,6 +31,7 @@ class RoutingSummary:
         """One dict per MoE layer: tokens, experts hit, max/mean load, busiest experts."""
         out = []
         for layer, counts in self.tokens_per_expert.items():
+            counts = counts.cpu()
             mean = counts.float().mean().item()
             top = counts.topk(min(3, counts.numel()))
             out.append(
