@@ -126,6 +126,45 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rope_theta": 10000.0,
         "torch_dtype": "bfloat16",
     },
+    # GPU benchmark model: DeepSeek-V2-Lite's shapes (attention, dense MLP, 64 routed experts of width 1408,
+    # top-6 softmax greedy, 2 shared) with 1 dense + 3 MoE layers instead of 27, and a byte-sized vocabulary
+    "v2-lite-moe": {
+        "model_type": "deepseek_v2",
+        "vocab_size": 272,
+        "hidden_size": 2048,
+        "intermediate_size": 10944,
+        "moe_intermediate_size": 1408,
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "q_lora_rank": None,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "n_routed_experts": 64,
+        "num_experts_per_tok": 6,
+        "n_shared_experts": 2,
+        "topk_method": "greedy",
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
+        "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "torch_dtype": "bfloat16",
+    },
 }
 
 _ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
@@ -210,7 +249,7 @@ def write_checkpoint(
 
 def make_model(preset: str, out: str | Path, seed: int = 0, shard_bytes: int | None = None) -> Path:
     """Generate the checkpoint of a named preset (see PRESETS)."""
-    default_shard = 256 << 20 if preset.startswith("small") else None
+    default_shard = None if preset.startswith("tiny") else 256 << 20
     return write_checkpoint(out, preset_config(preset), seed=seed, shard_bytes=shard_bytes or default_shard)
 
 

@@ -63,3 +63,30 @@ def test_other_tokenizer_json_files_load_through_the_tokenizers_library(tmp_path
 
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "nowhere")
+
+
+def test_v2_lite_moe_preset_has_deepseek_v2_lite_moe_shapes_and_transformers_agrees_on_its_tensors():
+    """Checked from the config alone: the checkpoint (~3.4 GiB in bf16) is written only by the GPU benchmark."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from model_core.layout import checkpoint_layout
+    from model_core.make_model import preset_config
+    from model_core.spec import ModelSpec
+
+    cfg = preset_config("v2-lite-moe")
+    spec = ModelSpec.from_dict(cfg)
+    assert (spec.hidden_size, spec.moe_intermediate_size, spec.n_routed_experts, spec.top_k) == (2048, 1408, 64, 6)
+    assert (spec.n_shared_experts, spec.kv_lora_rank, spec.q_lora_rank) == (2, 512, None)
+    assert (spec.router.scoring_func, spec.router.topk_method, spec.router.normalize) == ("softmax", "greedy", False)
+    assert spec.moe_layers == [1, 2, 3] and cfg["torch_dtype"] == "bfloat16"
+    ours = checkpoint_layout(spec)
+    assert ours["model.layers.1.mlp.experts.63.gate_proj.weight"] == (1408, 2048)
+    with torch.device("meta"):  # shapes only, nothing allocated
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    theirs = {name: tuple(p.shape) for name, p in hf.state_dict().items()}
+    assert {k: v for k, v in theirs.items() if ".mlp.experts." not in k} == \
+        {k: v for k, v in ours.items() if ".mlp.experts." not in k}
+    for layer in spec.moe_layers:  # transformers holds each layer's experts fused: [E, 2I, H] and [E, H, I]
+        assert theirs[f"model.layers.{layer}.mlp.experts.gate_up_proj"] == (64, 2 * 1408, 2048)
+        assert theirs[f"model.layers.{layer}.mlp.experts.down_proj"] == (64, 2048, 1408)
+        assert ours[f"model.layers.{layer}.mlp.experts.0.down_proj.weight"] == (2048, 1408)
