@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,12 @@ import pytest
 BENCH = Path(__file__).parents[2] / "benchmarks"
 
 
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300)
+def run(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a GPU machine
 
 
 def test_moe_layer_benchmark_smoke(tmp_path):
@@ -73,3 +78,30 @@ def test_serve_load_benchmark_smoke(tmp_path, model_dirs):
     assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads(out.read_text())
     assert data["errors"] == 0 and data["requests"] >= 2 and data["tokens_per_s"] > 0
+
+
+def test_gpu_e2e_benchmark_exits_2_without_cuda_and_runs_its_cpu_smoke_when_allowed(tmp_path, model_dirs):
+    refused = run("gpu_e2e.py", "--json", str(tmp_path / "no.json"), env=NO_CUDA)
+    assert refused.returncode == 2 and "no CUDA GPU" in refused.stderr and not (tmp_path / "no.json").exists()
+    out = tmp_path / "gpu_e2e.json"
+    done = run("gpu_e2e.py", "--allow-cpu-smoke", "--models-dir", str(model_dirs["tiny-v3"].parent),
+               "--json", str(out), env=NO_CUDA)
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(out.read_text())
+    assert data["device"].startswith("CPU smoke") and data["torch"] and "triton" in data
+    assert [(r["model"], r["deployment"]) for r in data["rows"]] == [("tiny-v3", "in-process, 1 group"),
+                                                                    ("tiny-v3", "in-process, 4 groups")]
+    assert data["rows"][0]["decode2_tokens_per_s_vs_in_process"] == 1.0
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode2_tokens_per_s_vs_in_process"] > 0 for r in data["rows"])
+    assert "× = ÷ the in-process engine" in done.stdout
+
+
+@pytest.mark.slow
+def test_gpu_e2e_benchmark_cpu_smoke_with_ray_groups(tmp_path, model_dirs):
+    out = tmp_path / "gpu_e2e.json"
+    done = run("gpu_e2e.py", "--allow-cpu-smoke", "--deployments", "ray-1", "ray-4", "--models-dir",
+               str(model_dirs["tiny-v3"].parent), "--json", str(out), env=NO_CUDA)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["deployment"] for r in rows] == ["in-process, 1 group", "ray, 1 group (1 GPU)", "in-process, 1 group",
+                                               "ray, 4 groups (0.25 GPU each)"]
