@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 MODEL  ?= models/tiny-v3
 PROMPT ?= Hello, experts!
 
-.PHONY: demo test lint bench-moe clean
+.PHONY: demo test lint bench-moe gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,6 +31,17 @@ lint: $(VENV)/.installed
 
 bench-moe: $(VENV)/.installed
 	$(PY) benchmarks/moe_layer.py
+
+# On a GPU machine the torch pin above installs PyPI's CUDA build of 2.13.0; a venv made on a CPU machine (torch
+# +cpu) is refused by the first line. Runs all three steps, then fails if any failed (a lease is too short to rerun).
+gpu-check: $(VENV)/.installed
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch ' \
+	  + torch.__version__ + ' sees no CUDA GPU (no GPU here, or a CPU build of torch in $(VENV))')"
+	@mkdir -p benchmarks/results; status=0; \
+	$(PY) -m pytest -m gpu -q -rs --junitxml=benchmarks/results/gpu_tests.xml || status=1; \
+	$(PY) benchmarks/kernels.py --json benchmarks/results/kernels.json || status=1; \
+	$(PY) benchmarks/gpu_e2e.py --json benchmarks/results/gpu_e2e.json || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) models .pytest_cache
