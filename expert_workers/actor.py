@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
 from expert_workers.expert_group import ExpertGroup
@@ -72,6 +73,28 @@ class ExpertGroupActor:
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
         result = traced_run(self.group, self.telemetry.tracer, carrier, "ray", layer, h, ids, w)
         return tensor_to_numpy(result.output), result.tokens_per_expert, result.compute_ms
+
+    def _forward_tensor(self, layer: int, hidden: torch.Tensor, expert_ids: np.ndarray, weights: np.ndarray,
+                        carrier: dict[str, str] | None) -> tuple[torch.Tensor, list[int], float]:
+        """The Ray Direct Transport forward: hidden arrives as a tensor (over Gloo, NCCL or CUDA IPC) and the
+        output leaves as one, on this group's device."""
+        h = hidden.to(self.group.torch_device)
+        ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
+        result = traced_run(self.group, self.telemetry.tracer, carrier, "rdt", layer, h, ids, w)
+        return result.output, result.tokens_per_expert, result.compute_ms
+
+    # One method per tensor transport: Ray fixes a method's transport when the class is defined.
+    @ray.method(tensor_transport="gloo")
+    def forward_rdt_gloo(self, layer, hidden, expert_ids, weights, carrier=None):
+        return self._forward_tensor(layer, hidden, expert_ids, weights, carrier)
+
+    @ray.method(tensor_transport="nccl")
+    def forward_rdt_nccl(self, layer, hidden, expert_ids, weights, carrier=None):
+        return self._forward_tensor(layer, hidden, expert_ids, weights, carrier)
+
+    @ray.method(tensor_transport="cuda_ipc")
+    def forward_rdt_cuda_ipc(self, layer, hidden, expert_ids, weights, carrier=None):
+        return self._forward_tensor(layer, hidden, expert_ids, weights, carrier)
 
     def forward_dag(self, args: tuple | None) -> tuple[np.ndarray, list[int], float] | None:
         """The same forward as a Ray Compiled Graph node: args is forward's arguments, or None (no tokens here)."""
