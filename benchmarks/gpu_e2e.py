@@ -105,7 +105,6 @@ def measure_phase(engines: dict[str, Engine], work: Workload, sync) -> dict[str,
     out = {k: {"prefill_tokens_per_s": n * length / (prefill[k] / 1e3)} for k in engines}
     for batch in work.decode_batches:
         prompts = [torch.randint(3, vocab, (work.decode_prompt,), generator=gen).tolist() for _ in range(batch)]
-
         one = round_robin(generate_fns(engines, prompts, 1), work.runs, sync)  # prefill + first token
         many = round_robin(generate_fns(engines, prompts, work.steps + 1), work.runs, sync)
         for k in engines:
