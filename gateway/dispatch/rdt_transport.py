@@ -17,7 +17,7 @@ import ray
 import torch
 
 from gateway.dispatch.transports import ExpertReply, _Call, _describe, _ReplicaDown, _ReplicaSlow, _ReplicaTransport
-from protos.codec import NAMES
+from protos.codec import tensor_to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +114,12 @@ class RdtTransport(_ReplicaTransport):
 
     # -- calls ------------------------------------------------------------------------------------------
     def send(self, device, layer, hidden, ids, weights, carrier=None):
-        args = (layer, hidden.contiguous(), ids.cpu().numpy(), weights.cpu().numpy(), NAMES[hidden.dtype], carrier)
+        args = (layer, hidden.contiguous(), tensor_to_numpy(ids), tensor_to_numpy(weights), carrier)
         return self._submit(device, args, hidden.dtype)
 
     def _call(self, replica, args):
         self._ensure_group()
-        layer, hidden, ids, weights, dtype, carrier = args
+        layer, hidden, ids, weights, carrier = args
         key = next(self._keys)
         self.host._rdt_staged[key] = hidden
         staged = getattr(self.me, f"rdt_stage_{self.transport}").remote(key)

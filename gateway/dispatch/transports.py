@@ -217,6 +217,12 @@ class _ReplicaTransport:
         self.pool = None
 
 
+def numpy_args(layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+               carrier: dict[str, str] | None) -> tuple:
+    """ExpertGroupActor.forward's arguments: host numpy views (the codec makes the one copy off a GPU)."""
+    return layer, tensor_to_numpy(hidden), tensor_to_numpy(ids), tensor_to_numpy(weights), NAMES[hidden.dtype], carrier
+
+
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
@@ -231,8 +237,7 @@ class RayTransport(_ReplicaTransport):
         self._ray = ray
 
     def send(self, device, layer, hidden, ids, weights, carrier=None):
-        args = (layer, tensor_to_numpy(hidden), ids.numpy(), weights.numpy(), NAMES[hidden.dtype], carrier)
-        return self._submit(device, args, hidden.dtype)
+        return self._submit(device, numpy_args(layer, hidden, ids, weights, carrier), hidden.dtype)
 
     def _call(self, replica, args):
         return replica.actor.forward.remote(*args)
@@ -289,8 +294,7 @@ class RayDagTransport:
         return dag.experimental_compile()
 
     def send(self, device, layer, hidden, ids, weights, carrier=None):
-        self._staged[device] = (layer, tensor_to_numpy(hidden), ids.numpy(), weights.numpy(), NAMES[hidden.dtype],
-                                carrier)
+        self._staged[device] = numpy_args(layer, hidden, ids, weights, carrier)
         self._dtypes[device] = hidden.dtype
         return device
 
