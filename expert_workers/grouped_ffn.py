@@ -20,7 +20,7 @@ def sort_by_expert(topk_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
     order = torch.argsort(flat[valid], stable=True)  # stable: within an expert, tokens keep their order
     pair_index = valid[order]
     counts = torch.bincount(flat[pair_index], minlength=n_experts)
-    offsets = torch.zeros(n_experts + 1, dtype=torch.long)
+    offsets = torch.zeros(n_experts + 1, dtype=torch.long, device=topk_ids.device)
     offsets[1:] = torch.cumsum(counts, 0)
     return pair_index, counts, offsets
 
