@@ -141,7 +141,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
     args = parser.parse_args()
     if args.interpret:
-        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel compiles
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel compiles (and before torch/triton load)
+    import torch
+
+    if not args.interpret and not torch.cuda.is_available():
+        print("benchmarks/kernels.py: no CUDA GPU here; run it on a GPU machine (make gpu-check), or pass "
+              "--interpret for a CPU smoke run of the interpreter on tiny shapes", file=sys.stderr)
+        sys.exit(2)
     shapes = args.shapes or (["tiny"] if args.interpret else ["v2-lite", "v3"])
     tokens = args.tokens or ([1, 16] if args.interpret else GPU_TOKENS)
     dtypes = args.dtypes or (["float32", "float16"] if args.interpret else ["bfloat16"])
