@@ -122,8 +122,6 @@ def test_a_group_without_replicas_fails_its_requests_and_serving_resumes_when_it
         while engine.has_work():
             engine.step()
         assert doomed.finish_reason == "error" and "group 1" in doomed.error and "1.5s" in doomed.error
-        with pytest.raises(DispatchError, match="group 1"):
-            engine.generate([PROMPTS[1]], max_new_tokens=2)
         deadline = time.monotonic() + 60  # the pool evicts the dead replica and starts a fresh one
         while (victim in pool.groups[1] or not pool.live(1)) and time.monotonic() < deadline:
             try:  # fails until the replacement has loaded (it may be ready by the time this call runs)
