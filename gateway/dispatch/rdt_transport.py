@@ -11,13 +11,28 @@ from __future__ import annotations
 
 import itertools
 import logging
+import statistics
+import time
 from typing import Any
 
 import ray
 import torch
 
-from gateway.dispatch.transports import ExpertReply, _Call, _describe, _ReplicaDown, _ReplicaSlow, _ReplicaTransport
+from gateway.config import DeploymentConfig
+from gateway.dispatch.dispatcher import Dispatcher
+from gateway.dispatch.replica_pool import ExpertGroupPool
+from gateway.dispatch.transports import (
+    ExpertReply,
+    RayTransport,
+    _Call,
+    _describe,
+    _ReplicaDown,
+    _ReplicaSlow,
+    _ReplicaTransport,
+)
+from model_core.spec import ModelSpec
 from protos.codec import tensor_to_numpy
+from router_service.placement import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -166,3 +181,51 @@ class RdtTransport(_ReplicaTransport):
     def close(self) -> None:
         self._drop_group()
         super().close()
+
+
+class RdtHost(RdtEndpoint):
+    """An actor that owns the collective group and dispatches MoE layers over it: the piece the gateway's relay
+    grows from (docs/gpu-data-path.md). `ray.remote(max_concurrency=4)(RdtHost)` makes the actor; `start` must
+    run after construction (creating the group runs a task on this actor too). For comparison in the same
+    process, `numpy` dispatches to the same replicas over plain Ray calls."""
+
+    def __init__(self) -> None:
+        self._rdt_init()
+        self.rdt: Dispatcher | None = None
+        self.numpy: Dispatcher | None = None
+
+    def start(self, config: DeploymentConfig, transport: str = "gloo") -> None:
+        spec = ModelSpec.from_dir(config.model)
+        pool = ExpertGroupPool(config, Placement.contiguous(spec.n_routed_experts, config.devices))
+        rpc = config.rpc
+        rdt = RdtTransport(pool, self, transport, rpc.timeout_s, rpc.replica_deadline_s)
+        self.rdt = Dispatcher(pool.placement, rdt, pool=pool, on_close=pool.shutdown)
+        self.numpy = Dispatcher(pool.placement, RayTransport(pool, rpc.timeout_s, rpc.replica_deadline_s), pool=pool)
+
+    def dispatch(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 over: str = "rdt") -> torch.Tensor:
+        """The routed-expert output [T, H] of one layer, over RDT or ('numpy') plain Ray calls."""
+        return (self.rdt if over == "rdt" else self.numpy).dispatch(layer, hidden, ids, weights).wait()
+
+    def time_layer(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                   runs: int) -> dict[str, float]:
+        """Median ms of one layer's round trip over each path, alternating them (drift hits both alike)."""
+        times: dict[str, list[float]] = {"numpy": [], "rdt": []}
+        for over in times:  # warm-up
+            self.dispatch(layer, hidden, ids, weights, over)
+        for _ in range(runs):
+            for over, samples in times.items():
+                started = time.perf_counter()
+                self.dispatch(layer, hidden, ids, weights, over)
+                samples.append((time.perf_counter() - started) * 1e3)
+        return {over: statistics.median(samples) for over, samples in times.items()}
+
+    def counters(self) -> dict:
+        t = self.rdt.transport
+        return {"retries": t.retries, "group_builds": t.group_builds,
+                "inflight": sorted(set(self.rdt.pool.inflight().values())), "staged": len(self._rdt_staged),
+                "landed": len(self._rdt_landed)}
+
+    def close(self) -> None:
+        self.numpy.transport.close()
+        self.rdt.close()

@@ -44,6 +44,8 @@ def test_dispatch_benchmark_smoke(tmp_path, model_dirs):
     assert data["end_to_end"][0]["prefill_vs_in_process"] == 1.0
     distributed = [r for r in data["layer"] if not r["deployment"].startswith("in-process")]
     assert all(r["calls_per_layer"] >= 1 and r["bytes_per_layer"] > 0 for r in distributed)
+    assert [r["tokens"] for r in data["rdt_host"]] == [8, 2048]
+    assert all(r["numpy_ms"] > 0 and r["rdt_gloo_ms"] > 0 for r in data["rdt_host"])
 
 
 def test_kernels_benchmark_runs_in_the_interpreter(tmp_path):

@@ -7,40 +7,12 @@ import ray
 import torch
 
 from gateway.config import DeploymentConfig, RayConfig
-from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.groups import build_dispatcher
-from gateway.dispatch.rdt_transport import RdtEndpoint, RdtTransport, pick_tensor_transport
-from gateway.dispatch.replica_pool import ExpertGroupPool
+from gateway.dispatch.rdt_transport import RdtHost, pick_tensor_transport
 from model_core.spec import ModelSpec
 from router_service.placement import Placement
 
-
-@ray.remote(max_concurrency=4)
-class DispatchHost(RdtEndpoint):
-    """Stands where the gateway will: the actor that owns the collective group and dispatches over it."""
-
-    def __init__(self) -> None:
-        self._rdt_init()
-        self.dispatcher: Dispatcher | None = None
-
-    def start(self, model_dir: str, devices: int, replicas: int) -> None:
-        cfg = DeploymentConfig(model=model_dir, backend="ray", devices=devices, replicas=replicas,
-                               ray=RayConfig(namespace="rdt-tests"))
-        pool = ExpertGroupPool(cfg, Placement.contiguous(16, devices))
-        transport = RdtTransport(pool, self, "gloo", timeout_s=30, deadline_s=60)
-        self.dispatcher = Dispatcher(pool.placement, transport, pool=pool, on_close=pool.shutdown)
-
-    def dispatch(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.dispatcher.dispatch(layer, hidden, ids, weights).wait()
-
-    def counters(self) -> dict:
-        t = self.dispatcher.transport
-        return {"retries": t.retries, "group_builds": t.group_builds,
-                "inflight": set(self.dispatcher.pool.inflight().values()), "staged": len(self._rdt_staged),
-                "landed": len(self._rdt_landed)}
-
-    def close(self) -> None:
-        self.dispatcher.close()
+DispatchHost = ray.remote(max_concurrency=4)(RdtHost)
 
 
 def batch(spec: ModelSpec, n: int, seed: int):
@@ -69,14 +41,18 @@ def test_gloo_rdt_gives_the_in_process_outputs(preset, devices, replicas, model_
                              Placement.contiguous(spec.n_routed_experts, devices))
     host = DispatchHost.remote()
     try:
-        ray_cluster.get(host.start.remote(path, devices, replicas))
+        cfg = DeploymentConfig(model=path, backend="ray", devices=devices, replicas=replicas,
+                               ray=RayConfig(namespace="rdt-tests"))
+        ray_cluster.get(host.start.remote(cfg))
         for seed, n in enumerate([1, 7, 40, 3]):
             b = batch(spec, n, seed)
-            got = ray_cluster.get(host.dispatch.remote(*b), timeout=120)
-            assert (got - local.dispatch(*b).wait()).abs().max().item() < 1e-6
+            want = local.dispatch(*b).wait()
+            for over in ("rdt", "numpy"):
+                got = ray_cluster.get(host.dispatch.remote(*b, over=over), timeout=120)
+                assert (got - want).abs().max().item() < 1e-6
         counters = ray_cluster.get(host.counters.remote())
         assert counters["group_builds"] == 1 and counters["retries"] == 0
-        assert counters["inflight"] == {0} and counters["staged"] == 0 and counters["landed"] == 0
+        assert counters["inflight"] == [0] and counters["staged"] == 0 and counters["landed"] == 0
     finally:
         ray_cluster.get(host.close.remote())
         local.close()
