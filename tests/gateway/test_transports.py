@@ -134,13 +134,13 @@ def test_a_timed_out_call_is_never_sent_again_to_the_replica_still_computing_it(
 
 
 class SlowRestart(ExpertGroupActor):
-    """After Ray restarts it, the actor takes 4 s to come back (a big checkpoint loading)."""
+    """After Ray restarts it, the actor takes 12 s to come back (a big checkpoint loading)."""
 
     def __init__(self, *args, **kwargs) -> None:
         import ray
 
         if ray.get_runtime_context().was_current_actor_reconstructed:
-            time.sleep(4.0)
+            time.sleep(12.0)
         super().__init__(*args, **kwargs)
 
 
@@ -158,12 +158,11 @@ def test_a_restarting_replica_never_blocks_the_step_while_another_replica_serves
         assert all(r.calls == 1 for r in pool.live(0) + pool.live(1))  # round robin per group
         victim = pool.live(0)[0]
         ray_cluster.kill(victim.actor, no_restart=False)
-        worst = 0.0
         for _ in range(6):  # some calls hit the dead replica and are retried on the other one
-            started = time.monotonic()
             assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
-            worst = max(worst, time.monotonic() - started)
-        assert worst < 2.0  # nobody waited for the 4 s restart
+        # Every dispatch was answered while the victim was still restarting: nobody waited for it.
+        pool.poll()
+        assert pool.restarts == 0 and victim.down_since is not None
         deadline = time.monotonic() + 30
         while pool.restarts < 1 and time.monotonic() < deadline:  # the probe sees the restart, in the background
             pool.poll()
