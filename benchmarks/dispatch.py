@@ -1,9 +1,10 @@
 """Benchmark: what dispatching routed experts over each transport costs, per layer and end to end (small-v3).
 
 For a decode batch (8 tokens) and a prefill batch (2048 tokens) it measures one MoE layer's dispatch round
-trip (plan, send to every device, expert compute, combine) for the in-process groups, Ray actor calls and
-gRPC, next to the slowest device's compute time and the bytes moved; then end-to-end throughput of each
-deployment relative to the in-process engine (one group, no dispatch), all in the same run.
+trip (plan, send to every device, expert compute, combine) for the in-process groups, Ray actor calls (numpy
+through the object store), Ray Direct Transport (`ray-rdt`: Gloo on CPU, through the relay actor) and gRPC,
+next to the slowest device's compute time and the bytes moved; then end-to-end throughput of each deployment
+relative to the in-process engine (one group, no dispatch), all in the same run.
 
     python benchmarks/dispatch.py [--model models/small-v3] [--devices 4] [--dtype bfloat16] [--quick]
 """
@@ -83,28 +84,6 @@ def layer_round_trips(engines: dict[str, Engine], tokens: int, runs: int) -> lis
     return rows
 
 
-def host_round_trips(ref: Engine, model: Path, devices: int, dtype: str, runs: dict[int, int]) -> list[dict]:
-    """Ray Direct Transport: one layer's round trip inside an actor that hosts the dispatcher (RDT tensors must
-    come from an actor: docs/gpu-data-path.md), over Gloo vs plain Ray calls (numpy, object store), same replicas."""
-    import ray
-
-    from gateway.config import DeploymentConfig
-    from gateway.dispatch.rdt_transport import RdtHost
-
-    host = ray.remote(max_concurrency=4)(RdtHost).remote()
-    rows = []
-    try:
-        ray.get(host.start.remote(DeploymentConfig(model=str(model), backend="ray", devices=devices, dtype=dtype)))
-        for tokens, n in runs.items():
-            ms = ray.get(host.time_layer.remote(*layer_inputs(ref, tokens), n))
-            rows.append({"tokens": tokens, "numpy_ms": ms["numpy"], "rdt_gloo_ms": ms["rdt"],
-                         "rdt_over_numpy": ms["rdt"] / ms["numpy"]})
-    finally:
-        ray.get(host.close.remote())
-        ray.kill(host)
-    return rows
-
-
 @torch.inference_mode()
 def end_to_end(engines: dict[str, Engine], vocab: int, quick: bool) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
@@ -130,7 +109,7 @@ def end_to_end(engines: dict[str, Engine], vocab: int, quick: bool) -> list[dict
     return rows
 
 
-def print_tables(layer_rows: list[dict], e2e_rows: list[dict], host_rows: list[dict]) -> None:
+def print_tables(layer_rows: list[dict], e2e_rows: list[dict]) -> None:
     print("one MoE layer, dispatch round trip (median); compute = Σ groups in-process, slowest actor otherwise")
     print(f"{'tokens':>6}  {'deployment':<22} {'round trip ms':>13} {'compute ms':>11} {'overhead ms':>12} "
           f"{'calls':>5} {'bytes moved':>12}")
@@ -138,11 +117,6 @@ def print_tables(layer_rows: list[dict], e2e_rows: list[dict], host_rows: list[d
         print(f"{r['tokens']:>6}  {r['deployment']:<22} {r['round_trip_ms']:>13.2f} "
               f"{r['compute_ms']:>11.2f} {r['overhead_ms']:>12.2f} {r['calls_per_layer']:>5} "
               f"{r['bytes_per_layer']:>12,}")
-    if host_rows:
-        print("\none MoE layer inside an actor hosting the dispatcher (median): plain Ray calls vs RDT over Gloo")
-        print(f"{'tokens':>6}  {'numpy (object store) ms':>23} {'rdt gloo ms':>11} {'rdt ÷ numpy':>11}")
-        for r in host_rows:
-            print(f"{r['tokens']:>6}  {r['numpy_ms']:>23.2f} {r['rdt_gloo_ms']:>11.2f} {r['rdt_over_numpy']:>11.2f}")
     print("\nend to end (prefill: 4 × 512 tokens; decode: 8 sequences, one token each per step)")
     print(f"{'deployment':<22} {'prefill tok/s':>13} {'× in-process':>12} {'decode tok/s':>13} {'× in-process':>12}")
     for r in e2e_rows:
@@ -156,12 +130,10 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
-    parser.add_argument("--deployments", nargs="+", default=["local", "ray", "grpc"],
-                        choices=["local", "ray", "ray-dag", "grpc"],
+    parser.add_argument("--deployments", nargs="+", default=["local", "ray", "ray-rdt", "grpc"],
+                        choices=["local", "ray", "ray-dag", "ray-rdt", "grpc"],
                         help="compared with the in-process engine; measure ray-dag in a run of its own on a small "
                              "machine: compiled-graph actors poll their channels and slow every other process")
-    parser.add_argument("--rdt", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time a layer over Ray Direct Transport (Gloo) inside a hosting actor")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "dispatch.json")
     args = parser.parse_args()
     if not (args.model / "config.json").is_file():
@@ -169,12 +141,12 @@ def main() -> None:
         make_model("small-v3", args.model)
     import ray
 
-    actors = (len(args.deployments) + args.rdt) * args.devices + 2 + args.rdt
+    actors = len(args.deployments) * args.devices + 2
     ray.init(num_cpus=max(os.cpu_count() or 1, actors), include_dashboard=False,
              log_to_driver=False)
     d = args.devices
     labels = {"local": f"in-process ({d} groups)", "ray": f"ray ({d} actors)", "ray-dag": f"ray-dag ({d} actors)",
-              "grpc": f"grpc ({d} actors)"}
+              "ray-rdt": f"ray-rdt ({d} actors)", "grpc": f"grpc ({d} actors)"}
     engines = {"in-process (1 group)": Engine.from_pretrained(args.model, backend="local", dtype=args.dtype)}
     for backend in args.deployments:
         engines[labels[backend]] = Engine.from_pretrained(args.model, backend=backend, devices=d, dtype=args.dtype)
@@ -182,21 +154,18 @@ def main() -> None:
         runs = {8: 10 if args.quick else 50, 2048: 2 if args.quick else 5}
         layer_rows = [row for t, n in runs.items() for row in layer_round_trips(engines, t, n)]
         e2e_rows = end_to_end(engines, engines["in-process (1 group)"].spec.vocab_size, args.quick)
-        host_rows = (host_round_trips(engines["in-process (1 group)"], args.model, d, args.dtype, runs)
-                     if args.rdt else [])
     finally:
         for e in engines.values():
             e.close()
         ray.shutdown()
-    print_tables(layer_rows, e2e_rows, host_rows)
+    print_tables(layer_rows, e2e_rows)
     meta = {
         "benchmark": "dispatch", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
         "model": str(args.model), "dtype": args.dtype, "devices": d,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({**meta, "layer": layer_rows, "end_to_end": e2e_rows, "rdt_host": host_rows},
-                                    indent=1))
+    args.json.write_text(json.dumps({**meta, "layer": layer_rows, "end_to_end": e2e_rows}, indent=1))
     print(f"\nwrote {args.json}")
 
 

@@ -51,6 +51,8 @@ DEPLOYMENTS = {
     "local-4": Deployment("in-process, 4 groups", "local", 4),
     "ray-1": Deployment("ray, 1 group (1 GPU)", "ray", 1, 1.0),
     "ray-4": Deployment("ray, 4 groups (0.25 GPU each)", "ray", 4, 0.25),
+    # Ray Direct Transport: with the gateway and every group on one GPU, `auto` picks CUDA IPC (no host copies).
+    "ray-rdt-4": Deployment("ray-rdt, 4 groups (0.25 GPU each)", "ray-rdt", 4, 0.25),
 }
 
 
@@ -178,7 +180,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models_dir = args.models_dir or (Path("models") if on_gpu else Path(tmp))
         ray = None
-        if any(DEPLOYMENTS[k].backend == "ray" for k in chosen):
+        if any(DEPLOYMENTS[k].backend.startswith("ray") for k in chosen):
             import ray
 
             ray.init(num_cpus=max(os.cpu_count() or 1, 10), include_dashboard=False, log_to_driver=False)

@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    gen.add_argument("--backend", choices=["local", "ray", "ray-dag", "grpc"],
-                     help="where routed experts run (default local; ray-dag: Ray actors driven by a compiled graph)")
+    gen.add_argument("--backend", choices=["local", "ray", "ray-dag", "ray-rdt", "grpc"],
+                     help="where routed experts run (default local; ray-dag: Ray actors driven by a compiled graph; "
+                          "ray-rdt: Ray actors, tensors over Ray Direct Transport, see rpc.tensor_transport)")
     gen.add_argument("--devices", type=int, help="expert groups (one Ray actor each for ray/grpc)")
     gen.add_argument("--placement", help="'contiguous' or a placement YAML/JSON file")
     gen.add_argument("--top-m-devices", type=int, help="cap each token at M devices (default: exact routing)")

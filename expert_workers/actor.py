@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import ray
 import torch
 
+from expert_workers.collective import leave_collective_groups
 from expert_workers.expert_group import ExpertGroup
 from expert_workers.spans import traced_run
 from model_core.telemetry import Telemetry, TracingConfig
@@ -75,18 +77,20 @@ class ExpertGroupActor:
         return tensor_to_numpy(result.output), result.tokens_per_expert, result.compute_ms
 
     def _forward_tensor(self, layer: int, hidden: torch.Tensor, expert_ids: np.ndarray, weights: np.ndarray,
-                        carrier: dict[str, str] | None) -> tuple[torch.Tensor, list[int], float]:
+                        carrier: dict[str, str] | None, out_device: str | None = None
+                        ) -> tuple[torch.Tensor, list[int], float]:
         """The Ray Direct Transport forward: hidden arrives as a tensor (over Gloo, NCCL or CUDA IPC) and the
-        output leaves as one, on this group's device."""
+        output leaves as one, on this group's device (or `out_device`: Gloo carries CPU tensors only)."""
         h = hidden.to(self.group.torch_device)
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
         result = traced_run(self.group, self.telemetry.tracer, carrier, "rdt", layer, h, ids, w)
-        return result.output, result.tokens_per_expert, result.compute_ms
+        out = result.output if out_device is None else result.output.to(out_device)
+        return out, result.tokens_per_expert, result.compute_ms
 
     # One method per tensor transport: Ray fixes a method's transport when the class is defined.
     @ray.method(tensor_transport="gloo")
     def forward_rdt_gloo(self, layer, hidden, expert_ids, weights, carrier=None):
-        return self._forward_tensor(layer, hidden, expert_ids, weights, carrier)
+        return self._forward_tensor(layer, hidden, expert_ids, weights, carrier, out_device="cpu")
 
     @ray.method(tensor_transport="nccl")
     def forward_rdt_nccl(self, layer, hidden, expert_ids, weights, carrier=None):
@@ -95,6 +99,16 @@ class ExpertGroupActor:
     @ray.method(tensor_transport="cuda_ipc")
     def forward_rdt_cuda_ipc(self, layer, hidden, expert_ids, weights, carrier=None):
         return self._forward_tensor(layer, hidden, expert_ids, weights, carrier)
+
+    def rdt_reset(self) -> None:
+        """Leave every collective group, so that the gateway's relay can make a new one over the current replicas."""
+        leave_collective_groups()
+
+    @ray.method(concurrency_group="watch")
+    def rdt_watch(self) -> None:
+        """Never returns while this actor lives: the relay holds the call, and its failure says the actor died
+        (Ray would kill both ends of a transfer to the restarted actor over the old group)."""
+        threading.Event().wait()
 
     def forward_dag(self, args: tuple | None) -> tuple[np.ndarray, list[int], float] | None:
         """The same forward as a Ray Compiled Graph node: args is forward's arguments, or None (no tokens here)."""

@@ -18,7 +18,8 @@ from model_core.telemetry import TracingConfig
 from protos.channel import RpcSecurity
 from router_service.bias import BalanceConfig
 
-BACKENDS = ("local", "ray", "ray-dag", "grpc")
+BACKENDS = ("local", "ray", "ray-dag", "ray-rdt", "grpc")
+TENSOR_TRANSPORTS = ("gloo", "nccl", "cuda_ipc")  # backend ray-rdt: how tensors travel (Ray Direct Transport)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_RESOURCES = ("cpu", "gpu")
 GATEWAY_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -58,8 +59,10 @@ class RpcConfig:
     tls_server_name: str | None = None  # the name tls_cert was issued to, when it does not list the node IPs
     token: str | None = field(default=None, repr=False)  # shared secret every ExpertService call must carry
     token_file: str | None = None  # or a file holding it (surrounding whitespace ignored); not both
+    tensor_transport: str = "auto"  # backend ray-rdt: auto | gloo | nccl | cuda_ipc (auto: from where tensors live)
 
     def __post_init__(self) -> None:
+        _choice("rpc.tensor_transport", self.tensor_transport, ("auto", *TENSOR_TRANSPORTS))
         if self.bind is not None and (not isinstance(self.bind, str) or not self.bind.strip()
                                       or any(c.isspace() for c in self.bind) or _has_port(self.bind)):
             raise DeploymentConfigError(f"rpc.bind={self.bind!r}: expected null, an IP address or a host name "
@@ -189,7 +192,7 @@ class DeploymentConfig:
     def router_on_ray(self) -> bool:
         """Whether the router service runs as a named Ray actor (else in this process)."""
         where = self.balancing.service
-        return where == "ray" or (where == "auto" and self.backend in ("ray", "ray-dag", "grpc"))
+        return where == "ray" or (where == "auto" and self.backend != "local")
 
     @property
     def expert_torch_device(self) -> str:

@@ -30,6 +30,14 @@ def build_dispatcher(cfg: DeploymentConfig, spec: ModelSpec, placement: Placemen
             transport = RayTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s)
         elif cfg.backend == "ray-dag":
             transport = RayDagTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s)
+        elif cfg.backend == "ray-rdt":
+            import ray
+
+            from gateway.dispatch.rdt_transport import RdtTransport, pick_tensor_transport
+
+            over = pick_tensor_transport(cfg.rpc.tensor_transport, device, cfg.ray.device_resource == "gpu",
+                                         pool.cluster_gpus(), holds_ray_gpu=bool(ray.get_gpu_ids()))
+            transport = RdtTransport(pool, over, device, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s)
         else:
             transport = GrpcTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s,
                                       cfg.rpc.max_message_mb << 20, cfg.rpc.security())

@@ -1,231 +1,308 @@
-"""Ray Direct Transport: a layer's rows and partial outputs move actor to actor over Gloo, NCCL or CUDA IPC.
+"""Ray Direct Transport (`backend: ray-rdt`): a layer's rows and outputs move over Gloo, NCCL or CUDA IPC.
 
-Ray moves such tensors only between actors, and (for the collective transports) only for the process that
-created the collective group (docs/gpu-data-path.md). So this transport runs inside the actor that hosts the
-gateway: that actor mixes in `RdtEndpoint`, whose `rdt_stage_*` methods hand a staged tensor to Ray and whose
-`rdt_land` receives an expert group's reply. One call per device and layer is three actor tasks:
-stage (gateway) → forward (expert group) → land (gateway); the tensors never enter the object store.
+Ray moves Gloo/NCCL tensors only between actors of a collective group, only when an actor task returned them,
+and only for the process that created the group; and when such a transfer fails it kills *both* actors for
+good (docs/gpu-data-path.md). So the gateway keeps its model and state and hands each device's rows to a
+disposable **relay** actor (CPU for Gloo, a GPU share of its own for NCCL) that owns the group over itself and
+the live expert replicas: stage (relay) → forward_rdt (expert) → land (relay). When Ray kills the relay, the
+gateway starts a new one and sends the calls again; an expert replica killed with it is replaced by the pool.
+With CUDA IPC (one-sided: no group, nothing killed) a gateway that holds a Ray GPU share sends straight to
+expert actors on the same GPU.
+
+Replica choice, retries, timeouts and scaling are the `ray` transport's (the shared `_ReplicaTransport`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import statistics
-import time
+import threading
 from typing import Any
 
 import ray
 import torch
 
-from gateway.config import DeploymentConfig
-from gateway.dispatch.dispatcher import Dispatcher
-from gateway.dispatch.replica_pool import ExpertGroupPool
-from gateway.dispatch.transports import (
-    ExpertReply,
-    RayTransport,
-    _Call,
-    _describe,
-    _ReplicaDown,
-    _ReplicaSlow,
-    _ReplicaTransport,
-)
-from model_core.spec import ModelSpec
-from protos.codec import tensor_to_numpy
-from router_service.placement import Placement
+from expert_workers.collective import leave_collective_groups
+from gateway.config import TENSOR_TRANSPORTS
+from gateway.dispatch.transports import ExpertReply, _Call, _describe, _ReplicaDown, _ReplicaSlow, _ReplicaTransport
+from protos.codec import DTYPES, NAMES, numpy_to_tensor, tensor_to_numpy
 
 logger = logging.getLogger(__name__)
 
-TENSOR_TRANSPORTS = ("gloo", "nccl", "cuda_ipc")
 GROUP_BACKENDS = {"gloo": "torch_gloo", "nccl": "nccl"}  # CUDA IPC is one-sided: no collective group
+RESET_TIMEOUT_S = 10.0  # a member that cannot leave its old group in this time is left out of the new one
 
 
-def pick_tensor_transport(setting: str, device: torch.device, shares_one_gpu: bool) -> str:
-    """`rpc.tensor_transport`: 'auto' picks Gloo for CPU tensors, CUDA IPC when the gateway and every expert
-    group share one GPU, NCCL between GPUs; anything else must be one of TENSOR_TRANSPORTS and fit the device."""
-    if setting == "auto":
-        if device.type != "cuda":
-            return "gloo"
-        return "cuda_ipc" if shares_one_gpu else "nccl"
-    if setting not in TENSOR_TRANSPORTS:
+def pick_tensor_transport(setting: str, gateway: torch.device, groups_on_gpu: bool, cluster_gpus: float,
+                          holds_ray_gpu: bool) -> str:
+    """`rpc.tensor_transport` resolved. 'auto': CUDA IPC when the gateway and every group share the cluster's one
+    GPU and Ray gave this process its share (Ray's CUDA IPC only sends from such a process); NCCL when the groups
+    are on GPUs and there are two or more (the relay needs its own: NCCL allows one rank per GPU); else Gloo,
+    which carries CPU tensors from any gateway to any group. An explicit choice is checked the same way."""
+    if setting not in ("auto", *TENSOR_TRANSPORTS):
         raise ValueError(f"rpc.tensor_transport={setting!r}: expected 'auto' or one of {list(TENSOR_TRANSPORTS)}")
-    if (setting == "gloo") != (device.type == "cpu"):
-        raise ValueError(f"rpc.tensor_transport={setting!r}: does not carry {device.type} tensors "
-                         f"(gloo is for CPU tensors, nccl and cuda_ipc for CUDA tensors)")
+    ipc_ok = gateway.type == "cuda" and groups_on_gpu and cluster_gpus <= 1 and holds_ray_gpu
+    nccl_ok = groups_on_gpu and cluster_gpus >= 2
+    if setting == "auto":
+        return "cuda_ipc" if ipc_ok else "nccl" if nccl_ok else "gloo"
+    if setting == "cuda_ipc" and not ipc_ok:
+        raise ValueError("rpc.tensor_transport='cuda_ipc': needs the gateway (gateway_device cuda) and every expert "
+                         "group (ray.device_resource gpu) on the cluster's one GPU, and a gateway process Ray gave a "
+                         "share of it (a Serve replica or actor with num_gpus; a driver has none)")
+    if setting == "nccl" and not nccl_ok:
+        raise ValueError("rpc.tensor_transport='nccl': needs expert groups on GPUs (ray.device_resource gpu) and "
+                         "at least two GPUs (the relay actor takes a share of one the groups do not use)")
     return setting
 
 
-class RdtEndpoint:
-    """Mixin for the actor hosting the gateway (it needs `max_concurrency >= 2`: its stage and land tasks run
-    while its engine thread waits). Tensors are staged under a key, handed to Ray by `rdt_stage_<transport>`,
-    and replies land in `_rdt_landed` under the same key."""
+class MemberDown(RuntimeError):
+    """Raised by the relay: the expert replica named in the message failed or is not in the group now."""
 
-    def _rdt_init(self) -> None:
-        self._rdt_staged: dict[int, torch.Tensor] = {}
-        self._rdt_landed: dict[int, tuple] = {}
 
+class RdtRelay:
+    """The actor that owns the collective group and moves one device batch per `forward` call.
+
+    `ray.remote(RdtRelay).options(max_concurrency=...)` makes it: a layer's calls run on their own threads,
+    and each one's stage and land tasks need free threads too. The group is (re)built lazily, with no
+    transfer in flight, when the gateway's member list changes or a member's `watch` call reports that the
+    actor died (a transfer to a restarted member would make Ray kill both ends)."""
+
+    def __init__(self, transport: str, timeout_s: float, device: str = "cpu") -> None:
+        if transport not in GROUP_BACKENDS:
+            raise ValueError(f"transport={transport!r}: the relay carries {list(GROUP_BACKENDS)}")
+        self.transport, self.timeout_s, self.device = transport, timeout_s, torch.device(device)
+        self._staged: dict[int, torch.Tensor] = {}
+        self._landed: dict[int, tuple] = {}
+        self._expected: set[int] = set()  # keys whose caller still waits (a reply after a timeout is dropped)
+        self._keys = itertools.count()
+        self._cond = threading.Condition()
+        self._group: Any = None
+        self._version = -1
+        self._members: dict[str, Any] = {}  # replica name -> actor handle, the group's members
+        self._watches: dict[str, Any] = {}  # replica name -> its pending watch() call
+        self._active = 0  # transfers in flight on the group
+        self.builds = 0
+
+    # -- tensors handed to Ray (one method per transport: Ray fixes it when the class is defined) ---------
     @ray.method(tensor_transport="gloo")
-    def rdt_stage_gloo(self, key: int) -> torch.Tensor:
-        return self._rdt_staged.pop(key)
+    def stage_gloo(self, key: int) -> torch.Tensor:
+        return self._staged.pop(key)
 
     @ray.method(tensor_transport="nccl")
-    def rdt_stage_nccl(self, key: int) -> torch.Tensor:
-        return self._rdt_staged.pop(key)
+    def stage_nccl(self, key: int) -> torch.Tensor:
+        return self._staged.pop(key)
 
-    @ray.method(tensor_transport="cuda_ipc")
-    def rdt_stage_cuda_ipc(self, key: int) -> torch.Tensor:
-        return self._rdt_staged.pop(key)
-
-    def rdt_land(self, key: int, reply: tuple) -> None:
+    def land(self, key: int, reply: tuple) -> None:
         """reply: (output [n, H], tokens_per_expert, compute_ms) as the expert group returned it."""
-        self._rdt_landed[key] = reply
+        if key in self._expected:
+            self._landed[key] = reply
+
+    # -- the gateway's calls ----------------------------------------------------------------------------------
+    def forward(self, members: tuple, name: str, layer: int, hidden, expert_ids, weights, dtype: str,
+                carrier: dict[str, str] | None = None) -> tuple:
+        """One device batch on replica `name` -> (output as numpy, tokens_per_expert, compute_ms).
+
+        members: (version, {name: actor handle}) of the gateway's live replicas; hidden: numpy. The rows and the
+        output cross the gateway ⇄ relay hop through the object store: Ray's CUDA IPC would need both processes
+        on one Ray-assigned GPU, which it cannot promise for two actors; relay ⇄ expert is Gloo or NCCL."""
+        out, counts, ms = self._forward(members, name, layer, numpy_to_tensor(hidden, DTYPES[dtype]), expert_ids,
+                                        weights, carrier)
+        return tensor_to_numpy(out.cpu()), counts, ms
+
+    def counters(self) -> dict:
+        with self._cond:
+            return {"builds": self.builds, "members": sorted(self._members), "active": self._active,
+                    "staged": len(self._staged), "landed": len(self._landed)}
+
+    def _forward(self, members, name, layer, hidden, expert_ids, weights, carrier) -> tuple:
+        me = ray.get_runtime_context().current_actor
+        actor = self._enter(members, name)
+        key = next(self._keys)
+        self._expected.add(key)
+        try:
+            self._staged[key] = hidden.to(self.device)
+            staged = getattr(me, f"stage_{self.transport}").remote(key)
+            out = getattr(actor, f"forward_rdt_{self.transport}").remote(layer, staged, expert_ids, weights, carrier)
+            try:
+                ray.get(me.land.remote(key, out), timeout=self.timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise
+            except ray.exceptions.RayError as exc:  # the expert failed: the group must not be used with it again
+                self._drop_member(name)
+                raise MemberDown(f"replica {name}: {_describe(exc)}") from None
+            return self._landed.pop(key)
+        finally:
+            self._expected.discard(key)
+            self._staged.pop(key, None)
+            self._landed.pop(key, None)
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    # -- the group --------------------------------------------------------------------------------------------
+    def _enter(self, members: tuple, name: str) -> Any:
+        """Wait until the group is current (rebuilding it when no transfer is in flight), count this transfer
+        in, and return the member's actor handle."""
+        version, handles = members
+        with self._cond:
+            while True:
+                stale = self._fired_watches()
+                if self._group is not None and version <= self._version and not stale:
+                    break
+                if self._active == 0:
+                    self._rebuild(max(version, self._version), handles if version >= self._version else None)
+                    break
+                self._cond.wait(0.05)
+            actor = self._members.get(name)
+            if actor is None:
+                raise MemberDown(f"replica {name} is not in the collective group (it failed, or it is starting)")
+            self._active += 1
+            return actor
+
+    def _fired_watches(self) -> bool:
+        refs = list(self._watches.values())
+        return bool(refs) and bool(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+
+    def _drop_member(self, name: str) -> None:
+        with self._cond:
+            if self._members.pop(name, None) is not None:
+                self._version = -1  # the next call rebuilds over the gateway's current members
+            self._watches.pop(name, None)
+
+    def _rebuild(self, version: int, handles: dict[str, Any] | None) -> None:
+        """Called with the lock held and no transfer in flight: every member leaves its groups, then the relay
+        makes a new one over itself and the members that answered."""
+        from ray.experimental.collective import create_collective_group, destroy_collective_group
+
+        handles = handles if handles is not None else self._members
+        old, self._group = self._group, None
+        if old is not None:
+            try:
+                destroy_collective_group(old)
+            except Exception as exc:  # a dead member's group: Ray already dropped parts of it
+                logger.info("destroying the collective group: %s", _describe(exc))
+        leave_collective_groups()
+        names = list(handles)
+        resets = {n: handles[n].rdt_reset.remote() for n in names}
+        ready = set(ray.wait(list(resets.values()), num_returns=len(resets), timeout=RESET_TIMEOUT_S)[0])
+        members = {}
+        for n in names:
+            if resets[n] in ready:
+                try:
+                    ray.get(resets[n])
+                    members[n] = handles[n]
+                except ray.exceptions.RayError as exc:
+                    logger.info("replica %s left out of the collective group: %s", n, _describe(exc))
+        me = ray.get_runtime_context().current_actor
+        self._group = create_collective_group([me, *members.values()], backend=GROUP_BACKENDS[self.transport])
+        watches = {n: self._watches[n] for n in members if n in self._watches
+                   and not ray.wait([self._watches[n]], timeout=0)[0]}
+        self._watches = {n: watches.get(n) or members[n].rdt_watch.remote() for n in members}
+        self._members, self._version = members, version
+        self.builds += 1
+        logger.info("collective group %d (%s) over the relay and replicas %s", self.builds, self.transport,
+                    sorted(members))
 
 
 class RdtTransport(_ReplicaTransport):
-    """Replicas, retries and timeouts as the `ray` transport (shared base class); only the bytes move differently.
+    """Dispatch over Ray Direct Transport from the gateway process: through the relay (Gloo, NCCL), or straight
+    to the expert actors (CUDA IPC: this process must hold a Ray GPU share). See the module docstring."""
 
-    The collective group spans the hosting actor and every replica of the pool; when the pool's replicas change
-    (scaling, eviction) or an actor of the group dies (which destroys the group), it is created again before
-    the next call."""
-
-    def __init__(self, pool, host: RdtEndpoint, transport: str, timeout_s: float, deadline_s: float) -> None:
+    def __init__(self, pool, transport: str, device: torch.device, timeout_s: float, deadline_s: float,
+                 relay_concurrency: int = 64) -> None:
         if transport not in TENSOR_TRANSPORTS:
             raise ValueError(f"transport={transport!r}: expected one of {list(TENSOR_TRANSPORTS)}")
         super().__init__(pool, timeout_s, deadline_s)
-        self.host, self.transport = host, transport
-        self.me = ray.get_runtime_context().current_actor  # raises outside an actor: RDT needs one
-        self._keys = itertools.count()
-        self._group: Any = None
-        self._members: tuple[str, ...] = ()
-        self._broken = False  # an actor of the group died: destroy the group and make it again
-        self.group_builds = 0
+        self.transport, self.device, self.relay_concurrency = transport, device, relay_concurrency
+        self._relay: Any = None
+        self._relay_lock = threading.Lock()
+        self._members_key: tuple = ()
+        self._members_ref: Any = None
+        self._version = 0
+        self.relay_starts = 0
 
-    # -- the collective group -------------------------------------------------------------------------
-    def _ensure_group(self) -> None:
-        backend = GROUP_BACKENDS.get(self.transport)
-        if backend is None:
-            return
-        replicas = [r for d in sorted(self.pool.groups) for r in self.pool.live(d)]
-        members = tuple(r.name for r in replicas)
-        if self._group is not None and members == self._members and not self._broken:
-            return
-        self._drop_group()
-        from ray.experimental.collective import create_collective_group
+    # -- the relay and the member list it builds its group over --------------------------------------------
+    def relay(self) -> Any:
+        with self._relay_lock:
+            if self._relay is None:
+                gpu = self.transport == "nccl"  # NCCL sends from the relay's own GPU
+                self._relay = ray.remote(RdtRelay).options(
+                    max_concurrency=self.relay_concurrency, num_cpus=0, num_gpus=0.01 if gpu else 0,
+                    max_restarts=0, namespace=self.pool.cfg.ray.namespace,
+                    name=f"rdt-relay-{self.pool.deployment_id}-{self.relay_starts}",
+                ).remote(self.transport, self.timeout_s, "cuda" if gpu else "cpu")
+                self.relay_starts += 1
+            return self._relay
 
-        self._group = create_collective_group([self.me, *(r.actor for r in replicas)], backend=backend)
-        self._members = members
-        self.group_builds += 1
-        logger.info("collective group (%s) over the gateway and %d expert replicas", backend, len(replicas))
+    def _lost_relay(self, relay: Any) -> None:
+        with self._relay_lock:
+            if self._relay is relay:
+                logger.warning("the RDT relay died (Ray kills both ends of a failed transfer); starting a new one")
+                self._relay = None
 
-    def _drop_group(self) -> None:
-        group, self._group, self._members, self._broken = self._group, None, (), False
-        if group is not None:
-            from ray.experimental.collective import destroy_collective_group
+    def _members(self) -> Any:
+        """(version, {name: handle}) of the replicas that answer, in the object store (one copy per change)."""
+        live = [(r.name, r.actor) for d in sorted(self.pool.groups) for r in self.pool.live(d)
+                if r.down_since is None]
+        key = tuple(name for name, _ in live)
+        if key != self._members_key or self._members_ref is None:
+            self._version += 1
+            self._members_key, self._members_ref = key, ray.put((self._version, dict(live)))
+        return self._members_ref
 
-            try:
-                destroy_collective_group(group)
-            except Exception as exc:  # a group an actor's death already broke
-                logger.info("destroying the collective group: %s", _describe(exc))
-
-    # -- calls ------------------------------------------------------------------------------------------
+    # -- calls ------------------------------------------------------------------------------------------------
     def send(self, device, layer, hidden, ids, weights, carrier=None):
         args = (layer, hidden.contiguous(), tensor_to_numpy(ids), tensor_to_numpy(weights), carrier)
         return self._submit(device, args, hidden.dtype)
 
     def _call(self, replica, args):
-        self._ensure_group()
         layer, hidden, ids, weights, carrier = args
-        key = next(self._keys)
-        self.host._rdt_staged[key] = hidden
-        staged = getattr(self.me, f"rdt_stage_{self.transport}").remote(key)
-        out = getattr(replica.actor, f"forward_rdt_{self.transport}").remote(layer, staged, ids, weights, carrier)
-        return self.me.rdt_land.remote(key, out), key
+        if self.transport == "cuda_ipc":  # one-sided: straight to the expert actor
+            staged = ray.put(hidden, _tensor_transport="cuda_ipc")
+            return replica.actor.forward_rdt_cuda_ipc.remote(layer, staged, ids, weights, carrier), None
+        relay = self.relay()
+        return relay.forward.remote(self._members(), replica.name, layer, tensor_to_numpy(hidden), ids, weights,
+                                    NAMES[hidden.dtype], carrier), relay
 
     def _wait(self, call: _Call) -> ExpertReply:
-        landed, key = call.handle
+        ref, relay = call.handle
         try:
-            ray.get(landed, timeout=self.timeout_s)
+            out, counts, ms = ray.get(ref, timeout=self.timeout_s)
+        except MemberDown as exc:
+            raise _ReplicaDown(str(exc).splitlines()[-1]) from None
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            self._forget(key)
-            self._broken = True  # an actor's death breaks the group: make it again before the next call
+            if relay is not None:  # the callee is the relay: it died
+                self._lost_relay(relay)
             raise _ReplicaDown(_describe(exc)) from None
         except ray.exceptions.GetTimeoutError:
             raise _ReplicaSlow(f"no reply in {self.timeout_s}s") from None
-        except ray.exceptions.RayTaskError as exc:
-            self._forget(key)
-            if isinstance(exc.cause, ray.exceptions.RayActorError):
-                self._broken = True
-                raise _ReplicaDown(_describe(exc.cause)) from None
-            raise
-        output, counts, ms = self.host._rdt_landed.pop(key)
-        return ExpertReply(output, counts, ms)
-
-    def _forget(self, key: int) -> None:
-        self.host._rdt_staged.pop(key, None)
-        self.host._rdt_landed.pop(key, None)
+        if isinstance(out, torch.Tensor):
+            return ExpertReply(out.to(self.device), counts, ms)
+        return ExpertReply(numpy_to_tensor(out, call.dtype), counts, ms)
 
     def _finished(self, call: _Call) -> bool:
-        landed, key = call.handle
-        if ray.wait([landed], timeout=0)[0]:
-            self._forget(key)  # a reply nobody waits for any more
-            return True
-        return False
+        return bool(ray.wait([call.handle[0]], timeout=0)[0])
 
     def _cancel(self, call: _Call) -> None:
-        pass  # a started actor task runs to its end; _finished drops its reply
+        pass  # a started call runs to its end; its in-flight count is released when it does
 
     def _settle(self, calls: list[_Call], timeout_s: float) -> None:
         if calls:
             ray.wait([c.handle[0] for c in calls], num_returns=len(calls), timeout=timeout_s)
 
-    def close(self) -> None:
-        self._drop_group()
-        super().close()
-
-
-class RdtHost(RdtEndpoint):
-    """An actor that owns the collective group and dispatches MoE layers over it: the piece the gateway's relay
-    grows from (docs/gpu-data-path.md). `ray.remote(max_concurrency=4)(RdtHost)` makes the actor; `start` must
-    run after construction (creating the group runs a task on this actor too). For comparison in the same
-    process, `numpy` dispatches to the same replicas over plain Ray calls."""
-
-    def __init__(self) -> None:
-        self._rdt_init()
-        self.rdt: Dispatcher | None = None
-        self.numpy: Dispatcher | None = None
-
-    def start(self, config: DeploymentConfig, transport: str = "gloo") -> None:
-        spec = ModelSpec.from_dir(config.model)
-        pool = ExpertGroupPool(config, Placement.contiguous(spec.n_routed_experts, config.devices))
-        rpc = config.rpc
-        rdt = RdtTransport(pool, self, transport, rpc.timeout_s, rpc.replica_deadline_s)
-        self.rdt = Dispatcher(pool.placement, rdt, pool=pool, on_close=pool.shutdown)
-        self.numpy = Dispatcher(pool.placement, RayTransport(pool, rpc.timeout_s, rpc.replica_deadline_s), pool=pool)
-
-    def dispatch(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                 over: str = "rdt") -> torch.Tensor:
-        """The routed-expert output [T, H] of one layer, over RDT or ('numpy') plain Ray calls."""
-        return (self.rdt if over == "rdt" else self.numpy).dispatch(layer, hidden, ids, weights).wait()
-
-    def time_layer(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                   runs: int) -> dict[str, float]:
-        """Median ms of one layer's round trip over each path, alternating them (drift hits both alike)."""
-        times: dict[str, list[float]] = {"numpy": [], "rdt": []}
-        for over in times:  # warm-up
-            self.dispatch(layer, hidden, ids, weights, over)
-        for _ in range(runs):
-            for over, samples in times.items():
-                started = time.perf_counter()
-                self.dispatch(layer, hidden, ids, weights, over)
-                samples.append((time.perf_counter() - started) * 1e3)
-        return {over: statistics.median(samples) for over, samples in times.items()}
-
     def counters(self) -> dict:
-        t = self.rdt.transport
-        return {"retries": t.retries, "group_builds": t.group_builds,
-                "inflight": sorted(set(self.rdt.pool.inflight().values())), "staged": len(self._rdt_staged),
-                "landed": len(self._rdt_landed)}
+        """The relay's group builds and what it holds (tests and /metrics); {} without a relay."""
+        relay = self._relay
+        if relay is None:
+            return {}
+        try:
+            return {**ray.get(relay.counters.remote(), timeout=10), "relay_starts": self.relay_starts}
+        except ray.exceptions.RayError:
+            return {"relay_starts": self.relay_starts}
 
     def close(self) -> None:
-        self.numpy.transport.close()
-        self.rdt.close()
+        with self._relay_lock:
+            relay, self._relay = self._relay, None
+        super().close()
+        if relay is not None:
+            ray.kill(relay, no_restart=True)

@@ -97,7 +97,7 @@ class ExpertGroupPool:
                 index = self._next_index
                 self._next_index += 1
             name = f"expert-group-{d}-r{index}-{self.deployment_id}"
-            actor = ray.remote(self.actor_class).options(
+            actor = ray.remote(concurrency_groups={"watch": 1})(self.actor_class).options(
                 name=name, namespace=cfg.ray.namespace, num_cpus=cpus, num_gpus=gpus,
                 max_restarts=-1, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
@@ -257,6 +257,9 @@ class ExpertGroupPool:
                 except ray.exceptions.RayError as exc:  # still down (or gone for good)
                     logger.info("replica %s: probe failed (%s)", r.name, type(exc).__name__)
                     r.probe_after = now + PROBE_BACKOFF_S
+                    if isinstance(exc, ray.exceptions.ActorDiedError) and self._dead_for_good(r):
+                        self._evict_locked(r)  # no restart will come (e.g. Ray killed it after a failed transfer)
+                        continue
                 else:
                     if info["started_at"] != r.started_at:
                         r.started_at = info["started_at"]
@@ -270,12 +273,26 @@ class ExpertGroupPool:
             else:
                 self._probe_locked(r)
 
+    def cluster_gpus(self) -> float:
+        """GPUs in the Ray cluster (all nodes)."""
+        return float(self._ray.cluster_resources().get("GPU", 0))
+
+    def _dead_for_good(self, replica: Replica) -> bool:
+        """Ray's own record says the actor is DEAD (not RESTARTING): waiting for it is pointless."""
+        from ray._private.state import state  # the GCS actor table; the public state API needs the dashboard
+
+        try:
+            return state.actor_table(replica.actor._actor_id.hex()).get("State") == "DEAD"
+        except Exception as exc:  # no answer: fall back to the deadline
+            logger.info("replica %s: actor state unknown (%s)", replica.name, type(exc).__name__)
+            return False
+
     def _evict_locked(self, replica: Replica) -> None:
         """Drop a replica that stayed down past the deadline and start a fresh one in its place (in background)."""
         self.groups[replica.device] = [r for r in self.groups[replica.device] if r is not replica]
         self.evicted += 1
-        logger.error("replica %s of group %d: down for over %.1fs (rpc.replica_deadline_s); evicted, starting a "
-                     "replacement", replica.name, replica.device, self.evict_after_s)
+        logger.error("replica %s of group %d: dead for good or down for over %.1fs (rpc.replica_deadline_s); "
+                     "evicted, starting a replacement", replica.name, replica.device, self.evict_after_s)
         if self._closed:
             return
         thread = threading.Thread(target=self._replace, args=(replica,), name=f"replace-{replica.name}", daemon=True)

@@ -1,4 +1,4 @@
-"""Ray and gRPC expert groups compute the in-process engine's logits and tokens and load only their experts."""
+"""Ray (object store, Ray Direct Transport) and gRPC expert groups give the in-process logits and tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.conftest import random_prompts
 
 pytestmark = pytest.mark.slow
 
-CASES = [(preset, backend, d) for preset in ("tiny-v2-group", "tiny-v3") for backend in ("ray", "grpc")
+CASES = [(preset, backend, d) for preset in ("tiny-v2-group", "tiny-v3") for backend in ("ray", "ray-rdt", "grpc")
          for d in (1, 2, 4)] + [(preset, "ray-dag", d) for preset in ("tiny-v2-group", "tiny-v3") for d in (2, 4)]
 
 

@@ -1,58 +1,153 @@
-"""Ray Direct Transport over Gloo (CPU): the same expert outputs as in-process, through the same dispatcher."""
+"""backend ray-rdt over Gloo (CPU): retries after an expert actor dies, scaling, and the relay's bookkeeping.
+
+Logit and token parity with the in-process engine (V2 and V3, 1/2/4 groups) is in test_distributed.py."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
-import ray
 import torch
 
-from gateway.config import DeploymentConfig, RayConfig
-from gateway.dispatch.groups import build_dispatcher
-from gateway.dispatch.rdt_transport import RdtHost, pick_tensor_transport
-from model_core.spec import ModelSpec
-from router_service.placement import Placement
+from gateway import Engine
+from gateway.config import DeploymentConfig, DeploymentConfigError, RpcConfig
+from gateway.dispatch.rdt_transport import pick_tensor_transport
+from tests.conftest import random_prompts
 
-DispatchHost = ray.remote(max_concurrency=4)(RdtHost)
-
-
-def batch(spec: ModelSpec, n: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(spec.n_routed_experts, generator=gen)[: spec.top_k] for _ in range(n)])
-    return (spec.moe_layers[-1], torch.randn(n, spec.hidden_size, generator=gen), ids,
-            torch.rand(n, spec.top_k, generator=gen))
+PROMPTS = random_prompts(272, [6, 10, 4], seed=21)
 
 
 def test_auto_picks_the_transport_from_where_tensors_live():
-    assert pick_tensor_transport("auto", torch.device("cpu"), shares_one_gpu=False) == "gloo"
-    assert pick_tensor_transport("auto", torch.device("cuda", 0), shares_one_gpu=True) == "cuda_ipc"
-    assert pick_tensor_transport("auto", torch.device("cuda", 0), shares_one_gpu=False) == "nccl"
-    with pytest.raises(ValueError, match="rpc.tensor_transport='nccl': does not carry cpu tensors"):
-        pick_tensor_transport("nccl", torch.device("cpu"), shares_one_gpu=False)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert pick_tensor_transport("auto", cpu, groups_on_gpu=False, cluster_gpus=0, holds_ray_gpu=False) == "gloo"
+    assert pick_tensor_transport("auto", gpu, groups_on_gpu=True, cluster_gpus=1, holds_ray_gpu=True) == "cuda_ipc"
+    assert pick_tensor_transport("auto", gpu, groups_on_gpu=True, cluster_gpus=8, holds_ray_gpu=True) == "nccl"
+    # one GPU, a driver (no Ray GPU share): neither CUDA IPC nor NCCL can work; Gloo carries host copies
+    assert pick_tensor_transport("auto", gpu, groups_on_gpu=True, cluster_gpus=1, holds_ray_gpu=False) == "gloo"
+    assert pick_tensor_transport("gloo", gpu, groups_on_gpu=True, cluster_gpus=8, holds_ray_gpu=True) == "gloo"
+    with pytest.raises(ValueError, match="rpc.tensor_transport='nccl': needs expert groups on GPUs"):
+        pick_tensor_transport("nccl", cpu, groups_on_gpu=False, cluster_gpus=0, holds_ray_gpu=False)
+    with pytest.raises(ValueError, match="rpc.tensor_transport='cuda_ipc': .*a driver has none"):
+        pick_tensor_transport("cuda_ipc", gpu, groups_on_gpu=True, cluster_gpus=1, holds_ray_gpu=False)
     with pytest.raises(ValueError, match="rpc.tensor_transport='ib'"):
-        pick_tensor_transport("ib", torch.device("cpu"), shares_one_gpu=False)
+        pick_tensor_transport("ib", cpu, groups_on_gpu=False, cluster_gpus=0, holds_ray_gpu=False)
+
+
+def test_a_transport_that_cannot_carry_the_tensors_is_refused_at_start(model_dirs, ray_cluster):
+    with pytest.raises(ValueError, match="rpc.tensor_transport='nccl': needs expert groups on GPUs"):
+        Engine.from_config(DeploymentConfig(model=str(model_dirs["tiny-v3"]), backend="ray-rdt",
+                                            rpc=RpcConfig(tensor_transport="nccl")))
+
+
+def test_the_tensor_transport_setting_is_checked_where_it_is_read(tmp_path):
+    with pytest.raises(DeploymentConfigError, match=r"rpc.tensor_transport='ib': expected one of \['auto', 'gloo'"):
+        RpcConfig(tensor_transport="ib")
+    path = tmp_path / "deploy.yaml"
+    path.write_text("model: m\nbackend: ray-rdt\nrpc:\n  tensor_transport: nccl\n")
+    cfg = DeploymentConfig.from_yaml(path)
+    assert cfg.backend == "ray-rdt" and cfg.rpc.tensor_transport == "nccl"
+
+
+@pytest.fixture(scope="module")
+def expected(model_dirs):
+    with Engine.from_pretrained(model_dirs["tiny-v3"]) as engine:
+        return [engine.generate([p], max_new_tokens=12, stop_at_eos=False)[0] for p in PROMPTS]
+
+
+def run_with(engine: Engine, on_token=None, run: int = 0) -> list:
+    requests = [engine.submit(p, max_new_tokens=12, stop_at_eos=False, request_id=f"run{run}-r{i}",
+                              on_token=on_token) for i, p in enumerate(PROMPTS)]
+    while engine.has_work():
+        engine.step()
+    assert not any(r.error for r in requests), [r.error for r in requests]
+    return [r.output for r in requests]
+
+
+def assert_relay_idle(transport) -> dict:
+    counters = transport.counters()
+    assert counters["active"] == 0 and counters["staged"] == 0 and counters["landed"] == 0
+    return counters
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, devices, replicas", [("tiny-v3", 2, 1), ("tiny-v2-group", 4, 1), ("tiny-v3", 1, 2)])
-def test_gloo_rdt_gives_the_in_process_outputs(preset, devices, replicas, model_dirs, ray_cluster):
-    path = str(model_dirs[preset])
-    spec = ModelSpec.from_dir(path)
-    local = build_dispatcher(DeploymentConfig(model=path, devices=devices), spec,
-                             Placement.contiguous(spec.n_routed_experts, devices))
-    host = DispatchHost.remote()
-    try:
-        cfg = DeploymentConfig(model=path, backend="ray", devices=devices, replicas=replicas,
-                               ray=RayConfig(namespace="rdt-tests"))
-        ray_cluster.get(host.start.remote(cfg))
-        for seed, n in enumerate([1, 7, 40, 3]):
-            b = batch(spec, n, seed)
-            want = local.dispatch(*b).wait()
-            for over in ("rdt", "numpy"):
-                got = ray_cluster.get(host.dispatch.remote(*b, over=over), timeout=120)
-                assert (got - want).abs().max().item() < 1e-6
-        counters = ray_cluster.get(host.counters.remote())
-        assert counters["group_builds"] == 1 and counters["retries"] == 0
-        assert counters["inflight"] == [0] and counters["staged"] == 0 and counters["landed"] == 0
-    finally:
-        ray_cluster.get(host.close.remote())
-        local.close()
+def test_an_expert_actor_killed_mid_request_is_retried_and_the_tokens_are_unchanged(model_dirs, ray_cluster,
+                                                                                     expected):
+    """The next transfer to the dying actor fails, so Ray kills it for good together with the relay: the gateway
+    starts a new relay, the pool replaces the dead replica, and the layer is sent again."""
+    with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray-rdt", devices=2) as engine:
+        transport, pool = engine.backend.transport, engine.backend.pool
+        assert transport.transport == "gloo"
+        victim = pool.live(1)[0]
+
+        def kill_on_fifth_token(request, token):
+            if len(request.output) == 5 and request.request_id == "run0-r0":
+                ray_cluster.kill(victim.actor, no_restart=False)
+
+        assert run_with(engine, kill_on_fifth_token) == expected
+        assert transport.retries >= 1
+        assert victim not in pool.live(1) or pool.restarts >= 1  # replaced after Ray's kill, or restarted
+        assert run_with(engine, run=1) == expected
+        counters = assert_relay_idle(transport)
+        assert counters["members"] == sorted(r.name for d in (0, 1) for r in pool.live(d))
+        assert set(pool.inflight().values()) == {0}
+
+
+@pytest.mark.slow
+def test_an_expert_actor_that_restarted_while_idle_rejoins_the_group_without_any_failure(model_dirs, ray_cluster,
+                                                                                         expected):
+    """Its pending watch call tells the relay it died, so the relay rebuilds the group before any transfer
+    reaches the restarted actor (which would make Ray kill both ends)."""
+    with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray-rdt", devices=2) as engine:
+        transport, pool = engine.backend.transport, engine.backend.pool
+        assert run_with(engine) == expected
+        victim = pool.live(0)[0]
+        started = ray_cluster.get(victim.actor.describe.remote())["started_at"]
+        ray_cluster.kill(victim.actor, no_restart=False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until Ray has restarted it
+            try:
+                if ray_cluster.get(victim.actor.describe.remote(), timeout=5)["started_at"] != started:
+                    break
+            except Exception:  # noqa: BLE001 - still restarting
+                time.sleep(0.1)
+        assert run_with(engine, run=1) == expected
+        counters = assert_relay_idle(transport)
+        assert counters["builds"] == 2 and counters["relay_starts"] == 1  # a rebuild, and no relay was lost
+        assert transport.retries == 0 and victim in pool.live(0) and victim.name in counters["members"]
+
+
+@pytest.mark.slow
+def test_scaling_a_group_while_requests_flow_rebuilds_the_group_and_keeps_the_tokens(model_dirs, ray_cluster,
+                                                                                    expected):
+    with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray-rdt", devices=2) as engine:
+        results, failures, stop = [], [], threading.Event()
+
+        def traffic():
+            while not stop.is_set():
+                try:
+                    results.append(engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False))
+                except Exception as exc:  # any failure fails the test below
+                    failures.append(exc)
+
+        worker = threading.Thread(target=traffic, daemon=True)
+        worker.start()
+        try:
+            time.sleep(0.5)
+            assert len(engine.scale(0, 2)) == 2
+            pool = engine.backend.pool
+            new = max(pool.live(0), key=lambda r: r.index)
+            deadline = time.monotonic() + 60
+            while new.calls == 0 and time.monotonic() < deadline:  # the new replica takes traffic
+                time.sleep(0.1)
+            assert new.calls > 0
+            assert len(engine.scale(0, 1)) == 1
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            worker.join(timeout=120)
+        assert failures == []
+        assert results and all(r == expected for r in results)
+        assert engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False) == expected
+        counters = assert_relay_idle(engine.backend.transport)
+        assert counters["builds"] >= 3 and len(counters["members"]) == 2  # joined, then left

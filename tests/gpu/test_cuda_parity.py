@@ -80,16 +80,54 @@ def test_cuda_bfloat16_greedy_agreement_is_reported(preset, kernel, model_dirs, 
                               f"before the first difference {same_prefix} of {NEW_TOKENS}")
 
 
+def served_outputs(engine: Engine) -> tuple[list[torch.Tensor], list[list[int]], list[dict]]:
+    """What check_against_reference compares, plus the expert actors' descriptions (CPU copies: picklable)."""
+    import ray
+
+    vocab = engine.spec.vocab_size
+    logits = [t.float().cpu() for t in engine.logits(random_prompts(vocab, SCORE_LENGTHS, seed=1))]
+    tokens = engine.generate(random_prompts(vocab, GENERATE_LENGTHS, seed=3), NEW_TOKENS, stop_at_eos=False)
+    return logits, tokens, ray.get([a.describe.remote() for a in engine.backend.pool.actors()])
+
+
+class GatewayActor:
+    """The gateway as a Ray actor holding a GPU share, as under Ray Serve: Ray's CUDA IPC transport only sends
+    from a process Ray gave the GPU to (a driver has none)."""
+
+    @torch.inference_mode()
+    def run(self, config: DeploymentConfig) -> tuple:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with Engine.from_config(config) as engine:
+            return served_outputs(engine)
+
+
 @pytest.mark.slow
 @torch.inference_mode()
-def test_ray_groups_sharing_one_gpu_match_cpu_reference(model_dirs, cpu_reference, ray_cluster):
-    assert ray_cluster.cluster_resources().get("GPU", 0) >= 1, "Ray sees no GPU on this CUDA machine"
+@pytest.mark.parametrize("backend, tensor_transport, devices, share", [
+    ("ray", "auto", 4, 0.25), ("ray-rdt", "cuda_ipc", 4, 0.2), ("ray-rdt", "nccl", 1, 1.0)])
+def test_ray_groups_on_the_gpu_match_cpu_reference(backend, tensor_transport, devices, share, model_dirs,
+                                                   cpu_reference, ray_cluster):
+    """Four groups sharing one GPU over the object store; four over CUDA IPC, straight from a gateway actor on
+    the same GPU; one over NCCL through the relay (NCCL wants one GPU per rank: the group's and the relay's;
+    the driver's gateway reaches the relay through the object store)."""
+    gpus = ray_cluster.cluster_resources().get("GPU", 0)
+    assert gpus >= 1, "Ray sees no GPU on this CUDA machine"
+    if tensor_transport == "nccl" and gpus < 2:
+        pytest.skip("NCCL needs one GPU per rank: the relay's and the group's")
     config = DeploymentConfig.from_dict({
-        "model": str(model_dirs["tiny-v3"]), "backend": "ray", "devices": 4, "gateway_device": "cuda",
-        "ray": {"device_resource": "gpu", "gpus_per_group": 0.25},
+        "model": str(model_dirs["tiny-v3"]), "backend": backend, "devices": devices, "gateway_device": "cuda",
+        "ray": {"device_resource": "gpu", "gpus_per_group": share}, "rpc": {"tensor_transport": tensor_transport},
     })
-    with Engine.from_config(config) as engine:
-        infos = ray_cluster.get([a.describe.remote() for a in engine.backend.pool.actors()])
-        assert sorted(i["device"] for i in infos) == [0, 1, 2, 3]
-        assert {(i["torch_device"], i["kernel"]) for i in infos} == {("cuda", "triton")}
-        check_against_reference(engine, cpu_reference["tiny-v3"])
+    if tensor_transport == "cuda_ipc":  # the gateway takes what the four groups leave of the GPU
+        gateway = ray_cluster.remote(num_gpus=round(1 - devices * share, 2))(GatewayActor).remote()
+        logits, tokens, infos = ray_cluster.get(gateway.run.remote(config), timeout=600)
+        ray_cluster.kill(gateway)
+    else:
+        with Engine.from_config(config) as engine:
+            logits, tokens, infos = served_outputs(engine)
+    assert sorted(i["device"] for i in infos) == list(range(devices))
+    assert {(i["torch_device"], i["kernel"]) for i in infos} == {("cuda", "triton")}
+    expected_logits, expected_tokens = cpu_reference["tiny-v3"]
+    for ours, expected in zip(logits, expected_logits, strict=True):
+        assert rel_err(ours, expected) < 1e-4
+    assert tokens == expected_tokens
