@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from expert_workers.actor import ExpertGroupActor
 from gateway import Engine
 from gateway.config import DeploymentConfig, RpcConfig
 from gateway.dispatch.transports import DispatchError
@@ -106,12 +107,21 @@ def test_ray_dag_rebuilds_its_compiled_graph_after_an_actor_dies(model_dirs, ray
         assert engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False) == expected
 
 
+class SlowLoading(ExpertGroupActor):
+    """A replica that takes 6 s to load (a big checkpoint)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        time.sleep(6.0)
+        super().__init__(*args, **kwargs)
+
+
 def test_a_group_without_replicas_fails_its_requests_and_serving_resumes_when_it_returns(model_dirs, ray_cluster,
                                                                                           expected):
     cfg = DeploymentConfig(model=str(model_dirs["tiny-v3"]), backend="ray", devices=2,
                            rpc=RpcConfig(timeout_s=10, replica_deadline_s=1.5))
     with Engine.from_config(cfg) as engine:
         pool = engine.backend.pool
+        pool.actor_class = SlowLoading  # the replacement the pool starts at once (Ray killed it for good) is slow
         victim = pool.live(1)[0]
 
         def kill_for_good(request, token):
@@ -122,7 +132,7 @@ def test_a_group_without_replicas_fails_its_requests_and_serving_resumes_when_it
         while engine.has_work():
             engine.step()
         assert doomed.finish_reason == "error" and "group 1" in doomed.error and "1.5s" in doomed.error
-        deadline = time.monotonic() + 60  # the pool evicts the dead replica and starts a fresh one
+        deadline = time.monotonic() + 60  # the pool evicted the dead replica and is starting a fresh one
         while (victim in pool.groups[1] or not pool.live(1)) and time.monotonic() < deadline:
             try:  # fails until the replacement has loaded (it may be ready by the time this call runs)
                 engine.generate([PROMPTS[1]], max_new_tokens=2)
