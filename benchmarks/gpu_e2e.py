@@ -51,8 +51,9 @@ DEPLOYMENTS = {
     "local-4": Deployment("in-process, 4 groups", "local", 4),
     "ray-1": Deployment("ray, 1 group (1 GPU)", "ray", 1, 1.0),
     "ray-4": Deployment("ray, 4 groups (0.25 GPU each)", "ray", 4, 0.25),
-    # Ray Direct Transport: with the gateway and every group on one GPU, `auto` picks CUDA IPC (no host copies).
-    "ray-rdt-4": Deployment("ray-rdt, 4 groups (0.25 GPU each)", "ray-rdt", 4, 0.25),
+    # Ray Direct Transport. This script's gateway is a driver, which holds no Ray GPU share, so `auto` resolves
+    # to Gloo (host copies through the relay); CUDA IPC needs the gateway in an actor (tests/gpu does that).
+    "ray-rdt-4": Deployment("ray-rdt (gloo), 4 groups (0.25 GPU each)", "ray-rdt", 4, 0.25),
 }
 
 

@@ -66,6 +66,36 @@ def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
+class Traffic:
+    """Generates `prompts` greedily, over and over, on a thread while the test changes the deployment; collects
+    the results and any failure (`with Traffic(engine, prompts) as traffic: ...`)."""
+
+    def __init__(self, engine, prompts: list[list[int]], max_new_tokens: int = 12) -> None:
+        import threading
+
+        self.engine, self.prompts, self.max_new_tokens = engine, prompts, max_new_tokens
+        self.results: list = []
+        self.failures: list[Exception] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.results.append(self.engine.generate(self.prompts, max_new_tokens=self.max_new_tokens,
+                                                         stop_at_eos=False))
+            except Exception as exc:  # any failure fails the test that reads `failures`
+                self.failures.append(exc)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray, started once per session (expert-group actors need one CPU slot each)."""

@@ -4,7 +4,6 @@ Logit and token parity with the in-process engine (V2 and V3, 1/2/4 groups) is i
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from gateway import Engine
 from gateway.config import DeploymentConfig, DeploymentConfigError, RpcConfig
 from gateway.dispatch.rdt_transport import pick_tensor_transport
-from tests.conftest import random_prompts
+from tests.conftest import Traffic, random_prompts
 
 PROMPTS = random_prompts(272, [6, 10, 4], seed=21)
 
@@ -121,18 +120,7 @@ def test_an_expert_actor_that_restarted_while_idle_rejoins_the_group_without_any
 def test_scaling_a_group_while_requests_flow_rebuilds_the_group_and_keeps_the_tokens(model_dirs, ray_cluster,
                                                                                     expected):
     with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray-rdt", devices=2) as engine:
-        results, failures, stop = [], [], threading.Event()
-
-        def traffic():
-            while not stop.is_set():
-                try:
-                    results.append(engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False))
-                except Exception as exc:  # any failure fails the test below
-                    failures.append(exc)
-
-        worker = threading.Thread(target=traffic, daemon=True)
-        worker.start()
-        try:
+        with Traffic(engine, PROMPTS) as traffic:
             time.sleep(0.5)
             assert len(engine.scale(0, 2)) == 2
             pool = engine.backend.pool
@@ -143,11 +131,8 @@ def test_scaling_a_group_while_requests_flow_rebuilds_the_group_and_keeps_the_to
             assert new.calls > 0
             assert len(engine.scale(0, 1)) == 1
             time.sleep(0.5)
-        finally:
-            stop.set()
-            worker.join(timeout=120)
-        assert failures == []
-        assert results and all(r == expected for r in results)
+        assert traffic.failures == []
+        assert traffic.results and all(r == expected for r in traffic.results)
         assert engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False) == expected
         counters = assert_relay_idle(engine.backend.transport)
         assert counters["builds"] >= 3 and len(counters["members"]) == 2  # joined, then left

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -11,7 +10,7 @@ from expert_workers.actor import ExpertGroupActor
 from gateway import Engine
 from gateway.config import DeploymentConfig, RpcConfig
 from gateway.dispatch.transports import DispatchError
-from tests.conftest import random_prompts
+from tests.conftest import Traffic, random_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -26,18 +25,7 @@ def expected(model_dirs):
 
 def test_scale_a_group_up_and_down_while_requests_flow(model_dirs, ray_cluster, expected):
     with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray", devices=2) as engine:
-        results, failures, stop = [], [], threading.Event()
-
-        def traffic():
-            while not stop.is_set():
-                try:
-                    results.append(engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False))
-                except Exception as exc:  # any failure fails the test below
-                    failures.append(exc)
-
-        worker = threading.Thread(target=traffic, daemon=True)
-        worker.start()
-        try:
+        with Traffic(engine, PROMPTS) as traffic:
             time.sleep(0.5)
             assert len(engine.scale(0, 2)) == 2
             pool = engine.backend.pool
@@ -47,11 +35,8 @@ def test_scale_a_group_up_and_down_while_requests_flow(model_dirs, ray_cluster, 
             assert new.calls > calls_before  # the new replica took traffic once it had loaded
             assert len(engine.scale(0, 1)) == 1
             time.sleep(0.5)
-        finally:
-            stop.set()
-            worker.join(timeout=120)
-        assert failures == []
-        assert len(results) >= 3 and all(r == expected for r in results)
+        assert traffic.failures == []
+        assert len(traffic.results) >= 3 and all(r == expected for r in traffic.results)
         assert [len(pool.live(d)) for d in (0, 1)] == [1, 1]
         with pytest.raises(ValueError, match="replicas=0"):
             engine.scale(0, 0)
