@@ -98,7 +98,8 @@ def test_expert_group_actors_ask_for_their_gpu_share(monkeypatch):
             return types.SimpleNamespace(describe=types.SimpleNamespace(remote=lambda: "ref"))
 
     fake_ray = types.SimpleNamespace(
-        remote=lambda cls: FakeActorClass(), get=lambda refs, timeout: [{"grpc_address": "", "started_at": 0.0}
+        remote=lambda concurrency_groups: (lambda cls: FakeActorClass()),
+        get=lambda refs, timeout: [{"grpc_address": "", "started_at": 0.0}
                                                                          for _ in refs],
         exceptions=types.SimpleNamespace(GetTimeoutError=TimeoutError))
     pg_module = importlib.import_module("ray.util.placement_group")  # ray.util.placement_group is also a function
