@@ -99,8 +99,7 @@ def test_expert_group_actors_ask_for_their_gpu_share(monkeypatch):
 
     fake_ray = types.SimpleNamespace(
         remote=lambda concurrency_groups: (lambda cls: FakeActorClass()),
-        get=lambda refs, timeout: [{"grpc_address": "", "started_at": 0.0}
-                                                                         for _ in refs],
+        get=lambda refs, timeout: [{"grpc_address": "", "started_at": 0.0} for _ in refs],
         exceptions=types.SimpleNamespace(GetTimeoutError=TimeoutError))
     pg_module = importlib.import_module("ray.util.placement_group")  # ray.util.placement_group is also a function
     monkeypatch.setattr(pg_module, "placement_group", lambda b: bundles.append(b) or object())
