@@ -42,14 +42,16 @@ class ExpertGroupActor:
         grpc_bind: str | None = None,
         joined_cluster: bool = False,
         security: RpcSecurity | None = None,
+        layer_experts: dict[int, list[int]] | None = None,
     ) -> None:
         """grpc_bind, joined_cluster: where the gRPC server binds and what it advertises (`bind_and_advertise`);
-        security: its TLS material and shared token (values, not paths: this actor may run on another host)."""
+        security: its TLS material and shared token (values, not paths: this actor may run on another host);
+        layer_experts: {MoE layer: expert ids} for layers whose placement differs from expert_ids (copies)."""
         torch.set_num_threads(max(1, threads))
         self.started_at = time.time()  # a restarted actor reports a new start time
         self.telemetry = Telemetry(tracing or TracingConfig(exporter="none"), f"expert-group-{device}")
         self.group = ExpertGroup(Path(model_dir), expert_ids, dtype=DTYPES[dtype], device=device, kernel=kernel,
-                                 torch_device=torch_device)
+                                 torch_device=torch_device, layer_experts=layer_experts)
         self.server = None
         if serve_grpc:
             import ray.util
@@ -119,6 +121,7 @@ class ExpertGroupActor:
         return {
             "device": g.device,
             "expert_ids": g.expert_ids,
+            "layer_experts": g.layer_experts,
             "moe_layers": g.spec.moe_layers,
             "weight_bytes": g.weight_bytes,
             "loaded_tensors": sorted(g.reader.loaded),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +24,14 @@ class ExpertRequestError(ValueError):
 @dataclass(frozen=True)
 class ExpertResult:
     output: torch.Tensor  # [T, H] in hidden's dtype
-    tokens_per_expert: list[int]  # per hosted expert, in expert_ids order
+    tokens_per_expert: list[int]  # per expert hosted in the layer, in `experts_in(layer)` order
     compute_ms: float
 
 
 class ExpertGroup:
-    """Holds, for every MoE layer, the stacked weights of the experts in `expert_ids` and nothing else.
+    """Holds, for every MoE layer, the stacked weights of the experts it hosts there and nothing else: `expert_ids`
+    in every layer, or `layer_experts[layer]` where the placement gives a layer its own layout (copies of hot
+    experts, EPLB).
 
     Transports (in-process, Ray, gRPC) are thin shells around `run`.
     """
@@ -43,35 +45,46 @@ class ExpertGroup:
         device: int = 0,
         kernel: str = "auto",
         torch_device: str = "cpu",
+        layer_experts: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
         """device: the group's index in the placement; torch_device: where its weights live ('cpu', 'cuda');
         kernel: 'triton' (fused Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1), 'torch', or 'auto'
-        (Triton on CUDA, torch on CPU)."""
+        (Triton on CUDA, torch on CPU); layer_experts: {MoE layer: expert ids} where a layer differs."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
         self.spec = spec or ModelSpec.from_dir(model_dir)
         n = self.spec.n_routed_experts
-        bad = [e for e in expert_ids if not 0 <= e < n]
-        if bad or len(set(expert_ids)) != len(expert_ids) or not expert_ids:
-            raise ValueError(f"expert_ids={list(expert_ids)}: expected distinct ids in [0, {n})")
-        self.expert_ids = list(expert_ids)
+        per_layer = {layer: list(expert_ids) for layer in self.spec.moe_layers}
+        for layer, ids in (layer_experts or {}).items():
+            if layer not in per_layer:
+                raise ValueError(f"layer_experts: layer {layer} is not an MoE layer ({self.spec.moe_layers})")
+            per_layer[layer] = list(ids)
+        for layer, ids in per_layer.items():
+            bad = [e for e in ids if not 0 <= e < n]
+            if bad or len(set(ids)) != len(ids) or not ids:
+                where = "expert_ids" if layer not in (layer_experts or {}) else f"layer_experts[{layer}]"
+                raise ValueError(f"{where}={ids}: expected distinct ids in [0, {n})")
+        self.layer_experts = per_layer
+        self.expert_ids = sorted({e for ids in per_layer.values() for e in ids})  # every expert held in some layer
         self.device = device
         self.dtype = dtype
         self.torch_device = torch.device(torch_device)
         self.kernel = ("triton" if self.torch_device.type == "cuda" else "torch") if kernel == "auto" else kernel
         if self.kernel == "triton" and not triton_available(self.torch_device):
             raise ValueError(f"kernel='triton' on {self.torch_device}: needs CUDA, or TRITON_INTERPRET=1 on CPU")
-        # global id -> local row, -1 where the expert lives elsewhere
-        self.local_index = torch.full((n,), -1, dtype=torch.long)
-        self.local_index[torch.tensor(self.expert_ids)] = torch.arange(len(self.expert_ids))
-        self.local_index = self.local_index.to(self.torch_device)  # ids arrive on the host (Ray, gRPC) or here
+        # per layer: global id -> local row, -1 where the expert lives elsewhere
+        self.local_index: dict[int, torch.Tensor] = {}
+        for layer, ids in per_layer.items():
+            index = torch.full((n,), -1, dtype=torch.long)
+            index[torch.tensor(ids)] = torch.arange(len(ids))
+            self.local_index[layer] = index.to(self.torch_device)  # ids arrive on the host (Ray, gRPC) or here
         self.reader = CheckpointReader(model_dir, self.spec.fp8_block)
         self.w_gate_up: dict[int, torch.Tensor] = {}
         self.w_down: dict[int, torch.Tensor] = {}
         shapes = expert_shapes(self.spec)
         for layer in self.spec.moe_layers:
             gate_up, down = [], []
-            for e in self.expert_ids:
+            for e in per_layer[layer]:
                 # Each tensor goes to the device as read (safetensors reads to host memory): the layer's stacks
                 # are built there, so the host never holds more than one expert at a time.
                 g, u, d = (
@@ -107,27 +120,32 @@ class ExpertGroup:
             )
         if not topk_weights.is_floating_point():
             raise ExpertRequestError(f"weights.dtype={topk_weights.dtype}: expected a floating-point dtype")
-        ids = topk_ids.to(self.local_index.device, torch.long)
+        local_index = self.local_index[layer]
+        ids = topk_ids.to(local_index.device, torch.long)
         n = self.spec.n_routed_experts
         out_of_range = ids[(ids < -1) | (ids >= n)]
         if out_of_range.numel():
             raise ExpertRequestError(f"expert_ids: {out_of_range[:5].tolist()} outside [-1, {n})")
         wanted = ids[ids >= 0]
-        foreign = torch.unique(wanted[self.local_index[wanted] < 0])
+        foreign = torch.unique(wanted[local_index[wanted] < 0])
         if foreign.numel():
-            raise ExpertRequestError(
-                f"expert_ids: experts {foreign[:8].tolist()} are not hosted on this group (device {self.device})"
-            )
+            raise ExpertRequestError(f"expert_ids: experts {foreign[:8].tolist()} are not hosted on this group "
+                                     f"(device {self.device}) in layer {layer}")
 
     def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> ExpertResult:
         """Checked forward for transports: every non-negative id must be hosted here."""
         self.check(layer, hidden, topk_ids, topk_weights)
         start = time.perf_counter()
-        topk_ids = topk_ids.to(self.local_index.device)  # the in-process gateway's ids are already there
-        local = torch.where(topk_ids >= 0, self.local_index[topk_ids.long().clamp(min=0)], -1)
+        local_index = self.local_index[layer]
+        topk_ids = topk_ids.to(local_index.device)  # the in-process gateway's ids are already there
+        local = torch.where(topk_ids >= 0, local_index[topk_ids.long().clamp(min=0)], -1)
         out = self._compute(layer, hidden, local, topk_weights)
-        counts = torch.bincount(local[local >= 0], minlength=len(self.expert_ids))
+        counts = torch.bincount(local[local >= 0], minlength=len(self.layer_experts[layer]))
         return ExpertResult(out, counts.tolist(), (time.perf_counter() - start) * 1e3)
+
+    def experts_in(self, layer: int) -> list[int]:
+        """The experts this group hosts in `layer`, in the order of its weight stacks and `tokens_per_expert`."""
+        return self.layer_experts[layer]
 
     def _check_layer(self, layer: int) -> None:
         if layer not in self.w_gate_up:

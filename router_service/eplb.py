@@ -42,6 +42,16 @@ class EplbPlan:
         devices = self.layers[layer]
         return _count_copies(devices, 1 + max(e for experts in devices for e in experts))
 
+    def to_placement(self, moe_layers: Sequence[int], base: Placement | None = None, version: int = 0) -> Placement:
+        """The plan as a Placement: plan layer l is MoE layer moe_layers[l]; the base map (layers the plan does not
+        cover) is `base`'s, contiguous if None."""
+        if len(moe_layers) != len(self.layers):
+            raise ValueError(f"moe_layers: {len(moe_layers)} layers for a plan of {len(self.layers)}")
+        n_experts = 1 + max(e for devices in self.layers for experts in devices for e in experts)
+        base = base or Placement.contiguous(n_experts, len(self.layers[0]))
+        return Placement(base.expert_device, base.n_devices, tuple(zip(moe_layers, self.layers, strict=True)),
+                         version)
+
     def to_dict(self) -> dict:
         return {
             "redundant_slots": self.redundant_slots,
@@ -59,13 +69,15 @@ def plan_placement(
     current: Placement | list[list[int]] | None = None,
     expert_groups: int | None = None,
     nodes: int | None = None,
+    moe_layers: Sequence[int] | None = None,
 ) -> EplbPlan:
     """Plan E + R physical expert slots per layer over D devices.
 
     loads: [L, E] (or [E], one layer) tokens routed to each logical expert, non-negative. An expert with load w and
     c copies is predicted to put w / c on each device hosting a copy. current: the placement now (device lists, each
     expert once), contiguous if None. With expert_groups and nodes, whole expert groups go to nodes first and each node
-    is planned on its own devices (node n owns devices [n·D/N, (n+1)·D/N)) with its share of R.
+    is planned on its own devices (node n owns devices [n·D/N, (n+1)·D/N)) with its share of R. moe_layers: the MoE
+    layer of each row of loads, to read a current placement's per-layer layouts (copies split their load too).
 
     A greedy heuristic, not an optimum: with few experts per device it can predict worse than the current placement,
     and a redundant-slot count that leaves uneven slots per device (R % D != 0) can predict worse than fewer slots on
@@ -111,7 +123,14 @@ def plan_placement(
         copies = _count_copies(devices, n_experts)
         for d, experts in enumerate(devices):
             predicted[l, d] = sum(rows[l][e] / copies[e] for e in experts)
-    now = torch.zeros(n_layers, n_devices, dtype=torch.float64).index_add_(1, current.device_tensor(), w)  # [L, D]
+    if moe_layers is not None and len(moe_layers) != n_layers:
+        raise ValueError(f"moe_layers: {len(moe_layers)} layers for loads of {n_layers}")
+    now = torch.zeros(n_layers, n_devices, dtype=torch.float64)  # [L, D]
+    for l in range(n_layers):
+        devices = current.layout(moe_layers[l] if moe_layers is not None else None)
+        copies = _count_copies(devices, n_experts)
+        for d, experts in enumerate(devices):
+            now[l, d] = sum(rows[l][e] / copies[e] for e in experts)
     return EplbPlan(
         layers=tuple(layers),
         predicted_max_over_mean=tuple(_balance(row) for row in predicted),

@@ -23,6 +23,7 @@ class Routing:
     scores: torch.Tensor  # [T, E] float32 unbiased scores (softmax or sigmoid)
     counts: RoutingCounts | None = None  # tokens per expert / sequence / device (see accounting.count_routing)
     change: RoutingChange | None = None  # set only when serving could change the routing (top-M, live bias)
+    devices: torch.Tensor | None = None  # [T, M] the devices top-M routing chose per token (None without top-M)
 
     def changed_tokens(self) -> int:
         """Tokens whose expert set differs from the model's own routing (0 when no limit was applied)."""
@@ -67,6 +68,12 @@ def partition_scores(sel: torch.Tensor, members: torch.Tensor, how: str) -> torc
 
 def top_partition_mask(sel: torch.Tensor, members: torch.Tensor, how: str, keep: int) -> torch.Tensor:
     """True for every expert inside the `keep` best-scoring partitions. sel: [T, E] -> bool [T, E]."""
+    return top_partitions(sel, members, how, keep)[0]
+
+
+def top_partitions(sel: torch.Tensor, members: torch.Tensor, how: str,
+                   keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool [T, E] experts inside the `keep` best-scoring partitions, [T, keep] those partitions)."""
     part_scores = partition_scores(sel, members, how)  # [T, P]
     chosen = part_scores.topk(min(keep, part_scores.shape[1]), dim=-1, sorted=False).indices  # [T, keep]
     expert_ok = torch.zeros_like(sel, dtype=torch.bool)
@@ -74,7 +81,7 @@ def top_partition_mask(sel: torch.Tensor, members: torch.Tensor, how: str, keep:
     valid = rows >= 0
     t_idx = torch.arange(sel.shape[0], device=sel.device)[:, None, None].expand_as(rows)
     expert_ok[t_idx[valid], rows[valid]] = True
-    return expert_ok
+    return expert_ok, chosen
 
 
 def check_top_m(device_members: torch.Tensor, top_k: int, top_m_devices: int) -> None:
@@ -114,31 +121,33 @@ def select_experts(
     scores: [T, E] float32; bias: [E] or None; device_members: [D, m] (see `members_of`).
     """
     sel = scores if bias is None else scores + bias.to(scores.dtype)  # [T, E]
-    choice = sel
+    choice, devices = sel, None
     if spec.group_limited:
         groups = contiguous_members(spec.n_routed_experts, spec.n_group, scores.device)
         choice = sel.masked_fill(~top_partition_mask(sel, groups, spec.group_score, spec.topk_group), float("-inf"))
     if top_m_devices is not None:
         if device_members is None:
             raise ValueError("top_m_devices is set but no expert -> device placement was given")
-        choice = _limit_devices(sel, choice, device_members.to(scores.device), spec, top_m_devices)
+        choice, devices = _limit_devices(sel, choice, device_members.to(scores.device), spec, top_m_devices)
     ids = choice.topk(spec.top_k, dim=-1, sorted=False).indices  # [T, K]
     weights = scores.gather(1, ids)  # [T, K] from the unbiased scores
     if spec.normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * spec.routed_scaling_factor
-    return Routing(ids=ids, weights=weights, scores=scores)
+    return Routing(ids=ids, weights=weights, scores=scores, devices=devices)
 
 
 def _limit_devices(
     sel: torch.Tensor, choice: torch.Tensor, members: torch.Tensor, spec: RouterSpec, top_m: int
-) -> torch.Tensor:
-    """Keep only experts on the token's top-M devices (scored like groups, from the group-limited choice).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep only experts on the token's top-M devices (scored like groups, from the group-limited choice);
+    returns the limited choice [T, E] and the chosen devices [T, M].
 
     A token whose chosen devices hold fewer than K experts of its allowed groups falls back to the best
-    other experts on those same devices: the device bound is hard, the group limit gives way.
+    other experts on those same devices: the device bound is hard, the group limit gives way. With copies an
+    expert belongs to every device that hosts it.
     """
-    on_devices = top_partition_mask(choice, members, spec.group_score, top_m)
+    on_devices, devices = top_partitions(choice, members, spec.group_score, top_m)
     limited = choice.masked_fill(~on_devices, float("-inf"))
     short = (limited > float("-inf")).sum(dim=-1) < spec.top_k  # [T]
     if short.any():
@@ -146,7 +155,7 @@ def _limit_devices(
         lift = (sel.max() - sel.min()).abs() + 1
         fallback = torch.where(choice > float("-inf"), sel + lift, sel).masked_fill(~on_devices, float("-inf"))
         limited = torch.where(short[:, None], fallback, limited)
-    return limited
+    return limited, devices
 
 
 def route_tokens(

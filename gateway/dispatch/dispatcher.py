@@ -26,13 +26,19 @@ class DeviceBatch:
 
 
 def plan_dispatch(
-    ids: torch.Tensor, weights: torch.Tensor, expert_device: torch.Tensor, n_devices: int
+    ids: torch.Tensor, weights: torch.Tensor, hosts: torch.Tensor, n_devices: int,
+    token_devices: torch.Tensor | None = None,
 ) -> list[DeviceBatch]:
     """One batch per device that any token reaches; a token goes to a device once, with all its experts there.
 
-    ids, weights: [T, K]; expert_device: [E] -> batches in device order.
+    ids, weights: [T, K]; hosts: [E] expert -> device, or [E, C] the devices hosting each expert's copies (-1
+    padded, see `choose_copies`); token_devices: [T, M] the devices top-M routing chose per token, or None ->
+    batches in device order.
     """
-    device_of = expert_device[ids]  # [T, K]; expert_device must be on ids' device (Dispatcher keeps it there)
+    if hosts.dim() == 1 or hosts.shape[1] == 1:
+        device_of = hosts.view(hosts.shape[0])[ids]  # [T, K]; hosts must be on ids' device (the Dispatcher's)
+    else:
+        device_of = choose_copies(ids, hosts, token_devices)
     batches = []
     for d in range(n_devices):
         here = device_of == d  # [T, K]
@@ -41,6 +47,29 @@ def plan_dispatch(
             continue
         batches.append(DeviceBatch(d, rows, torch.where(here[rows], ids[rows], -1), weights[rows]))
     return batches
+
+
+def choose_copies(ids: torch.Tensor, hosts: torch.Tensor, token_devices: torch.Tensor | None = None) -> torch.Tensor:
+    """The device serving each (token, expert) pair: [T, K]. Every copy computes the same function, so the choice
+    never changes a result; it only spreads the work. An expert's pairs take its copies in turn (the j-th pair
+    of expert e in token order goes to copy j mod copies), so its tokens split evenly. With top-M routing a
+    pair is served from a copy on one of its token's chosen devices where one exists.
+
+    hosts: [E, C] devices hosting each expert, -1 padded; token_devices: [T, M] or None.
+    """
+    candidates = hosts[ids]  # [T, K, C]
+    usable = candidates >= 0
+    if token_devices is not None:
+        on_chosen = (candidates[..., None] == token_devices[:, None, None, :]).any(dim=-1) & usable
+        usable = torch.where(on_chosen.any(dim=-1, keepdim=True), on_chosen, usable)
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    ranked = flat[order]
+    rank = torch.empty_like(flat)
+    rank[order] = torch.arange(flat.numel(), device=flat.device) - torch.searchsorted(ranked, ranked)
+    pick = rank.view_as(ids) % usable.sum(dim=-1)  # [T, K]: which usable copy
+    chosen = usable & (usable.cumsum(dim=-1) == (pick + 1)[..., None])  # exactly one per pair
+    return candidates.masked_fill(~chosen, 0).sum(dim=-1)
 
 
 def combine(n_tokens: int, hidden_size: int, batches: list[DeviceBatch], partials: list[torch.Tensor],
@@ -120,6 +149,8 @@ class Dispatcher:
         self.pool = pool
         self.device = torch.device(device)
         self.expert_device = placement.device_tensor().to(self.device)
+        # Layers whose placement has copies or a layout of its own: [E, C] devices per expert.
+        self.hosts = {layer: placement.copy_table(layer).to(self.device) for layer, _ in placement.layers}
         self.stats = DispatchStats(placement.n_devices)
         self.tracer = None  # set by the engine when tracing is on: one CLIENT span per device per layer
         self._on_close = on_close
@@ -130,11 +161,14 @@ class Dispatcher:
         self.transport.tracer = tracer
 
     def dispatch(
-        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+        token_devices: torch.Tensor | None = None,
     ) -> PendingCombine:
-        """hidden: [T, H]; topk_ids: [T, K] global expert ids; topk_weights: [T, K] float32."""
+        """hidden: [T, H]; topk_ids: [T, K] global expert ids; topk_weights: [T, K] float32; token_devices: [T, M]
+        the devices top-M routing chose (copies on them are preferred), or None."""
         started = time.perf_counter()
-        batches = plan_dispatch(topk_ids, topk_weights, self.expert_device, self.placement.n_devices)
+        hosts = self.hosts.get(layer, self.expert_device)
+        batches = plan_dispatch(topk_ids, topk_weights, hosts, self.placement.n_devices, token_devices)
         if self.tracer is None:
             sent = [self.transport.send(b.device, layer, hidden[b.rows], b.ids, b.weights) for b in batches]
             spans = None

@@ -105,7 +105,7 @@ class ExpertGroupPool:
                      max_message_bytes=cfg.rpc.max_message_mb << 20, threads=max(1, math.floor(cpus)),
                      kernel=cfg.expert_kernel, torch_device=cfg.expert_torch_device, tracing=cfg.tracing,
                      grpc_bind=cfg.rpc.bind, joined_cluster=cfg.ray_address is not None,
-                     security=cfg.rpc.security())
+                     security=cfg.rpc.security(), layer_experts=self.placement.layer_overrides(d))
             started.append(Replica(d, index, actor, pg, name))
         try:
             infos = ray.get([r.actor.describe.remote() for r in started], timeout=READY_TIMEOUT_S)

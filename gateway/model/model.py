@@ -59,8 +59,10 @@ class GatewayModel:
                              "gateway's device (gateway_device)")
         self.top_m_devices = top_m_devices
         self.tracer = None  # an OpenTelemetry tracer when tracing is on: one span per MoE layer
-        members = backend.placement.members() if top_m_devices is not None else None
-        self.device_members = members.to(self.device) if members is not None else None
+        placement = backend.placement
+        # Top-M routing's device partition per MoE layer (with copies an expert belongs to every device hosting it).
+        self.device_members = None if top_m_devices is None else {
+            layer: placement.members(layer).to(self.device) for layer in spec.moe_layers}
         self.expert_device = backend.placement.device_tensor().to(self.device)
         self.n_devices = backend.placement.n_devices
         self.reader = CheckpointReader(model_dir, spec.fp8_block)
@@ -101,8 +103,9 @@ class GatewayModel:
         meanwhile, combine: [N, H]. seq_index: [N] each token's sequence in the step."""
         spec = self.spec
         bias = layer.selection_bias  # read once: the balance client may swap it between layers
-        routing = route_tokens(u, layer.gate, spec.router, bias, self.device_members, self.top_m_devices)
-        pending = self.backend.dispatch(i, u, routing.ids, routing.weights)
+        members = self.device_members[i] if self.device_members is not None else None
+        routing = route_tokens(u, layer.gate, spec.router, bias, members, self.top_m_devices)
+        pending = self.backend.dispatch(i, u, routing.ids, routing.weights, routing.devices)
         shared = swiglu(u, *layer.shared) if layer.shared is not None else None  # overlaps the dispatch
         routing = self._account(routing, layer, bias, seq_index, n_seqs)  # so does the accounting
         routed = pending.wait()

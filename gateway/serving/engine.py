@@ -80,7 +80,7 @@ class Engine(EngineCore):
         if config.placement == "contiguous":
             placement = Placement.contiguous(n, config.devices)
         else:
-            placement = Placement.from_file(config.placement, n)
+            placement = Placement.from_file(config.placement, n, spec.moe_layers)
         if placement.n_devices != config.devices:
             raise ValueError(
                 f"placement {config.placement}: has {placement.n_devices} devices, but devices={config.devices}"
