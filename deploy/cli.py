@@ -83,11 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--experts", type=int, help="number of routed experts (default: the largest id seen + 1)")
 
     st = sub.add_parser("stats", help="print a running deployment's live per-layer balance table")
-    st.add_argument("--config", type=Path, help="deployment YAML (gives the router name, namespace, address)")
-    st.add_argument("--address", help="Ray cluster of the deployment (default: the config's, else RAY_ADDRESS)")
-    st.add_argument("--name", help="router service actor name (default: balancing.name, 'router-service')")
-    st.add_argument("--namespace", help="Ray namespace (default: ray.namespace, 'expertmesh')")
-    st.add_argument("--json", action="store_true")
+    rb = sub.add_parser("rebalance", help="show (--dry-run) or apply a redundant-expert placement for the live load "
+                                          "(balancing.mode eplb or eplb+bias)")
+    rb.add_argument("--dry-run", action="store_true", help="show the plan; the gateways keep their placement")
+    for p in (st, rb):
+        p.add_argument("--config", type=Path, help="deployment YAML (gives the router name, namespace, address)")
+        p.add_argument("--address", help="Ray cluster of the deployment (default: the config's, else RAY_ADDRESS)")
+        p.add_argument("--name", help="router service actor name (default: balancing.name, 'router-service')")
+        p.add_argument("--namespace", help="Ray namespace (default: ray.namespace, 'expertmesh')")
+        p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -224,13 +228,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def _router_service(args: argparse.Namespace) -> tuple[object, str]:
+    """The running deployment's router service actor (from --address/--name/--namespace or --config), and its
+    name."""
     import os
 
     import ray
 
     from gateway.config import DeploymentConfig
-    from router_service.service import report_table
 
     config = DeploymentConfig.from_yaml(args.config) if args.config else DeploymentConfig(model="-")
     address = args.address or config.ray.address or os.environ.get("RAY_ADDRESS")
@@ -242,9 +247,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
                              "is only visible from its own process (use Engine.stats_table() there)")
         ray.init(address=address, namespace=namespace, log_to_driver=False)
     try:
-        actor = ray.get_actor(name, namespace=namespace)
+        return ray.get_actor(name, namespace=namespace), name
     except ValueError:
         raise ValueError(f"--name {name!r}: no router service of that name in namespace {namespace!r}") from None
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import ray
+
+    from router_service.service import report_table
+
+    actor, name = _router_service(args)
     stats = ray.get(actor.stats.remote(), timeout=30)
     if args.json:
         print(json.dumps(stats))
@@ -255,13 +268,41 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    import ray
+
+    actor, name = _router_service(args)
+    try:
+        answer = ray.get(actor.rebalance.remote(args.dry_run), timeout=60)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, ValueError):
+            raise exc.cause from None
+        raise
+    if args.json:
+        print(json.dumps(answer))
+        return 0
+    print(f"{'layer':>5} {'device max/mean now':>19} {'with the plan':>13}")
+    for row in answer["per_layer"]:
+        print(f"{row['layer']:>5} {row['current']:>19.2f} {row['predicted']:>13.2f}")
+    placement = answer["placement"]
+    if placement is None:
+        print(f"no gain over the current placement ({answer['windows']} windows of load): nothing to apply")
+    elif answer["applied"]:
+        print(f"placement version {placement['version']} queued: the gateways switch to it at their next poll "
+              f"(worst layer {answer['current']:.2f} -> {answer['predicted']:.2f})")
+    else:
+        print(f"dry run: placement version {placement['version']} would take the worst layer from "
+              f"{answer['current']:.2f} to {answer['predicted']:.2f}; run without --dry-run to apply it")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     handlers = {"make-model": cmd_make_model, "generate": cmd_generate, "stats": cmd_stats, "trace": cmd_trace,
-                "serve": cmd_serve, "scale": cmd_scale}
+                "serve": cmd_serve, "scale": cmd_scale, "rebalance": cmd_rebalance}
     try:
         return handlers[args.command](args)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:

@@ -43,15 +43,19 @@ class ExpertGroupActor:
         joined_cluster: bool = False,
         security: RpcSecurity | None = None,
         layer_experts: dict[int, list[int]] | None = None,
+        version: int = 0,
     ) -> None:
         """grpc_bind, joined_cluster: where the gRPC server binds and what it advertises (`bind_and_advertise`);
         security: its TLS material and shared token (values, not paths: this actor may run on another host);
-        layer_experts: {MoE layer: expert ids} for layers whose placement differs from expert_ids (copies)."""
+        layer_experts: {MoE layer: expert ids} for layers whose placement differs from expert_ids (copies);
+        version: the placement version they belong to."""
         torch.set_num_threads(max(1, threads))
         self.started_at = time.time()  # a restarted actor reports a new start time
         self.telemetry = Telemetry(tracing or TracingConfig(exporter="none"), f"expert-group-{device}")
         self.group = ExpertGroup(Path(model_dir), expert_ids, dtype=DTYPES[dtype], device=device, kernel=kernel,
-                                 torch_device=torch_device, layer_experts=layer_experts)
+                                 torch_device=torch_device, layer_experts=layer_experts, version=version)
+        self._staging: dict[int, threading.Thread] = {}
+        self._stage_errors: dict[int, str] = {}
         self.server = None
         if serve_grpc:
             import ray.util
@@ -67,40 +71,83 @@ class ExpertGroupActor:
 
     def forward(
         self, layer: int, hidden: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray, hidden_dtype: str,
-        carrier: dict[str, str] | None = None,
+        carrier: dict[str, str] | None = None, version: int | None = None,
     ) -> tuple[np.ndarray, list[int], float]:
         """hidden [T, H] (bfloat16 as int16 bits), expert_ids [T, K], weights [T, K] -> (output, counts, ms).
 
-        carrier: the caller's W3C trace context ({'traceparent': ...}), continued by this group's server span.
+        carrier: the caller's W3C trace context ({'traceparent': ...}), continued by this group's server span;
+        version: the placement version the ids follow (None: this group's current one).
         """
         h = numpy_to_tensor(hidden, DTYPES[hidden_dtype])
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
-        result = traced_run(self.group, self.telemetry.tracer, carrier, "ray", layer, h, ids, w)
+        result = traced_run(self.group, self.telemetry.tracer, carrier, "ray", layer, h, ids, w, version=version)
         return tensor_to_numpy(result.output), result.tokens_per_expert, result.compute_ms
 
     def _forward_tensor(self, layer: int, hidden: torch.Tensor, expert_ids: np.ndarray, weights: np.ndarray,
-                        carrier: dict[str, str] | None, out_device: str | None = None
+                        carrier: dict[str, str] | None, version: int | None, out_device: str | None = None
                         ) -> tuple[torch.Tensor, list[int], float]:
         """The Ray Direct Transport forward: hidden arrives as a tensor (over Gloo, NCCL or CUDA IPC) and the
         output leaves as one, on this group's device (or `out_device`: Gloo carries CPU tensors only)."""
         h = hidden.to(self.group.torch_device)
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
-        result = traced_run(self.group, self.telemetry.tracer, carrier, "rdt", layer, h, ids, w)
+        result = traced_run(self.group, self.telemetry.tracer, carrier, "rdt", layer, h, ids, w, version=version)
         out = result.output if out_device is None else result.output.to(out_device)
         return out, result.tokens_per_expert, result.compute_ms
 
     # One method per tensor transport: Ray fixes a method's transport when the class is defined.
     @ray.method(tensor_transport="gloo")
-    def forward_rdt_gloo(self, layer, hidden, expert_ids, weights, carrier=None):
-        return self._forward_tensor(layer, hidden, expert_ids, weights, carrier, out_device="cpu")
+    def forward_rdt_gloo(self, layer, hidden, expert_ids, weights, carrier=None, version=None):
+        return self._forward_tensor(layer, hidden, expert_ids, weights, carrier, version, out_device="cpu")
 
     @ray.method(tensor_transport="nccl")
-    def forward_rdt_nccl(self, layer, hidden, expert_ids, weights, carrier=None):
-        return self._forward_tensor(layer, hidden, expert_ids, weights, carrier)
+    def forward_rdt_nccl(self, layer, hidden, expert_ids, weights, carrier=None, version=None):
+        return self._forward_tensor(layer, hidden, expert_ids, weights, carrier, version)
 
     @ray.method(tensor_transport="cuda_ipc")
-    def forward_rdt_cuda_ipc(self, layer, hidden, expert_ids, weights, carrier=None):
-        return self._forward_tensor(layer, hidden, expert_ids, weights, carrier)
+    def forward_rdt_cuda_ipc(self, layer, hidden, expert_ids, weights, carrier=None, version=None):
+        return self._forward_tensor(layer, hidden, expert_ids, weights, carrier, version)
+
+    # -- re-placement: a new placement version loads beside the current one ---------------------------------
+    def stage_layout(self, version: int, expert_ids: list[int], layer_experts: dict[int, list[int]]) -> None:
+        """Start loading placement `version` in a background thread (forward calls keep running); poll
+        `layout_ready`."""
+        if version in self.group.versions or version in self._staging:
+            return
+        self._stage_errors.pop(version, None)
+
+        def load() -> None:
+            try:
+                self.group.stage(version, expert_ids, layer_experts)
+            except Exception as exc:  # reported by layout_ready, whole
+                logger.exception("expert group %d: loading placement version %d failed", self.group.device, version)
+                self._stage_errors[version] = f"{type(exc).__name__}: {exc}"
+
+        thread = threading.Thread(target=load, name=f"stage-v{version}", daemon=True)
+        self._staging[version] = thread
+        thread.start()
+
+    def layout_ready(self, version: int) -> bool:
+        """Whether placement `version` is loaded; raises RuntimeError if loading it failed."""
+        thread = self._staging.get(version)
+        if thread is not None and not thread.is_alive():
+            self._staging.pop(version, None)
+        if version in self._stage_errors:
+            raise RuntimeError(f"expert group {self.group.device}: placement version {version}: "
+                               f"{self._stage_errors[version]}")
+        return version in self.group.versions and version not in self._staging
+
+    def release_layouts(self, keep: int) -> int:
+        """Keep only placement `keep` (the gateway switched to it and no call names another); weight bytes left."""
+        self.group.release(keep)
+        return self.group.weight_bytes
+
+    def adopt_layout(self, version: int, expert_ids: list[int], layer_experts: dict[int, list[int]]) -> dict:
+        """Load placement `version` now and keep only it (a restarted actor comes back with the placement it was
+        created with); returns `describe()`."""
+        if version not in self.group.versions:
+            self.group.stage(version, expert_ids, layer_experts)
+        self.group.release(version)
+        return self.describe()
 
     def rdt_reset(self) -> None:
         """Leave every collective group, so that the gateway's relay can make a new one over the current replicas."""
@@ -122,6 +169,8 @@ class ExpertGroupActor:
             "device": g.device,
             "expert_ids": g.expert_ids,
             "layer_experts": g.layer_experts,
+            "version": g.version,
+            "versions": g.versions,
             "moe_layers": g.spec.moe_layers,
             "weight_bytes": g.weight_bytes,
             "loaded_tensors": sorted(g.reader.loaded),

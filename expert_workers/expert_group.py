@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,11 +29,29 @@ class ExpertResult:
     compute_ms: float
 
 
+@dataclass
+class ExpertLayout:
+    """One placement version on a group: the experts it hosts per MoE layer and their stacked weights."""
+
+    version: int
+    layer_experts: dict[int, list[int]]  # layer -> expert ids, in the order of the stacks
+    local_index: dict[int, torch.Tensor]  # layer -> [E] global id -> row in the stacks, -1 where not hosted
+    w_gate_up: dict[int, torch.Tensor]  # layer -> [E_local, 2I, H]
+    w_down: dict[int, torch.Tensor]  # layer -> [E_local, H, I]
+
+    @property
+    def weight_bytes(self) -> int:
+        tensors = list(self.w_gate_up.values()) + list(self.w_down.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class ExpertGroup:
     """Holds, for every MoE layer, the stacked weights of the experts it hosts there and nothing else: `expert_ids`
     in every layer, or `layer_experts[layer]` where the placement gives a layer its own layout (copies of hot
     experts, EPLB).
 
+    Re-placement loads a new placement version beside the current one (`stage`, reusing the experts it already
+    holds), serves each call with the version the call names, and frees the old one (`release`).
     Transports (in-process, Ray, gRPC) are thin shells around `run`.
     """
 
@@ -46,13 +65,91 @@ class ExpertGroup:
         kernel: str = "auto",
         torch_device: str = "cpu",
         layer_experts: Mapping[int, Sequence[int]] | None = None,
+        version: int = 0,
     ) -> None:
         """device: the group's index in the placement; torch_device: where its weights live ('cpu', 'cuda');
         kernel: 'triton' (fused Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1), 'torch', or 'auto'
-        (Triton on CUDA, torch on CPU); layer_experts: {MoE layer: expert ids} where a layer differs."""
+        (Triton on CUDA, torch on CPU); layer_experts: {MoE layer: expert ids} where a layer differs;
+        version: the placement version these experts belong to."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
         self.spec = spec or ModelSpec.from_dir(model_dir)
+        self.device = device
+        self.dtype = dtype
+        self.torch_device = torch.device(torch_device)
+        self.kernel = ("triton" if self.torch_device.type == "cuda" else "torch") if kernel == "auto" else kernel
+        if self.kernel == "triton" and not triton_available(self.torch_device):
+            raise ValueError(f"kernel='triton' on {self.torch_device}: needs CUDA, or TRITON_INTERPRET=1 on CPU")
+        self.reader = CheckpointReader(model_dir, self.spec.fp8_block)
+        self._lock = threading.Lock()  # guards _layouts and version (a background stage adds to them)
+        self._layouts: dict[int, ExpertLayout] = {}
+        self.version = version
+        self.stage(version, expert_ids, layer_experts)
+
+    # -- placement versions ------------------------------------------------------------------------------
+    def stage(self, version: int, expert_ids: Sequence[int],
+              layer_experts: Mapping[int, Sequence[int]] | None = None) -> ExpertLayout:
+        """Load placement `version` beside what is held (experts already held are copied, not read again). Calls
+        naming `version` are served from it at once; the current version (`version` attribute) is unchanged."""
+        per_layer = self._per_layer(expert_ids, layer_experts)
+        with self._lock:
+            held = list(self._layouts.values())
+        n = self.spec.n_routed_experts
+        shapes = expert_shapes(self.spec)
+        local_index, w_gate_up, w_down = {}, {}, {}
+        for layer, ids in per_layer.items():
+            index = torch.full((n,), -1, dtype=torch.long)
+            index[torch.tensor(ids)] = torch.arange(len(ids))
+            local_index[layer] = index.to(self.torch_device)  # ids arrive on the host (Ray, gRPC) or here
+            gate_up, down = [], []
+            for e in ids:
+                have = next((h for h in held if h.local_index[layer][e] >= 0), None)
+                if have is not None:
+                    row = int(have.local_index[layer][e])
+                    gate_up.append(have.w_gate_up[layer][row])
+                    down.append(have.w_down[layer][row])
+                    continue
+                # Each tensor goes to the device as read (safetensors reads to host memory): the layer's stacks
+                # are built there, so the host never holds more than one expert at a time.
+                g, u, d = (
+                    self.reader.get(name, shape, self.dtype).to(self.torch_device)
+                    for name, shape in zip(expert_weight_names(layer, e), shapes, strict=True)
+                )
+                gate_up.append(torch.cat([g, u], dim=0))
+                down.append(d)
+            w_gate_up[layer] = torch.stack(gate_up)  # [E_local, 2I, H]
+            w_down[layer] = torch.stack(down)  # [E_local, H, I]
+        layout = ExpertLayout(version, per_layer, local_index, w_gate_up, w_down)
+        with self._lock:
+            self._layouts[version] = layout
+        return layout
+
+    def release(self, keep: int) -> None:
+        """Make `keep` the current version and free every other one (their calls must have finished)."""
+        with self._lock:
+            if keep not in self._layouts:
+                raise ValueError(f"version={keep}: not loaded on this group (loaded: {sorted(self._layouts)})")
+            self._layouts = {keep: self._layouts[keep]}
+            self.version = keep
+
+    @property
+    def versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._layouts)
+
+    def layout(self, version: int | None = None) -> ExpertLayout:
+        """The layout calls naming `version` use (None: the current one)."""
+        with self._lock:
+            v = self.version if version is None else version
+            layout = self._layouts.get(v)
+            loaded = sorted(self._layouts)
+        if layout is None:
+            raise ExpertRequestError(f"placement_version={v}: not loaded on this group (device {self.device}; "
+                                     f"loaded: {loaded})")
+        return layout
+
+    def _per_layer(self, expert_ids: Sequence[int],
+                   layer_experts: Mapping[int, Sequence[int]] | None) -> dict[int, list[int]]:
         n = self.spec.n_routed_experts
         per_layer = {layer: list(expert_ids) for layer in self.spec.moe_layers}
         for layer, ids in (layer_experts or {}).items():
@@ -64,45 +161,41 @@ class ExpertGroup:
             if bad or len(set(ids)) != len(ids) or not ids:
                 where = "expert_ids" if layer not in (layer_experts or {}) else f"layer_experts[{layer}]"
                 raise ValueError(f"{where}={ids}: expected distinct ids in [0, {n})")
-        self.layer_experts = per_layer
-        self.expert_ids = sorted({e for ids in per_layer.values() for e in ids})  # every expert held in some layer
-        self.device = device
-        self.dtype = dtype
-        self.torch_device = torch.device(torch_device)
-        self.kernel = ("triton" if self.torch_device.type == "cuda" else "torch") if kernel == "auto" else kernel
-        if self.kernel == "triton" and not triton_available(self.torch_device):
-            raise ValueError(f"kernel='triton' on {self.torch_device}: needs CUDA, or TRITON_INTERPRET=1 on CPU")
-        # per layer: global id -> local row, -1 where the expert lives elsewhere
-        self.local_index: dict[int, torch.Tensor] = {}
-        for layer, ids in per_layer.items():
-            index = torch.full((n,), -1, dtype=torch.long)
-            index[torch.tensor(ids)] = torch.arange(len(ids))
-            self.local_index[layer] = index.to(self.torch_device)  # ids arrive on the host (Ray, gRPC) or here
-        self.reader = CheckpointReader(model_dir, self.spec.fp8_block)
-        self.w_gate_up: dict[int, torch.Tensor] = {}
-        self.w_down: dict[int, torch.Tensor] = {}
-        shapes = expert_shapes(self.spec)
-        for layer in self.spec.moe_layers:
-            gate_up, down = [], []
-            for e in per_layer[layer]:
-                # Each tensor goes to the device as read (safetensors reads to host memory): the layer's stacks
-                # are built there, so the host never holds more than one expert at a time.
-                g, u, d = (
-                    self.reader.get(name, shape, dtype).to(self.torch_device)
-                    for name, shape in zip(expert_weight_names(layer, e), shapes, strict=True)
-                )
-                gate_up.append(torch.cat([g, u], dim=0))
-                down.append(d)
-            self.w_gate_up[layer] = torch.stack(gate_up)  # [E_local, 2I, H]
-            self.w_down[layer] = torch.stack(down)  # [E_local, H, I]
+        return per_layer
+
+    # -- the current version, as the transports and tests read it ----------------------------------------
+    @property
+    def layer_experts(self) -> dict[int, list[int]]:
+        return self.layout().layer_experts
+
+    @property
+    def expert_ids(self) -> list[int]:
+        """Every expert held in some layer of the current version."""
+        return sorted({e for ids in self.layer_experts.values() for e in ids})
+
+    @property
+    def local_index(self) -> dict[int, torch.Tensor]:
+        return self.layout().local_index
+
+    @property
+    def w_gate_up(self) -> dict[int, torch.Tensor]:
+        return self.layout().w_gate_up
+
+    @property
+    def w_down(self) -> dict[int, torch.Tensor]:
+        return self.layout().w_down
 
     @property
     def weight_bytes(self) -> int:
-        tensors = list(self.w_gate_up.values()) + list(self.w_down.values())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of routed-expert weights held, every loaded version counted."""
+        with self._lock:
+            return sum(layout.weight_bytes for layout in self._layouts.values())
 
-    def check(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
-        """Validate a request from a transport; raises ExpertRequestError naming the field."""
+    def check(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              version: int | None = None) -> ExpertLayout:
+        """Validate a request from a transport; raises ExpertRequestError naming the field. Returns the layout
+        (placement version) that serves it."""
+        layout = self.layout(version)
         self._check_layer(layer)
         h = self.spec.hidden_size
         if hidden.dim() != 2 or hidden.shape[1] != h:
@@ -120,7 +213,7 @@ class ExpertGroup:
             )
         if not topk_weights.is_floating_point():
             raise ExpertRequestError(f"weights.dtype={topk_weights.dtype}: expected a floating-point dtype")
-        local_index = self.local_index[layer]
+        local_index = layout.local_index[layer]
         ids = topk_ids.to(local_index.device, torch.long)
         n = self.spec.n_routed_experts
         out_of_range = ids[(ids < -1) | (ids >= n)]
@@ -130,30 +223,34 @@ class ExpertGroup:
         foreign = torch.unique(wanted[local_index[wanted] < 0])
         if foreign.numel():
             raise ExpertRequestError(f"expert_ids: experts {foreign[:8].tolist()} are not hosted on this group "
-                                     f"(device {self.device}) in layer {layer}")
+                                     f"(device {self.device}) in layer {layer}, placement version {layout.version}")
+        return layout
 
-    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> ExpertResult:
-        """Checked forward for transports: every non-negative id must be hosted here."""
-        self.check(layer, hidden, topk_ids, topk_weights)
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+            version: int | None = None) -> ExpertResult:
+        """Checked forward for transports: every non-negative id must be hosted here in placement `version`
+        (None: the current one)."""
+        layout = self.check(layer, hidden, topk_ids, topk_weights, version)
         start = time.perf_counter()
-        local_index = self.local_index[layer]
+        local_index = layout.local_index[layer]
         topk_ids = topk_ids.to(local_index.device)  # the in-process gateway's ids are already there
         local = torch.where(topk_ids >= 0, local_index[topk_ids.long().clamp(min=0)], -1)
-        out = self._compute(layer, hidden, local, topk_weights)
-        counts = torch.bincount(local[local >= 0], minlength=len(self.layer_experts[layer]))
+        out = self._compute(layout, layer, hidden, local, topk_weights)
+        counts = torch.bincount(local[local >= 0], minlength=len(layout.layer_experts[layer]))
         return ExpertResult(out, counts.tolist(), (time.perf_counter() - start) * 1e3)
 
-    def experts_in(self, layer: int) -> list[int]:
+    def experts_in(self, layer: int, version: int | None = None) -> list[int]:
         """The experts this group hosts in `layer`, in the order of its weight stacks and `tokens_per_expert`."""
-        return self.layer_experts[layer]
+        return self.layout(version).layer_experts[layer]
 
     def _check_layer(self, layer: int) -> None:
-        if layer not in self.w_gate_up:
+        if layer not in self.spec.moe_layers:
             raise ExpertRequestError(f"layer={layer}: not an MoE layer (MoE layers: {self.spec.moe_layers})")
 
-    def _compute(self, layer: int, hidden: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _compute(self, layout: ExpertLayout, layer: int, hidden: torch.Tensor, local: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
         dev = self.torch_device
         x, ids, w = hidden.to(dev, self.dtype), local.to(dev), weights.to(dev)
         ffn = fused_moe if self.kernel == "triton" else grouped_expert_ffn
-        out = ffn(x, self.w_gate_up[layer], self.w_down[layer], ids, w)
+        out = ffn(x, layout.w_gate_up[layer], layout.w_down[layer], ids, w)
         return out.to(hidden.device, hidden.dtype)

@@ -132,7 +132,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         hidden = proto_to_tensor(request.hidden, "hidden")
         ids = proto_to_tensor(request.expert_ids, "expert_ids")
         weights = proto_to_tensor(request.weights, "weights")
-        result = traced_run(self.group, self.tracer, carrier, "grpc", request.layer, hidden, ids, weights, queue_ms)
+        version = request.placement_version if request.HasField("placement_version") else None
+        result = traced_run(self.group, self.tracer, carrier, "grpc", request.layer, hidden, ids, weights, queue_ms,
+                            version)
         response = pb.ForwardResponse(tokens_per_expert=result.tokens_per_expert, compute_ms=result.compute_ms)
         tensor_to_proto(result.output, out=response.output)
         return response

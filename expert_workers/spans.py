@@ -10,16 +10,17 @@ from model_core.telemetry import extract_context
 
 def traced_run(
     group: ExpertGroup, tracer, carrier: dict[str, str] | None, transport: str, layer: int, hidden: torch.Tensor,
-    ids: torch.Tensor, weights: torch.Tensor, queue_ms: float = 0.0,
+    ids: torch.Tensor, weights: torch.Tensor, queue_ms: float = 0.0, version: int | None = None,
 ) -> ExpertResult:
-    """group.run inside an `expert_group.forward` SERVER span continuing the gateway's trace (W3C carrier)."""
+    """group.run (placement `version`, None: the group's current one) inside an `expert_group.forward` SERVER span
+    continuing the gateway's trace (W3C carrier)."""
     if tracer is None:
-        return group.run(layer, hidden, ids, weights)
+        return group.run(layer, hidden, ids, weights, version)
     from opentelemetry.trace import SpanKind
 
     with tracer.start_as_current_span("expert_group.forward", context=extract_context(carrier),
                                       kind=SpanKind.SERVER) as span:
-        result = group.run(layer, hidden, ids, weights)
+        result = group.run(layer, hidden, ids, weights, version)
         if not span.is_recording():
             return result
         span.set_attributes({

@@ -31,18 +31,21 @@ class RoutingChange:
 
 def count_routing(
     ids: torch.Tensor, n_experts: int, expert_device: torch.Tensor, n_devices: int,
-    seq_index: torch.Tensor | None = None, n_seqs: int = 1,
+    seq_index: torch.Tensor | None = None, n_seqs: int = 1, tokens_per_device: torch.Tensor | None = None,
 ) -> RoutingCounts:
     """ids: [T, K]; expert_device: [E]; seq_index: [T] each token's sequence (None: all one sequence).
-    All on one device (the gateway's); the counts stay there.
+    All on one device (the gateway's); the counts stay there. tokens_per_device: [D] when the dispatch plan
+    already counted them (with copies only the plan knows which device served a token).
 
     One bincount over seq_index·E + id gives the per-sequence counts; their sum is the per-expert count.
     """
     keys = ids if seq_index is None else ids + (seq_index * n_experts)[:, None]  # [T, K]
     per_sequence = torch.bincount(keys.flatten(), minlength=n_seqs * n_experts).view(n_seqs, n_experts)
-    on_device = torch.zeros(ids.shape[0], n_devices, dtype=torch.bool, device=ids.device)  # [T, D]
-    on_device[torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids), expert_device[ids]] = True
-    return RoutingCounts(per_sequence, per_sequence.sum(0), on_device.sum(0))
+    if tokens_per_device is None:
+        on_device = torch.zeros(ids.shape[0], n_devices, dtype=torch.bool, device=ids.device)  # [T, D]
+        on_device[torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids), expert_device[ids]] = True
+        tokens_per_device = on_device.sum(0)
+    return RoutingCounts(per_sequence, per_sequence.sum(0), tokens_per_device)
 
 
 def compare_routing(

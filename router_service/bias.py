@@ -6,12 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("off", "observe", "adapt")
+MODES = ("off", "observe", "adapt", "eplb", "eplb+bias")
+BIAS_MODES = ("adapt", "eplb+bias")  # the live bias changes routing
+EPLB_MODES = ("eplb", "eplb+bias")  # the router service proposes placements with redundant experts
 
 
 @dataclass(frozen=True)
 class BalanceConfig:
-    """mode: off (no statistics, no bias change) | observe (statistics only) | adapt (update the bias)."""
+    """mode: off (no statistics, no bias change) | observe (statistics only) | adapt (update the bias) | eplb
+    (re-place experts with redundant copies; answers unchanged) | eplb+bias (placement first; the bias takes
+    the rest while the share of changed expert slots stays within max_changed_slots)."""
 
     mode: str = "off"
     gamma: float = 0.01  # bias step per window
@@ -24,6 +28,10 @@ class BalanceConfig:
     push_every_steps: int = 1  # gateway steps between pushes of load counts
     max_pending_pushes: int = 8  # unanswered pushes before a gateway holds its counts back (keeps memory bounded)
     history_windows: int = 100  # closed windows' reports the service keeps (and checkpoints)
+    redundant_slots: int = 0  # eplb: extra expert copies per MoE layer (physical slots = experts + this)
+    rebalance_every_windows: int = 4  # eplb: closed windows between proposals (their loads are what is planned)
+    min_gain: float = 0.05  # eplb: propose only when predicted device max/mean drops by more than this
+    max_changed_slots: float = 0.05  # eplb+bias: the bias holds still while a window's changed slots exceed this
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -38,7 +46,14 @@ class BalanceConfig:
             raise ValueError(f"balancing.window_tokens={self.window_tokens!r}: expected an integer >= 1")
         if self.service not in ("auto", "local", "ray"):
             raise ValueError(f"balancing.service={self.service!r}: expected 'auto', 'local' or 'ray'")
-        for name in ("push_every_steps", "max_pending_pushes", "history_windows"):
+        if isinstance(self.redundant_slots, bool) or not isinstance(self.redundant_slots, int) \
+                or self.redundant_slots < 0:
+            raise ValueError(f"balancing.redundant_slots={self.redundant_slots!r}: expected an integer >= 0")
+        if not self.min_gain >= 0:
+            raise ValueError(f"balancing.min_gain={self.min_gain}: expected >= 0")
+        if not 0 <= self.max_changed_slots <= 1:
+            raise ValueError(f"balancing.max_changed_slots={self.max_changed_slots}: expected a share in [0, 1]")
+        for name in ("push_every_steps", "max_pending_pushes", "history_windows", "rebalance_every_windows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"balancing.{name}={value!r}: expected an integer >= 1")
@@ -64,17 +79,22 @@ class BiasController:
         self.version = 0
 
     def bias(self, layer: int) -> torch.Tensor:
-        if self.config.mode == "adapt":
+        if self.config.mode in BIAS_MODES:
             return self.model_bias[layer] + self.delta[layer]
         return self.model_bias[layer]
 
-    def update(self, loads: dict[int, torch.Tensor]) -> bool:
-        """Apply one window's per-expert loads; returns whether the bias changed (only in adapt mode)."""
-        if self.config.mode != "adapt":
+    def update(self, loads: dict[int, torch.Tensor], changed_slots: dict[int, float] | None = None) -> bool:
+        """Apply one window's per-expert loads; returns whether the bias changed (adapt and eplb+bias modes).
+        changed_slots: per layer, the window's share of expert slots the live bias changed; in eplb+bias a
+        layer above `max_changed_slots` keeps its bias (the fidelity budget)."""
+        if self.config.mode not in BIAS_MODES:
             return False
         gamma = self.gamma_at(self.version)
         for layer, load in loads.items():
-            self.delta[layer] = bias_step(self.delta[layer], load, gamma, self.config.max_bias)
+            over = (self.config.mode == "eplb+bias" and changed_slots is not None
+                    and changed_slots.get(layer, 0.0) > self.config.max_changed_slots)
+            if not over:
+                self.delta[layer] = bias_step(self.delta[layer], load, gamma, self.config.max_bias)
         self.version += 1
         return True
 

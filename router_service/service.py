@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
-from router_service.bias import BalanceConfig, BiasController
+from router_service.bias import EPLB_MODES, BalanceConfig, BiasController
+from router_service.eplb import plan_placement
 from router_service.load_stats import LayerReport, LayerWindow, layer_report
+from router_service.placement import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,11 @@ class RouterService:
         self.window = {layer: LayerWindow.empty(n, n_devices) for layer in self.layers}
         self.windows_closed = 0
         self.history: list[list[dict]] = []  # layer reports of the last `history_windows` closed windows
+        self.expert_loads: list[dict[int, list[int]]] = []  # per closed window: {layer: tokens per expert}
+        self.proposed_at = 0  # windows_closed when the last proposal was made
+        self.proposals = 0  # proposals that carried a placement
+        self.current_placement: dict | None = None  # the placement the gateways last reported (propose calls)
+        self._queued: dict | None = None  # a plan `expertmesh rebalance` asked for: the next propose returns it
         self.gateways: dict[str, int] = {}  # pushes per gateway
         self.restored = self._restore()
 
@@ -70,9 +77,12 @@ class RouterService:
             bias = self.controller.bias(layer)
             report.bias_min, report.bias_max = float(bias.min()), float(bias.max())
             reports.append(asdict(report))
-        self.controller.update({layer: self.window[layer].counts for layer in self.layers})
+        slot_share = {r["layer"]: r["changed_slot_share"] for r in reports}
+        self.controller.update({layer: self.window[layer].counts for layer in self.layers}, slot_share)
         self.history.append(reports)
         del self.history[: -self.config.history_windows]
+        self.expert_loads.append({layer: self.window[layer].counts.tolist() for layer in self.layers})
+        del self.expert_loads[: -self.config.history_windows]
         self.windows_closed += 1
         n = len(self.expert_device)
         self.window = {layer: LayerWindow.empty(n, self.n_devices) for layer in self.layers}
@@ -84,10 +94,68 @@ class RouterService:
             return version, None
         return version, {layer: self.controller.bias(layer).tolist() for layer in self.layers}
 
+    def propose(self, current: dict, force: bool = False) -> dict | None:
+        """A placement for the load of the last `rebalance_every_windows` closed windows (EPLB modes), or None
+        when fewer windows closed since the last proposal (unless `force`: `expertmesh rebalance`).
+
+        current: the gateway's placement (`Placement.to_dict()`). Returns {"placement": the new placement's dict
+        (version + 1), or None when the predicted device max/mean improves by `min_gain` or less, "current",
+        "predicted", "gain" (worst layer's max/mean now and after), "per_layer", "windows"}."""
+        cfg = self.config
+        self.current_placement = current
+        queued, self._queued = self._queued, None
+        if queued is not None and queued["placement"]["version"] > current.get("version", 0):
+            self.proposals += 1
+            return queued
+        if not force and (cfg.mode not in EPLB_MODES
+                          or self.windows_closed < self.proposed_at + cfg.rebalance_every_windows):
+            return None
+        self.proposed_at = self.windows_closed
+        answer = self._plan(current, cfg.min_gain)
+        if answer is not None and answer["placement"] is not None:
+            self.proposals += 1
+        return answer
+
+    def rebalance(self, dry_run: bool = True) -> dict:
+        """`expertmesh rebalance`: the plan for the recent load against the gateways' current placement (never
+        held back by `min_gain`, only by no gain at all). Unless `dry_run`, the gateways switch to it at their
+        next poll. Raises ValueError when no gateway has reported a placement (a mode other than eplb)."""
+        if self.current_placement is None:
+            raise ValueError("no gateway has reported its placement yet: balancing.mode must be eplb or eplb+bias "
+                             "and a window must have closed")
+        answer = self._plan(self.current_placement, 0.0)
+        if answer is None:
+            raise ValueError("no closed window yet: nothing to plan from")
+        answer["applied"] = not dry_run and answer["placement"] is not None
+        if answer["applied"]:
+            self._queued = answer
+        return answer
+
+    def _plan(self, current: dict, min_gain: float) -> dict | None:
+        cfg = self.config
+        recent = self.expert_loads[-cfg.rebalance_every_windows:]
+        if not recent:
+            return None
+        n = len(self.expert_device)
+        placement = Placement.from_device_lists(current["devices"], n, current.get("layers"), self.layers,
+                                                current.get("version", 0))
+        loads = torch.tensor([[sum(w[layer][e] for w in recent) for e in range(n)] for layer in self.layers],
+                             dtype=torch.float64)  # [L, E]
+        plan = plan_placement(loads, placement.n_devices, cfg.redundant_slots, current=placement,
+                              moe_layers=self.layers)
+        gain = plan.worst_current - plan.worst_predicted
+        better = gain > min_gain
+        new = plan.to_placement(self.layers, base=placement, version=placement.version + 1) if better else None
+        return {"placement": new.to_dict() if new else None, "current": plan.worst_current,
+                "predicted": plan.worst_predicted, "gain": gain, "windows": len(recent),
+                "per_layer": [{"layer": layer, "current": c, "predicted": p} for layer, c, p in
+                              zip(self.layers, plan.current_max_over_mean, plan.predicted_max_over_mean, strict=True)]}
+
     def stats(self) -> dict:
         """The last closed window's per-layer reports, the open window's token counts, and bookkeeping."""
         return {
             "mode": self.config.mode, "version": self.controller.version, "windows_closed": self.windows_closed,
+            "proposals": self.proposals,
             "last_window": self.history[-1] if self.history else [],
             "open_window_tokens": {layer: self.window[layer].tokens for layer in self.layers},
             "gateways": dict(self.gateways), "restored_from_checkpoint": self.restored,
@@ -103,7 +171,8 @@ class RouterService:
             "version": self.controller.version, "windows_closed": self.windows_closed,
             "delta": {layer: self.controller.delta[layer].tolist() for layer in self.layers},
             "window": {layer: window_to_wire(self.window[layer]) for layer in self.layers},
-            "history": self.history, "gateways": self.gateways,
+            "history": self.history, "gateways": self.gateways, "expert_loads": self.expert_loads,
+            "proposed_at": self.proposed_at, "proposals": self.proposals,
         }
 
     def _save(self) -> None:
@@ -130,6 +199,9 @@ class RouterService:
         self.windows_closed = state["windows_closed"]
         self.history = state["history"][-self.config.history_windows :]
         self.gateways = state["gateways"]
+        self.expert_loads = [{int(k): v for k, v in w.items()} for w in state.get("expert_loads", [])]
+        self.expert_loads = self.expert_loads[-self.config.history_windows:]
+        self.proposed_at, self.proposals = state.get("proposed_at", 0), state.get("proposals", 0)
         logger.info("router service restored from %s at bias version %d", path, self.controller.version)
         return True
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from gateway.dispatch.transports import ExpertReply, Transport
+from gateway.dispatch.transports import ExpertReply, LocalTransport, Transport
 from router_service.placement import Placement
 
 # Shape legend: T = tokens in the layer, K = experts per token, H = hidden, n = rows sent to one device.
@@ -115,6 +115,14 @@ class PendingCombine:
         self.stats, self.started = stats, started
         self.replies: list[ExpertReply] = []
 
+    def tokens_per_device(self, n_devices: int) -> torch.Tensor:
+        """[D] int64 tokens this layer sent to each device (on the gateway's device): the load the placement
+        really put there (with copies, which copy served a token is decided by the plan)."""
+        rows = [0] * n_devices
+        for b in self.batches:
+            rows[b.device] = int(b.rows.numel())
+        return torch.tensor(rows, dtype=torch.long).to(self.device)
+
     def wait(self) -> torch.Tensor:
         """The summed routed-expert output, [T, H] in token order."""
         pending = [(b.device, self.layer, s) for b, s in zip(self.batches, self.sent, strict=True)]
@@ -144,16 +152,63 @@ class Dispatcher:
 
     def __init__(self, placement: Placement, transport: Transport, pool: Any = None,
                  on_close: Callable[[], None] | None = None, device: torch.device | str = "cpu") -> None:
-        self.placement = placement
         self.transport = transport
         self.pool = pool
         self.device = torch.device(device)
-        self.expert_device = placement.device_tensor().to(self.device)
-        # Layers whose placement has copies or a layout of its own: [E, C] devices per expert.
-        self.hosts = {layer: placement.copy_table(layer).to(self.device) for layer, _ in placement.layers}
+        self._use(placement)
         self.stats = DispatchStats(placement.n_devices)
+        self.placements_switched = 0
         self.tracer = None  # set by the engine when tracing is on: one CLIENT span per device per layer
         self._on_close = on_close
+
+    def _use(self, placement: Placement) -> None:
+        """Plan with `placement` from the next dispatch on (one assignment: a dispatch reads one placement)."""
+        expert_device = placement.device_tensor().to(self.device)
+        # Layers whose placement has copies or a layout of its own: [E, C] devices per expert.
+        hosts = {layer: placement.copy_table(layer).to(self.device) for layer, _ in placement.layers}
+        self._view = (placement, expert_device, hosts)
+
+    @property
+    def placement(self) -> Placement:
+        return self._view[0]
+
+    @property
+    def expert_device(self) -> torch.Tensor:
+        return self._view[1]
+
+    # -- re-placement: stage beside the current placement, switch at a step boundary, release the old -------
+    def stage(self, placement: Placement) -> None:
+        """Every expert group loads `placement` beside the current one while serving; returns when all have."""
+        if placement.n_devices != self.placement.n_devices or placement.n_experts != self.placement.n_experts:
+            raise ValueError(f"placement: {placement.n_devices} groups for {placement.n_experts} experts, expected "
+                             f"{self.placement.n_devices} for {self.placement.n_experts}")
+        if placement.version <= self.placement.version:
+            raise ValueError(f"placement.version={placement.version}: expected > the current "
+                             f"{self.placement.version}")
+        if self.pool is not None:
+            self.pool.stage(placement)
+        elif isinstance(self.transport, LocalTransport):
+            for d, group in enumerate(self.transport.groups):
+                group.stage(placement.version, placement.experts_on(d), placement.layer_overrides(d))
+        else:
+            raise ValueError(f"{type(self.transport).__name__}: re-placement needs a replica pool or in-process "
+                             "groups (the compiled-graph backend has a fixed topology)")
+
+    def switch(self, placement: Placement) -> None:
+        """Dispatch by `placement` (already staged) from now on: call between steps, with no layer in flight."""
+        self._use(placement)
+        if self.pool is not None:
+            self.pool.switch(placement)
+        self.placements_switched += 1
+
+    def release(self) -> None:
+        """Every group frees the placement versions other than the current one."""
+        keep = self.placement.version
+        if self.pool is not None:
+            self.pool.release_placements(keep)
+        elif isinstance(self.transport, LocalTransport):
+            for group in self.transport.groups:
+                group.release(keep)
 
     def set_tracer(self, tracer) -> None:
         """Trace dispatches (None: off). In-process groups record their server spans with the same tracer."""
@@ -167,19 +222,23 @@ class Dispatcher:
         """hidden: [T, H]; topk_ids: [T, K] global expert ids; topk_weights: [T, K] float32; token_devices: [T, M]
         the devices top-M routing chose (copies on them are preferred), or None."""
         started = time.perf_counter()
-        hosts = self.hosts.get(layer, self.expert_device)
-        batches = plan_dispatch(topk_ids, topk_weights, hosts, self.placement.n_devices, token_devices)
+        placement, expert_device, hosts = self._view
+        batches = plan_dispatch(topk_ids, topk_weights, hosts.get(layer, expert_device), placement.n_devices,
+                                token_devices)
+        version = placement.version
         if self.tracer is None:
-            sent = [self.transport.send(b.device, layer, hidden[b.rows], b.ids, b.weights) for b in batches]
+            sent = [self.transport.send(b.device, layer, hidden[b.rows], b.ids, b.weights, None, version)
+                    for b in batches]
             spans = None
         else:
-            sent, spans = self._send_traced(layer, hidden, batches)
+            sent, spans = self._send_traced(layer, hidden, batches, version)
         self.transport.flush()
         self.stats.record(layer, batches, hidden.element_size(), hidden.shape[1])
         return PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype, hidden.device,
                               spans, self.stats, started)
 
-    def _send_traced(self, layer: int, hidden: torch.Tensor, batches: list[DeviceBatch]) -> tuple[list, list]:
+    def _send_traced(self, layer: int, hidden: torch.Tensor, batches: list[DeviceBatch],
+                     version: int) -> tuple[list, list]:
         from opentelemetry import trace
         from opentelemetry.trace import SpanKind
 
@@ -199,7 +258,7 @@ class Dispatcher:
                 })
             with trace.use_span(span, end_on_exit=False):
                 carrier = inject_context()
-            sent.append(self.transport.send(b.device, layer, rows, b.ids, b.weights, carrier))
+            sent.append(self.transport.send(b.device, layer, rows, b.ids, b.weights, carrier, version))
             spans.append(span)
         return sent, spans
 

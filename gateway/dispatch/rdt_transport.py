@@ -99,14 +99,14 @@ class RdtRelay:
 
     # -- the gateway's calls ----------------------------------------------------------------------------------
     def forward(self, members: tuple, name: str, layer: int, hidden, expert_ids, weights, dtype: str,
-                carrier: dict[str, str] | None = None) -> tuple:
+                carrier: dict[str, str] | None = None, version: int | None = None) -> tuple:
         """One device batch on replica `name` -> (output as numpy, tokens_per_expert, compute_ms).
 
         members: (version, {name: actor handle}) of the gateway's live replicas; hidden: numpy. The rows and the
         output cross the gateway ⇄ relay hop through the object store: Ray's CUDA IPC would need both processes
         on one Ray-assigned GPU, which it cannot promise for two actors; relay ⇄ expert is Gloo or NCCL."""
         out, counts, ms = self._forward(members, name, layer, numpy_to_tensor(hidden, DTYPES[dtype]), expert_ids,
-                                        weights, carrier)
+                                        weights, carrier, version)
         return tensor_to_numpy(out.cpu()), counts, ms
 
     def counters(self) -> dict:
@@ -114,7 +114,7 @@ class RdtRelay:
             return {"builds": self.builds, "members": sorted(self._members), "active": self._active,
                     "staged": len(self._staged), "landed": len(self._landed)}
 
-    def _forward(self, members, name, layer, hidden, expert_ids, weights, carrier) -> tuple:
+    def _forward(self, members, name, layer, hidden, expert_ids, weights, carrier, version) -> tuple:
         me = ray.get_runtime_context().current_actor
         actor = self._enter(members, name)
         key = next(self._keys)
@@ -122,7 +122,8 @@ class RdtRelay:
         try:
             self._staged[key] = hidden.to(self.device)
             staged = getattr(me, f"stage_{self.transport}").remote(key)
-            out = getattr(actor, f"forward_rdt_{self.transport}").remote(layer, staged, expert_ids, weights, carrier)
+            out = getattr(actor, f"forward_rdt_{self.transport}").remote(layer, staged, expert_ids, weights, carrier,
+                                                                         version)
             try:
                 ray.get(me.land.remote(key, out), timeout=self.timeout_s)
             except ray.exceptions.GetTimeoutError:
@@ -251,18 +252,18 @@ class RdtTransport(_ReplicaTransport):
         return self._members_ref
 
     # -- calls ------------------------------------------------------------------------------------------------
-    def send(self, device, layer, hidden, ids, weights, carrier=None):
-        args = (layer, hidden.contiguous(), tensor_to_numpy(ids), tensor_to_numpy(weights), carrier)
+    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None):
+        args = (layer, hidden.contiguous(), tensor_to_numpy(ids), tensor_to_numpy(weights), carrier, version)
         return self._submit(device, args, hidden.dtype)
 
     def _call(self, replica, args):
-        layer, hidden, ids, weights, carrier = args
+        layer, hidden, ids, weights, carrier, version = args
         if self.transport == "cuda_ipc":  # one-sided: straight to the expert actor
             staged = ray.put(hidden, _tensor_transport="cuda_ipc")
-            return replica.actor.forward_rdt_cuda_ipc.remote(layer, staged, ids, weights, carrier), None
+            return replica.actor.forward_rdt_cuda_ipc.remote(layer, staged, ids, weights, carrier, version), None
         relay = self.relay()
         return relay.forward.remote(self._members(), replica.name, layer, tensor_to_numpy(hidden), ids, weights,
-                                    NAMES[hidden.dtype], carrier), relay
+                                    NAMES[hidden.dtype], carrier, version), relay
 
     def _wait(self, call: _Call) -> ExpertReply:
         ref, relay = call.handle

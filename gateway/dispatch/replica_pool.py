@@ -70,6 +70,7 @@ class ExpertGroupPool:
         self._next_index = 0
         self._rr: dict[int, int] = {}  # per group: round-robin among equally loaded replicas
         self._closed = False
+        self.placement_lock = threading.RLock()  # held from staging a placement to switching to it (no _add then)
         self._background: list[threading.Thread] = []
         self.restarts = 0  # restarts Ray made, seen by probes
         self.evicted = 0  # replicas removed because they stayed down
@@ -82,6 +83,10 @@ class ExpertGroupPool:
     # -- starting and stopping replicas -----------------------------------------------------------------
     def _add(self, devices: list[int]) -> list[Replica]:
         """Start one replica per entry of `devices`, wait until all have loaded, then let them take traffic."""
+        with self.placement_lock:
+            return self._add_locked(devices)
+
+    def _add_locked(self, devices: list[int]) -> list[Replica]:
         ray = self._ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -105,7 +110,8 @@ class ExpertGroupPool:
                      max_message_bytes=cfg.rpc.max_message_mb << 20, threads=max(1, math.floor(cpus)),
                      kernel=cfg.expert_kernel, torch_device=cfg.expert_torch_device, tracing=cfg.tracing,
                      grpc_bind=cfg.rpc.bind, joined_cluster=cfg.ray_address is not None,
-                     security=cfg.rpc.security(), layer_experts=self.placement.layer_overrides(d))
+                     security=cfg.rpc.security(), layer_experts=self.placement.layer_overrides(d),
+                     version=self.placement.version)
             started.append(Replica(d, index, actor, pg, name))
         try:
             infos = ray.get([r.actor.describe.remote() for r in started], timeout=READY_TIMEOUT_S)
@@ -132,6 +138,48 @@ class ExpertGroupPool:
             logger.info("replica %s: no clean shutdown (%s); killing it", replica.name, type(exc).__name__)
         ray.kill(replica.actor, no_restart=True)
         remove_placement_group(replica.placement_group)
+
+    # -- re-placement -----------------------------------------------------------------------------------------
+    def stage(self, placement: Placement, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Every replica loads `placement` beside the one it serves (in the background: calls keep flowing);
+        returns once all have it. Hold `placement_lock` from here to `switch`, so no replica starts in between."""
+        ray = self._ray
+        v = placement.version
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                replicas = [r for rs in self.groups.values() for r in rs if not r.draining]
+            checks = []
+            for r in replicas:  # idempotent: a replica already loading or holding `v` ignores it
+                r.actor.stage_layout.remote(v, placement.experts_on(r.device), placement.layer_overrides(r.device))
+                checks.append(r.actor.layout_ready.remote(v))
+            try:
+                if all(ray.get(checks, timeout=max(1.0, deadline - time.monotonic()))):
+                    return
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                pass  # a replica died meanwhile: it is staged again once it is back (or evicted)
+            except ray.exceptions.GetTimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"placement version {v}: not every replica loaded it within {timeout_s:.0f}s")
+            time.sleep(0.1)
+
+    def switch(self, placement: Placement) -> None:
+        """New and restarted replicas load `placement` from now on."""
+        with self._lock:
+            self.placement = placement
+
+    def release_placements(self, keep: int) -> None:
+        """Every replica frees the placement versions other than `keep` (none of their calls is in flight)."""
+        ray = self._ray
+        with self._lock:
+            replicas = [r for rs in self.groups.values() for r in rs]
+        refs = [r.actor.release_layouts.remote(keep) for r in replicas]
+        for r, ref in zip(replicas, refs, strict=True):
+            try:
+                ray.get(ref, timeout=READY_TIMEOUT_S)
+            except ray.exceptions.RayError as exc:  # a dead replica adopts the current placement when it is back
+                logger.info("replica %s: releasing old placements failed (%s)", r.name, type(exc).__name__)
 
     def scale(self, device: int, replicas: int, drain_timeout_s: float = 60.0) -> list[int]:
         """Set group `device` to `replicas` live replicas; returns the live replica indices afterwards."""
@@ -265,6 +313,12 @@ class ExpertGroupPool:
                         r.started_at = info["started_at"]
                         r.restarts += 1
                         self.restarts += 1
+                    if info.get("version", self.placement.version) != self.placement.version:
+                        # Restarted with the placement it was created with: load the current one, then serve.
+                        v, d = self.placement.version, r.device
+                        r.probe = r.actor.adopt_layout.remote(v, self.placement.experts_on(d),
+                                                              self.placement.layer_overrides(d))
+                        continue
                     r.grpc_address = info["grpc_address"] or r.grpc_address
                     r.down_since, r.unconfirmed = None, False
                     continue

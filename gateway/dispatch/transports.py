@@ -36,8 +36,9 @@ class Transport(Protocol):
     tracer: Any
 
     def send(self, device: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-             carrier: dict[str, str] | None = None) -> Any:
-        """carrier: W3C trace context for the expert group's server span (None when tracing is off)."""
+             carrier: dict[str, str] | None = None, version: int | None = None) -> Any:
+        """carrier: W3C trace context for the expert group's server span (None when tracing is off); version:
+        the placement version the ids follow (the group serves the call from that version's experts)."""
         ...
 
     def flush(self) -> None: ...
@@ -54,8 +55,9 @@ class LocalTransport:
         self.groups = groups
         self.tracer = None
 
-    def send(self, device, layer, hidden, ids, weights, carrier=None):
-        result = traced_run(self.groups[device], self.tracer, carrier, "local", layer, hidden, ids, weights)
+    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None):
+        result = traced_run(self.groups[device], self.tracer, carrier, "local", layer, hidden, ids, weights,
+                            version=version)
         return ExpertReply(result.output, result.tokens_per_expert, result.compute_ms)
 
     def flush(self) -> None:
@@ -218,9 +220,10 @@ class _ReplicaTransport:
 
 
 def numpy_args(layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-               carrier: dict[str, str] | None) -> tuple:
+               carrier: dict[str, str] | None, version: int | None = None) -> tuple:
     """ExpertGroupActor.forward's arguments: host numpy views (the codec makes the one copy off a GPU)."""
-    return layer, tensor_to_numpy(hidden), tensor_to_numpy(ids), tensor_to_numpy(weights), NAMES[hidden.dtype], carrier
+    return (layer, tensor_to_numpy(hidden), tensor_to_numpy(ids), tensor_to_numpy(weights), NAMES[hidden.dtype],
+            carrier, version)
 
 
 def _describe(exc: Exception) -> str:
@@ -236,8 +239,8 @@ class RayTransport(_ReplicaTransport):
         super().__init__(pool, timeout_s, deadline_s)
         self._ray = ray
 
-    def send(self, device, layer, hidden, ids, weights, carrier=None):
-        return self._submit(device, numpy_args(layer, hidden, ids, weights, carrier), hidden.dtype)
+    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None):
+        return self._submit(device, numpy_args(layer, hidden, ids, weights, carrier, version), hidden.dtype)
 
     def _call(self, replica, args):
         return replica.actor.forward.remote(*args)
@@ -293,8 +296,8 @@ class RayDagTransport:
             dag = MultiOutputNode([a.forward_dag.bind(inp[d]) for d, a in enumerate(actors)])
         return dag.experimental_compile()
 
-    def send(self, device, layer, hidden, ids, weights, carrier=None):
-        self._staged[device] = numpy_args(layer, hidden, ids, weights, carrier)
+    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None):
+        self._staged[device] = numpy_args(layer, hidden, ids, weights, carrier, version)
         self._dtypes[device] = hidden.dtype
         return device
 
@@ -406,8 +409,10 @@ class GrpcTransport(_ReplicaTransport):
     def channels(self) -> int:
         return len(self._channels)
 
-    def send(self, device, layer, hidden, ids, weights, carrier=None):
+    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None):
         req = self._pb.ForwardRequest(layer=layer)
+        if version is not None:
+            req.placement_version = version
         tensor_to_proto(hidden, req.hidden)
         tensor_to_proto(ids, req.expert_ids)
         tensor_to_proto(weights, req.weights)

@@ -19,6 +19,7 @@ from model_core.ffn import swiglu
 from model_core.layout import gateway_layout
 from model_core.spec import ModelSpec
 from router_service.accounting import compare_routing, count_routing
+from router_service.placement import Placement
 from router_service.routing import Routing, route_tokens, select_experts
 
 # Shape legend: N = tokens in the step, H = hidden, V = vocab, K = experts per token.
@@ -59,12 +60,7 @@ class GatewayModel:
                              "gateway's device (gateway_device)")
         self.top_m_devices = top_m_devices
         self.tracer = None  # an OpenTelemetry tracer when tracing is on: one span per MoE layer
-        placement = backend.placement
-        # Top-M routing's device partition per MoE layer (with copies an expert belongs to every device hosting it).
-        self.device_members = None if top_m_devices is None else {
-            layer: placement.members(layer).to(self.device) for layer in spec.moe_layers}
-        self.expert_device = backend.placement.device_tensor().to(self.device)
-        self.n_devices = backend.placement.n_devices
+        self.set_placement(backend.placement)
         self.reader = CheckpointReader(model_dir, spec.fp8_block)
         w = {}
         for name, shape in gateway_layout(spec).items():
@@ -76,6 +72,14 @@ class GatewayModel:
         self.lm_head = self.embed if spec.tie_word_embeddings else w["lm_head.weight"]
         rope = RotaryEmbedding(spec.rope, spec.qk_rope_head_dim, spec.rope_interleave, self.device)
         self.layers = [self._layer(w, i, rope) for i in range(spec.num_hidden_layers)]
+
+    def set_placement(self, placement: Placement) -> None:
+        """Route by `placement` (a Placement) from the next step: top-M routing's device partition per MoE layer
+        (with copies an expert belongs to every device hosting it) and the base expert -> device map."""
+        self.device_members = None if self.top_m_devices is None else {
+            layer: placement.members(layer).to(self.device) for layer in self.spec.moe_layers}
+        self.expert_device = placement.device_tensor().to(self.device)
+        self.n_devices = placement.n_devices
 
     def _layer(self, w: dict[str, torch.Tensor], i: int, rope: RotaryEmbedding) -> LayerWeights:
         p = f"model.layers.{i}."
@@ -107,18 +111,20 @@ class GatewayModel:
         routing = route_tokens(u, layer.gate, spec.router, bias, members, self.top_m_devices)
         pending = self.backend.dispatch(i, u, routing.ids, routing.weights, routing.devices)
         shared = swiglu(u, *layer.shared) if layer.shared is not None else None  # overlaps the dispatch
-        routing = self._account(routing, layer, bias, seq_index, n_seqs)  # so does the accounting
+        device_rows = pending.tokens_per_device(self.n_devices) if hasattr(pending, "tokens_per_device") else None
+        routing = self._account(routing, layer, bias, seq_index, n_seqs, device_rows)  # so does the accounting
         routed = pending.wait()
         return (routed if shared is None else routed + shared), routing
 
     def _account(
-        self, routing: Routing, layer: LayerWeights, bias: torch.Tensor | None, seq_index: torch.Tensor, n_seqs: int
+        self, routing: Routing, layer: LayerWeights, bias: torch.Tensor | None, seq_index: torch.Tensor, n_seqs: int,
+        tokens_per_device: torch.Tensor | None = None,
     ) -> Routing:
         """The layer's one accounting pass: token counts always; the comparison with the model's own routing
         only when serving could have changed it (device limit, live bias)."""
         spec = self.spec
         counts = count_routing(routing.ids, spec.n_routed_experts, self.expert_device, self.n_devices, seq_index,
-                               n_seqs)
+                               n_seqs, tokens_per_device)
         limited, biased = self.top_m_devices is not None, bias is not layer.model_bias
         change = None
         if limited or biased:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,6 +48,11 @@ class BalanceClient:
         self._lock = threading.Lock()
         self._pending_pushes: list = []
         self._pending_snapshot = None
+        # EPLB: the engine sets these; poll() asks the service for a placement and hands one to on_proposal.
+        self.current_placement: Callable[[], dict] | None = None
+        self.on_proposal: Callable[[dict], None] | None = None
+        self._pending_proposal = None
+        self.last_proposal: dict | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -148,7 +154,9 @@ class BalanceClient:
                 self._failed(exc)
 
     def poll(self) -> None:
-        """Apply a newer bias if the service has published one (never blocks on a remote service)."""
+        """Apply a newer bias if the service has published one, and pass on a proposed placement (EPLB modes);
+        never blocks on a remote service."""
+        self._poll_proposal()
         with self._lock:
             if not self.remote:
                 self._apply(*self.service.snapshot(self.version))
@@ -167,6 +175,33 @@ class BalanceClient:
                 self.unreachable = False
             except ray.exceptions.RayError as exc:
                 self._failed(exc)
+
+    def _poll_proposal(self) -> None:
+        """Ask for a placement (the service answers None until enough windows closed) and hand a real one on."""
+        if self.on_proposal is None or self.current_placement is None:
+            return
+        answer = None
+        with self._lock:
+            if not self.remote:
+                answer = self.service.propose(self.current_placement())
+            else:
+                import ray
+
+                if self._pending_proposal is None:
+                    self._pending_proposal = self.service.propose.remote(self.current_placement())
+                    return
+                if not ray.wait([self._pending_proposal], timeout=0)[0]:
+                    return
+                ref, self._pending_proposal = self._pending_proposal, None
+                try:
+                    answer = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    self._failed(exc)
+                    return
+        if answer is not None:
+            self.last_proposal = answer
+            if answer["placement"] is not None:
+                self.on_proposal(answer["placement"])
 
     def sync(self, timeout_s: float = 30.0) -> None:
         """Push what is pending and wait for the service's current bias (for tests, benchmarks and shutdown)."""

@@ -137,7 +137,8 @@ class Engine(EngineCore):
 
     def close(self) -> None:
         """Flush balancing counts, stop tracing and the expert groups. Waits for a running step to end first:
-        tearing the backend down under a forward would fail or hang it."""
+        tearing the backend down under a forward would fail or hang it; so does a re-placement in progress."""
+        self.wait_rearranged()
         with self._step_lock:
             if self.balance is not None:
                 self.balance.sync()

@@ -22,6 +22,8 @@ from gateway.serving.routing_trace import RequestTrace, RoutingTraceStore
 from gateway.serving.scheduler import Request, Scheduler
 from model_core.spec import ModelSpec
 from model_core.telemetry import Telemetry
+from router_service.bias import EPLB_MODES
+from router_service.placement import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,55 @@ class EngineCore:
         self._step_lock = threading.RLock()  # one forward at a time; close() waits for it too
         self._queue_lock = threading.Lock()  # submit() and cancel() from other threads vs. schedule()
         self._cancelled: set[str] = set()
+        self.rearrangements = 0  # placements switched to while serving (EPLB proposals and apply_placement)
+        self.rearrangement_failures = 0
+        self._rearranging: threading.Thread | None = None
+        if self.balance is not None and config.balancing.mode in EPLB_MODES:
+            self.balance.current_placement = lambda: self.backend.placement.to_dict()
+            self.balance.on_proposal = self._rearrange_in_background
+
+    def apply_placement(self, placement: Placement) -> None:
+        """Re-place the routed experts without stopping: every expert group loads `placement` beside the current
+        one while requests keep flowing, the gateway switches to it between two steps (a step in flight
+        finishes on the old one), then the groups free what they no longer need. Answers never change: copies
+        and moves only change where each (token, expert) pair is computed. Blocks until done; call it from any
+        thread but the one stepping the engine. `placement.version` must be above the current one."""
+        placement.check_top_m(self.spec.top_k, self.config.top_m_devices)
+        pool = getattr(self.backend, "pool", None)
+        lock = pool.placement_lock if pool is not None else threading.RLock()
+        with lock:  # no replica starts (scaling, replacement) between staging and the switch
+            self.backend.stage(placement)
+            with self._step_lock:  # between two steps
+                self.backend.switch(placement)
+                self.model.set_placement(placement)
+        self.backend.release()
+        self.rearrangements += 1
+        logger.info("placement version %d in use (%d redundant slots in the first MoE layer)", placement.version,
+                    placement.redundant_slots(self.spec.moe_layers[0]))
+
+    def _rearrange_in_background(self, placement: dict) -> None:
+        """Apply a proposed placement on a thread of its own (the step that received it goes on); one at a time."""
+        if self._rearranging is not None and self._rearranging.is_alive():
+            return
+        new = Placement.from_device_lists(placement["devices"], self.spec.n_routed_experts, placement.get("layers"),
+                                          self.spec.moe_layers, placement.get("version", 0))
+
+        def run() -> None:
+            try:
+                self.apply_placement(new)
+            except Exception:  # the current placement keeps serving; the next proposal tries again
+                self.rearrangement_failures += 1
+                logger.exception("re-placement to version %d failed; serving on with version %d", new.version,
+                                 self.backend.placement.version)
+
+        self._rearranging = threading.Thread(target=run, name=f"rearrange-v{new.version}", daemon=True)
+        self._rearranging.start()
+
+    def wait_rearranged(self, timeout_s: float = 300.0) -> None:
+        """Wait for a re-placement in progress to finish (tests, benchmarks, shutdown)."""
+        thread = self._rearranging
+        if thread is not None:
+            thread.join(timeout_s)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

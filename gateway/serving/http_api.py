@@ -245,6 +245,14 @@ def prometheus_text(loop: EngineLoop) -> str:
     metric("dispatch_seconds_total", "counter", "Wall time of layer dispatches (send to combine).",
            [({}, dispatch.wait_seconds)])
     metric("dispatch_layers_total", "counter", "Layer dispatches.", [({}, dispatch.layers)])
+    placement = engine.backend.placement
+    metric("placement_version", "gauge", "Version of the expert placement in use (re-placements raise it).",
+           [({}, placement.version)])
+    metric("redundant_expert_slots", "gauge", "Expert copies beyond one per expert, per MoE layer.",
+           [({"layer": layer}, placement.redundant_slots(layer)) for layer in engine.spec.moe_layers])
+    metric("rearrangements_total", "counter", "Placements switched to while serving.", [({}, engine.rearrangements)])
+    metric("rearrangement_failures_total", "counter", "Re-placements that failed (the old placement kept serving).",
+           [({}, engine.rearrangement_failures)])
     pool = engine.backend.pool
     if pool is not None:
         pool.poll()  # apply what background probes of failed replicas found

@@ -112,7 +112,7 @@ def test_expert_group_actors_ask_for_their_gpu_share(monkeypatch):
         pool = ExpertGroupPool.__new__(ExpertGroupPool)
         pool._ray, pool.cfg, pool.placement, pool.actor_class = fake_ray, cfg, Placement.contiguous(4, 2), object
         pool.groups, pool._next_index, pool.deployment_id = {0: [], 1: []}, 0, "t"
-        pool._lock = threading.Lock()
+        pool._lock, pool.placement_lock = threading.Lock(), threading.RLock()
         bundles.clear()
         actor_options.clear()
         pool._add([0, 1])

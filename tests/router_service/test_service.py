@@ -76,3 +76,62 @@ def test_wire_format_round_trips():
     back = window_from_wire(window_to_wire(w))
     assert torch.equal(back.counts, w.counts) and torch.equal(back.score_sum, w.score_sum)
     assert (back.tokens, back.changed) == (1, 1)
+
+
+CURRENT = {"devices": [[0, 1], [2, 3]]}
+
+
+def test_eplb_proposes_a_placement_once_enough_windows_closed_and_only_when_it_helps(tmp_path):
+    s = make(tmp_path, mode="eplb", redundant_slots=2, rebalance_every_windows=2, min_gain=0.1)
+    for _ in range(2):
+        skewed_push(s, "a")  # one window: experts 0 and 1 (device 0) take every token
+    assert s.windows_closed == 1 and s.propose(CURRENT) is None  # 2 windows are needed
+    assert s.controller.version == 0 and s.snapshot(-1)[1][1] == [0.0] * 4  # eplb never moves the bias
+    for _ in range(2):
+        skewed_push(s, "a")
+    answer = s.propose(CURRENT)
+    # loads [20, 20, 0, 0] over 2 devices: now 40 | 0 (max/mean 2.0); copies of 0 and 1 on device 1: 20 | 20
+    assert answer["current"] == pytest.approx(2.0) and answer["predicted"] == pytest.approx(1.0)
+    assert answer["gain"] == pytest.approx(1.0) and answer["windows"] == 2
+    placement = answer["placement"]
+    assert placement["version"] == 1 and placement["devices"] == CURRENT["devices"]
+    assert {layer: sorted(map(sorted, layout)) for layer, layout in placement["layers"].items()} == {
+        1: [[0, 1, 2], [0, 1, 3]], 2: [[0, 1, 2], [0, 1, 3]]}
+    assert s.propose(CURRENT) is None and s.stats()["proposals"] == 1  # not again before 2 more windows
+    assert s.propose(CURRENT, force=True)["placement"] is not None  # `expertmesh rebalance` asks anyway
+
+
+def test_eplb_reports_but_does_not_propose_below_min_gain(tmp_path):
+    s = make(tmp_path, mode="eplb", redundant_slots=2, rebalance_every_windows=1, min_gain=1.5)
+    for _ in range(2):
+        skewed_push(s, "a")
+    answer = s.propose(CURRENT)
+    assert answer["placement"] is None and answer["gain"] == pytest.approx(1.0) and s.proposals == 0
+
+
+def test_eplb_plus_bias_holds_the_bias_of_a_layer_over_its_changed_slot_budget(tmp_path):
+    s = make(tmp_path, mode="eplb+bias", max_changed_slots=0.25)
+    ids = torch.tensor([[0, 1]] * 20)
+    scores = torch.rand(20, 4, generator=torch.Generator().manual_seed(0))
+    over = window_to_wire(observe_routing(ids, scores, torch.tensor(DEVICE), 2, changed=20, changed_slots=20))
+    within = window_to_wire(observe_routing(ids, scores, torch.tensor(DEVICE), 2))
+    s.push("a", {1: over, 2: within})  # layer 1: half the slots changed (> 25 %): its bias holds still
+    assert s.windows_closed == 1 and s.controller.version == 1
+    bias = s.snapshot(-1)[1]
+    assert bias[1] == pytest.approx([0.0] * 4) and bias[2] == pytest.approx([0.4, -0.1, 0.1, 0.1])
+
+
+def test_rebalance_shows_a_plan_and_queues_it_for_the_gateways_only_when_asked(tmp_path):
+    s = make(tmp_path, mode="eplb", redundant_slots=2, rebalance_every_windows=5, min_gain=5.0)
+    with pytest.raises(ValueError, match="no gateway has reported its placement yet"):
+        s.rebalance()
+    for _ in range(2):
+        skewed_push(s, "a")
+    assert s.propose(CURRENT) is None  # 5 windows are needed; the call reports the gateway's placement
+    shown = s.rebalance(dry_run=True)
+    assert shown["applied"] is False and shown["placement"]["version"] == 1 and shown["gain"] == pytest.approx(1.0)
+    assert s.propose(CURRENT) is None  # a dry run queues nothing
+    applied = s.rebalance(dry_run=False)  # min_gain=5 would hold a proposal back; the operator's request does not
+    assert applied["applied"] is True
+    assert s.propose(CURRENT)["placement"] == applied["placement"] and s.proposals == 1
+    assert s.propose(CURRENT) is None  # handed out once
