@@ -22,6 +22,12 @@ class ExpertRequestError(ValueError):
     """A forward request does not fit this group (wrong layer, shape, dtype or expert); the message names the field."""
 
 
+class PlacementVersionMissing(ExpertRequestError):
+    """The call names a placement version this group does not hold (yet): a replica that Ray restarted with its
+    creation-time placement, before it adopted the current one. Transports send the call again, elsewhere or
+    once the replica caught up."""
+
+
 @dataclass(frozen=True)
 class ExpertResult:
     output: torch.Tensor  # [T, H] in hidden's dtype
@@ -144,7 +150,7 @@ class ExpertGroup:
             layout = self._layouts.get(v)
             loaded = sorted(self._layouts)
         if layout is None:
-            raise ExpertRequestError(f"placement_version={v}: not loaded on this group (device {self.device}; "
+            raise PlacementVersionMissing(f"placement_version={v}: not loaded on this group (device {self.device}; "
                                      f"loaded: {loaded})")
         return layout
 

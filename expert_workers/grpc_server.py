@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from expert_workers.expert_group import ExpertGroup
+from expert_workers.expert_group import ExpertGroup, PlacementVersionMissing
 from expert_workers.spans import traced_run
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
@@ -103,6 +103,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         arrived = time.perf_counter()
         try:
             return await loop.run_in_executor(self._executor, self._forward, request, carrier, arrived)
+        except PlacementVersionMissing as exc:  # not a bad request: this replica has not caught up (yet)
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except ValueError as exc:  # CodecError, ExpertRequestError and missing fields
             logger.info("Forward rejected: %s", exc)
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)

@@ -132,10 +132,15 @@ class LayerReport:
 
 def layer_report(
     layer: int, w: LayerWindow, top_k: int, expert_device: torch.Tensor, n_devices: int,
-    devices_per_token: float | None = None,
+    devices_per_token: float | None = None, copy_share: torch.Tensor | None = None,
 ) -> LayerReport:
-    """All measures for one layer's window. devices_per_token: top-M if set, else the observed mean."""
-    device_load = torch.zeros(n_devices, dtype=torch.long).index_add_(0, expert_device, w.counts)
+    """All measures for one layer's window. devices_per_token: top-M if set, else the observed mean.
+    copy_share: [D, E] the share of expert e's work device d does when the layer's placement has copies (an
+    expert's tokens split evenly over its copies); None: the expert -> device map."""
+    if copy_share is None:
+        device_load = torch.zeros(n_devices, dtype=torch.long).index_add_(0, expert_device, w.counts)
+    else:
+        device_load = copy_share.double() @ w.counts.double()
     m = devices_per_token or (float(w.device_tokens.sum()) / w.tokens if w.tokens else 0.0)
     return LayerReport(
         layer=layer,

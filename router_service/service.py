@@ -73,7 +73,7 @@ class RouterService:
         reports = []
         for layer in self.layers:
             report = layer_report(layer, self.window[layer], self.top_k, self.expert_device, self.n_devices,
-                                  self.devices_per_token)
+                                  self.devices_per_token, self._copy_share(layer))
             bias = self.controller.bias(layer)
             report.bias_min, report.bias_max = float(bias.min()), float(bias.max())
             reports.append(asdict(report))
@@ -93,6 +93,20 @@ class RouterService:
         if version == known_version:
             return version, None
         return version, {layer: self.controller.bias(layer).tolist() for layer in self.layers}
+
+    def _copy_share(self, layer: int) -> torch.Tensor | None:
+        """[D, E] each device's share of each expert's work in `layer` under the gateways' current placement (None
+        until a gateway reported one that gives the layer its own layout)."""
+        current = self.current_placement
+        layout = None if current is None else (current.get("layers") or {}).get(layer)
+        if layout is None and current is not None:
+            layout = (current.get("layers") or {}).get(str(layer))
+        if layout is None:
+            return None
+        share = torch.zeros(self.n_devices, len(self.expert_device), dtype=torch.float64)
+        for d, experts in enumerate(layout):
+            share[d, list(experts)] = 1.0
+        return share / share.sum(dim=0).clamp(min=1)
 
     def propose(self, current: dict, force: bool = False) -> dict | None:
         """A placement for the load of the last `rebalance_every_windows` closed windows (EPLB modes), or None

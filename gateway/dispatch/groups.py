@@ -20,7 +20,8 @@ def build_dispatcher(cfg: DeploymentConfig, spec: ModelSpec, placement: Placemen
     if cfg.backend == "local":
         groups = [
             ExpertGroup(cfg.model, placement.experts_on(d), cfg.torch_dtype, spec, device=d,
-                        kernel=cfg.expert_kernel, torch_device=str(device), layer_experts=placement.layer_overrides(d))
+                        kernel=cfg.expert_kernel, torch_device=str(device), layer_experts=placement.layer_overrides(d),
+                        version=placement.version)
             for d in range(placement.n_devices)
         ]
         return Dispatcher(placement, LocalTransport(groups), device=device)

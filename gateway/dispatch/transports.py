@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
+from expert_workers.expert_group import PlacementVersionMissing
 from expert_workers.spans import traced_run
 from gateway.dispatch.replica_pool import NoLiveReplica
 from protos.channel import RpcSecurity, channel_options
@@ -249,6 +250,8 @@ class RayTransport(_ReplicaTransport):
         ray = self._ray
         try:
             out, counts, ms = ray.get(call.handle, timeout=self.timeout_s)
+        except PlacementVersionMissing as exc:  # restarted with its old placement: it adopts the current one
+            raise _ReplicaDown(str(exc).splitlines()[-1]) from None
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             raise _ReplicaDown(_describe(exc)) from None
         except ray.exceptions.GetTimeoutError:

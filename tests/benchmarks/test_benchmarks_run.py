@@ -61,12 +61,16 @@ def test_balance_benchmark_smoke(tmp_path, model_dirs):
     out = tmp_path / "balance.json"
     done = run("balance.py", "--model", str(model_dirs["tiny-v3"]), "--backend", "local", "--devices", "2",
                "--dtype", "float32", "--window-tokens", "512", "--max-windows", "3", "--topic-size", "8",
-               "--json", str(out))
+               "--redundant-slots", "4", "--json", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
-    data = json.loads(out.read_text())
-    assert len(data["before"]) == 2 and 1 <= len(data["windows"]) <= 3
-    assert all(r["changed_share"] == 0 for r in data["before"])  # observe mode: the model's own routing
-    assert data["windows"][-1]["bias_version"] >= 1
+    modes = json.loads(out.read_text())["modes"]
+    assert list(modes) == ["exact", "adapt", "eplb", "eplb+bias"]
+    assert all(r["changed_share"] == 0 for r in modes["exact"]["after"])  # observe mode: the model's own routing
+    assert modes["adapt"]["windows"][-1]["bias_version"] >= 1 and 1 <= len(modes["adapt"]["windows"]) <= 3
+    eplb = modes["eplb"]
+    assert eplb["changed_tokens_max"] == 0 and eplb["failed_requests"] == 0 and eplb["rearrangement_failures"] == 0
+    assert eplb["rearrangements"] >= 1 and eplb["redundant_slots"] == 4
+    assert done.stdout.strip().splitlines()[-1].startswith("EPLB: device max/mean ")
 
 
 @pytest.mark.slow

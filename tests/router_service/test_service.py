@@ -135,3 +135,16 @@ def test_rebalance_shows_a_plan_and_queues_it_for_the_gateways_only_when_asked(t
     assert applied["applied"] is True
     assert s.propose(CURRENT)["placement"] == applied["placement"] and s.proposals == 1
     assert s.propose(CURRENT) is None  # handed out once
+
+
+def test_device_load_counts_copies_once_the_gateways_report_a_placement_with_them(tmp_path):
+    s = make(tmp_path, mode="eplb", rebalance_every_windows=100)
+    for _ in range(2):
+        skewed_push(s, "a")
+    assert s.stats()["last_window"][0]["device_max_over_mean"] == 2.0  # experts 0 and 1, both on device 0
+    s.propose({"devices": [[0, 1], [2, 3]], "layers": {1: [[0, 1, 2], [0, 1, 3]]}, "version": 1})
+    for _ in range(2):
+        skewed_push(s, "a")
+    reports = {r["layer"]: r for r in s.stats()["last_window"]}
+    assert reports[1]["device_max_over_mean"] == 1.0  # their work splits over both copies
+    assert reports[2]["device_max_over_mean"] == 2.0  # layer 2 has no copies
