@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--exact-windows", type=int, default=1)
     parser.add_argument("--modes", nargs="+", default=list(MODE_SETTINGS), choices=list(MODE_SETTINGS))
     parser.add_argument("--redundant-slots", type=int, default=16, help="eplb: extra copies per MoE layer")
-    parser.add_argument("--eplb-min-gain", type=float, default=0.02)
+    parser.add_argument("--eplb-min-gain", type=float, default=0.05)
     parser.add_argument("--max-changed-slots", type=float, default=0.05)
     parser.add_argument("--cpus-per-group", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)

@@ -59,9 +59,12 @@ class RouterService:
         self.gateways: dict[str, int] = {}  # pushes per gateway
         self.restored = self._restore()
 
-    def push(self, gateway: str, windows: dict) -> int:
-        """Add one gateway's per-layer windows ({layer: wire dict}); returns the current bias version."""
+    def push(self, gateway: str, windows: dict, placement: dict | None = None) -> int:
+        """Add one gateway's per-layer windows ({layer: wire dict}); returns the current bias version. placement:
+        the gateway's placement when it changed since its last push (device load splits over its copies)."""
         self.gateways[gateway] = self.gateways.get(gateway, 0) + 1
+        if placement is not None and placement.get("version", 0) >= (self.current_placement or {}).get("version", 0):
+            self.current_placement = placement
         for layer, wire in windows.items():
             self.window[int(layer)].add(window_from_wire(wire))
         if min(self.window[layer].tokens for layer in self.layers) >= self.config.window_tokens:

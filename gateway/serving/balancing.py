@@ -52,6 +52,7 @@ class BalanceClient:
         self.current_placement: Callable[[], dict] | None = None
         self.on_proposal: Callable[[dict], None] | None = None
         self._pending_proposal = None
+        self._reported_version = -1  # the placement version the service last heard of in a push
         self.last_proposal: dict | None = None
         self._reset()
 
@@ -134,10 +135,17 @@ class BalanceClient:
             self._reset()
             if not wire:
                 return
-            if not self.remote:
-                self.service.push(self.gateway_id, wire)  # under the lock: the in-process service is not thread-safe
+            placement = None
+            if self.current_placement is not None:  # EPLB: say which placement served these counts, once per change
+                placement = self.current_placement()
+                if placement.get("version", 0) == self._reported_version:
+                    placement = None
+                else:
+                    self._reported_version = placement.get("version", 0)
+            if not self.remote:  # under the lock: the in-process service is not thread-safe
+                self.service.push(self.gateway_id, wire, placement)
                 return
-            self._pending_pushes.append(self.service.push.remote(self.gateway_id, wire))
+            self._pending_pushes.append(self.service.push.remote(self.gateway_id, wire, placement))
 
     def _check_pushes(self) -> None:
         """Drop answered pushes from the in-flight list (lock held)."""

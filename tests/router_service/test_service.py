@@ -142,9 +142,10 @@ def test_device_load_counts_copies_once_the_gateways_report_a_placement_with_the
     for _ in range(2):
         skewed_push(s, "a")
     assert s.stats()["last_window"][0]["device_max_over_mean"] == 2.0  # experts 0 and 1, both on device 0
-    s.propose({"devices": [[0, 1], [2, 3]], "layers": {1: [[0, 1, 2], [0, 1, 3]]}, "version": 1})
-    for _ in range(2):
-        skewed_push(s, "a")
+    placement = {"devices": [[0, 1], [2, 3]], "layers": {1: [[0, 1, 2], [0, 1, 3]]}, "version": 1}
+    ids = torch.tensor([[0, 1]] * 20)
+    w = window_to_wire(observe_routing(ids, torch.rand(20, 4), torch.tensor(DEVICE), 2))
+    s.push("a", {1: w, 2: w}, placement)  # the gateway says which placement served these counts
     reports = {r["layer"]: r for r in s.stats()["last_window"]}
     assert reports[1]["device_max_over_mean"] == 1.0  # their work splits over both copies
     assert reports[2]["device_max_over_mean"] == 2.0  # layer 2 has no copies
