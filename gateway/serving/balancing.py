@@ -142,10 +142,11 @@ class BalanceClient:
                     placement = None
                 else:
                     self._reported_version = placement.get("version", 0)
+            args = (self.gateway_id, wire) if placement is None else (self.gateway_id, wire, placement)
             if not self.remote:  # under the lock: the in-process service is not thread-safe
-                self.service.push(self.gateway_id, wire, placement)
+                self.service.push(*args)
                 return
-            self._pending_pushes.append(self.service.push.remote(self.gateway_id, wire, placement))
+            self._pending_pushes.append(self.service.push.remote(*args))
 
     def _check_pushes(self) -> None:
         """Drop answered pushes from the in-flight list (lock held)."""

@@ -170,10 +170,10 @@ class HeldRouterService(RouterService):
         super().__init__(*args)
         self.hold = Path(hold)
 
-    def push(self, gateway: str, windows: dict) -> int:
+    def push(self, gateway: str, windows: dict, placement: dict | None = None) -> int:
         while self.hold.exists():
             time.sleep(0.02)
-        return super().push(gateway, windows)
+        return super().push(gateway, windows, placement)
 
     def open_window(self) -> dict:
         return {layer: window_to_wire(w) for layer, w in self.window.items()}
