@@ -111,7 +111,7 @@ class GatewayModel:
         routing = route_tokens(u, layer.gate, spec.router, bias, members, self.top_m_devices)
         pending = self.backend.dispatch(i, u, routing.ids, routing.weights, routing.devices)
         shared = swiglu(u, *layer.shared) if layer.shared is not None else None  # overlaps the dispatch
-        device_rows = pending.tokens_per_device(self.n_devices) if hasattr(pending, "tokens_per_device") else None
+        device_rows = pending.tokens_per_device(self.n_devices)  # the plan knows which copy served each token
         routing = self._account(routing, layer, bias, seq_index, n_seqs, device_rows)  # so does the accounting
         routed = pending.wait()
         return (routed if shared is None else routed + shared), routing
