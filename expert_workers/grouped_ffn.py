@@ -26,7 +26,8 @@ def sort_by_expert(topk_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
 
 
 HAS_GROUPED_MM = hasattr(F, "grouped_mm")
-IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
+IMPLEMENTATIONS = ("auto", "grouped_mm", "loop", "padded_bmm")
+PADDED_MAX_ROWS = 64  # auto: padded_bmm on CPU while no expert has more rows than this (decode-sized steps)
 
 
 def grouped_expert_ffn(
@@ -41,9 +42,12 @@ def grouped_expert_ffn(
 
     hidden: [T, H]; w_gate_up: [E, 2I, H] (gate rows first); w_down: [E, H, I];
     topk_ids: [T, K] local ids (-1 skips); topk_weights: [T, K] -> [T, H] in hidden's dtype.
-    impl: 'grouped_mm' (two torch grouped GEMMs), 'loop' (one matmul pair per hit expert), 'auto' (grouped_mm
-    on CUDA, loop on CPU: there the loop was faster at prefill and exact in bfloat16, see benchmarks/moe_layer.py).
-    Contributions are added in expert order, as transformers' experts module does.
+    impl: 'grouped_mm' (two torch grouped GEMMs), 'loop' (one matmul pair per hit expert), 'padded_bmm' (every
+    expert's rows padded to the busiest one's, two batched matmuls over all E experts), 'auto': grouped_mm on
+    CUDA; on CPU padded_bmm for float32 steps where most experts are hit by few rows each (decode: the loop's
+    per-expert calls cost more than the padding), else the loop (faster at prefill and bit-exact with
+    transformers in bfloat16, see benchmarks/moe_layer.py). Contributions are added in expert order, as
+    transformers' experts module does.
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLEMENTATIONS}")
@@ -62,6 +66,18 @@ def grouped_expert_ffn(
         h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
         y = F.grouped_mm(h, w_down.transpose(1, 2), offs=ends) * weight_of_pair[:, None].to(hidden.dtype)
         return out.index_add_(0, token_of_pair, y)
+    n_experts = w_gate_up.shape[0]
+    most = int(counts.max()) if counts.numel() else 0
+    if impl == "padded_bmm" or (impl == "auto" and not hidden.is_cuda and hidden.dtype == torch.float32
+                                and 0 < most <= PADDED_MAX_ROWS and 2 * int((counts > 0).sum()) >= n_experts):
+        expert_of_pair = torch.repeat_interleave(torch.arange(n_experts, device=hidden.device), counts)  # [P]
+        row = torch.arange(pair_index.numel(), device=hidden.device) - offsets[:-1][expert_of_pair]
+        x = hidden.new_zeros(n_experts, most, hidden.shape[1])  # [E, m, H]; padding rows stay zero
+        x[expert_of_pair, row] = hidden[token_of_pair]
+        gate_up = torch.bmm(x, w_gate_up.transpose(1, 2))  # [E, m, 2I]
+        h = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
+        y = torch.bmm(h, w_down.transpose(1, 2))[expert_of_pair, row]  # [P, H]
+        return out.index_add_(0, token_of_pair, y * weight_of_pair[:, None].to(hidden.dtype))
     for e in torch.nonzero(counts).flatten().tolist():
         start, end = offsets[e].item(), offsets[e + 1].item()
         tokens = token_of_pair[start:end]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 
+from gateway.model.kv_cache import CacheConfig
 from gateway.serving.scheduler import SchedulerConfig
 from model_core.telemetry import TracingConfig
 from protos.channel import RpcSecurity
@@ -137,12 +138,15 @@ class DeploymentConfig:
     balancing: BalanceConfig = field(default_factory=BalanceConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    attention_kernel: str = "auto"  # decode attention: auto (Triton on CUDA, torch on CPU) | triton | torch
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("backend", self.backend, BACKENDS)
         _choice("ray.device_resource", self.ray.device_resource, DEVICE_RESOURCES)
         _choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
+        _choice("attention_kernel", self.attention_kernel, EXPERT_KERNELS)
         if not isinstance(self.gateway_device, str) or not GATEWAY_DEVICE.fullmatch(self.gateway_device):
             raise DeploymentConfigError(
                 f"gateway_device={self.gateway_device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index)")
@@ -219,7 +223,7 @@ class DeploymentConfig:
             raise DeploymentConfigError(f"deployment: expected a mapping, got {type(raw).__name__}")
         raw = dict(raw)
         sections = {"ray": RayConfig, "rpc": RpcConfig, "balancing": BalanceConfig, "tracing": TracingConfig,
-                    "scheduler": SchedulerConfig}
+                    "scheduler": SchedulerConfig, "cache": CacheConfig}
         nested = {}
         for name, kind in sections.items():
             value = raw.pop(name, None) or {}
@@ -244,7 +248,8 @@ class DeploymentConfig:
     def with_overrides(self, **overrides: Any) -> DeploymentConfig:
         """Replace top-level fields (CLI flags); None values are ignored, 'ray.x' / 'rpc.x' reach sections."""
         top: dict[str, Any] = {}
-        nested: dict[str, dict[str, Any]] = {"ray": {}, "rpc": {}, "balancing": {}, "tracing": {}, "scheduler": {}}
+        nested: dict[str, dict[str, Any]] = {"ray": {}, "rpc": {}, "balancing": {}, "tracing": {}, "scheduler": {},
+                                             "cache": {}}
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -263,6 +268,7 @@ class DeploymentConfig:
             balancing=dataclasses.replace(self.balancing, **nested["balancing"]),
             tracing=dataclasses.replace(self.tracing, **nested["tracing"]),
             scheduler=dataclasses.replace(self.scheduler, **nested["scheduler"]),
+            cache=dataclasses.replace(self.cache, **nested["cache"]),
         )
 
 

@@ -121,7 +121,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": True,
         "routed_scaling_factor": 2.5,
         "rope_interleave": True,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": 8192,  # room for the engine benchmark's 4096-token prompt and its decode
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "torch_dtype": "bfloat16",

@@ -1,74 +1,282 @@
-"""The MLA latent KV cache: per sequence and layer, only c_kv (kv_lora_rank) and the shared rotary key k_pe."""
+"""The paged MLA latent cache: one pool of fixed-size blocks shared by every sequence, with prefix caching."""
 
 from __future__ import annotations
 
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
 
+from gateway.model.step import StepBatch
 
-class LatentCache:
-    """Per-sequence storage [layers, capacity, kv_lora_rank + qk_rope_head_dim], allocated and freed per sequence.
+# Shape legend: L = layers, B = blocks in the pool, b = block_size, w = kv_lora_rank + qk_rope_head_dim,
+# N = a step's new tokens, S = one sequence's cached length.
 
-    That is all MLA needs: keys and values are re-derived from c_kv (expanded at prefill, absorbed into
-    the query and output projections at decode).
+
+class CacheFull(RuntimeError):
+    """The pool has too few free blocks for what was asked; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The `cache:` section: how big the latent-cache pool is and how it is cut into blocks."""
+
+    block_size: int = 16  # tokens per block (every layer's c_kv + k_pe for those tokens)
+    max_tokens: int | None = None  # pool size in tokens; None: memory_fraction of the device's free memory
+    memory_fraction: float = 0.1  # used when max_tokens is None: the share of free memory at startup
+    prefix_caching: bool = True  # reuse full blocks of an identical prefix (hash-chained) across requests
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_tokens"):
+            value = getattr(self, name)
+            if value is None and name == "max_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"cache.{name}={value!r}: expected an integer >= 1")
+        fraction = self.memory_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.95:
+            raise ValueError(f"cache.memory_fraction={fraction!r}: expected a number in (0, 0.95]")
+        if not isinstance(self.prefix_caching, bool):
+            raise ValueError(f"cache.prefix_caching={self.prefix_caching!r}: expected true or false")
+
+    def pool_tokens(self, bytes_per_token: int, device: torch.device, most_useful: int) -> int:
+        """Tokens the pool holds: max_tokens, else memory_fraction of the device's free memory, capped at
+        `most_useful` (no more than the engine could ever fill), at least one block."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        tokens = int(free_memory(device) * self.memory_fraction) // bytes_per_token
+        return max(self.block_size, min(tokens, most_useful))
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free now on `device`: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Where one step's tokens go in the pool and what each sequence attends to (the same for every layer)."""
+
+    slots: torch.Tensor  # [N] long: pool row (block * b + offset) of each new token
+    decode_rows: torch.Tensor | None  # [D] long: the step rows of one-token sequences (batched decode)
+    decode_slots: torch.Tensor | None  # [D, S_max] long: pool rows of their context, padded with a valid row
+    decode_valid: torch.Tensor | None  # [D, S_max] bool: which of those are the sequence's positions
+    decode_tables: torch.Tensor | None  # [D, blocks_max] int32 block tables (the Triton kernel reads these)
+    decode_lens: torch.Tensor | None  # [D] int32 context lengths
+    context: list[torch.Tensor | None]  # per sequence not in the decode batch: [start + n] long pool rows
+
+
+class PagedLatentCache:
+    """A pool [L, B, b, w] of blocks; each sequence owns a block table, and blocks are reference-counted.
+
+    Prefix caching (after nano-vllm): a full block is registered under a hash chained over every token of the
+    prefix it ends, so a later request whose prompt starts with the same tokens attaches those blocks instead of
+    recomputing them. A freed block keeps its content and registration until it is handed out again (oldest
+    freed first). The pool starts zeroed, so a padded read of a block's unwritten tail is finite.
     """
 
     def __init__(self, n_layers: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
-        self.n_layers = n_layers
-        self.kv_lora_rank = kv_lora_rank
-        self.rope_dim = rope_dim
-        self.dtype = dtype
-        self.device = torch.device(device)  # the gateway's device: the cache never leaves it
-        self._store: dict[int, torch.Tensor] = {}
-        self._length: dict[int, int] = {}
+                 device: torch.device | str = "cpu", n_blocks: int = 256, block_size: int = 16,
+                 prefix_caching: bool = True) -> None:
+        if n_blocks < 1 or block_size < 1:
+            raise ValueError(f"n_blocks={n_blocks}, block_size={block_size}: expected both >= 1")
+        self.n_layers, self.kv_lora_rank, self.rope_dim = n_layers, kv_lora_rank, rope_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.block_size, self.n_blocks, self.prefix_caching = block_size, n_blocks, prefix_caching
+        self.pool = torch.zeros(n_layers, n_blocks, block_size, kv_lora_rank + rope_dim, dtype=dtype,
+                                device=self.device)
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(n_blocks))  # oldest freed first
+        self._refs = [0] * n_blocks
+        self._block_hash: dict[int, int] = {}  # registered full block -> its chained hash
+        self._by_hash: dict[int, tuple[int, tuple[int, ...]]] = {}  # hash -> (block, its tokens) to verify hits
+        self._tables: dict[int, list[int]] = {}
+        self._length: dict[int, int] = {}  # positions written
+        self._tokens: dict[int, list[int]] = {}  # token ids written (prefix caching only)
+        self._hashes: dict[int, list[int]] = {}  # the chain over each sequence's registered full blocks
+        self.prefix_queried = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which were found (not recomputed)
 
     @property
     def values_per_token_per_layer(self) -> int:
         return self.kv_lora_rank + self.rope_dim
 
-    def allocate(self, seq_id: int, capacity: int = 16) -> None:
-        if seq_id in self._store:
+    @property
+    def bytes_per_token(self) -> int:
+        return self.n_layers * self.values_per_token_per_layer * self.dtype.itemsize
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.n_blocks * self.block_size
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def is_empty(self) -> bool:
+        """No sequence holds a block (every block is free; prefix-cached ones stay registered)."""
+        return not self._tables and self.free_blocks == self.n_blocks
+
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._tables
+
+    def allocate(self, seq_id: int, capacity: int = 1, tokens: list[int] | None = None) -> int:
+        """Start a sequence with room for `capacity` tokens. With `tokens` (its prompt) and prefix caching, the
+        registered full blocks of its longest cached prefix are attached (never the block holding the last token:
+        its logits are needed). Returns the positions already cached. Raises CacheFull, changing nothing."""
+        if seq_id in self._tables:
             raise KeyError(f"seq_id={seq_id}: already has a cache")
-        width = self.values_per_token_per_layer
-        self._store[seq_id] = torch.empty(self.n_layers, max(capacity, 1), width, dtype=self.dtype,
-                                           device=self.device)
-        self._length[seq_id] = 0
+        hits, chain = self._lookup(tokens) if tokens is not None and self.prefix_caching else ([], [])
+        cached = len(hits) * self.block_size
+        need = self.blocks_for(max(capacity, cached)) - len(hits)
+        reusable = sum(1 for b in hits if self._refs[b] == 0)  # attaching these takes them off the free list
+        if need > self.free_blocks - reusable:
+            raise CacheFull(f"seq_id={seq_id}: needs {need} free blocks, {self.free_blocks - reusable} are free")
+        for b in hits:
+            self._free.pop(b, None)
+            self._refs[b] += 1
+        self._tables[seq_id] = hits
+        self._length[seq_id] = cached
+        self._hashes[seq_id] = chain
+        if tokens is not None and self.prefix_caching:
+            self._tokens[seq_id] = list(tokens[:cached])
+            self.prefix_queried += len(tokens)
+            self.prefix_hits += cached
+        self.reserve(seq_id, capacity)
+        return cached
+
+    def _lookup(self, tokens: list[int]) -> tuple[list[int], list[int]]:
+        """The registered blocks (and their hashes) of the longest cached prefix of tokens[:-1], in order."""
+        hits, chain, prev, b = [], [], 0, self.block_size
+        for i in range((len(tokens) - 1) // b):
+            block_tokens = tuple(tokens[i * b:(i + 1) * b])
+            h = hash((prev, block_tokens))
+            found = self._by_hash.get(h)
+            if found is None or found[1] != block_tokens:
+                break
+            hits.append(found[0])
+            chain.append(h)
+            prev = h
+        return hits, chain
+
+    def cached_prefix(self, tokens: list[int]) -> int:
+        """Positions of `tokens` that allocate() would take from the prefix cache (nothing changes)."""
+        return len(self._lookup(tokens)[0]) * self.block_size if self.prefix_caching else 0
+
+    def can_reserve(self, seq_id: int, total: int) -> bool:
+        return self.blocks_for(total) - len(self._tables[seq_id]) <= self.free_blocks
+
+    def reserve(self, seq_id: int, total: int) -> None:
+        """Make room for `total` tokens (blocks from the free list). Raises CacheFull, changing nothing."""
+        table = self._tables[seq_id]
+        need = self.blocks_for(total) - len(table)
+        if need <= 0:
+            return
+        if need > self.free_blocks:
+            raise CacheFull(f"seq_id={seq_id}: needs {need} more blocks for {total} tokens, {self.free_blocks} "
+                            f"of {self.n_blocks} are free")
+        for _ in range(need):
+            block, _ = self._free.popitem(last=False)
+            self._forget(block)
+            self._refs[block] = 1
+            table.append(block)
+
+    def _forget(self, block: int) -> None:
+        """A block is handed out again: its old content no longer answers prefix lookups."""
+        h = self._block_hash.pop(block, None)
+        if h is not None and self._by_hash.get(h, (None,))[0] == block:
+            del self._by_hash[h]
 
     def free(self, seq_id: int) -> None:
-        self._store.pop(seq_id, None)
+        """Release a sequence's blocks (a no-op for an unknown one). Its tail blocks are handed out first, so the
+        prefix blocks other requests may share stay cached longest."""
+        table = self._tables.pop(seq_id, None)
         self._length.pop(seq_id, None)
+        self._tokens.pop(seq_id, None)
+        self._hashes.pop(seq_id, None)
+        for block in reversed(table or []):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
 
     def length(self, seq_id: int) -> int:
         return self._length[seq_id]
 
-    def reserve(self, seq_id: int, total: int) -> None:
-        """Make room for `total` tokens (grows geometrically, copying what is there)."""
-        store = self._store[seq_id]
-        if store.shape[1] >= total:
-            return
-        grown = store.new_empty(self.n_layers, max(total, 2 * store.shape[1]), store.shape[2])
-        grown[:, : self._length[seq_id]] = store[:, : self._length[seq_id]]
-        self._store[seq_id] = grown
+    def table(self, seq_id: int) -> list[int]:
+        return list(self._tables[seq_id])
 
-    def write(self, layer: int, seq_id: int, start: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-        """Store positions [start, start+n). c_kv: [n, kv_lora_rank]; k_pe: [n, rope_dim]."""
-        n = c_kv.shape[0]
-        rows = self._store[seq_id][layer, start : start + n]
-        rows[:, : self.kv_lora_rank] = c_kv
-        rows[:, self.kv_lora_rank :] = k_pe
-
-    def read(self, layer: int, seq_id: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of positions [0, end): c_kv [end, kv_lora_rank], k_pe [end, rope_dim]."""
-        rows = self._store[seq_id][layer, :end]
-        return rows[:, : self.kv_lora_rank], rows[:, self.kv_lora_rank :]
-
-    def advance(self, seq_id: int, n: int) -> None:
-        """Mark n more positions as written in every layer (after a forward step)."""
+    def advance(self, seq_id: int, n: int, tokens: list[int] | None = None) -> None:
+        """Mark n more positions written in every layer; with their token ids (prefix caching), register the
+        blocks this completes."""
         self._length[seq_id] += n
+        if tokens is None or not self.prefix_caching:
+            return
+        if len(tokens) != n:
+            raise ValueError(f"seq_id={seq_id}: advance by {n} positions with {len(tokens)} token ids")
+        written = self._tokens.setdefault(seq_id, [])
+        written.extend(tokens)
+        chain, table, b = self._hashes[seq_id], self._tables[seq_id], self.block_size
+        while len(chain) < len(written) // b:
+            i = len(chain)
+            block_tokens = tuple(written[i * b:(i + 1) * b])
+            h = hash((chain[-1] if chain else 0, block_tokens))
+            chain.append(h)
+            block = table[i]
+            if h not in self._by_hash and block not in self._block_hash:
+                self._by_hash[h] = (block, block_tokens)
+                self._block_hash[block] = h
 
     def nbytes(self, seq_id: int) -> int:
         """Bytes of the valid part of one sequence's cache."""
-        return self.n_layers * self._length[seq_id] * self.values_per_token_per_layer * self.dtype.itemsize
+        return self._length[seq_id] * self.bytes_per_token
 
-    def storage(self, seq_id: int) -> torch.Tensor:
-        return self._store[seq_id]
+    def plan(self, step: StepBatch, batched_decode: list[bool]) -> AttentionPlan:
+        """The step's pool rows: where each new token is written and what each sequence reads. Sequences
+        flagged in `batched_decode` (one new token each) are read together, padded to the longest."""
+        b, dev = self.block_size, self.device
+        within = torch.arange(b)
+        slots = torch.empty(step.n_tokens, dtype=torch.long)
+        context: list[torch.Tensor | None] = []
+        decode = [i for i, flag in enumerate(batched_decode) if flag]
+        for i, (seq, start, n, off) in enumerate(zip(step.seq_ids, step.starts, step.lengths, step.offsets,
+                                                      strict=True)):
+            if batched_decode[i]:
+                context.append(None)
+                continue
+            rows = (torch.tensor(self._tables[seq])[:, None] * b + within).flatten()[: start + n]
+            slots[off : off + n] = rows[start:]
+            context.append(rows.to(dev))
+        if not decode:
+            return AttentionPlan(slots.to(dev), None, None, None, None, None, context)
+        tables = [self._tables[step.seq_ids[i]] for i in decode]
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables])  # padded with a valid block
+        lens = torch.tensor([step.starts[i] + 1 for i in decode])
+        rows = (table[:, :, None] * b + within).flatten(1)  # [D, width * b]
+        s_max = int(lens.max())
+        rows = rows[:, :s_max]
+        slots[torch.tensor([step.offsets[i] for i in decode])] = rows[torch.arange(len(decode)), lens - 1]
+        return AttentionPlan(
+            slots=slots.to(dev),
+            decode_rows=torch.tensor([step.offsets[i] for i in decode]).to(dev),
+            decode_slots=rows.to(dev),
+            decode_valid=(torch.arange(s_max)[None, :] < lens[:, None]).to(dev),
+            decode_tables=table.to(device=dev, dtype=torch.int32),
+            decode_lens=lens.to(device=dev, dtype=torch.int32),
+            context=context,
+        )
+
+    def layer_rows(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s pool as rows [B * b, w] (a view: writes land in the pool)."""
+        return self.pool[layer].view(-1, self.values_per_token_per_layer)
+
+    def stats(self) -> dict[str, int]:
+        return {"blocks": self.n_blocks, "free_blocks": self.free_blocks, "block_size": self.block_size,
+                "sequences": len(self._tables), "prefix_queried_tokens": self.prefix_queried,
+                "prefix_hit_tokens": self.prefix_hits}

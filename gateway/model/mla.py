@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gateway.model.kv_cache import LatentCache
+from gateway.model.kv_cache import AttentionPlan, PagedLatentCache
 from gateway.model.layers import RotaryEmbedding, rms_norm
 from gateway.model.step import StepBatch
 from model_core.spec import ModelSpec
 
+SCORE_ELEMENTS = 1 << 24  # the most elements of one attention score (or gathered context) tensor: 64 MiB at fp32
+
 # Shape legend: N = new tokens in the step, n = one sequence's new tokens, S = its cached length,
-# h = heads, r = kv_lora_rank, p = qk_rope_head_dim, d = qk_nope_head_dim, v = v_head_dim, H = hidden.
+# D = one-token sequences decoded together, h = heads, r = kv_lora_rank, p = qk_rope_head_dim,
+# d = qk_nope_head_dim, v = v_head_dim, H = hidden, w = r + p.
 
 
 class MLAttention:
@@ -24,12 +27,16 @@ class MLAttention:
         self.w_uk = kv_b[:, :d]  # [h, d, r]: absorbed into the query at decode
         self.w_uv = kv_b[:, d:]  # [h, v, r]: absorbed into the output at decode
         self.scale = spec.attention_scale
+        self.use_kernel = False  # decode with the Triton paged-MLA kernel (the model turns it on on CUDA)
 
-    def forward(self, x: torch.Tensor, step: StepBatch, cache: LatentCache, absorb: bool | None = None) -> torch.Tensor:
-        """x: [N, H] (already normed) -> [N, H]. Writes this step's c_kv and k_pe to the cache.
+    def forward(self, x: torch.Tensor, step: StepBatch, cache: PagedLatentCache | None,
+                plan: AttentionPlan | None = None, absorb: bool | None = None) -> torch.Tensor:
+        """x: [N, H] (already normed) -> [N, H]. Writes this step's c_kv and k_pe to the cache's pool.
 
-        absorb: compute attention in latent space; default: per sequence, absorbed for a one-token step (decode)
-        and expanded for more (prefill), so a sequence's decode math does not depend on what shares the step.
+        plan: the step's pool rows (cache.plan); its decode batch holds the one-token sequences, attended together
+        in latent space (absorbed); every other sequence attends alone over its context, expanded or absorbed,
+        whichever costs fewer multiply-adds (`absorb` forces one). cache None: whole sequences scored at once with
+        no cache (absorbed for a one-token sequence unless `absorb` says otherwise).
         """
         spec, w = self.spec, self.w
         n_tok, h = x.shape[0], spec.num_attention_heads
@@ -47,34 +54,108 @@ class MLAttention:
         q_pe = self.rope.apply(q_pe, cos, sin)
         k_pe = self.rope.apply(k_pe, cos, sin)  # [N, p]
 
+        if cache is None:  # one-shot scoring: every sequence starts at 0 and attends only to this step's tokens
+            return self._project(self._uncached(q_nope, q_pe, c_kv, k_pe, step, absorb), n_tok)
+        rows = cache.layer_rows(self.layer)  # [B * b, w]: writes land in the pool
+        rows.index_copy_(0, plan.slots, torch.cat([c_kv, k_pe], dim=-1).to(rows.dtype))
         out = x.new_empty(n_tok, h, spec.v_head_dim)
-        for seq_id, start, n, off in zip(step.seq_ids, step.starts, step.lengths, step.offsets, strict=True):
-            rows = slice(off, off + n)
-            cache.write(self.layer, seq_id, start, c_kv[rows], k_pe[rows])
-            ckv_all, kpe_all = cache.read(self.layer, seq_id, start + n)  # [S, r], [S, p]
-            attend = self._absorbed if (n == 1 if absorb is None else absorb) else self._expanded
-            out[rows] = attend(q_nope[rows], q_pe[rows], ckv_all, kpe_all, start)
+        if plan.decode_rows is not None:
+            out[plan.decode_rows] = self._decode(q_nope[plan.decode_rows], q_pe[plan.decode_rows], cache, plan)
+        r = spec.kv_lora_rank
+        for i, (start, n, off) in enumerate(zip(step.starts, step.lengths, step.offsets, strict=True)):
+            if plan.context[i] is None:
+                continue
+            ctx = rows[plan.context[i]]  # [S, w]
+            latent = absorb if absorb is not None else self._absorbed_is_cheaper(n, start + n)
+            attend = self._absorbed if latent else self._expanded
+            out[off : off + n] = attend(q_nope[off : off + n], q_pe[off : off + n], ctx[:, :r], ctx[:, r:], start)
+        return self._project(out, n_tok)
+
+    def _absorbed_is_cheaper(self, n: int, s_len: int) -> bool:
+        """Multiply-adds of attending n queries over S positions: expanding c_kv to per-head keys and values costs
+        S·h·(r(d+v) + n(d+p+v)), staying in latent space n·h·(r(d+v) + S(2r+p)). A short chunk late in a long
+        prompt (chunked prefill) is cheaper absorbed; a whole prompt expanded."""
+        spec = self.spec
+        r, d, v, p = spec.kv_lora_rank, spec.qk_nope_head_dim, spec.v_head_dim, spec.qk_rope_head_dim
+        expanded = s_len * (r * (d + v) + n * (d + p + v))
+        absorbed = n * (r * (d + v) + s_len * (2 * r + p))
+        return absorbed < expanded
+
+    def _project(self, out: torch.Tensor, n_tok: int) -> torch.Tensor:
+        w = self.w
         return F.linear(out.reshape(n_tok, -1), w["o_proj.weight"], w.get("o_proj.bias"))
+
+    def _uncached(self, q_nope, q_pe, c_kv, k_pe, step: StepBatch, absorb: bool | None) -> torch.Tensor:
+        """Attention of whole sequences over their own new tokens (no cache): the unpaged reference path."""
+        out = q_nope.new_empty(q_nope.shape[0], self.spec.num_attention_heads, self.spec.v_head_dim)
+        for start, n, off in zip(step.starts, step.lengths, step.offsets, strict=True):
+            if start != 0:
+                raise ValueError(f"a step without a cache starts every sequence at 0, got a start of {start}")
+            rows = slice(off, off + n)
+            attend = self._absorbed if (n == 1 if absorb is None else absorb) else self._expanded
+            out[rows] = attend(q_nope[rows], q_pe[rows], c_kv[rows], k_pe[rows], 0)
+        return out
+
+    def _decode(self, q_nope, q_pe, cache: PagedLatentCache, plan: AttentionPlan) -> torch.Tensor:
+        """Absorbed decode of every one-token sequence at once over its pool rows. q_*: [D, h, *] -> [D, h, v]."""
+        r = self.spec.kv_lora_rank
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, self.w_uk)  # [D, h, r]
+        if self.use_kernel:
+            from gateway.model.paged_mla_kernel import paged_mla_decode
+
+            o_lat = paged_mla_decode(q_lat, q_pe, cache.pool[self.layer], plan.decode_tables, plan.decode_lens, r,
+                                     self.scale)
+            return torch.einsum("bhr,hvr->bhv", o_lat, self.w_uv)
+        rows = cache.layer_rows(self.layer)
+        d, s_max = plan.decode_slots.shape
+        out = q_nope.new_empty(d, self.spec.num_attention_heads, self.spec.v_head_dim)
+        # Sequences in groups, so the gathered context [g, S, w] and the scores [g, h, S] stay under the bound.
+        per = max(1, SCORE_ELEMENTS // (s_max * (rows.shape[-1] + self.spec.num_attention_heads)))
+        for lo in range(0, d, per):
+            hi = min(d, lo + per)
+            ctx = rows[plan.decode_slots[lo:hi]]  # [g, S, w]
+            ckv, kpe = ctx[..., :r], ctx[..., r:]
+            scores = torch.matmul(q_lat[lo:hi], ckv.transpose(1, 2)) + torch.matmul(q_pe[lo:hi], kpe.transpose(1, 2))
+            scores = (scores * self.scale).masked_fill(~plan.decode_valid[lo:hi, None, :], float("-inf"))
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
+            out[lo:hi] = torch.einsum("bhr,hvr->bhv", torch.matmul(probs, ckv), self.w_uv)
+        return out
+
+    def _query_chunks(self, n: int, s_len: int) -> range:
+        """Query row starts so that no [h, chunk, S] score tensor exceeds SCORE_ELEMENTS."""
+        return range(0, n, max(1, SCORE_ELEMENTS // (self.spec.num_attention_heads * s_len)))
 
     def _expanded(self, q_nope, q_pe, ckv, kpe, start: int) -> torch.Tensor:
         """Prefill: expand c_kv into per-head keys and values. q_*: [n, h, *]; ckv: [S, r] -> [n, h, v]."""
         spec = self.spec
-        s_len, h = ckv.shape[0], spec.num_attention_heads
+        s_len, h, n = ckv.shape[0], spec.num_attention_heads, q_nope.shape[0]
         kv = F.linear(ckv, self.w["kv_b_proj.weight"]).view(s_len, h, -1)  # [S, h, d + v]
         k_nope, value = kv.split([spec.qk_nope_head_dim, spec.v_head_dim], dim=-1)
         query = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [h, n, d + p]
-        key = torch.cat([k_nope, kpe[:, None, :].expand(s_len, h, -1)], dim=-1).transpose(0, 1)  # [h, S, d + p]
-        scores = torch.matmul(query, key.transpose(1, 2)) * self.scale  # [h, n, S]
-        probs = self._causal_softmax(scores, start)
-        return torch.matmul(probs, value.transpose(0, 1)).transpose(0, 1)  # [n, h, v]
+        key = torch.cat([k_nope, kpe[:, None, :].expand(s_len, h, -1)], dim=-1).permute(1, 2, 0)  # [h, d + p, S]
+        value = value.transpose(0, 1)  # [h, S, v]
+        out = q_nope.new_empty(n, h, spec.v_head_dim)
+        step = self._query_chunks(n, s_len).step
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            scores = torch.matmul(query[:, lo:hi], key) * self.scale  # [h, c, S]
+            probs = self._causal_softmax(scores, start + lo)
+            out[lo:hi] = torch.matmul(probs, value).transpose(0, 1)
+        return out
 
     def _absorbed(self, q_nope, q_pe, ckv, kpe, start: int) -> torch.Tensor:
-        """Decode: q·W_UK against c_kv directly, then W_UV on the latent output. -> [n, h, v]."""
+        """Latent-space attention of one sequence: q·W_UK against c_kv directly, then W_UV. -> [n, h, v]."""
+        n = q_nope.shape[0]
         q_lat = torch.einsum("nhd,hdr->hnr", q_nope, self.w_uk)  # [h, n, r]
-        scores = torch.matmul(q_lat, ckv.T) + torch.matmul(q_pe.transpose(0, 1), kpe.T)  # [h, n, S]
-        probs = self._causal_softmax(scores * self.scale, start)
-        o_lat = torch.matmul(probs, ckv)  # [h, n, r]
-        return torch.einsum("hnr,hvr->nhv", o_lat, self.w_uv)
+        q_pe = q_pe.transpose(0, 1)  # [h, n, p]
+        out = q_nope.new_empty(n, self.spec.num_attention_heads, self.spec.v_head_dim)
+        step = self._query_chunks(n, ckv.shape[0]).step
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            scores = torch.matmul(q_lat[:, lo:hi], ckv.T) + torch.matmul(q_pe[:, lo:hi], kpe.T)  # [h, c, S]
+            probs = self._causal_softmax(scores * self.scale, start + lo)
+            out[lo:hi] = torch.einsum("hnr,hvr->nhv", torch.matmul(probs, ckv), self.w_uv)
+        return out
 
     @staticmethod
     def _causal_softmax(scores: torch.Tensor, start: int) -> torch.Tensor:

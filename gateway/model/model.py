@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gateway.dispatch.dispatcher import Dispatcher
-from gateway.model.kv_cache import LatentCache
+from gateway.model.kv_cache import PagedLatentCache
 from gateway.model.layers import RotaryEmbedding, rms_norm
 from gateway.model.mla import MLAttention
 from gateway.model.step import StepBatch
@@ -135,16 +135,27 @@ class GatewayModel:
             change = compare_routing(routing.ids, exact, unlimited, limited, biased)
         return dataclasses.replace(routing, counts=counts, change=change)
 
-    def new_cache(self) -> LatentCache:
-        return LatentCache(self.spec.num_hidden_layers, self.spec.kv_lora_rank, self.spec.qk_rope_head_dim, self.dtype,
-                           self.device)
+    def new_cache(self, max_tokens: int = 4096, block_size: int = 16, prefix_caching: bool = True) -> PagedLatentCache:
+        """A paged latent cache on the model's device holding `max_tokens` tokens (rounded up to whole blocks)."""
+        return PagedLatentCache(self.spec.num_hidden_layers, self.spec.kv_lora_rank, self.spec.qk_rope_head_dim,
+                                self.dtype, self.device, n_blocks=-(-max_tokens // block_size), block_size=block_size,
+                                prefix_caching=prefix_caching)
+
+    def use_decode_kernel(self, enabled: bool) -> None:
+        """Decode attention with the Triton paged-MLA kernel (CUDA) instead of batched torch."""
+        for layer in self.layers:
+            layer.attention.use_kernel = enabled
 
     def forward(
-        self, tokens: torch.Tensor, step: StepBatch, cache: LatentCache, absorb: bool | None = None
+        self, tokens: torch.Tensor, step: StepBatch, cache: PagedLatentCache | None, absorb: bool | None = None,
+        new_tokens: list[list[int]] | None = None,
     ) -> tuple[torch.Tensor, dict[int, Routing]]:
         """tokens: [N] on the model's device -> final normed hidden states [N, H] and each MoE layer's routing
-        (both on the model's device)."""
+        (both on the model's device). Every sequence in `step` needs cache room for its new tokens (reserve);
+        its cache length advances by them; with `new_tokens` (each sequence's ids) the blocks they complete join the
+        prefix cache. cache None scores whole sequences with no cache (starts all 0)."""
         spec = self.spec
+        plan = None if cache is None else cache.plan(step, [n == 1 and absorb is not False for n in step.lengths])
         h = F.embedding(tokens.to(self.device), self.embed)  # [N, H]
         n_seqs = len(step.lengths)
         seq_index = torch.repeat_interleave(torch.arange(n_seqs, device=self.device),
@@ -152,7 +163,7 @@ class GatewayModel:
         routings: dict[int, Routing] = {}
         for i, layer in enumerate(self.layers):
             u = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
-            h = h + layer.attention.forward(u, step, cache, absorb)
+            h = h + layer.attention.forward(u, step, cache, plan, absorb)
             u = rms_norm(h, layer.post_attention_norm, spec.rms_norm_eps)
             if layer.mlp is not None:
                 h = h + swiglu(u, *layer.mlp)
@@ -167,8 +178,9 @@ class GatewayModel:
                         span.set_attribute("expertmesh.experts_hit", int((routing.counts.tokens_per_expert > 0).sum()))
             h = h + routed_and_shared
             routings[i] = routing
-        for seq_id, n in zip(step.seq_ids, step.lengths, strict=True):
-            cache.advance(seq_id, n)
+        if cache is not None:
+            for i, (seq_id, n) in enumerate(zip(step.seq_ids, step.lengths, strict=True)):
+                cache.advance(seq_id, n, None if new_tokens is None else new_tokens[i])
         return rms_norm(h, self.final_norm, spec.rms_norm_eps), routings
 
     def set_selection_bias(self, biases: dict[int, torch.Tensor]) -> None:

@@ -172,6 +172,10 @@ class Engine(EngineCore):
                     f"{field}: {len(p)} tokens + max_new_tokens={max_new_tokens} exceeds "
                     f"max_position_embeddings={limit}"
                 )
+            if max_new_tokens and self.cache.blocks_for(len(p) + max_new_tokens) > self.cache.n_blocks:
+                raise ValueError(
+                    f"{field}: {len(p)} tokens + max_new_tokens={max_new_tokens} can never fit the latent cache "
+                    f"({self.cache.capacity_tokens} tokens: cache.max_tokens / cache.memory_fraction)")
 
     def _begin(self, prompts: list[list[int]], request_ids: list[str] | None) -> tuple[list[int], list[RequestTrace]]:
         """Sequence ids and routing traces for a call's prompts (request ids given or generated)."""
@@ -180,7 +184,7 @@ class Engine(EngineCore):
         elif len(request_ids) != len(prompts) or len(set(request_ids)) != len(request_ids):
             raise ValueError(f"request_ids: expected {len(prompts)} distinct ids, one per prompt")
         self.last_request_ids = list(request_ids)
-        traces = [self.traces.start(r, self.spec.moe_layers, self.spec.top_k, len(p))
+        traces = [self.traces.start(r, self.spec.moe_layers, self.spec.top_k, list(p))
                   for r, p in zip(request_ids, prompts, strict=True)]
         return [next(self._seq_ids) for _ in prompts], traces
 
@@ -193,18 +197,14 @@ class Engine(EngineCore):
     def _logits(self, prompts: list[list[int]], request_ids: list[str] | None) -> list[torch.Tensor]:
         self._check_prompts(prompts)
         seqs, traces = self._begin(prompts, request_ids)
-        cache = self.model.new_cache()
-        for s, p in zip(seqs, prompts, strict=True):
-            cache.allocate(s, len(p))
-        try:
+        try:  # whole prompts in one forward with no cache: nothing to keep afterwards
             with self._span("logits", request_ids=self.last_request_ids, prompts=len(prompts)):
-                hidden, step = self._forward(cache, seqs, [0] * len(prompts), [list(p) for p in prompts], traces)
+                hidden, step = self._forward(None, seqs, [0] * len(prompts), [list(p) for p in prompts], traces)
                 logits = self.model.logits(hidden)
             logits = logits.cpu()  # scoring returns logits to the caller: one host copy, whatever the device
             return [logits[o : o + n].clone() for o, n in zip(step.offsets, step.lengths, strict=True)]
         finally:
-            for s, t in zip(seqs, traces, strict=True):
-                cache.free(s)
+            for t in traces:
                 self.traces.finish(t.request_id)
 
     def submit(
@@ -250,7 +250,7 @@ class Engine(EngineCore):
                 self.scheduler.add(request)  # QueueFull before anything is allocated
                 try:
                     self._traces_of[request.request_id] = self.traces.start(
-                        request.request_id, self.spec.moe_layers, self.spec.top_k, len(prompt))
+                        request.request_id, self.spec.moe_layers, self.spec.top_k, list(prompt))
                 except ValueError:
                     self.scheduler.waiting.pop()
                     raise

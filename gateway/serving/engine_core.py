@@ -12,7 +12,7 @@ import torch
 
 from gateway.config import DeploymentConfig, DeploymentConfigError
 from gateway.dispatch.dispatcher import Dispatcher
-from gateway.model.kv_cache import LatentCache
+from gateway.model.kv_cache import PagedLatentCache
 from gateway.model.model import GatewayModel
 from gateway.model.sampling import sample
 from gateway.model.step import StepBatch
@@ -64,9 +64,10 @@ class EngineCore:
         tracing = config.tracing
         self.traces = RoutingTraceStore(tracing.routing_trace_capacity, tracing.routing_trace_dir,
                                         max_bytes=int(tracing.routing_trace_max_mb * 2**20))
-        self._seq_ids = itertools.count()
-        self.scheduler = Scheduler(config.scheduler)
-        self.cache = self.model.new_cache()  # sequences get their latent cache on admission, free it on finish
+        self._seq_ids = itertools.count()  # for one-shot scoring (logits); the scheduler numbers requests
+        self.cache = self._new_cache()  # sequences get blocks on admission and as they grow, free them on finish
+        self.model.use_decode_kernel(self._decode_kernel())
+        self.scheduler = Scheduler(config.scheduler, self.cache)
         self._traces_of: dict[str, RequestTrace] = {}
         self._step_lock = threading.RLock()  # one forward at a time; close() waits for it too
         self._queue_lock = threading.Lock()  # submit() and cancel() from other threads vs. schedule()
@@ -77,6 +78,23 @@ class EngineCore:
         if self.balance is not None and config.balancing.mode in EPLB_MODES:
             self.balance.current_placement = lambda: self.backend.placement.to_dict()
             self.balance.on_proposal = self._rearrange_in_background
+
+    def _new_cache(self) -> PagedLatentCache:
+        """The paged latent-cache pool, sized by cache.max_tokens or cache.memory_fraction (at most what
+        scheduler.max_running sequences of max_position_embeddings tokens could fill)."""
+        cfg, spec = self.config.cache, self.spec
+        per_token = spec.num_hidden_layers * (spec.kv_lora_rank + spec.qk_rope_head_dim) * self.model.dtype.itemsize
+        most = self.config.scheduler.max_running * spec.max_position_embeddings
+        tokens = cfg.pool_tokens(per_token, self.device, most)
+        cache = self.model.new_cache(tokens, cfg.block_size, cfg.prefix_caching)
+        logger.info("latent cache: %d blocks of %d tokens (%d tokens, %.1f MiB) on %s", cache.n_blocks,
+                    cache.block_size, cache.capacity_tokens, cache.pool.nbytes / 2**20, self.device)
+        return cache
+
+    def _decode_kernel(self) -> bool:
+        """Whether decode attention runs the Triton paged-MLA kernel: attention_kernel, 'auto' = on CUDA."""
+        kind = self.config.attention_kernel
+        return kind == "triton" or (kind == "auto" and self.device.type == "cuda")
 
     def apply_placement(self, placement: Placement) -> None:
         """Re-place the routed experts without stopping: every expert group loads `placement` beside the current
@@ -126,51 +144,55 @@ class EngineCore:
 
     @torch.inference_mode()
     def step(self) -> list[Request]:
-        """One continuous-batching step: every running sequence decodes a token and waiting prompts are
-        prefilled under the token budget, all in one forward. Returns the requests that finished."""
+        """One continuous-batching step: every running sequence decodes a token, prompts are prefilled (in chunks
+        under scheduler.max_prefill_tokens), all in one forward. Returns the requests that finished."""
         with self._step_lock:
             retired = self._retire(self._take_cancelled())
             with self._queue_lock:
-                decodes, prefills = self.scheduler.schedule()
-            batch = decodes + prefills
+                batch = self.scheduler.schedule()
             if not batch:
                 return retired
             try:
-                for r in prefills:
-                    r.seq_id = next(self._seq_ids)
-                    self.cache.allocate(r.seq_id, len(r.prompt) + r.max_new_tokens)
+                new = [r.next_input() for r in batch]
+                ready = [r.ready_to_sample for r in batch]
                 hidden, step = self._forward(
-                    self.cache, [r.seq_id for r in batch], [r.cached for r in batch], [r.next_input() for r in batch],
+                    self.cache, [r.seq_id for r in batch], [r.computed for r in batch], new,
                     [self._traces_of[r.request_id] for r in batch], [r.span for r in batch if r.span is not None])
-                logits = self.model.logits(hidden[step.last_rows()])
+                for r in batch:
+                    r.computed += r.scheduled
+                rows = [row for row, last in zip(step.last_rows(), ready, strict=True) if last]
+                logits = self.model.logits(hidden[rows]) if rows else None
             except Exception as exc:  # a failed dispatch fails this step's requests; the engine keeps serving
                 logger.exception("step failed for %d requests", len(batch))
                 for r in batch:
                     r.fail(f"{type(exc).__name__}: {exc}")
                 return retired + self._retire(batch)
+            sampling = [r for r, last in zip(batch, ready, strict=True) if last]  # a prompt's last chunk, or decode
+            if not sampling:
+                return retired
             # Sampled on the device; the ids are the one thing this step copies to the host (in one transfer).
             ids = torch.cat([sample(row[None], r.temperature, r.top_p, r.generator)
-                             for r, row in zip(batch, logits, strict=True)]).tolist()
-            for r, token in zip(batch, ids, strict=True):
+                             for r, row in zip(sampling, logits, strict=True)]).tolist()
+            for r, token in zip(sampling, ids, strict=True):
                 self._emit(r, token)
-            return retired + self._retire([r for r in batch if r.done])
+            return retired + self._retire([r for r in sampling if r.done])
 
     def _forward(
-        self, cache: LatentCache, seqs: list[int], starts: list[int], new: list[list[int]],
+        self, cache: PagedLatentCache | None, seqs: list[int], starts: list[int], new: list[list[int]],
         traces: list[RequestTrace], request_spans: list | None = None,
     ) -> tuple[torch.Tensor, StepBatch]:
-        """Run one forward over `new` tokens of each sequence; returns final hidden [N, H] and books routing."""
+        """Run one forward over `new` tokens of each sequence (their cache room reserved; cache None: whole
+        prompts, no cache); returns final hidden [N, H] and books the routing."""
         step = StepBatch(seqs, starts, [len(t) for t in new], self.device)
-        for s, start, t in zip(seqs, starts, new, strict=True):
-            cache.reserve(s, start + len(t))
         tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.long).to(self.device)
         one = [n == 1 for n in step.lengths]
         kind = "decode_step" if all(one) else "prefill" if not any(one) else "mixed_step"
         # A step serves many requests: it links to each request's span (continuous batching has no single parent).
         with self._span(kind, links=request_spans, tokens=step.n_tokens, sequences=len(seqs)):
-            hidden, routings = self.model.forward(tokens, step, cache)
+            hidden, routings = self.model.forward(tokens, step, cache, new_tokens=new)
         self.routing_summary.add(routings)
-        self.traces.record_step(traces, step.offsets, step.lengths, new, routings, self.model.expert_device)
+        self.traces.record_step(traces, step.starts, step.offsets, step.lengths, new, routings,
+                                self.model.expert_device)
         if self.balance is not None:
             self.balance.observe(routings, step)
         return hidden, step
@@ -215,7 +237,7 @@ class EngineCore:
         with self._queue_lock:
             self.scheduler.retire(finished)
         for r in finished:
-            self.cache.free(r.seq_id)  # a request cancelled before admission has none: a no-op
+            self.cache.free(r.seq_id)  # a request cancelled before admission (or preempted) has none: a no-op
             self.traces.finish(r.request_id)
             self._traces_of.pop(r.request_id, None)
             if r.on_finish is not None:

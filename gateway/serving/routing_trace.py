@@ -34,6 +34,7 @@ class RequestTrace:
     top_k: int
     prompt_tokens: int = 0
     tokens: list[int] = field(default_factory=list)  # the token at each position
+    prompt: list[int] = field(default_factory=list, repr=False)  # the prompt's ids, when given at start
     _ids: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L, K] int32
     _weights: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L, K] float32
     _devices: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L, K] int32
@@ -52,6 +53,16 @@ class RequestTrace:
         added = sum(c.nbytes for c in chunks)
         self.nbytes += added
         return added
+
+    def add_cached(self, n: int) -> None:
+        """Append n prompt positions whose latent cache came from the prefix cache: this request never routed
+        them (expert and device -1, weight 0; the token ids are filled in from the prompt when known)."""
+        start = len(self.tokens)
+        self.add(self.prompt[start:start + n] if len(self.prompt) >= start + n else [-1] * n,
+                 torch.full((n, len(self.layers), self.top_k), -1, dtype=torch.int32),
+                 torch.zeros(n, len(self.layers), self.top_k), torch.full((n, len(self.layers), self.top_k), -1,
+                                                                          dtype=torch.int32),
+                 torch.zeros(n, len(self.layers), dtype=torch.bool), torch.zeros(n, len(self.layers), dtype=torch.bool))
 
     def snapshot(self) -> RequestTrace:
         """A copy that later appends do not change (chunks are never modified, so they are shared)."""
@@ -105,11 +116,13 @@ class RequestTrace:
         return trace
 
     def expert_counts(self, n_experts: int) -> np.ndarray:
-        """[L, n_experts] how many of this request's tokens each expert served, per layer."""
+        """[L, n_experts] how many of this request's tokens each expert served, per layer (positions taken from
+        the prefix cache, id -1, were served for another request and are not counted)."""
         ids = self.ids
         out = np.zeros((len(self.layers), n_experts), dtype=np.int64)
         for j in range(len(self.layers)):
-            out[j] = torch.bincount(ids[:, j].flatten().long(), minlength=n_experts).numpy()
+            routed = ids[:, j].flatten().long()
+            out[j] = torch.bincount(routed[routed >= 0], minlength=n_experts).numpy()
         return out
 
     def table(self) -> str:
@@ -167,11 +180,13 @@ class RoutingTraceStore:
         self.nbytes = 0  # tensor bytes of every trace held
         self.evicted = 0
 
-    def start(self, request_id: str, layers: list[int], top_k: int, prompt_tokens: int) -> RequestTrace:
+    def start(self, request_id: str, layers: list[int], top_k: int, prompt: int | list[int]) -> RequestTrace:
+        """A new running trace; `prompt` is the prompt's token ids (or just its length)."""
         with self._lock:
             if request_id in self._traces:
                 raise ValueError(f"request_id={request_id!r}: already traced; request ids must be unique")
-            trace = RequestTrace(request_id, layers, top_k, prompt_tokens)
+            ids = list(prompt) if isinstance(prompt, (list, tuple)) else []
+            trace = RequestTrace(request_id, layers, top_k, len(ids) if ids else prompt, prompt=ids)
             self._traces[request_id] = trace
             self._evict()
             return trace
@@ -218,15 +233,17 @@ class RoutingTraceStore:
                 (self.directory / f"{old}.json").unlink(missing_ok=True)
 
     def record_step(
-        self, traces: list[RequestTrace], offsets: list[int], lengths: list[int], tokens: list[list[int]],
-        routings: dict[int, Routing], expert_device: torch.Tensor,
+        self, traces: list[RequestTrace], starts: list[int], offsets: list[int], lengths: list[int],
+        tokens: list[list[int]], routings: dict[int, Routing], expert_device: torch.Tensor,
     ) -> None:
-        """Append one forward step's routing to the traces of the sequences in it."""
+        """Append one forward step's routing to the traces of the sequences in it. Sequence i's rows are its
+        positions starts[i]...; positions a trace already holds (recomputed after a preemption) are not added
+        again, and positions before starts[i] that it lacks (taken from the prefix cache) are added as cached."""
         layers = sorted(routings)
         if not layers:
             with self._lock:
-                for trace, toks in zip(traces, tokens, strict=True):
-                    trace.tokens.extend(toks)
+                for trace, start, toks in zip(traces, starts, tokens, strict=True):
+                    trace.tokens.extend(toks[len(trace.tokens) - start:])
             return
         ids = torch.stack([routings[layer].ids for layer in layers], dim=1).to(torch.int32)  # [N, L, K]
         weights = torch.stack([routings[layer].weights for layer in layers], dim=1).float()
@@ -236,9 +253,16 @@ class RoutingTraceStore:
         devices = expert_device[ids.long()].to(torch.int32)
         ids, weights, devices, by_limit, by_bias = (t.cpu() for t in (ids, weights, devices, by_limit, by_bias))
         with self._lock:
-            for trace, off, n, toks in zip(traces, offsets, lengths, tokens, strict=True):
-                rows = slice(off, off + n)
-                added = trace.add(toks, ids[rows], weights[rows], devices[rows], by_limit[rows], by_bias[rows])
+            for trace, start, off, n, toks in zip(traces, starts, offsets, lengths, tokens, strict=True):
+                held = len(trace.tokens)
+                if held < start:
+                    trace.add_cached(start - held)
+                skip = max(0, held - start)
+                if skip >= n:
+                    continue
+                rows = slice(off + skip, off + n)
+                added = trace.add(toks[skip:], ids[rows], weights[rows], devices[rows], by_limit[rows],
+                                  by_bias[rows])
                 if self._traces.get(trace.request_id) is trace:
                     self.nbytes += added
             self._evict()

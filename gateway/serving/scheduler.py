@@ -1,12 +1,15 @@
-"""Continuous batching: requests join and leave the running batch at every step, under a token budget."""
+"""Continuous batching over a paged cache: chunked prefill under token budgets, preemption when the cache is full."""
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from gateway.model.kv_cache import CacheFull, PagedLatentCache
 
 
 class QueueFull(RuntimeError):
@@ -15,13 +18,14 @@ class QueueFull(RuntimeError):
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch_tokens: int = 8192  # tokens per forward step (prefill tokens + one per running sequence)
+    max_batch_tokens: int = 8192  # tokens per forward step (one per decoding sequence + prefill chunks)
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step: longer prompts are chunked across steps
     max_running: int = 64  # sequences decoding at once
     max_waiting: int = 256  # queued requests before new ones are refused
     request_timeout_s: float = 600.0  # an HTTP request still unanswered after this is cancelled (504)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_running", "max_waiting"):
+        for name in ("max_batch_tokens", "max_prefill_tokens", "max_running", "max_waiting"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"scheduler.{name}={value!r}: expected an integer >= 1")
@@ -30,7 +34,7 @@ class SchedulerConfig:
             raise ValueError(f"scheduler.request_timeout_s={timeout!r}: expected a number of seconds > 0")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queues find and remove a request by who it is
 class Request:
     """One sequence's generation state; callbacks run on the engine's thread."""
 
@@ -45,18 +49,27 @@ class Request:
     on_finish: Callable[[Request], None] | None = None
     output: list[int] = field(default_factory=list)
     seq_id: int = -1
+    computed: int = 0  # positions in the latent cache (prompt, then generated tokens fed back)
+    scheduled: int = 0  # positions this step computes
+    cached_prompt: int = 0  # positions the prefix cache supplied at the last admission
+    preemptions: int = 0  # times its cache was taken back (it is then recomputed)
     error: str | None = None
     finish_reason: str | None = None  # "length" | "stop" | "error" | "cancelled"
     span: object = None  # its OpenTelemetry span while tracing is on
 
     @property
-    def cached(self) -> int:
-        """Positions already in the latent cache (prompt + generated tokens fed back)."""
-        return len(self.prompt) + max(len(self.output) - 1, 0) if self.output else 0
+    def tokens(self) -> list[int]:
+        """Every token the model has to have seen for the next sample: the prompt, then the generated ones."""
+        return self.prompt + self.output
 
     def next_input(self) -> list[int]:
-        """Tokens this request feeds to the next step: its prompt first, then its last generated token."""
-        return list(self.prompt) if not self.output else [self.output[-1]]
+        """The tokens this step feeds: the next `scheduled` positions not yet in the cache."""
+        return self.tokens[self.computed : self.computed + self.scheduled]
+
+    @property
+    def ready_to_sample(self) -> bool:
+        """Whether, once this step has run, every position is cached (the last row's logits give a new token)."""
+        return self.computed + self.scheduled == len(self.prompt) + len(self.output)
 
     @property
     def done(self) -> bool:
@@ -67,16 +80,23 @@ class Request:
 
 
 class Scheduler:
-    """Two queues and one `schedule()` that reads top to bottom (after nano-vllm).
+    """Two queues, a paged cache and one `schedule()` that reads top to bottom (after nano-vllm and vLLM).
 
-    Each step runs every running sequence's next token, then admits waiting prompts in arrival order while
-    the token budget and the running limit allow. A prompt larger than the whole budget runs alone.
+    Each step: every decoding sequence's next token; then prefill chunks of running sequences still reading
+    their prompt; then waiting prompts in arrival order, all under the token budgets (a prompt longer than
+    scheduler.max_prefill_tokens is prefilled in chunks over several steps, so decoding never stalls behind
+    it). When the cache cannot hold a running sequence's next tokens, the most recently admitted sequence is
+    preempted: its blocks are freed and it returns to the head of the queue, to be recomputed (prompt and
+    generated tokens) when there is room again.
     """
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, cache: PagedLatentCache) -> None:
         self.config = config
+        self.cache = cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.preemptions = 0
+        self._seq_ids = itertools.count()
 
     def add(self, request: Request) -> None:
         if len(self.waiting) >= self.config.max_waiting:
@@ -86,19 +106,64 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Request], list[Request]]:
-        """(decodes, prefills) for the next step; prefills move from waiting to running."""
-        decodes = list(self.running)
-        budget = self.config.max_batch_tokens - len(decodes)
-        prefills: list[Request] = []
-        while self.waiting and len(self.running) + len(prefills) < self.config.max_running:
-            need = len(self.waiting[0].prompt)
-            if need > budget and (decodes or prefills):
-                break
-            prefills.append(self.waiting.popleft())
-            budget -= need
-        self.running.extend(prefills)
-        return decodes, prefills
+    def schedule(self) -> list[Request]:
+        """The requests in the next step, each with `scheduled` positions to compute; their cache is reserved.
+        Admitted requests move from waiting to running."""
+        budget, prefill = self.config.max_batch_tokens, self.config.max_prefill_tokens
+        batch: list[Request] = []
+        decoding = [r for r in self.running if len(r.prompt) + len(r.output) - r.computed == 1]
+        chunking = [r for r in self.running if len(r.prompt) + len(r.output) - r.computed > 1]
+        for r in decoding + chunking:
+            if r not in self.running:  # preempted below for an older sequence's room
+                continue
+            remaining = len(r.prompt) + len(r.output) - r.computed
+            n = 1 if remaining == 1 else min(remaining, budget, prefill)
+            if n < 1 or n > budget:
+                continue
+            if not self._make_room(r, r.computed + n):
+                continue
+            r.scheduled = n
+            batch.append(r)
+            budget -= n
+            prefill -= n if remaining > 1 else 0
+        while self.waiting and len(self.running) < self.config.max_running and min(budget, prefill) > 0:
+            r = self.waiting[0]
+            if r.seq_id < 0:
+                r.seq_id = next(self._seq_ids)
+            tokens = r.tokens
+            cached = self.cache.cached_prefix(tokens)
+            n = min(len(tokens) - cached, budget, prefill)
+            try:
+                r.computed = r.cached_prompt = self.cache.allocate(r.seq_id, cached + n, tokens)
+            except CacheFull:
+                break  # running sequences free blocks as they finish
+            self.waiting.popleft()
+            self.running.append(r)
+            r.scheduled = n
+            batch.append(r)
+            budget -= n
+            prefill -= n
+        return batch
+
+    def _make_room(self, r: Request, total: int) -> bool:
+        """Reserve cache for r's first `total` positions, preempting the newest running sequences while the pool
+        is short (r itself last). Returns whether r keeps running."""
+        while not self.cache.can_reserve(r.seq_id, total):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is r:
+                return False
+        self.cache.reserve(r.seq_id, total)
+        return True
+
+    def preempt(self, r: Request) -> None:
+        """Take a running request's cache back; it waits at the head of the queue and is recomputed."""
+        self.running.remove(r)
+        self.cache.free(r.seq_id)
+        r.computed = r.scheduled = 0
+        r.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(r)
 
     def retire(self, finished: list[Request]) -> None:
         gone = {id(r) for r in finished}

@@ -48,7 +48,7 @@ def test_a_stalled_engine_answers_504_and_an_sse_error_after_the_request_timeout
         assert error["type"] == "timeout_error" and "scheduler.request_timeout_s=0.3" in error["message"]
         assert loop.stats.requests["timeout"] == 2
         finished = engine.step()  # when the engine resumes, the timed-out requests leave (cancelled)
-        assert len(finished) == 2 and not engine.has_work() and engine.cache._store == {}
+        assert len(finished) == 2 and not engine.has_work() and engine.cache.is_empty()
         assert loop.stats.requests["cancelled"] == 0  # counted once, as timeouts
     finally:
         engine.close()
@@ -75,7 +75,7 @@ def test_a_request_whose_delivery_breaks_does_not_hang_the_requests_batched_with
     response = within(30, served())
     assert response["choices"][0]["token_ids"] == expected
     assert broken.finish_reason == "error" and "on_token callback raised RuntimeError" in broken.error
-    assert engine.cache._store == {} and loop.stats.requests == {**loop.stats.requests, "ok": 1, "error": 1}
+    assert engine.cache.is_empty() and loop.stats.requests == {**loop.stats.requests, "ok": 1, "error": 1}
     engine.close()
 
 

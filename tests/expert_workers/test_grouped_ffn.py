@@ -37,7 +37,7 @@ def random_routing(t: int, seed: int):
     return ids, torch.rand(t, K, generator=gen)
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop", "padded_bmm", "auto"])
 @pytest.mark.parametrize("t", [1, 7, 64])
 def test_matches_transformers_experts_module(t, impl):
     w_gate_up, w_down = weights()
@@ -63,7 +63,7 @@ def test_matches_transformers_experts_module(t, impl):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop", "padded_bmm", "auto"])
 def test_edge_cases_minus_one_ids_empty_experts_one_hot_expert_and_no_tokens(impl):
     w_gate_up, w_down = weights(1)
     hidden = torch.randn(30, H, generator=torch.Generator().manual_seed(2))

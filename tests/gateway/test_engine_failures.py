@@ -49,7 +49,7 @@ def test_a_raising_on_token_fails_only_its_request_and_the_batch_continues(engin
     assert [r.output for i, r in enumerate(requests) if i != 1] == [alone[0], alone[2]]
     assert all(r.finish_reason == "length" for i, r in enumerate(requests) if i != 1)
     assert sorted(r.request_id for r in finished) == ["r0", "r1", "r2"]  # on_finish still reaches the failed one
-    assert engine.cache._store == {} and engine.scheduler.running == [] and engine._traces_of == {}
+    assert engine.cache.is_empty() and engine.scheduler.running == [] and engine._traces_of == {}
     assert engine.routing_trace("r1").tokens[-1] == bad.output[0]  # its trace finished with what it ran
 
 
@@ -65,7 +65,7 @@ def test_a_raising_on_finish_does_not_keep_other_requests_from_retiring(engine, 
         run_all(engine)
     assert seen == [b] and b.finish_reason == "length" and b.error is None
     assert a.finish_reason == "error" and "on_finish" in a.error and "ValueError: on_finish bug" in a.error
-    assert engine.cache._store == {} and engine.scheduler.running == []
+    assert engine.cache.is_empty() and engine.scheduler.running == []
     assert any(r.exc_info and "on_finish" in r.getMessage() for r in caplog.records)
 
 
@@ -80,7 +80,7 @@ def test_a_failed_step_fails_its_requests_and_is_logged_with_the_traceback(engin
     assert r.finish_reason == "error" and "DispatchError: group 1 unreachable" in r.error
     (record,) = [rec for rec in caplog.records if "step failed" in rec.getMessage()]
     assert record.exc_info is not None and record.exc_info[0] is DispatchError
-    assert engine.cache._store == {} and not engine.has_work()
+    assert engine.cache.is_empty() and not engine.has_work()
 
 
 class SlowStep:

@@ -27,8 +27,25 @@ def step_routings(n_tokens: int, seed: int = 0) -> dict[int, Routing]:
 def record(store: RoutingTraceStore, traces, lengths: list[int], seed: int = 0) -> dict[int, Routing]:
     offsets = [sum(lengths[:i]) for i in range(len(lengths))]
     routings = step_routings(sum(lengths), seed)
-    store.record_step(traces, offsets, lengths, [[7] * n for n in lengths], routings, EXPERT_DEVICE)
+    starts = [len(t.tokens) for t in traces]  # each trace continues where it stands
+    store.record_step(traces, starts, offsets, lengths, [[7] * n for n in lengths], routings, EXPERT_DEVICE)
     return routings
+
+
+def test_prefix_cached_positions_are_marked_and_recomputed_positions_are_not_recorded_twice():
+    store = RoutingTraceStore(capacity=4)
+    trace = store.start("r", LAYERS, K, [11, 12, 13, 14, 15, 16])
+    routings = step_routings(2)
+    store.record_step([trace], [4], [0], [2], [[15, 16]], routings, EXPERT_DEVICE)  # positions 0-3 came cached
+    assert trace.tokens == [11, 12, 13, 14, 15, 16] and (trace.ids[:4] == -1).all()
+    assert (trace.devices[:4] == -1).all() and (trace.weights[:4] == 0).all()
+    assert torch.equal(trace.ids[4:], torch.stack([routings[layer].ids for layer in LAYERS], 1).int())
+    assert trace.expert_counts(E).sum() == 2 * len(LAYERS) * K  # cached positions are not counted
+    # Preempted and recomputed from position 0 (prompt + one generated token): only the new position is added.
+    again = step_routings(7, seed=3)
+    store.record_step([trace], [0], [0], [7], [[11, 12, 13, 14, 15, 16, 9]], again, EXPERT_DEVICE)
+    assert trace.tokens == [11, 12, 13, 14, 15, 16, 9] and trace.ids.shape[0] == 7
+    assert torch.equal(trace.ids[6], torch.stack([again[layer].ids[6] for layer in LAYERS]).int())
 
 
 def tensor_bytes(trace) -> int:

@@ -1,11 +1,14 @@
-"""Continuous batching: requests join and leave the batch at every step; outputs do not depend on the batch."""
+"""Continuous batching: chunked prefill, preemption; requests join and leave at every step; outputs never depend
+on the batch."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from gateway import Engine
 from gateway.config import DeploymentConfig
+from gateway.model.kv_cache import PagedLatentCache
 from gateway.serving.scheduler import QueueFull, Request, Scheduler, SchedulerConfig
 from tests.conftest import random_prompts
 
@@ -14,26 +17,82 @@ def req(n: int, name: str = "r") -> Request:
     return Request(request_id=name, prompt=list(range(3, 3 + n)), max_new_tokens=4)
 
 
-def test_schedule_runs_decodes_then_admits_prompts_under_the_token_budget():
-    s = Scheduler(SchedulerConfig(max_batch_tokens=10, max_running=3, max_waiting=4))
+def pool(blocks: int = 64, block_size: int = 4) -> PagedLatentCache:
+    return PagedLatentCache(1, 2, 2, torch.float32, n_blocks=blocks, block_size=block_size)
+
+
+def run(s: Scheduler, batch: list[Request], token: int = 7) -> None:
+    """What the engine does after a forward: the cache advanced, then a token for each request that sampled."""
+    for r in batch:
+        s.cache.advance(r.seq_id, r.scheduled)
+        ready = r.ready_to_sample
+        r.computed += r.scheduled
+        if ready:
+            r.output.append(token)
+
+
+def test_schedule_runs_decodes_then_chunks_prompts_under_both_budgets():
+    s = Scheduler(SchedulerConfig(max_batch_tokens=10, max_prefill_tokens=8, max_running=3, max_waiting=4), pool())
     for i, n in enumerate([4, 5, 3, 2]):
         s.add(req(n, f"r{i}"))
-    decodes, prefills = s.schedule()
-    assert decodes == [] and [r.request_id for r in prefills] == ["r0", "r1"]  # 4 + 5 fit, + 3 would not
-    decodes, prefills = s.schedule()
-    assert len(decodes) == 2 and [r.request_id for r in prefills] == ["r2"]  # 10 - 2 decodes = 8 ≥ 3
-    decodes, prefills = s.schedule()
-    assert len(decodes) == 3 and prefills == []  # max_running reached
-    s.retire([decodes[0]])
-    assert [r.request_id for r in s.schedule()[1]] == ["r3"]
+    batch = s.schedule()  # r0 whole (4), r1 its first 4 tokens: the prefill budget (8) is spent
+    assert [(r.request_id, r.scheduled) for r in batch] == [("r0", 4), ("r1", 4)]
+    run(s, batch)
+    assert [len(r.output) for r in batch] == [1, 0]  # r1's chunk did not reach its last token: nothing sampled
+    batch = s.schedule()  # r0 decodes, r1 finishes its prompt, r2 is admitted whole
+    assert [(r.request_id, r.scheduled) for r in batch] == [("r0", 1), ("r1", 1), ("r2", 3)]
+    run(s, batch)
+    batch = s.schedule()
+    assert [(r.request_id, r.scheduled) for r in batch] == [("r0", 1), ("r1", 1), ("r2", 1)]  # max_running
+    run(s, batch)
+    s.retire([batch[0]])
+    s.cache.free(batch[0].seq_id)
+    assert [r.request_id for r in s.schedule()][-1] == "r3"
 
 
-def test_a_prompt_larger_than_the_budget_runs_alone_and_a_full_queue_refuses():
-    s = Scheduler(SchedulerConfig(max_batch_tokens=4, max_running=8, max_waiting=1))
-    s.add(req(9, "big"))
-    with pytest.raises(QueueFull, match="queue full: 1 requests waiting"):
+def test_a_long_prompt_is_chunked_while_the_running_sequences_decode_every_step():
+    s = Scheduler(SchedulerConfig(max_batch_tokens=64, max_prefill_tokens=6), pool())
+    short = req(2, "short")
+    s.add(short)
+    run(s, s.schedule())
+    long = req(20, "long")
+    s.add(long)
+    steps = []
+    while not long.output:
+        batch = s.schedule()
+        steps.append([(r.request_id, r.scheduled) for r in batch])
+        run(s, batch)
+    assert steps == [[("short", 1), ("long", 6)], [("short", 1), ("long", 6)], [("short", 1), ("long", 6)],
+                     [("short", 1), ("long", 2)]]
+
+
+def test_a_full_cache_preempts_the_newest_sequence_which_is_recomputed_later():
+    s = Scheduler(SchedulerConfig(max_batch_tokens=64, max_prefill_tokens=64), pool(blocks=4, block_size=4))
+    a, b = req(8, "a"), req(8, "b")  # 2 blocks each: the pool is full once both are in
+    s.add(a)
+    s.add(b)
+    run(s, s.schedule())
+    assert s.cache.free_blocks == 0 and a.computed == b.computed == 8
+    batch = s.schedule()  # a's 9th position needs a third block: b (the newest) gives its two back
+    assert batch == [a] and b.preemptions == 1 and s.waiting[0] is b and b.computed == 0
+    assert s.cache.free_blocks == 1 and b.seq_id not in s.cache
+    run(s, batch)
+    assert b.tokens == b.prompt + [7]  # recomputed later with its generated token
+
+
+def test_a_request_the_cache_cannot_hold_yet_waits_and_a_full_queue_refuses():
+    s = Scheduler(SchedulerConfig(max_batch_tokens=64, max_waiting=2), pool(blocks=3, block_size=4))
+    s.add(req(9, "first"))
+    s.add(req(5, "second"))
+    with pytest.raises(QueueFull, match="queue full: 2 requests waiting"):
         s.add(req(2))
-    assert [r.request_id for r in s.schedule()[1]] == ["big"]
+    assert [r.request_id for r in s.schedule()] == ["first"]  # 3 blocks taken: "second" waits for room
+    assert [r.request_id for r in s.waiting] == ["second"]
+
+
+def test_max_prefill_tokens_is_validated():
+    with pytest.raises(ValueError, match=r"scheduler.max_prefill_tokens=0: expected an integer >= 1"):
+        SchedulerConfig(max_prefill_tokens=0)
 
 
 @pytest.mark.parametrize("bad", [0, -1.5, True, "10"])
@@ -59,7 +118,7 @@ def test_requests_joining_a_busy_batch_get_the_tokens_they_get_alone(model_dirs)
             engine.step()
         assert [r.output for r in busy] == alone
         assert max(sizes) >= 3 and all(r.finish_reason == "length" for r in busy)
-        assert engine.cache._store == {}  # every sequence's latent cache was freed
+        assert engine.cache.is_empty()  # every sequence's latent cache was freed
 
 
 def test_streaming_callbacks_and_seeded_sampling(model_dirs):
@@ -88,4 +147,4 @@ def test_cancelled_requests_leave_at_the_next_step_and_free_their_cache(model_di
         while engine.has_work():
             engine.step()
         assert keep.finish_reason == "length" and len(keep.output) == 6
-        assert engine.cache._store == {}
+        assert engine.cache.is_empty()
