@@ -57,10 +57,12 @@ def engine_of(model: str, dtype: str, **settings):
 @torch.inference_mode()
 def decode_throughput(model: str, dtype: str, batch: int, prompt: int, steps: int, paged: bool) -> dict:
     """Prefill `batch` prompts, then time `steps` decode steps of all of them: output tokens/s."""
-    settings = {"cache": {"max_tokens": batch * (prompt + steps + 64)}} if paged else {}  # no preemption
+    # The first sequences decode while the last prompts are prefilled (chunks of 512): none may end while timed.
+    new = steps + 32 + batch * prompt // 512
+    settings = {"cache": {"max_tokens": batch * (prompt + new + 32)}} if paged else {}  # room: no preemption
     engine = engine_of(model, dtype, **settings)
     try:
-        requests = [engine.submit(p, max_new_tokens=steps + 32, stop_at_eos=False)  # none ends while timed
+        requests = [engine.submit(p, max_new_tokens=new, stop_at_eos=False)
                     for p in prompts_of(batch, prompt, engine.spec.vocab_size, seed=1)]
         while not all(r.output for r in requests):
             engine.step()
@@ -97,7 +99,7 @@ def transformers_throughput(model: str, dtype: str, batch: int, prompt: int, ste
     return {"tokens_per_s": batch * steps / seconds, "step_ms": seconds / steps * 1e3}
 
 
-def baseline_throughput(args: argparse.Namespace) -> dict:
+def baseline_throughput(args: argparse.Namespace, prompt: int) -> dict:
     """The decode measurement run on the baseline revision's code (a git worktree, a subprocess)."""
     tree = Path(tempfile.mkdtemp(prefix="expertmesh-baseline-")) / "tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline_rev],
@@ -105,7 +107,8 @@ def baseline_throughput(args: argparse.Namespace) -> dict:
     try:
         out = subprocess.run(
             [sys.executable, __file__, "--tree", str(tree), "--decode-only", "--model", str(args.model),
-             "--dtype", args.dtype, "--batch", str(args.batch), "--steps", str(args.steps)],
+             "--dtype", args.dtype, "--batch", str(args.batch), "--steps", str(args.steps),
+             "--prompt-lens", str(prompt)],
             check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tree)})
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
@@ -157,9 +160,10 @@ def p99(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "small-v3")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="bfloat16", help="small-v3's checkpoint dtype by default")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=24, help="timed decode steps")
+    parser.add_argument("--prompt-lens", default="32,512", help="prompt tokens of the decoding sequences")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--long", type=int, default=4096, help="tokens of the prompt that arrives among the streams")
     parser.add_argument("--chunks", default="64,8192", help="max_prefill_tokens values to measure (8192: unchunked)")
@@ -170,10 +174,11 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.decode_only:  # the baseline subprocess: one JSON line
-        print(json.dumps(decode_throughput(str(args.model), args.dtype, args.batch, 32, args.steps, paged=False)))
+        print(json.dumps(decode_throughput(str(args.model), args.dtype, args.batch, int(args.prompt_lens), args.steps,
+                                           paged=False)))
         return
     if args.quick:
-        args.batch, args.steps, args.streams, args.long = 16, 6, 4, 512
+        args.batch, args.steps, args.streams, args.long, args.prompt_lens = 16, 6, 4, 512, "32"
     config = args.model / "config.json"
     if not config.exists() or json.loads(config.read_text())["max_position_embeddings"] < args.long + 1024:
         from model_core.make_model import make_model
@@ -181,18 +186,20 @@ def main() -> None:
         make_model("small-v3", args.model)
     model = str(args.model)
 
-    decode = {
-        "this engine": decode_throughput(model, args.dtype, args.batch, 32, args.steps, paged=True),
-        f"engine @ {args.baseline_rev}": baseline_throughput(args),
-        "transformers generate": transformers_throughput(model, args.dtype, args.batch, 32, args.steps),
-    }
-    ours = decode["this engine"]["tokens_per_s"]
-    print(f"\nDecode, {args.batch} running sequences (prompt 32, {args.steps} timed steps), small-v3 {args.dtype}, "
-          "in process")
-    print(f"{'':28} {'tokens/s':>10} {'step ms':>9} {'this engine ×':>14}")
-    for name, row in decode.items():
-        row["speedup_of_this_engine"] = ours / row["tokens_per_s"]
-        print(f"{name:28} {row['tokens_per_s']:10.0f} {row['step_ms']:9.1f} {row['speedup_of_this_engine']:14.2f}")
+    decode: dict[int, dict[str, dict]] = {}
+    print(f"\nDecode, {args.batch} running sequences ({args.steps} timed steps), small-v3 {args.dtype}, in process")
+    print(f"{'prompt':>6} {'':28} {'tokens/s':>10} {'step ms':>9} {'this engine ×':>14}")
+    for prompt in (int(n) for n in args.prompt_lens.split(",")):
+        rows = decode[prompt] = {
+            "this engine": decode_throughput(model, args.dtype, args.batch, prompt, args.steps, paged=True),
+            f"engine @ {args.baseline_rev}": baseline_throughput(args, prompt),
+            "transformers generate": transformers_throughput(model, args.dtype, args.batch, prompt, args.steps),
+        }
+        ours = rows["this engine"]["tokens_per_s"]
+        for name, row in rows.items():
+            row["speedup_of_this_engine"] = ours / row["tokens_per_s"]
+            print(f"{prompt:6} {name:28} {row['tokens_per_s']:10.0f} {row['step_ms']:9.1f} "
+                  f"{row['speedup_of_this_engine']:14.2f}")
 
     latency = [long_prompt_latency(model, args.dtype, args.streams, args.long, int(c), 24)
                for c in args.chunks.split(",")]

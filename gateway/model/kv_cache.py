@@ -63,10 +63,9 @@ class AttentionPlan:
 
     slots: torch.Tensor  # [N] long: pool row (block * b + offset) of each new token
     decode_rows: torch.Tensor | None  # [D] long: the step rows of one-token sequences (batched decode)
-    decode_slots: torch.Tensor | None  # [D, S_max] long: pool rows of their context, padded with a valid row
-    decode_valid: torch.Tensor | None  # [D, S_max] bool: which of those are the sequence's positions
-    decode_tables: torch.Tensor | None  # [D, blocks_max] int32 block tables (the Triton kernel reads these)
+    decode_tables: torch.Tensor | None  # [D, W] int32 block tables, padded with each sequence's first block
     decode_lens: torch.Tensor | None  # [D] int32 context lengths
+    decode_valid: torch.Tensor | None  # [D, W * b] bool: which positions of the gathered blocks are the context
     context: list[torch.Tensor | None]  # per sequence not in the decode batch: [start + n] long pool rows
 
 
@@ -253,22 +252,20 @@ class PagedLatentCache:
             slots[off : off + n] = rows[start:]
             context.append(rows.to(dev))
         if not decode:
-            return AttentionPlan(slots.to(dev), None, None, None, None, None, context)
+            return AttentionPlan(slots.to(dev), None, None, None, None, context)
         tables = [self._tables[step.seq_ids[i]] for i in decode]
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables])  # padded with a valid block
         lens = torch.tensor([step.starts[i] + 1 for i in decode])
-        rows = (table[:, :, None] * b + within).flatten(1)  # [D, width * b]
-        s_max = int(lens.max())
-        rows = rows[:, :s_max]
-        slots[torch.tensor([step.offsets[i] for i in decode])] = rows[torch.arange(len(decode)), lens - 1]
+        last = lens - 1  # the new token's position
+        decode_rows = torch.tensor([step.offsets[i] for i in decode])
+        slots[decode_rows] = table.gather(1, (last // b)[:, None])[:, 0] * b + last % b
         return AttentionPlan(
             slots=slots.to(dev),
-            decode_rows=torch.tensor([step.offsets[i] for i in decode]).to(dev),
-            decode_slots=rows.to(dev),
-            decode_valid=(torch.arange(s_max)[None, :] < lens[:, None]).to(dev),
+            decode_rows=decode_rows.to(dev),
             decode_tables=table.to(device=dev, dtype=torch.int32),
             decode_lens=lens.to(device=dev, dtype=torch.int32),
+            decode_valid=(torch.arange(width * b)[None, :] < lens[:, None]).to(dev),
             context=context,
         )
 

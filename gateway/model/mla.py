@@ -106,19 +106,21 @@ class MLAttention:
             o_lat = paged_mla_decode(q_lat, q_pe, cache.pool[self.layer], plan.decode_tables, plan.decode_lens, r,
                                      self.scale)
             return torch.einsum("bhr,hvr->bhv", o_lat, self.w_uv)
-        rows = cache.layer_rows(self.layer)
-        d, s_max = plan.decode_slots.shape
+        pool = cache.pool[self.layer]  # [B, b, w]
+        q = torch.cat([q_lat, q_pe], dim=-1)  # [D, h, w]: one product against c_kv and k_pe together
+        d, width = plan.decode_tables.shape
+        s_max = width * pool.shape[1]
         out = q_nope.new_empty(d, self.spec.num_attention_heads, self.spec.v_head_dim)
-        # Sequences in groups, so the gathered context [g, S, w] and the scores [g, h, S] stay under the bound.
-        per = max(1, SCORE_ELEMENTS // (s_max * (rows.shape[-1] + self.spec.num_attention_heads)))
+        # Sequences in groups, so the gathered blocks [g, S, w] and the scores [g, h, S] stay under the bound.
+        per = max(1, SCORE_ELEMENTS // (s_max * (pool.shape[-1] + self.spec.num_attention_heads)))
         for lo in range(0, d, per):
             hi = min(d, lo + per)
-            ctx = rows[plan.decode_slots[lo:hi]]  # [g, S, w]
-            ckv, kpe = ctx[..., :r], ctx[..., r:]
-            scores = torch.matmul(q_lat[lo:hi], ckv.transpose(1, 2)) + torch.matmul(q_pe[lo:hi], kpe.transpose(1, 2))
-            scores = (scores * self.scale).masked_fill(~plan.decode_valid[lo:hi, None, :], float("-inf"))
+            # Whole blocks, gathered through the block tables (block-sized copies, not one row at a time).
+            ctx = pool.index_select(0, plan.decode_tables[lo:hi].flatten()).view(hi - lo, s_max, -1)  # [g, S, w]
+            scores = torch.matmul(q[lo:hi], ctx.transpose(1, 2)) * self.scale  # [g, h, S]
+            scores = scores.masked_fill(~plan.decode_valid[lo:hi, None, :], float("-inf"))
             probs = scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
-            out[lo:hi] = torch.einsum("bhr,hvr->bhv", torch.matmul(probs, ckv), self.w_uv)
+            out[lo:hi] = torch.einsum("bhr,hvr->bhv", torch.matmul(probs, ctx[..., :r]), self.w_uv)
         return out
 
     def _query_chunks(self, n: int, s_len: int) -> range:
