@@ -24,7 +24,7 @@ demo: $(VENV)/.installed $(MODEL)/config.json
 	$(BIN)/expertmesh generate --model $(MODEL) --prompt "$(PROMPT)" --max-new-tokens 16
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -X faulthandler -m pytest -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -28,6 +28,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+_exit_status = 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave without interpreter finalisation once pytest has reported everything, with pytest's own status.
+
+    One CI run passed every test and then died with SIGSEGV while the interpreter tore down native state (Ray's
+    core worker, gRPC's and Gloo's threads; which one was not caught). Ray is shut down first, cleanly; then
+    the process ends as pytest decided. EXPERTMESH_FULL_EXIT=1 keeps the normal teardown (to hunt that crash).
+    """
+    if os.environ.get("EXPERTMESH_FULL_EXIT") == "1":
+        return
+    import sys
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """Print what tests recorded with `record_property("report", ...)`: measurements that are shown, not asserted."""
     lines = [f"{r.nodeid}: {value}" for r in terminalreporter.stats.get("passed", [])
