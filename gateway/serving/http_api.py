@@ -229,6 +229,14 @@ def prometheus_text(loop: EngineLoop) -> str:
     metric("queue_depth", "gauge", "Requests waiting for admission.", [({}, len(engine.scheduler.waiting))])
     metric("running_sequences", "gauge", "Sequences in the running batch.", [({}, len(engine.scheduler.running))])
     metric("steps_total", "counter", "Engine steps.", [({}, stats.steps)])
+    cache = engine.cache.stats()
+    metric("cache_blocks", "gauge", "Blocks of the paged latent cache, by state.",
+           [({"state": "free"}, cache["free_blocks"]), ({"state": "used"}, cache["blocks"] - cache["free_blocks"])])
+    metric("cache_block_tokens", "gauge", "Tokens per latent-cache block.", [({}, cache["block_size"])])
+    metric("preemptions_total", "counter", "Sequences whose cache was taken back for others (then recomputed).",
+           [({}, engine.scheduler.preemptions)])
+    metric("prefix_cache_tokens_total", "counter", "Prompt tokens looked up in the prefix cache, and those found.",
+           [({"result": "queried"}, cache["prefix_queried_tokens"]), ({"result": "hit"}, cache["prefix_hit_tokens"])])
     metric("step_seconds_total", "counter", "Time spent in engine steps.", [({}, stats.step_seconds)])
     summary = engine.routing_summary
     metric("expert_tokens_total", "counter", "Tokens routed to each expert, per MoE layer.",

@@ -12,7 +12,7 @@ from gateway import Engine
 from gateway.config import DeploymentConfig
 from gateway.model.kv_cache import CacheConfig
 from gateway.serving.engine_loop import EngineLoop
-from gateway.serving.http_api import CompletionRequest, GatewayState, completions
+from gateway.serving.http_api import CompletionRequest, GatewayState, completions, prometheus_text
 from gateway.serving.scheduler import SchedulerConfig
 from tests.conftest import random_prompts
 
@@ -59,6 +59,15 @@ def test_a_repeated_prompt_takes_its_prefix_from_the_cache_and_gives_the_same_to
         trace = engine.routing_trace(engine.last_request_ids[1])
         assert (trace.ids[:40] == -1).all() and (trace.ids[40:] >= 0).all()  # cached positions were not routed
         assert trace.tokens == prompts[1] + again[1][:-1]
+        loop = EngineLoop(engine)
+        try:
+            text = prometheus_text(loop)
+        finally:
+            loop.stop()
+        queried = 43 + 43 + 45
+        assert 'expertmesh_prefix_cache_tokens_total{result="hit"} 80' in text
+        assert f'expertmesh_prefix_cache_tokens_total{{result="queried"}} {queried}' in text
+        assert 'expertmesh_cache_blocks{state="used"} 0' in text and "expertmesh_preemptions_total 0" in text
     with Engine.from_config(config(model_dirs, cache=CacheConfig(prefix_caching=False))) as plain:
         assert plain.generate(prompts, max_new_tokens=8, stop_at_eos=False) == again
         assert again[0] == first[0]
