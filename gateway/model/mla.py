@@ -117,10 +117,13 @@ class MLAttention:
             hi = min(d, lo + per)
             # Whole blocks, gathered through the block tables (block-sized copies, not one row at a time).
             ctx = pool.index_select(0, plan.decode_tables[lo:hi].flatten()).view(hi - lo, s_max, -1)  # [g, S, w]
-            scores = torch.matmul(q[lo:hi], ctx.transpose(1, 2)) * self.scale  # [g, h, S]
+            # The gathered context is the left operand of both products, in the layout it was gathered in (on
+            # CPU this is faster than transposing it; the k_pe columns of the second product are dropped).
+            scores = torch.matmul(ctx, q[lo:hi].transpose(1, 2)).transpose(1, 2) * self.scale  # [g, h, S]
             scores = scores.masked_fill(~plan.decode_valid[lo:hi, None, :], float("-inf"))
             probs = scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
-            out[lo:hi] = torch.einsum("bhr,hvr->bhv", torch.matmul(probs, ctx[..., :r]), self.w_uv)
+            o_lat = torch.matmul(ctx.transpose(1, 2), probs.transpose(1, 2))[:, :r].transpose(1, 2)  # [g, h, r]
+            out[lo:hi] = torch.einsum("bhr,hvr->bhv", o_lat, self.w_uv)
         return out
 
     def _query_chunks(self, n: int, s_len: int) -> range:
