@@ -120,7 +120,7 @@ class Scheduler:
             n = 1 if remaining == 1 else min(remaining, budget, prefill)
             if n < 1 or n > budget:
                 continue
-            if not self._make_room(r, r.computed + n):
+            if not self._make_room(r, r.computed + n, batch):
                 continue
             r.scheduled = n
             batch.append(r)
@@ -145,11 +145,12 @@ class Scheduler:
             prefill -= n
         return batch
 
-    def _make_room(self, r: Request, total: int) -> bool:
-        """Reserve cache for r's first `total` positions, preempting the newest running sequences while the pool
-        is short (r itself last). Returns whether r keeps running."""
+    def _make_room(self, r: Request, total: int, scheduled: list[Request]) -> bool:
+        """Reserve cache for r's first `total` positions, preempting the newest running sequences not already in
+        this step while the pool is short (r itself when none is left). Returns whether r keeps running."""
         while not self.cache.can_reserve(r.seq_id, total):
-            victim = self.running[-1]
+            taken = {id(x) for x in scheduled}
+            victim = next((x for x in reversed(self.running) if x is not r and id(x) not in taken), r)
             self.preempt(victim)
             if victim is r:
                 return False

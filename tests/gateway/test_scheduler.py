@@ -80,6 +80,21 @@ def test_a_full_cache_preempts_the_newest_sequence_which_is_recomputed_later():
     assert b.tokens == b.prompt + [7]  # recomputed later with its generated token
 
 
+def test_preemption_never_takes_a_sequence_already_in_the_step():
+    """An older sequence still prefilling needs room after a newer one was scheduled to decode: the newer one
+    keeps its blocks (it is in the step); the older one gives its own back and waits."""
+    s = Scheduler(SchedulerConfig(max_batch_tokens=64, max_prefill_tokens=64), pool(blocks=4, block_size=4))
+    old, new = req(20, "old"), req(4, "new")
+    old.seq_id, new.seq_id = 0, 1
+    s.cache.allocate(0, 8)  # 8 of its 20 prompt positions computed: 2 blocks
+    s.cache.allocate(1, 5)  # prompt 4 + 1 generated token: 2 blocks; the pool is full
+    old.computed, new.computed, new.output = 8, 4, [7]
+    s.running = [old, new]
+    batch = s.schedule()
+    assert batch == [new] and new.scheduled == 1 and new.preemptions == 0 and len(s.cache.table(1)) == 2
+    assert old.preemptions == 1 and s.waiting[0] is old and old.seq_id not in s.cache
+
+
 def test_a_request_the_cache_cannot_hold_yet_waits_and_a_full_queue_refuses():
     s = Scheduler(SchedulerConfig(max_batch_tokens=64, max_waiting=2), pool(blocks=3, block_size=4))
     s.add(req(9, "first"))
