@@ -48,9 +48,7 @@ SKEW = 2.5
 @torch.inference_mode()
 def routed_ids(engine: Engine, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
     """One prefill of `tokens` ([n]) outside the engine's accounting: {layer: ids [n, K]}."""
-    cache = engine.model.new_cache()
-    cache.allocate(0, tokens.numel())
-    _, routings = engine.model.forward(tokens, StepBatch([0], [0], [tokens.numel()]), cache)
+    _, routings = engine.model.forward(tokens, StepBatch([0], [0], [tokens.numel()]), None)  # no cache needed
     return {layer: r.ids for layer, r in routings.items()}
 
 
