@@ -1,10 +1,11 @@
-"""The `expertmesh` command line: make-model, generate, serve, scale, trace, stats."""
+"""The `expertmesh` command line: make-model, generate, serve, scale, trace, stats, rebalance, plan."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,37 @@ def _ids(text: str) -> list[int]:
     if not ids:
         raise argparse.ArgumentTypeError("--prompt-ids: expected at least one id")
     return ids
+
+
+def _plan_ints(flag: str, minimum: int):
+    """An argparse type for a comma-separated list of integers >= minimum (`plan --devices 8,16,32`)."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            values = []
+        if not values or any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected comma-separated integers >= {minimum}")
+        return values
+
+    return parse
+
+
+def _plan_top_ms(text: str) -> list[int | None]:
+    """`plan --top-m none,4` -> [None, 4]."""
+    out: list[int | None] = []
+    for t in (t.strip() for t in text.split(",") if t.strip()):
+        if t == "none":
+            out.append(None)
+        elif t.isdigit() and int(t) >= 1:
+            out.append(int(t))
+        else:
+            out = []
+            break
+    if not out:
+        raise argparse.ArgumentTypeError(f"--top-m {text!r}: expected comma-separated 'none' or integers >= 1")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +124,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", help="router service actor name (default: balancing.name, 'router-service')")
         p.add_argument("--namespace", help="Ray namespace (default: ray.namespace, 'expertmesh')")
         p.add_argument("--json", action="store_true")
+
+    pl = sub.add_parser("plan", help="predict per-device load, bytes and step time of candidate deployments from "
+                                     "recorded or synthetic routing (docs/planning.md)")
+    pl.add_argument("--model", help="checkpoint directory, config.json file, 'deepseek-v3' or a generator preset")
+    src = pl.add_mutually_exclusive_group()
+    src.add_argument("--traces", type=Path, help="routing-trace directory to replay (tracing.routing_trace_dir)")
+    src.add_argument("--synthetic", help="zipf:S: synthetic router scores with Zipf(S) expert popularity")
+    pl.add_argument("--devices", type=_plan_ints("--devices", 1), default=[8, 16, 32],
+                    help="expert groups D, e.g. 8,16,32")
+    pl.add_argument("--top-m", type=_plan_top_ms, default=[None], help="device limits, e.g. none,4")
+    pl.add_argument("--redundant", type=_plan_ints("--redundant", 0), default=[0],
+                    help="redundant expert slots per layer (EPLB placement from the replayed load), e.g. 0,32")
+    pl.add_argument("--hardware", type=Path, help="hardware rates YAML, e.g. deploy/hardware/h100.yaml")
+    pl.add_argument("--node-size", type=int, help="GPUs per node (default: the hardware file's gpus_per_node)")
+    pl.add_argument("--batch", type=int, default=64, help="decode tokens per step per gateway (default 64)")
+    pl.add_argument("--gateways", type=int, default=1, help="gateway GPUs, each running --batch sequences")
+    pl.add_argument("--context", type=int, default=4096, help="cached tokens each sequence attends over")
+    pl.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                    help="weights, activations and latent cache (default bfloat16)")
+    pl.add_argument("--tokens", type=int, default=4096, help="synthetic tokens per MoE layer (default 4096)")
+    pl.add_argument("--seed", type=int, default=0, help="synthetic routing seed")
+    pl.add_argument("--json", type=Path, dest="json_out", metavar="OUT", help="write every row as JSON to OUT")
+    pl.add_argument("--png", type=Path, help="plot tokens/s per GPU and step time against D")
+    pl.add_argument("--calibrate", type=Path, metavar="OUT",
+                    help="measure this machine's matmul rate and memory bandwidth and write a hardware file to OUT "
+                         "(link rates are copied from --hardware)")
     return parser
 
 
@@ -198,9 +256,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     import requests
 
+    key = os.environ.get("EXPERTMESH_API_KEY")  # the service's API key, when it requires one
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         r = requests.post(f"{args.url}/admin/scale", json={"group": args.group, "replicas": args.replicas},
-                          timeout=600)
+                          headers=headers, timeout=600)
     except requests.RequestException as exc:
         raise RuntimeError(f"--url {args.url}: {exc}") from None
     if r.status_code != 200:
@@ -296,13 +356,53 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from deploy import plan as planner
+    from router_service.cost_model import Hardware, Workload
+
+    if args.hardware is None:
+        raise ValueError("--hardware: required (a rates file such as deploy/hardware/h100.yaml)")
+    hardware = Hardware.from_yaml(args.hardware)
+    if args.calibrate is not None:
+        measured, where = planner.calibrate(hardware, args.calibrate.stem)
+        args.calibrate.write_text(planner.hardware_yaml(measured, where))
+        print(f"wrote {args.calibrate}: matmul {measured.matmul_tflops:g} TFLOP/s, memory "
+              f"{measured.hbm_gbytes_per_s:g} GB/s measured; link rates copied from {args.hardware} (transport "
+              "calibration is not implemented yet)")
+        return 0
+    if args.model is None:
+        raise ValueError("--model: required (a checkpoint directory, config.json, or e.g. deepseek-v3)")
+    if args.node_size is not None:
+        hardware = dataclasses.replace(hardware, gpus_per_node=args.node_size)
+    spec = planner.load_spec(args.model)
+    if args.traces is not None:
+        source = planner.TraceRouting(spec, args.traces)
+    elif args.synthetic is not None:
+        source = planner.SyntheticRouting(spec, args.tokens, planner.parse_synthetic(args.synthetic), args.seed)
+    else:
+        raise ValueError("--traces DIR or --synthetic zipf:S: one is required")
+    work = Workload(args.batch, args.gateways, args.context, {"float32": 4}.get(args.dtype, 2))
+    rows = planner.plan(spec, source, hardware, args.devices, args.top_m, args.redundant, work)
+    title = planner.describe(args.model, spec, source, hardware, work)
+    print(title)
+    print(planner.format_table(rows))
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(planner.report(args.model, source, hardware, work, rows)))
+        print(f"wrote {args.json_out}")
+    if args.png is not None:
+        print(f"wrote {planner.write_png(rows, args.png, title)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     handlers = {"make-model": cmd_make_model, "generate": cmd_generate, "stats": cmd_stats, "trace": cmd_trace,
-                "serve": cmd_serve, "scale": cmd_scale, "rebalance": cmd_rebalance}
+                "serve": cmd_serve, "scale": cmd_scale, "rebalance": cmd_rebalance, "plan": cmd_plan}
     try:
         return handlers[args.command](args)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:

@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
@@ -13,7 +14,15 @@ from gateway.serving.http_api import CompletionRequest, GatewayState, ScaleReque
 
 logger = logging.getLogger(__name__)
 
-app = http_api.create_app()
+
+
+def _replica_api_key() -> str | None:
+    """The API key of the gateway replica serving this request (its ingress app is a copy of `app`, so the key
+    lives on the replica object, not on the app)."""
+    return serve.get_replica_context().servable_object.api_key
+
+
+app = http_api.create_app(api_key=_replica_api_key)
 
 
 @serve.deployment(name="expertmesh-gateway", num_replicas=1, max_ongoing_requests=1024,
@@ -23,12 +32,14 @@ class GatewayDeployment:
     """Starts the engine (and through it the expert-group actors and the router service) in its replica;
     the routes are thin methods over gateway.serving.http_api."""
 
-    def __init__(self, deployment: dict[str, Any]) -> None:
+    def __init__(self, deployment: dict[str, Any], api_key: str | None = None) -> None:
         from gateway import Engine
         from gateway.serving.engine_loop import EngineLoop
         from model_core.tokenizer import load_tokenizer
 
         config = DeploymentConfig.from_dict(deployment)
+        # build() resolves the key where the driver runs (its file and environment); else this process's
+        self.api_key = api_key if api_key is not None else config.server.resolved_api_key()
         engine = Engine.from_config(config)
         try:
             tokenizer = load_tokenizer(config.model)
@@ -39,8 +50,8 @@ class GatewayDeployment:
             logger.warning("%s: tokenizer unreadable, prompts must be token ids", config.model, exc_info=True)
             tokenizer = None
         self.state = GatewayState(EngineLoop(engine), Path(config.model).name, tokenizer)
-        logger.info("expertmesh gateway ready: %s, backend=%s, devices=%d", config.model, config.backend,
-                    config.devices)
+        logger.info("expertmesh gateway ready: %s, backend=%s, devices=%d, api key %s", config.model,
+                    config.backend, config.devices, "required" if self.api_key is not None else "off")
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -55,8 +66,8 @@ class GatewayDeployment:
         return http_api.models(self.state)
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> Any:
-        return await http_api.completions(self.state, body)
+    async def completions(self, body: CompletionRequest, request: Request, response: Response) -> Any:
+        return await http_api.completions(self.state, body, request.headers, response)
 
     @app.get("/v1/routing/{request_id}")
     async def routing(self, request_id: str) -> Any:
@@ -88,7 +99,8 @@ def build(args: dict[str, Any]) -> serve.Application:
         deployment.update(yaml.safe_load(Path(args["config"]).read_text()))
     deployment.update(args.get("deployment", {}))
     config = DeploymentConfig.from_dict(deployment)  # fail here, with the field named, not inside a replica
-    return GatewayDeployment.options(ray_actor_options=gateway_actor_options(config)).bind(deployment)
+    api_key = config.server.resolved_api_key()  # the driver's file and EXPERTMESH_API_KEY; the replica may lack them
+    return GatewayDeployment.options(ray_actor_options=gateway_actor_options(config)).bind(deployment, api_key)
 
 
 def gateway_actor_options(config: DeploymentConfig) -> dict[str, Any]:

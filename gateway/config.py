@@ -97,6 +97,45 @@ class RpcConfig:
         return RpcSecurity(**pem, tls_server_name=self.tls_server_name, token=token)
 
 
+API_KEY_ENV = "EXPERTMESH_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP server: the API key every /v1/* and /admin/* request must send as `Authorization: Bearer <key>`.
+
+    api_key inline or api_key_file (read where the gateway starts, surrounding whitespace ignored), not both;
+    neither: the EXPERTMESH_API_KEY environment variable; none of these: the API is open. Errors name the field,
+    never the key.
+    """
+
+    api_key: str | None = field(default=None, repr=False)
+    api_key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise DeploymentConfigError("server.api_key, server.api_key_file: set one, not both")
+        if self.api_key is not None and not isinstance(self.api_key, str):
+            raise DeploymentConfigError(f"server.api_key: expected a string, got {type(self.api_key).__name__}")
+        self.resolved_api_key(environ={})  # the file exists and holds a usable key
+
+    def resolved_api_key(self, environ: Any = None) -> str | None:
+        """The key in force: server.api_key, else server.api_key_file's content, else EXPERTMESH_API_KEY (from
+        environ, default os.environ), else None (no key: the API is open)."""
+        environ = os.environ if environ is None else environ
+        if self.api_key_file is not None:
+            name = "server.api_key_file"
+            key = _read_file(name, self.api_key_file).decode("utf-8", errors="replace").strip()
+        elif self.api_key is not None:
+            name, key = "server.api_key", self.api_key
+        else:
+            name, key = API_KEY_ENV, environ.get(API_KEY_ENV) or None
+        if key is not None and not _is_token(key):
+            raise DeploymentConfigError(f"{name}: the API key must be non-empty printable ASCII without spaces "
+                                        "(clients send it in the Authorization header)")
+        return key
+
+
 def _has_port(host: str) -> bool:
     """'host:port' or '[v6]:port'; a bare IPv6 address has several colons and no brackets."""
     return host.startswith("[") or host.count(":") == 1
@@ -140,6 +179,7 @@ class DeploymentConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     attention_kernel: str = "auto"  # decode attention: auto (Triton on CUDA, torch on CPU) | triton | torch
+    server: ServerConfig = field(default_factory=ServerConfig)  # the HTTP API's key
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, tuple(DTYPES))
@@ -223,7 +263,7 @@ class DeploymentConfig:
             raise DeploymentConfigError(f"deployment: expected a mapping, got {type(raw).__name__}")
         raw = dict(raw)
         sections = {"ray": RayConfig, "rpc": RpcConfig, "balancing": BalanceConfig, "tracing": TracingConfig,
-                    "scheduler": SchedulerConfig, "cache": CacheConfig}
+                    "scheduler": SchedulerConfig, "cache": CacheConfig, "server": ServerConfig}
         nested = {}
         for name, kind in sections.items():
             value = raw.pop(name, None) or {}
@@ -249,7 +289,7 @@ class DeploymentConfig:
         """Replace top-level fields (CLI flags); None values are ignored, 'ray.x' / 'rpc.x' reach sections."""
         top: dict[str, Any] = {}
         nested: dict[str, dict[str, Any]] = {"ray": {}, "rpc": {}, "balancing": {}, "tracing": {}, "scheduler": {},
-                                             "cache": {}}
+                                             "cache": {}, "server": {}}
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -269,6 +309,7 @@ class DeploymentConfig:
             tracing=dataclasses.replace(self.tracing, **nested["tracing"]),
             scheduler=dataclasses.replace(self.scheduler, **nested["scheduler"]),
             cache=dataclasses.replace(self.cache, **nested["cache"]),
+            server=dataclasses.replace(self.server, **nested["server"]),
         )
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,3 +167,21 @@ def extract_context(carrier: dict[str, str] | None):
     from opentelemetry.propagate import extract
 
     return extract(carrier or {})
+
+
+def client_trace_context(headers: Mapping[str, str] | None):
+    """The caller's W3C trace context from HTTP request headers (`traceparent`, `tracestate`), for the request's
+    span to continue. Only W3C trace context is read (no baggage); a missing or malformed `traceparent` gives the
+    root context, so the request starts a new trace (as W3C Trace Context says a receiver must)."""
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier = {name: headers[name] for name in ("traceparent", "tracestate") if headers and name in headers}
+    return TraceContextTextMapPropagator().extract(carrier)
+
+
+def trace_id_of(span) -> str | None:
+    """A span's trace id as 32 hex digits (None without a span or with an invalid context)."""
+    if span is None:
+        return None
+    ctx = span.get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid else None

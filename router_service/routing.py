@@ -62,7 +62,10 @@ def partition_scores(sel: torch.Tensor, members: torch.Tensor, how: str) -> torc
     if how == "max" or grouped.shape[-1] < 2:
         return grouped.max(dim=-1).values
     if how == "top2_sum":
-        return grouped.topk(2, dim=-1).values.sum(dim=-1)
+        # A partition with one member (a device hosting a single expert) scores that member alone: its -inf
+        # padding must not sink it. A partition with no member stays -inf.
+        top2 = grouped.topk(2, dim=-1).values
+        return top2[..., 0] + top2[..., 1].masked_fill(top2[..., 1] == float("-inf"), 0.0)
     raise ValueError(f"group score {how!r}: expected 'max' or 'top2_sum'")
 
 

@@ -82,6 +82,13 @@ def combine(n_tokens: int, hidden_size: int, batches: list[DeviceBatch], partial
     return out
 
 
+def batch_bytes(rows: int, top_k: int, hidden_size: int, hidden_itemsize: int, id_itemsize: int = 8) -> tuple[int, int]:
+    """(bytes out, bytes back) of one device batch: `rows` hidden rows, their [rows, top_k] expert ids and float32
+    weights go out; the [rows, H] partial sums come back. DispatchStats counts with it, and so does the planner."""
+    hidden = rows * hidden_size * hidden_itemsize
+    return hidden + rows * top_k * (id_itemsize + 4), hidden
+
+
 class DispatchStats:
     """Counters per (layer, device): token rows sent, calls, bytes out and back (read from the plan's shapes)."""
 
@@ -100,8 +107,9 @@ class DispatchStats:
             n, k = b.ids.shape
             counts[b.device] += n
             self.calls += 1
-            self.bytes_sent += n * hidden_size * hidden_itemsize + n * k * (b.ids.element_size() + 4)
-            self.bytes_received += n * hidden_size * hidden_itemsize
+            out, back = batch_bytes(n, k, hidden_size, hidden_itemsize, b.ids.element_size())
+            self.bytes_sent += out
+            self.bytes_received += back
 
 
 class PendingCombine:

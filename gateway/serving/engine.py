@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -218,8 +219,12 @@ class Engine(EngineCore):
         request_id: str | None = None,
         on_token: Callable[[Request, int], None] | None = None,
         on_finish: Callable[[Request], None] | None = None,
+        trace_context: Any = None,
     ) -> Request:
         """Queue one request for continuous batching; `step()` (or the serving loop) runs it.
+
+        trace_context: an OpenTelemetry context (a client's, from its `traceparent`) the request's span continues;
+        None: the current context.
 
         Raises ValueError naming the bad field, QueueFull when scheduler.max_waiting requests already wait.
         on_token(request, token) and on_finish(request) are called on the thread that runs `step()`; one that
@@ -242,7 +247,7 @@ class Engine(EngineCore):
             on_token=on_token, on_finish=on_finish,
         )
         if self.telemetry.tracer is not None:  # one span per request, from submission to its last token
-            request.span = self.telemetry.tracer.start_span("request", attributes={
+            request.span = self.telemetry.tracer.start_span("request", context=trace_context, attributes={
                 "expertmesh.request_id": request.request_id, "expertmesh.prompt_tokens": len(prompt),
                 "expertmesh.max_new_tokens": max_new_tokens})
         try:

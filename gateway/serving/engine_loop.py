@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.serving.engine import Engine
 from gateway.serving.scheduler import Request
@@ -39,8 +40,10 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: list[int], loop: asyncio.AbstractEventLoop, **params) -> tuple[Request, asyncio.Queue]:
-        """Queue a request (ValueError / QueueFull propagate before anything runs)."""
+    def submit(self, prompt: list[int], loop: asyncio.AbstractEventLoop, trace_context: Any = None,
+               **params) -> tuple[Request, asyncio.Queue]:
+        """Queue a request (ValueError / QueueFull propagate before anything runs); trace_context: the client's
+        OpenTelemetry context its span continues (None: a new trace)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_token(request: Request, token: int) -> None:
@@ -55,7 +58,8 @@ class EngineLoop:
                 self.stats.requests[outcome] += 1
             loop.call_soon_threadsafe(queue.put_nowait, ("done", request))
 
-        request = self.engine.submit(prompt, on_token=on_token, on_finish=on_finish, **params)
+        request = self.engine.submit(prompt, on_token=on_token, on_finish=on_finish,
+                                     trace_context=trace_context, **params)
         self._wake.set()
         return request, queue
 

@@ -1,22 +1,29 @@
-"""The OpenAI-compatible HTTP API (FastAPI): completions with SSE streaming, models, health, Prometheus metrics."""
+"""The OpenAI-compatible HTTP API (FastAPI): completions with SSE streaming, models, health, Prometheus metrics,
+API keys, and the client's W3C trace context."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.serving.engine_loop import EngineLoop
 from gateway.serving.scheduler import QueueFull
+from model_core.telemetry import client_trace_context, trace_id_of
+
+PROTECTED_PREFIXES = ("/v1/", "/admin/")  # what the API key guards; /health, /ready and /metrics stay open
+TRACE_ID_HEADER = "x-trace-id"
 
 
 class CompletionRequest(BaseModel):
@@ -34,8 +41,53 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+          headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An error in OpenAI's shape: {"error": {"message", "type", "code"?}}."""
+    body: dict[str, Any] = {"message": message, "type": kind}
+    if code is not None:
+        body["code"] = code
+    return JSONResponse(status_code=status, content={"error": body}, headers=headers)
+
+
+def authorize(expected_key: str | None, authorization: str | None) -> JSONResponse | None:
+    """None when the request may pass (no key configured, or `Authorization: Bearer <expected_key>`), else the
+    401 to answer. The key is compared in constant time and never logged or echoed."""
+    if expected_key is None:
+        return None
+    scheme, _, sent = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not sent.strip():
+        return error(401, "missing API key: send it as 'Authorization: Bearer <key>'", "invalid_request_error",
+                     "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(sent.strip().encode("utf-8"), expected_key.encode("utf-8")):
+        return error(401, "incorrect API key provided", "invalid_request_error", "invalid_api_key",
+                     headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return None
+
+
+class ApiKeyMiddleware:
+    """Answers 401 to /v1/* and /admin/* requests without the API key, before their bodies are read or
+    validated. api_key() gives the key in force (None: open), read per request so its owner sets it after the
+    app is built."""
+
+    def __init__(self, app: Any, api_key: Callable[[], str | None]) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and _route_path(scope).startswith(PROTECTED_PREFIXES):
+            headers = dict(scope.get("headers") or [])
+            authorization = headers.get(b"authorization", b"").decode("latin-1")
+            denied = authorize(self.api_key(), authorization)
+            if denied is not None:
+                await denied(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope: dict) -> str:
+    """The path below the app's mount point (Ray Serve's route_prefix arrives as root_path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 @dataclass
@@ -47,10 +99,13 @@ class GatewayState:
     tokenizer: Any = None
 
 
-def create_app() -> FastAPI:
-    """The FastAPI app with 400s for malformed or invalid bodies; a host (the Ray Serve deployment) adds the
-    routes as methods that call the handlers below with its GatewayState."""
+def create_app(api_key: Callable[[], str | None] | None = None) -> FastAPI:
+    """The FastAPI app with 400s for malformed or invalid bodies and, given api_key (a callable giving the key in
+    force, None: open), 401s for /v1/* and /admin/* requests without it; a host (the Ray Serve deployment) adds
+    the routes as methods that call the handlers below with its GatewayState."""
     app = FastAPI(title="expertmesh", version="0.1.0")
+    if api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -71,8 +126,25 @@ def models(state: GatewayState) -> dict:
     return {"object": "list", "data": [{"id": state.model_name, "object": "model", "owned_by": "expertmesh"}]}
 
 
-async def completions(state: GatewayState, body: CompletionRequest) -> Any:
-    """POST /v1/completions: JSON, or server-sent events when body.stream."""
+async def completions(state: GatewayState, body: CompletionRequest, headers: Mapping[str, str] | None = None,
+                      response: Response | None = None) -> Any:
+    """POST /v1/completions: JSON, or server-sent events when body.stream.
+
+    headers: the HTTP request's; with tracing on, the request's span continues the caller's `traceparent` /
+    `tracestate` (a malformed one is ignored: a new trace starts) and the answer carries the trace id in
+    `x-trace-id` (on `response`, FastAPI's, when the answer is a plain dict).
+    """
+    result = await _complete(state, body, headers)
+    if isinstance(result, tuple):
+        result, trace_id = result
+        target = result if isinstance(result, Response) else response
+        if trace_id is not None and target is not None:
+            target.headers[TRACE_ID_HEADER] = trace_id
+    return result
+
+
+async def _complete(state: GatewayState, body: CompletionRequest, headers: Mapping[str, str] | None) -> Any:
+    """The completion, with its trace id once a request was submitted: (answer, trace id or None)."""
     loop = state.engine_loop
     if body.model is not None and body.model != state.model_name:
         return error(404, f"model={body.model!r}: this server serves {state.model_name!r}", "not_found_error")
@@ -82,30 +154,34 @@ async def completions(state: GatewayState, body: CompletionRequest) -> Any:
         prompt = state.tokenizer.encode(body.prompt)
     else:
         prompt = body.prompt
+    tracing = loop.engine.telemetry.tracer is not None
     try:
         req, queue = loop.submit(prompt, asyncio.get_running_loop(), max_new_tokens=body.max_tokens,
-                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                                 trace_context=client_trace_context(headers) if tracing else None)
     except QueueFull as exc:
         loop.stats.requests["rejected"] += 1
         return error(429, str(exc), "rate_limit_error")
     except ValueError as exc:
         loop.stats.requests["rejected"] += 1
         return error(400, str(exc).replace("max_new_tokens", "max_tokens"))  # the API's name for it
+    trace_id = trace_id_of(req.span)
     created = int(time.time())
     deadline = time.monotonic() + loop.engine.config.scheduler.request_timeout_s
     if body.stream:
-        return StreamingResponse(_stream(req, queue, state, created, deadline), media_type="text/event-stream")
+        stream = _stream(req, queue, state, created, deadline)
+        return StreamingResponse(stream, media_type="text/event-stream"), trace_id
     try:
         while (await _next(queue, deadline))[0] != "done":
             pass
     except asyncio.TimeoutError:
         loop.expire(req)
-        return error(504, _timeout_message(req, state), "timeout_error")
+        return error(504, _timeout_message(req, state), "timeout_error"), trace_id
     finally:
         loop.cancel(req)  # a no-op when it finished; stops generation if the client went away
     if req.error:
-        return error(503, f"request {req.request_id} failed: {req.error}", "server_error")
-    return _completion(req, state, created)
+        return error(503, f"request {req.request_id} failed: {req.error}", "server_error"), trace_id
+    return _completion(req, state, created), trace_id
 
 
 def routing(state: GatewayState, request_id: str) -> Any:

@@ -81,6 +81,10 @@ def test_partition_scores_max_and_top2_sum_with_uneven_partitions():
     assert partition_scores(sel, members, "max").tolist() == [pytest.approx([0.9, 0.5])]
     assert partition_scores(sel, members, "top2_sum").tolist() == [pytest.approx([1.0, 0.8])]
     assert contiguous_members(6, 3).tolist() == [[0, 1], [2, 3], [4, 5]]
+    # A device hosting one expert scores that expert (its padding does not sink it); one hosting none, -inf.
+    lone = torch.tensor([[0, -1], [1, 2], [3, -1], [-1, -1]])
+    sel = torch.tensor([[0.7, 0.1, 0.2, 0.4]])
+    assert partition_scores(sel, lone, "top2_sum").tolist() == [pytest.approx([0.7, 0.3, 0.4, float("-inf")])]
 
 
 @pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3", "small-v3"])
