@@ -36,13 +36,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _exit_status = int(exitstatus)
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Leave without interpreter finalisation once pytest has reported everything, with pytest's own status.
+    """Leave without the final garbage collection and interpreter teardown once pytest has reported everything,
+    with pytest's own status.
 
-    One CI run passed every test and then died with SIGSEGV while the interpreter tore down native state (Ray's
-    core worker, gRPC's and Gloo's threads; which one was not caught). Ray is shut down first, cleanly; then
-    the process ends as pytest decided. EXPERTMESH_FULL_EXIT=1 keeps the normal teardown (to hunt that crash).
+    CI runs passed every test and then died with SIGSEGV in that collection: faulthandler showed pytest's own
+    unraisable-exception hook (`gc_collect_harder` in its pytest_unconfigure) garbage-collecting some native
+    object left by the session. This hook runs first: Ray is shut down cleanly, then the process ends as pytest
+    decided. EXPERTMESH_FULL_EXIT=1 keeps the normal teardown (to hunt the object).
     """
     if os.environ.get("EXPERTMESH_FULL_EXIT") == "1":
         return
