@@ -225,7 +225,9 @@ def _completion(req, state, created: int) -> dict:
         "choices": [{"index": 0, "text": _text(state, req.output), "token_ids": req.output, "logprobs": None,
                      "finish_reason": req.finish_reason}],
         "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
-                  "total_tokens": len(req.prompt) + len(req.output)},
+                  "total_tokens": len(req.prompt) + len(req.output),
+                  # OpenAI's prompt-caching field: prompt positions the prefix cache supplied (not recomputed)
+                  "prompt_tokens_details": {"cached_tokens": min(req.cached_prompt, len(req.prompt))}},
     }
 
 

@@ -68,6 +68,13 @@ def test_a_repeated_prompt_takes_its_prefix_from_the_cache_and_gives_the_same_to
         assert 'expertmesh_prefix_cache_tokens_total{result="hit"} 80' in text
         assert f'expertmesh_prefix_cache_tokens_total{{result="queried"}} {queried}' in text
         assert 'expertmesh_cache_blocks{state="used"} 0' in text and "expertmesh_preemptions_total 0" in text
+        loop = EngineLoop(engine)
+        try:  # the HTTP usage reports the hit in OpenAI's prompt-caching field
+            state = GatewayState(loop, PRESET)
+            answer = asyncio.run(completions(state, CompletionRequest(prompt=prompts[0], max_tokens=2)))
+        finally:
+            loop.stop()
+        assert answer["usage"]["prompt_tokens_details"] == {"cached_tokens": 40}
     with Engine.from_config(config(model_dirs, cache=CacheConfig(prefix_caching=False))) as plain:
         assert plain.generate(prompts, max_new_tokens=8, stop_at_eos=False) == again
         assert again[0] == first[0]
