@@ -125,14 +125,18 @@ class PagedLatentCache:
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._tables
 
-    def allocate(self, seq_id: int, capacity: int = 1, tokens: list[int] | None = None) -> int:
-        """Start a sequence with room for `capacity` tokens. With `tokens` (its prompt) and prefix caching, the
-        registered full blocks of its longest cached prefix are attached (never the block holding the last token:
-        its logits are needed). Returns the positions already cached. Raises CacheFull, changing nothing."""
+    def allocate(self, seq_id: int, capacity: int = 1, tokens: list[int] | None = None,
+                 chunk: int | None = None) -> int:
+        """Start a sequence with room for `capacity` tokens, or with `chunk`: for the cached prefix plus up to
+        `chunk` more of `tokens`. With `tokens` (its prompt) and prefix caching, the registered full blocks of its
+        longest cached prefix are attached (never the block holding the last token: its logits are needed).
+        Returns the positions already cached. Raises CacheFull, changing nothing."""
         if seq_id in self._tables:
             raise KeyError(f"seq_id={seq_id}: already has a cache")
         hits, chain = self._lookup(tokens) if tokens is not None and self.prefix_caching else ([], [])
         cached = len(hits) * self.block_size
+        if chunk is not None:
+            capacity = cached + min(len(tokens) - cached, chunk)
         need = self.blocks_for(max(capacity, cached)) - len(hits)
         reusable = sum(1 for b in hits if self._refs[b] == 0)  # attaching these takes them off the free list
         if need > self.free_blocks - reusable:

@@ -63,8 +63,10 @@ class Request:
         return self.prompt + self.output
 
     def next_input(self) -> list[int]:
-        """The tokens this step feeds: the next `scheduled` positions not yet in the cache."""
-        return self.tokens[self.computed : self.computed + self.scheduled]
+        """The tokens this step feeds: the next `scheduled` positions not yet in the cache (without building
+        prompt + output every step)."""
+        lo, hi, n = self.computed, self.computed + self.scheduled, len(self.prompt)
+        return self.prompt[lo:hi] + self.output[max(lo - n, 0) : max(hi - n, 0)]
 
     @property
     def ready_to_sample(self) -> bool:
@@ -131,12 +133,12 @@ class Scheduler:
             if r.seq_id < 0:
                 r.seq_id = next(self._seq_ids)
             tokens = r.tokens
-            cached = self.cache.cached_prefix(tokens)
-            n = min(len(tokens) - cached, budget, prefill)
-            try:
-                r.computed = r.cached_prompt = self.cache.allocate(r.seq_id, cached + n, tokens)
+            try:  # room for the prefix cache's hit plus a first chunk of what is left
+                r.computed = r.cached_prompt = self.cache.allocate(r.seq_id, tokens=tokens,
+                                                                   chunk=min(budget, prefill))
             except CacheFull:
                 break  # running sequences free blocks as they finish
+            n = min(len(tokens) - r.computed, budget, prefill)
             self.waiting.popleft()
             self.running.append(r)
             r.scheduled = n
