@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else embedded local Ray)")
     gen.add_argument("--expert-kernel", choices=["auto", "triton", "torch"],
                      help="expert math: Triton kernels or torch (auto: Triton on GPU, torch on CPU)")
+    gen.add_argument("--half-matmul", choices=["auto", "native", "float32"],
+                     help="bfloat16/float16 matmuls on a CPU: native, or float32 weights (exact widening, 2x weight "
+                          "memory; auto: float32 where the CPU lacks the instructions)")
     gen.add_argument("--gateway-device",
                      help="where the gateway runs: auto (CUDA when visible, else CPU), cpu, cuda or cuda:N; "
                           "local expert groups share it")
@@ -169,7 +172,7 @@ def deployment_from_args(args: argparse.Namespace):
     overrides = {
         "model": args.model, "dtype": args.dtype, "backend": args.backend, "devices": args.devices,
         "placement": args.placement, "top_m_devices": args.top_m_devices, "ray.address": args.address,
-        "expert_kernel": args.expert_kernel, "gateway_device": args.gateway_device,
+        "expert_kernel": args.expert_kernel, "gateway_device": args.gateway_device, "half_matmul": args.half_matmul,
         "tracing.routing_trace_dir": args.trace_dir,
         "tracing.exporter": args.otel,
     }

@@ -37,6 +37,7 @@ class ExpertGroupActor:
         max_message_bytes: int = 256 << 20,
         threads: int = 1,
         kernel: str = "auto",
+        half_matmul: str = "auto",
         torch_device: str = "cpu",
         tracing: TracingConfig | None = None,
         grpc_bind: str | None = None,
@@ -53,7 +54,8 @@ class ExpertGroupActor:
         self.started_at = time.time()  # a restarted actor reports a new start time
         self.telemetry = Telemetry(tracing or TracingConfig(exporter="none"), f"expert-group-{device}")
         self.group = ExpertGroup(Path(model_dir), expert_ids, dtype=DTYPES[dtype], device=device, kernel=kernel,
-                                 torch_device=torch_device, layer_experts=layer_experts, version=version)
+                                 torch_device=torch_device, layer_experts=layer_experts, version=version,
+                                 half_matmul=half_matmul)
         self._staging: dict[int, threading.Thread] = {}
         self._stage_errors: dict[int, str] = {}
         self.server = None
@@ -176,6 +178,7 @@ class ExpertGroupActor:
             "loaded_tensors": sorted(g.reader.loaded),
             "grpc_address": self.server.address if self.server else None,
             "kernel": g.kernel,
+            "matmul_dtype": str(g.matmul_dtype).removeprefix("torch."),
             "started_at": self.started_at,
             "torch_device": str(g.torch_device),
         }

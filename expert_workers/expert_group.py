@@ -13,6 +13,7 @@ import torch
 from expert_workers.grouped_ffn import grouped_expert_ffn
 from expert_workers.kernels import fused_moe, triton_available
 from model_core.checkpoint import CheckpointReader, expert_shapes, expert_weight_names
+from model_core.half_matmul import matmul_dtype
 from model_core.spec import ModelSpec
 
 KERNELS = ("auto", "triton", "torch")
@@ -72,11 +73,13 @@ class ExpertGroup:
         torch_device: str = "cpu",
         layer_experts: Mapping[int, Sequence[int]] | None = None,
         version: int = 0,
+        half_matmul: str = "auto",
     ) -> None:
         """device: the group's index in the placement; torch_device: where its weights live ('cpu', 'cuda');
         kernel: 'triton' (fused Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1), 'torch', or 'auto'
         (Triton on CUDA, torch on CPU); layer_experts: {MoE layer: expert ids} where a layer differs;
-        version: the placement version these experts belong to."""
+        version: the placement version these experts belong to; half_matmul: how a half-precision model
+        multiplies on a CPU with the torch kernel (model_core.half_matmul: its weights may be held in float32)."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
         self.spec = spec or ModelSpec.from_dir(model_dir)
@@ -86,6 +89,8 @@ class ExpertGroup:
         self.kernel = ("triton" if self.torch_device.type == "cuda" else "torch") if kernel == "auto" else kernel
         if self.kernel == "triton" and not triton_available(self.torch_device):
             raise ValueError(f"kernel='triton' on {self.torch_device}: needs CUDA, or TRITON_INTERPRET=1 on CPU")
+        # The weight stacks' dtype: the model's, or float32 on a CPU without its half-precision instructions.
+        self.matmul_dtype = dtype if self.kernel == "triton" else matmul_dtype(dtype, self.torch_device, half_matmul)
         self.reader = CheckpointReader(model_dir, self.spec.fp8_block)
         self._lock = threading.Lock()  # guards _layouts and version (a background stage adds to them)
         self._layouts: dict[int, ExpertLayout] = {}
@@ -117,8 +122,8 @@ class ExpertGroup:
                     continue
                 # Each tensor goes to the device as read (safetensors reads to host memory): the layer's stacks
                 # are built there, so the host never holds more than one expert at a time.
-                g, u, d = (
-                    self.reader.get(name, shape, self.dtype).to(self.torch_device)
+                g, u, d = (  # rounded to the model's dtype, then held in matmul_dtype (exact: only ever wider)
+                    self.reader.get(name, shape, self.dtype).to(self.torch_device, self.matmul_dtype)
                     for name, shape in zip(expert_weight_names(layer, e), shapes, strict=True)
                 )
                 gate_up.append(torch.cat([g, u], dim=0))

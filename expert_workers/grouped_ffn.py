@@ -40,7 +40,9 @@ def grouped_expert_ffn(
 ) -> torch.Tensor:
     """y[t] = Σ_k w[t,k] · FFN_{ids[t,k]}(hidden[t]), tokens sorted so each expert's rows are contiguous.
 
-    hidden: [T, H]; w_gate_up: [E, 2I, H] (gate rows first); w_down: [E, H, I];
+    hidden: [T, H]; w_gate_up: [E, 2I, H] (gate rows first); w_down: [E, H, I], in hidden's dtype or held wider
+    (float32 weights of a half-precision model on a CPU without its instructions: model_core.half_matmul; each
+    product is then computed in float32 and rounded to hidden's dtype where a native kernel rounds);
     topk_ids: [T, K] local ids (-1 skips); topk_weights: [T, K] -> [T, H] in hidden's dtype.
     impl: 'grouped_mm' (two torch grouped GEMMs), 'loop' (one matmul pair per hit expert), 'padded_bmm' (every
     expert's rows padded to the busiest one's, two batched matmuls over all E experts), 'auto': grouped_mm on
@@ -67,27 +69,28 @@ def grouped_expert_ffn(
         y = F.grouped_mm(h, w_down.transpose(1, 2), offs=ends) * weight_of_pair[:, None].to(hidden.dtype)
         return out.index_add_(0, token_of_pair, y)
     n_experts = w_gate_up.shape[0]
+    dtype, wide = hidden.dtype, w_gate_up.dtype  # wide == dtype unless the weights are held widened
     most = int(counts.max()) if counts.numel() else 0
     if impl == "padded_bmm" or (impl == "auto" and not hidden.is_cuda and hidden.dtype == torch.float32
                                 and 0 < most <= PADDED_MAX_ROWS and 4 * int((counts > 0).sum()) >= 3 * n_experts):
         expert_of_pair = torch.repeat_interleave(torch.arange(n_experts, device=hidden.device), counts)  # [P]
         row = torch.arange(pair_index.numel(), device=hidden.device) - offsets[:-1][expert_of_pair]
-        x = hidden.new_zeros(n_experts, most, hidden.shape[1])  # [E, m, H]; padding rows stay zero
-        x[expert_of_pair, row] = hidden[token_of_pair]
-        gate_up = torch.bmm(x, w_gate_up.transpose(1, 2))  # [E, m, 2I]
+        x = hidden.new_zeros(n_experts, most, hidden.shape[1], dtype=wide)  # [E, m, H]; padding rows stay zero
+        x[expert_of_pair, row] = hidden[token_of_pair].to(wide)
+        gate_up = torch.bmm(x, w_gate_up.transpose(1, 2)).to(dtype)  # [E, m, 2I]
         h = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
-        y = torch.bmm(h, w_down.transpose(1, 2))[expert_of_pair, row]  # [P, H]
-        return out.index_add_(0, token_of_pair, y * weight_of_pair[:, None].to(hidden.dtype))
+        y = torch.bmm(h.to(wide), w_down.transpose(1, 2))[expert_of_pair, row].to(dtype)  # [P, H]
+        return out.index_add_(0, token_of_pair, y * weight_of_pair[:, None].to(dtype))
     # One gather in, one scatter-add out (pairs in expert order, as the other implementations add them).
     bounds = offsets.tolist()
-    x = hidden[token_of_pair]  # [P, H]
-    scale = weight_of_pair[:, None].to(hidden.dtype)
-    y = torch.empty_like(x)
+    x = hidden[token_of_pair].to(wide)  # [P, H]
+    scale = weight_of_pair[:, None].to(dtype)
+    y = hidden.new_empty(x.shape)  # [P, H] in hidden's dtype
     for e in range(n_experts):
         start, end = bounds[e], bounds[e + 1]
         if start == end:
             continue
-        gate_up = F.linear(x[start:end], w_gate_up[e])  # [n, 2I]
+        gate_up = F.linear(x[start:end], w_gate_up[e]).to(dtype)  # [n, 2I]
         h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        torch.mul(F.linear(h, w_down[e]), scale[start:end], out=y[start:end])
+        torch.mul(F.linear(h.to(wide), w_down[e]).to(dtype), scale[start:end], out=y[start:end])
     return out.index_add_(0, token_of_pair, y)

@@ -15,6 +15,7 @@ import yaml
 
 from gateway.model.kv_cache import CacheConfig
 from gateway.serving.scheduler import SchedulerConfig
+from model_core.half_matmul import MODES as HALF_MATMUL_MODES
 from model_core.telemetry import TracingConfig
 from protos.channel import RpcSecurity
 from router_service.bias import BalanceConfig
@@ -171,6 +172,7 @@ class DeploymentConfig:
     replicas: int | list[int] = 1  # actors per device group: one number for all, or one per group
     top_m_devices: int | None = None  # None = the model's exact routing
     expert_kernel: str = "auto"  # auto: Triton on GPU, torch on CPU; 'triton' on CPU needs TRITON_INTERPRET=1
+    half_matmul: str = "auto"  # bf16/fp16 on CPU: native | float32 (widened weights) | auto (float32 if not native)
     gateway_device: str = "auto"  # where the gateway's per-token path runs: auto | cpu | cuda | cuda:N
     ray: RayConfig = field(default_factory=RayConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
@@ -186,6 +188,7 @@ class DeploymentConfig:
         _choice("backend", self.backend, BACKENDS)
         _choice("ray.device_resource", self.ray.device_resource, DEVICE_RESOURCES)
         _choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
+        _choice("half_matmul", self.half_matmul, HALF_MATMUL_MODES)
         _choice("attention_kernel", self.attention_kernel, EXPERT_KERNELS)
         if not isinstance(self.gateway_device, str) or not GATEWAY_DEVICE.fullmatch(self.gateway_device):
             raise DeploymentConfigError(

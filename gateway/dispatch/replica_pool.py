@@ -108,7 +108,8 @@ class ExpertGroupPool:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
             ).remote(cfg.model, self.placement.experts_on(d), cfg.dtype, d, serve_grpc=True,
                      max_message_bytes=cfg.rpc.max_message_mb << 20, threads=max(1, math.floor(cpus)),
-                     kernel=cfg.expert_kernel, torch_device=cfg.expert_torch_device, tracing=cfg.tracing,
+                     kernel=cfg.expert_kernel, half_matmul=cfg.half_matmul, torch_device=cfg.expert_torch_device,
+                     tracing=cfg.tracing,
                      grpc_bind=cfg.rpc.bind, joined_cluster=cfg.ray_address is not None,
                      security=cfg.rpc.security(), layer_experts=self.placement.layer_overrides(d),
                      version=self.placement.version)

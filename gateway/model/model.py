@@ -16,6 +16,7 @@ from gateway.model.mla import MLAttention
 from gateway.model.step import StepBatch
 from model_core.checkpoint import CheckpointReader
 from model_core.ffn import swiglu
+from model_core.half_matmul import linear, matmul_dtype
 from model_core.layout import gateway_layout
 from model_core.spec import ModelSpec
 from router_service.accounting import compare_routing, count_routing
@@ -50,10 +51,13 @@ class GatewayModel:
         dtype: torch.dtype,
         top_m_devices: int | None = None,
         device: torch.device | str = "cpu",
+        half_matmul: str = "auto",
     ) -> None:
-        """device: where every tensor of the per-token path lives (weights, latent cache, routing, combine)."""
+        """device: where every tensor of the per-token path lives (weights, latent cache, routing, combine);
+        half_matmul: how a half-precision model multiplies on a CPU (model_core.half_matmul.matmul_dtype)."""
         self.spec, self.backend, self.dtype = spec, backend, dtype
         self.device = torch.device(device)
+        self.matmul_dtype = matmul_dtype(dtype, self.device, half_matmul)  # matmul weights are held in it
         backend_device = getattr(backend, "device", self.device)
         if backend_device != self.device:
             raise ValueError(f"device={self.device}: the dispatcher plans on {backend_device}; both must be the "
@@ -66,10 +70,13 @@ class GatewayModel:
         for name, shape in gateway_layout(spec).items():
             keep_fp32 = name.endswith("e_score_correction_bias")
             # Cast on the host (the read is there anyway), so the device receives each tensor once, at its dtype.
-            w[name] = self.reader.get(name, shape, torch.float32 if keep_fp32 else dtype).to(self.device)
+            tensor = self.reader.get(name, shape, torch.float32 if keep_fp32 else dtype)
+            if is_matmul_weight(name):  # rounded to the model's dtype first: widening keeps exactly its values
+                tensor = tensor.to(self.matmul_dtype)
+            w[name] = tensor.to(self.device)
         self.embed = w["model.embed_tokens.weight"]
         self.final_norm = w["model.norm.weight"]
-        self.lm_head = self.embed if spec.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head = self.embed.to(self.matmul_dtype) if spec.tie_word_embeddings else w["lm_head.weight"]
         rope = RotaryEmbedding(spec.rope, spec.qk_rope_head_dim, spec.rope_interleave, self.device)
         self.layers = [self._layer(w, i, rope) for i in range(spec.num_hidden_layers)]
 
@@ -194,4 +201,9 @@ class GatewayModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()
+
+
+def is_matmul_weight(name: str) -> bool:
+    """Whether a gateway tensor is a matmul weight (held in matmul_dtype), not a norm, embedding or bias."""
+    return name.endswith(("_proj.weight", "mlp.gate.weight")) or name == "lm_head.weight"

@@ -49,6 +49,7 @@ class Engine(EngineCore):
         timeout_s: float = 30.0,
         expert_kernel: str = "auto",
         gateway_device: str = "auto",
+        half_matmul: str = "auto",
     ) -> Engine:
         """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory and start its expert groups.
 
@@ -58,6 +59,8 @@ class Engine(EngineCore):
         cluster to join (default: RAY_ADDRESS, else Ray starts embedded in this process). expert_kernel: 'auto'
         (Triton on GPU, torch on CPU), 'triton' or 'torch'. gateway_device: where the gateway's per-token path
         runs, 'auto' (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N'; local expert groups share it.
+        half_matmul: a bfloat16/float16 model's matmuls on a CPU, 'native' or 'float32' (weights widened exactly;
+        'auto': float32 where the CPU lacks the instructions), see model_core/half_matmul.py.
         """
         config = DeploymentConfig(
             model=str(model_dir),
@@ -68,6 +71,7 @@ class Engine(EngineCore):
             top_m_devices=top_m_devices,
             expert_kernel=expert_kernel,
             gateway_device=gateway_device,
+            half_matmul=half_matmul,
             ray=RayConfig(address=address, cpus_per_group=cpus_per_group),
             rpc=RpcConfig(timeout_s=timeout_s),
         )

@@ -55,7 +55,7 @@ class EngineCore:
         self.backend = backend
         self.device = gateway_device(config)
         self.model = GatewayModel(config.model, spec, backend, dtype, top_m_devices=config.top_m_devices,
-                                  device=self.device)
+                                  device=self.device, half_matmul=config.half_matmul)
         self.routing_summary = RoutingSummary(spec.moe_layers, spec.n_routed_experts, self.device)
         self.balance = start_balancing(config, spec, self.model, backend.placement)
         self.telemetry = Telemetry(config.tracing, "gateway")

@@ -113,3 +113,53 @@ def test_expert_group_loads_only_its_experts_and_computes_their_share(model_dirs
         group.run(1, hidden, ids, w)
     with pytest.raises(ValueError, match="expert_ids"):
         ExpertGroup(path, [3, 16])
+
+
+def bf16_reference(hidden, w_gate_up, w_down, ids, w):
+    """The native bfloat16 computation, each product rounded to bf16 where a native kernel rounds, in float64."""
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    x, gu, dn = hidden.double(), w_gate_up.double(), w_down.double()
+    for t in range(hidden.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e >= 0:
+                g = (x[t] @ gu[e].T).bfloat16()
+                h = (torch.nn.functional.silu(g[:I]) * g[I:]).double()
+                out[t] += float(w[t, k].bfloat16()) * (h @ dn[e].T).bfloat16().double()
+    return out
+
+
+@pytest.mark.parametrize("impl", ["loop", "padded_bmm"])
+def test_float32_weights_of_a_bfloat16_model_compute_the_bfloat16_ffn(impl):
+    """half_matmul: a bf16 model's experts held in float32 give bf16 outputs of the same computation as the native
+    bf16 kernels (every product rounded where they round): both within a bf16 ulp or so of the float64 reference."""
+    w_gate_up, w_down = (t.bfloat16() for t in weights(4))
+    hidden = torch.randn(24, H, generator=torch.Generator().manual_seed(5)).bfloat16()
+    ids, w = random_routing(24, seed=6)
+    ids[::4, 1] = -1
+    native = grouped_expert_ffn(hidden, w_gate_up, w_down, ids, w, impl=impl)
+    widened = grouped_expert_ffn(hidden, w_gate_up.float(), w_down.float(), ids, w, impl=impl)
+    assert widened.dtype == native.dtype == torch.bfloat16
+    reference = bf16_reference(hidden, w_gate_up, w_down, ids, w)
+    scale = reference.abs().max()
+    err_widened = ((widened.double() - reference).abs().max() / scale).item()
+    err_native = ((native.double() - reference).abs().max() / scale).item()
+    assert err_widened < 5e-3 and err_native < 5e-3  # the output's own bf16 rounding: 2^-8 of its scale
+    torch.testing.assert_close(widened, native, atol=5e-3 * scale.item(), rtol=0)
+
+
+def test_expert_group_holds_float32_stacks_for_half_matmul_float32(model_dirs):
+    path = model_dirs["tiny-v3"]
+    native = ExpertGroup(path, [0, 3, 5], dtype=torch.bfloat16, half_matmul="native")
+    widened = ExpertGroup(path, [0, 3, 5], dtype=torch.bfloat16, half_matmul="float32")
+    assert native.matmul_dtype == torch.bfloat16 and widened.matmul_dtype == torch.float32
+    assert widened.w_gate_up[1].dtype == torch.float32
+    assert widened.weight_bytes == 2 * native.weight_bytes  # the memory it costs is reported
+    assert torch.equal(widened.w_down[2], native.w_down[2].float())  # exactly the bf16 values, widened
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 64, generator=gen).bfloat16()
+    ids = torch.stack([torch.tensor([0, 3, 5])[torch.randperm(3, generator=gen)[:2]] for _ in range(9)])
+    w = torch.rand(9, 2, generator=gen)
+    a, b = native.run(1, hidden, ids, w).output, widened.run(1, hidden, ids, w).output
+    assert b.dtype == torch.bfloat16
+    torch.testing.assert_close(b, a, atol=5e-3 * a.abs().max().item(), rtol=0)

@@ -90,3 +90,26 @@ def test_bfloat16_engine_stays_close_to_float32(model_dirs):
         a, b = f32.logits(prompts)[0], bf16.logits(prompts)[0]
     assert b.dtype == torch.float32
     assert ((a - b).abs().max() / a.abs().max()).item() < 0.1
+
+
+@pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3"])
+def test_half_matmul_float32_computes_the_bfloat16_model(model_dirs, preset):
+    """A bf16 model with float32 matmul weights (half_matmul) gives the native bf16 engine's logits up to summation
+    order, and holds norms, embeddings and the cache in bf16."""
+    prompts = random_prompts(272, [9, 5], seed=3)
+    with (
+        Engine.from_pretrained(model_dirs[preset], dtype="bfloat16", half_matmul="native") as native,
+        Engine.from_pretrained(model_dirs[preset], dtype="bfloat16", half_matmul="float32") as widened,
+        Engine.from_pretrained(model_dirs[preset]) as f32,
+    ):
+        model = widened.model
+        assert model.matmul_dtype == torch.float32 and native.model.matmul_dtype == torch.bfloat16
+        assert model.layers[0].attention.w["o_proj.weight"].dtype == torch.float32
+        assert model.layers[0].input_norm.dtype == model.embed.dtype == model.dtype == torch.bfloat16
+        for a, b, ref in zip(native.logits(prompts), widened.logits(prompts), f32.logits(prompts), strict=True):
+            scale = ref.abs().max().item()
+            assert (a - b).abs().max().item() < 0.01 * scale  # summation order, not a different function
+            # bf16 itself may be far from float32 (a near-tie routed the other way), but no farther widened.
+            assert (b - ref).abs().max().item() <= (a - ref).abs().max().item() + 0.01 * scale
+        greedy = dict(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+        assert len(widened.generate(prompts, **greedy)[0]) == 6
