@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 $(MODEL)/config.json: | $(VENV)/.installed
 	$(BIN)/expertmesh make-model --preset $(notdir $(MODEL)) --out $(MODEL)
 
+# The mesh on one machine: an embedded local Ray with 4 expert-group actors, 16 tokens, then the routing, the
+# per-device dispatch and the start of the request's routing trace.
 demo: $(VENV)/.installed $(MODEL)/config.json
-	$(BIN)/expertmesh generate --model $(MODEL) --prompt "$(PROMPT)" --max-new-tokens 16
+	$(BIN)/expertmesh generate --model $(MODEL) --backend ray --devices 4 --prompt "$(PROMPT)" --max-new-tokens 16
 
 test: $(VENV)/.installed
 	$(PY) -X faulthandler -m pytest -q

@@ -221,6 +221,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"deployment : backend={config.backend} devices={config.devices} top_m_devices={config.top_m_devices}")
         print("\nrouting per MoE layer (prefill + decode):")
         print(summary.table())
+        print("\ndispatch to the expert groups (token rows per device and MoE layer):")
+        print(engine.backend.stats.table())
+        trace = engine.routing_trace(request_id).table().splitlines()
+        shown = 2 + 3 * len(engine.spec.moe_layers)  # the header and the first three positions
+        print(f"\nrouting trace, first positions (all {len(trace) - 2} rows: engine.routing_trace, "
+              "GET /v1/routing/{id}, expertmesh trace):")
+        print("\n".join(trace[:shown]))
     return 0
 
 
@@ -259,7 +266,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     import requests
 
-    key = os.environ.get("EXPERTMESH_API_KEY")  # the service's API key, when it requires one
+    key = os.environ.get("EXPERTMESH_ADMIN_KEY")  # /admin/* answers only with the service's admin key
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         r = requests.post(f"{args.url}/admin/scale", json={"group": args.group, "replicas": args.replicas},

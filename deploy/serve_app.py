@@ -9,20 +9,24 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
 from gateway.config import DeploymentConfig
+from gateway.serving import chat as chat_api
+from gateway.serving import completions as completions_api
 from gateway.serving import http_api
-from gateway.serving.http_api import CompletionRequest, GatewayState, ScaleRequest
+from gateway.serving.chat import ChatRequest
+from gateway.serving.completions import CompletionRequest
+from gateway.serving.http_api import GatewayState, ScaleRequest
 
 logger = logging.getLogger(__name__)
 
 
 
-def _replica_api_key() -> str | None:
-    """The API key of the gateway replica serving this request (its ingress app is a copy of `app`, so the key
-    lives on the replica object, not on the app)."""
-    return serve.get_replica_context().servable_object.api_key
+def _replica_access() -> http_api.Access:
+    """The keys and body limit of the gateway replica serving this request (its ingress app is a copy of `app`,
+    so they live on the replica object, not on the app)."""
+    return serve.get_replica_context().servable_object.access
 
 
-app = http_api.create_app(api_key=_replica_api_key)
+app = http_api.create_app(access=_replica_access)
 
 
 @serve.deployment(name="expertmesh-gateway", num_replicas=1, max_ongoing_requests=1024,
@@ -32,14 +36,18 @@ class GatewayDeployment:
     """Starts the engine (and through it the expert-group actors and the router service) in its replica;
     the routes are thin methods over gateway.serving.http_api."""
 
-    def __init__(self, deployment: dict[str, Any], api_key: str | None = None) -> None:
+    def __init__(self, deployment: dict[str, Any], api_key: str | None = None, admin_key: str | None = None) -> None:
         from gateway import Engine
         from gateway.serving.engine_loop import EngineLoop
+        from model_core.chat_template import ChatTemplate
         from model_core.tokenizer import load_tokenizer
 
         config = DeploymentConfig.from_dict(deployment)
-        # build() resolves the key where the driver runs (its file and environment); else this process's
-        self.api_key = api_key if api_key is not None else config.server.resolved_api_key()
+        # build() resolves the keys where the driver runs (its files and environment); else this process's
+        self.access = http_api.Access(
+            api_key if api_key is not None else config.server.resolved_api_key(),
+            admin_key if admin_key is not None else config.server.resolved_admin_key(),
+            config.server.max_request_bytes)
         engine = Engine.from_config(config)
         try:
             tokenizer = load_tokenizer(config.model)
@@ -49,9 +57,15 @@ class GatewayDeployment:
         except ValueError:
             logger.warning("%s: tokenizer unreadable, prompts must be token ids", config.model, exc_info=True)
             tokenizer = None
-        self.state = GatewayState(EngineLoop(engine), Path(config.model).name, tokenizer)
-        logger.info("expertmesh gateway ready: %s, backend=%s, devices=%d, api key %s", config.model,
-                    config.backend, config.devices, "required" if self.api_key is not None else "off")
+        try:
+            chat_template = ChatTemplate.from_dir(config.model)
+        except (ValueError, OSError):  # unreadable or unparsable: chat answers 400 naming it, completions serve on
+            logger.warning("%s: chat template unusable, /v1/chat/completions is off", config.model, exc_info=True)
+            chat_template = None
+        self.state = GatewayState(EngineLoop(engine), Path(config.model).name, tokenizer, chat_template)
+        logger.info("expertmesh gateway ready: %s, backend=%s, devices=%d, api key %s, admin API %s", config.model,
+                    config.backend, config.devices, "required" if self.access.api_key is not None else "off",
+                    "on" if self.access.admin_key is not None else "off")
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -67,7 +81,11 @@ class GatewayDeployment:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request, response: Response) -> Any:
-        return await http_api.completions(self.state, body, request.headers, response)
+        return await completions_api.completions(self.state, body, request.headers, response)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatRequest, request: Request, response: Response) -> Any:
+        return await chat_api.chat_completions(self.state, body, request.headers, response)
 
     @app.get("/v1/routing/{request_id}")
     async def routing(self, request_id: str) -> Any:
@@ -99,8 +117,9 @@ def build(args: dict[str, Any]) -> serve.Application:
         deployment.update(yaml.safe_load(Path(args["config"]).read_text()))
     deployment.update(args.get("deployment", {}))
     config = DeploymentConfig.from_dict(deployment)  # fail here, with the field named, not inside a replica
-    api_key = config.server.resolved_api_key()  # the driver's file and EXPERTMESH_API_KEY; the replica may lack them
-    return GatewayDeployment.options(ray_actor_options=gateway_actor_options(config)).bind(deployment, api_key)
+    # The driver's files and EXPERTMESH_API_KEY / EXPERTMESH_ADMIN_KEY: the replica may lack them.
+    keys = config.server.resolved_api_key(), config.server.resolved_admin_key()
+    return GatewayDeployment.options(ray_actor_options=gateway_actor_options(config)).bind(deployment, *keys)
 
 
 def gateway_actor_options(config: DeploymentConfig) -> dict[str, Any]:

@@ -99,40 +99,59 @@ class RpcConfig:
 
 
 API_KEY_ENV = "EXPERTMESH_API_KEY"
+ADMIN_KEY_ENV = "EXPERTMESH_ADMIN_KEY"
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The HTTP server: the API key every /v1/* and /admin/* request must send as `Authorization: Bearer <key>`.
+    """The HTTP server: the API key every /v1/* request must send as `Authorization: Bearer <key>`, the admin key
+    that /admin/* needs (no admin key: /admin/* is off), and the largest request body it reads.
 
-    api_key inline or api_key_file (read where the gateway starts, surrounding whitespace ignored), not both;
-    neither: the EXPERTMESH_API_KEY environment variable; none of these: the API is open. Errors name the field,
-    never the key.
+    Each key inline or in a file (read where the gateway starts, surrounding whitespace ignored), not both;
+    neither: its environment variable (EXPERTMESH_API_KEY, EXPERTMESH_ADMIN_KEY); none: the API is open, the
+    admin routes are off. Errors name the field, never the key.
     """
 
     api_key: str | None = field(default=None, repr=False)
     api_key_file: str | None = None
+    admin_key: str | None = field(default=None, repr=False)
+    admin_key_file: str | None = None
+    max_request_bytes: int = 4 << 20  # a larger body gets 413 before it is parsed
 
     def __post_init__(self) -> None:
-        if self.api_key is not None and self.api_key_file is not None:
-            raise DeploymentConfigError("server.api_key, server.api_key_file: set one, not both")
-        if self.api_key is not None and not isinstance(self.api_key, str):
-            raise DeploymentConfigError(f"server.api_key: expected a string, got {type(self.api_key).__name__}")
-        self.resolved_api_key(environ={})  # the file exists and holds a usable key
+        for kind in ("api_key", "admin_key"):
+            inline, path = getattr(self, kind), getattr(self, f"{kind}_file")
+            if inline is not None and path is not None:
+                raise DeploymentConfigError(f"server.{kind}, server.{kind}_file: set one, not both")
+            if inline is not None and not isinstance(inline, str):
+                raise DeploymentConfigError(f"server.{kind}: expected a string, got {type(inline).__name__}")
+            self._resolve(kind, environ={})  # the file exists and holds a usable key
+        limit = self.max_request_bytes
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1024:
+            raise DeploymentConfigError(f"server.max_request_bytes={limit!r}: expected an integer >= 1024")
 
     def resolved_api_key(self, environ: Any = None) -> str | None:
         """The key in force: server.api_key, else server.api_key_file's content, else EXPERTMESH_API_KEY (from
         environ, default os.environ), else None (no key: the API is open)."""
+        return self._resolve("api_key", environ)
+
+    def resolved_admin_key(self, environ: Any = None) -> str | None:
+        """The admin key: server.admin_key, its file, else EXPERTMESH_ADMIN_KEY; None: /admin/* is off."""
+        return self._resolve("admin_key", environ)
+
+    def _resolve(self, kind: str, environ: Any) -> str | None:
         environ = os.environ if environ is None else environ
-        if self.api_key_file is not None:
-            name = "server.api_key_file"
-            key = _read_file(name, self.api_key_file).decode("utf-8", errors="replace").strip()
-        elif self.api_key is not None:
-            name, key = "server.api_key", self.api_key
+        env = {"api_key": API_KEY_ENV, "admin_key": ADMIN_KEY_ENV}[kind]
+        if getattr(self, f"{kind}_file") is not None:
+            name = f"server.{kind}_file"
+            key = _read_file(name, getattr(self, f"{kind}_file")).decode("utf-8", errors="replace").strip()
+        elif getattr(self, kind) is not None:
+            name, key = f"server.{kind}", getattr(self, kind)
         else:
-            name, key = API_KEY_ENV, environ.get(API_KEY_ENV) or None
+            name, key = env, environ.get(env) or None
         if key is not None and not _is_token(key):
-            raise DeploymentConfigError(f"{name}: the API key must be non-empty printable ASCII without spaces "
+            what = "API key" if kind == "api_key" else "admin key"
+            raise DeploymentConfigError(f"{name}: the {what} must be non-empty printable ASCII without spaces "
                                         "(clients send it in the Authorization header)")
         return key
 

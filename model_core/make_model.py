@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from model_core.chat_template import write_default as write_default_chat_template
 from model_core.checkpoint import INDEX_NAME, SINGLE_NAME
 from model_core.layout import checkpoint_layout
 from model_core.spec import ModelSpec
@@ -214,7 +215,8 @@ def write_checkpoint(
     shard_bytes: int | None = None,
     overrides: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write config.json, tokenizer.json and safetensors (sharded with an index past `shard_bytes`)."""
+    """Write config.json, tokenizer.json, tokenizer_config.json (special tokens and a chat template) and
+    safetensors (sharded with an index past `shard_bytes`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec.from_dict(config)
@@ -244,6 +246,7 @@ def write_checkpoint(
         )
     (out / "config.json").write_text(json.dumps(config, indent=1))
     ByteTokenizer.default().save(out)
+    write_default_chat_template(out, "<|bos|>", "<|eos|>")
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class ByteTokenizer:
         self.specials = specials
         self.bos_id = specials.get("<|bos|>")
         self.eos_id = specials.get("<|eos|>")
+        longest_first = sorted(specials, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(re.escape(t) for t in longest_first) + ")") if specials else None
 
     @classmethod
     def default(cls) -> ByteTokenizer:
@@ -46,7 +49,14 @@ class ByteTokenizer:
         return len(self.byte_ids) + len(self.specials)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = [self.byte_ids[b] for b in text.encode("utf-8")]
+        """Bytes to ids; a special token's text (a chat template's `<|bos|>`) is that token, as `tokenizers`
+        treats added special tokens."""
+        ids = []
+        for piece in self._special_re.split(text) if self._special_re is not None else [text]:
+            if piece in self.specials:
+                ids.append(self.specials[piece])
+            else:
+                ids.extend(self.byte_ids[b] for b in piece.encode("utf-8"))
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
 
     def decode(self, ids: list[int]) -> str:

@@ -101,6 +101,15 @@ class DispatchStats:
         self.layers = 0  # layer dispatches completed
         self.wait_seconds = 0.0  # their wall time, send to combine
 
+    def table(self) -> str:
+        """Token rows sent to each device per MoE layer, then the calls and bytes of every layer together."""
+        head = f"{'layer':>5} " + " ".join(f"{'device ' + str(d):>9}" for d in range(self.n_devices))
+        lines = [head] + [f"{layer:>5} " + " ".join(f"{int(c):>9}" for c in counts.tolist())
+                          for layer, counts in sorted(self.tokens.items())]
+        lines.append(f"{self.calls} expert-group calls over {self.layers} layer dispatches; "
+                     f"{self.bytes_sent / 2**20:.2f} MiB sent, {self.bytes_received / 2**20:.2f} MiB back")
+        return "\n".join(lines)
+
     def record(self, layer: int, batches: list[DeviceBatch], hidden_itemsize: int, hidden_size: int) -> None:
         counts = self.tokens.setdefault(layer, torch.zeros(self.n_devices, dtype=torch.long))
         for b in batches:

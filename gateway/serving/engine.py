@@ -14,6 +14,7 @@ from gateway.config import DeploymentConfig, RayConfig, RpcConfig
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.groups import build_dispatcher
 from gateway.dispatch.transports import DispatchError
+from gateway.model.sampling import Penalties, token_logprobs
 from gateway.serving.engine_core import EngineCore, gateway_device
 from gateway.serving.routing_trace import RequestTrace
 from gateway.serving.scheduler import Request
@@ -22,6 +23,7 @@ from router_service.placement import Placement
 from router_service.service import report_table
 
 logger = logging.getLogger(__name__)
+MAX_LOGPROBS = 20  # top tokens a request may ask logprobs for (vLLM's default limit; OpenAI's completions allow 5)
 
 
 class Engine(EngineCore):
@@ -212,6 +214,15 @@ class Engine(EngineCore):
             for t in traces:
                 self.traces.finish(t.request_id)
 
+    def prompt_logprobs(self, prompt: list[int], top: int) -> list[tuple[float | None, list[tuple[int, float]]]]:
+        """Each prompt position's logprob given the positions before it (None for the first) and the `top` most
+        likely tokens there (empty for the first), scored in one forward without the cache (`logits`)."""
+        logits = self.logits([prompt])[0]  # [L, V] float32 on the host
+        if len(prompt) < 2:
+            return [(None, [])]
+        chosen, tops = token_logprobs(logits[:-1], torch.tensor(prompt[1:]), top)
+        return [(None, [])] + list(zip(chosen, tops, strict=True))
+
     def submit(
         self,
         prompt: list[int],
@@ -224,11 +235,15 @@ class Engine(EngineCore):
         on_token: Callable[[Request, int], None] | None = None,
         on_finish: Callable[[Request], None] | None = None,
         trace_context: Any = None,
+        penalties: Penalties | None = None,
+        logprobs: int | None = None,
     ) -> Request:
         """Queue one request for continuous batching; `step()` (or the serving loop) runs it.
 
         trace_context: an OpenTelemetry context (a client's, from its `traceparent`) the request's span continues;
-        None: the current context.
+        None: the current context. penalties: presence / frequency / repetition (gateway.model.sampling);
+        logprobs: book the model's logprob of each sampled token and of the `logprobs` most likely ones (0 to
+        MAX_LOGPROBS) in `request.token_logprobs`.
 
         Raises ValueError naming the bad field, QueueFull when scheduler.max_waiting requests already wait.
         on_token(request, token) and on_finish(request) are called on the thread that runs `step()`; one that
@@ -240,6 +255,10 @@ class Engine(EngineCore):
             raise ValueError(f"temperature={temperature!r}: expected a number >= 0")
         if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p={top_p!r}: expected 0 < top_p <= 1")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= min(MAX_LOGPROBS, self.spec.vocab_size)):
+            raise ValueError(f"logprobs={logprobs!r}: expected null or an integer in [0, "
+                             f"{min(MAX_LOGPROBS, self.spec.vocab_size)}]")
         self._check_prompts([prompt], max_new_tokens, single=True)
         request = Request(
             request_id=request_id or uuid.uuid4().hex[:16], prompt=list(prompt), max_new_tokens=max_new_tokens,
@@ -248,7 +267,7 @@ class Engine(EngineCore):
             else frozenset(),
             # On the gateway's device: sampling stays there (see gateway.model.sampling on seeds across devices).
             generator=torch.Generator(self.device).manual_seed(seed) if seed is not None else None,
-            on_token=on_token, on_finish=on_finish,
+            on_token=on_token, on_finish=on_finish, penalties=penalties or Penalties(), logprobs=logprobs,
         )
         if self.telemetry.tracer is not None:  # one span per request, from submission to its last token
             request.span = self.telemetry.tracer.start_span("request", context=trace_context, attributes={
@@ -269,10 +288,13 @@ class Engine(EngineCore):
             raise
         return request
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a request (e.g. its client went away): it finishes with reason 'cancelled' at the next step."""
+    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
+        """Stop a request at the next step, finishing with `reason`: 'cancelled' (its client went away) or 'stop'
+        (the caller found a stop string in its text)."""
+        if reason not in ("cancelled", "stop"):
+            raise ValueError(f"reason={reason!r}: expected 'cancelled' or 'stop'")
         with self._queue_lock:
-            self._cancelled.add(request_id)
+            self._cancelled.setdefault(request_id, reason)
 
     def generate(
         self,

@@ -14,7 +14,7 @@ from gateway.config import DeploymentConfig, DeploymentConfigError
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.model.kv_cache import PagedLatentCache
 from gateway.model.model import GatewayModel
-from gateway.model.sampling import sample
+from gateway.model.sampling import apply_penalties, sample, token_logprobs
 from gateway.model.step import StepBatch
 from gateway.serving.balancing import start_balancing
 from gateway.serving.routing_summary import RoutingSummary
@@ -71,7 +71,7 @@ class EngineCore:
         self._traces_of: dict[str, RequestTrace] = {}
         self._step_lock = threading.RLock()  # one forward at a time; close() waits for it too
         self._queue_lock = threading.Lock()  # submit() and cancel() from other threads vs. schedule()
-        self._cancelled: set[str] = set()
+        self._cancelled: dict[str, str] = {}  # request id -> the finish_reason it ends with
         self.rearrangements = 0  # placements switched to while serving (EPLB proposals and apply_placement)
         self.rearrangement_failures = 0
         self._rearranging: threading.Thread | None = None
@@ -170,10 +170,14 @@ class EngineCore:
             sampling = [r for r, last in zip(batch, ready, strict=True) if last]  # a prompt's last chunk, or decode
             if not sampling:
                 return retired
-            # Sampled on the device; the ids are the one thing this step copies to the host (in one transfer).
-            ids = torch.cat([sample(row[None], r.temperature, r.top_p, r.generator)
-                             for r, row in zip(sampling, logits, strict=True)]).tolist()
-            for r, token in zip(sampling, ids, strict=True):
+            # Sampled on the device; the ids are the one thing this step copies to the host (in one transfer),
+            # with the logprobs of the requests that asked for them.
+            sampled = torch.cat([
+                sample((apply_penalties(row, r.prompt, r.output, r.penalties) if r.penalties.active else row)[None],
+                       r.temperature, r.top_p, r.generator)
+                for r, row in zip(sampling, logits, strict=True)])
+            self._book_logprobs(sampling, logits, sampled)
+            for r, token in zip(sampling, sampled.tolist(), strict=True):
                 self._emit(r, token)
             return retired + self._retire([r for r in sampling if r.done])
 
@@ -196,6 +200,17 @@ class EngineCore:
         if self.balance is not None:
             self.balance.observe(routings, step)
         return hidden, step
+
+    @staticmethod
+    def _book_logprobs(sampling: list[Request], logits: torch.Tensor, sampled: torch.Tensor) -> None:
+        """Append (logprob of the sampled token, top tokens) to each request that asked for logprobs."""
+        wanting = [i for i, r in enumerate(sampling) if r.logprobs is not None]
+        if not wanting:
+            return
+        index = torch.tensor(wanting, device=logits.device)
+        chosen, tops = token_logprobs(logits[index], sampled[index], max(sampling[i].logprobs for i in wanting))
+        for i, lp, top in zip(wanting, chosen, tops, strict=True):
+            sampling[i].token_logprobs.append((lp, top[: sampling[i].logprobs]))
 
     def _emit(self, r: Request, token: int) -> None:
         """Hand a sampled token to its request: its callback, then whether it is done."""
@@ -223,11 +238,11 @@ class EngineCore:
             if not self._cancelled:
                 return []
             waiting, running = self.scheduler.waiting, self.scheduler.running
-            cancelled, self._cancelled = self._cancelled, set()
+            cancelled, self._cancelled = self._cancelled, {}
             gone = [r for r in [*waiting, *running] if r.request_id in cancelled]
             self.scheduler.waiting = type(waiting)(r for r in waiting if r.request_id not in cancelled)
         for r in gone:
-            r.finish_reason = "cancelled"
+            r.finish_reason = cancelled[r.request_id]
         return gone
 
     def _retire(self, finished: list[Request]) -> list[Request]:

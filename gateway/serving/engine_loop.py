@@ -63,10 +63,11 @@ class EngineLoop:
         self._wake.set()
         return request, queue
 
-    def cancel(self, request: Request) -> None:
-        """The client went away: stop generating for it."""
+    def cancel(self, request: Request, reason: str = "cancelled") -> None:
+        """Stop generating for a request: its client went away ('cancelled'), or its text met a stop string
+        ('stop', counted as a request served)."""
         if not request.done:
-            self.engine.cancel(request.request_id)
+            self.engine.cancel(request.request_id, reason)
             self._wake.set()
 
     def expire(self, request: Request) -> None:

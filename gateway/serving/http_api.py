@@ -1,11 +1,10 @@
-"""The OpenAI-compatible HTTP API (FastAPI): completions with SSE streaming, models, health, Prometheus metrics,
-API keys, and the client's W3C trace context."""
+"""The OpenAI-compatible HTTP API (FastAPI): the app, errors in OpenAI's shape, API keys, models, health, routing
+traces, scaling and Prometheus metrics (completions: gateway/serving/completions.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -15,30 +14,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.serving.engine_loop import EngineLoop
-from gateway.serving.scheduler import QueueFull
-from model_core.telemetry import client_trace_context, trace_id_of
 
-PROTECTED_PREFIXES = ("/v1/", "/admin/")  # what the API key guards; /health, /ready and /metrics stay open
 TRACE_ID_HEADER = "x-trace-id"
-
-
-class CompletionRequest(BaseModel):
-    """POST /v1/completions (the subset of OpenAI's fields expertmesh implements; others are rejected)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
-    prompt: str | list[int]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stream: bool = False
-    seed: int | None = None
-    user: str | None = None
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
@@ -65,23 +46,70 @@ def authorize(expected_key: str | None, authorization: str | None) -> JSONRespon
     return None
 
 
-class ApiKeyMiddleware:
-    """Answers 401 to /v1/* and /admin/* requests without the API key, before their bodies are read or
-    validated. api_key() gives the key in force (None: open), read per request so its owner sets it after the
-    app is built."""
+@dataclass(frozen=True)
+class Access:
+    """What the HTTP guard enforces: the API key of /v1/* (None: open), the admin key of /admin/* (None: the admin
+    routes are off) and the largest request body read."""
 
-    def __init__(self, app: Any, api_key: Callable[[], str | None]) -> None:
-        self.app, self.api_key = app, api_key
+    api_key: str | None = None
+    admin_key: str | None = None
+    max_request_bytes: int = 4 << 20
+
+
+class RequestGuard:
+    """ASGI middleware in front of the routes: /v1/* without the API key and /admin/* without the admin key get
+    401 (403 while no admin key is configured), a body over max_request_bytes gets 413, all before the body is
+    parsed or validated. access() is read per request, so its owner (a Serve replica) sets it after the app is
+    built."""
+
+    def __init__(self, app: Any, access: Callable[[], Access]) -> None:
+        self.app, self.access = app, access
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and _route_path(scope).startswith(PROTECTED_PREFIXES):
-            headers = dict(scope.get("headers") or [])
-            authorization = headers.get(b"authorization", b"").decode("latin-1")
-            denied = authorize(self.api_key(), authorization)
-            if denied is not None:
-                await denied(scope, receive, send)
-                return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        access, path = self.access(), _route_path(scope)
+        headers = dict(scope.get("headers") or [])
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        denied = None
+        if path.startswith("/admin/"):
+            denied = (error(403, "the admin API is off: configure server.admin_key (or server.admin_key_file, "
+                                 "EXPERTMESH_ADMIN_KEY) to use /admin/*", "permission_error")
+                      if access.admin_key is None else authorize(access.admin_key, authorization))
+        elif path.startswith("/v1/"):
+            denied = authorize(access.api_key, authorization)
+        if denied is None:
+            receive, denied = await _bounded_body(headers, receive, access.max_request_bytes)
+        if denied is not None:
+            await denied(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+
+async def _bounded_body(headers: dict, receive: Any, limit: int) -> tuple[Any, JSONResponse | None]:
+    """Read the request body up front (at most `limit` bytes) and replay it to the app; 413 past the limit (by
+    Content-Length at once, else once the bytes read pass it)."""
+    too_large = error(413, f"request body: larger than server.max_request_bytes={limit}", "invalid_request_error")
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return receive, too_large
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        size += len(message.get("body", b""))
+        if size > limit:
+            return receive, too_large
+        if not message.get("more_body", False):
+            break
+
+    async def replay() -> dict:
+        return messages.pop(0) if messages else await receive()
+
+    return replay, None
 
 
 def _route_path(scope: dict) -> str:
@@ -92,20 +120,21 @@ def _route_path(scope: dict) -> str:
 
 @dataclass
 class GatewayState:
-    """What the handlers need: the engine loop, the model's name, its tokenizer (None: ids only)."""
+    """What the handlers need: the engine loop, the model's name, its tokenizer (None: ids only) and chat template
+    (None: no /v1/chat/completions)."""
 
     engine_loop: EngineLoop
     model_name: str
     tokenizer: Any = None
+    chat_template: Any = None
 
 
-def create_app(api_key: Callable[[], str | None] | None = None) -> FastAPI:
-    """The FastAPI app with 400s for malformed or invalid bodies and, given api_key (a callable giving the key in
-    force, None: open), 401s for /v1/* and /admin/* requests without it; a host (the Ray Serve deployment) adds
-    the routes as methods that call the handlers below with its GatewayState."""
+def create_app(access: Callable[[], Access] | None = None) -> FastAPI:
+    """The FastAPI app with 400s for malformed or invalid bodies and the RequestGuard enforcing access() (keys,
+    body size; None: Access(), an open API with the admin routes off); a host (the Ray Serve deployment) adds the
+    routes as methods that call the handlers with its GatewayState."""
     app = FastAPI(title="expertmesh", version="0.1.0")
-    if api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(RequestGuard, access=access or Access)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -124,64 +153,6 @@ def ready(state: GatewayState | None) -> JSONResponse:
 
 def models(state: GatewayState) -> dict:
     return {"object": "list", "data": [{"id": state.model_name, "object": "model", "owned_by": "expertmesh"}]}
-
-
-async def completions(state: GatewayState, body: CompletionRequest, headers: Mapping[str, str] | None = None,
-                      response: Response | None = None) -> Any:
-    """POST /v1/completions: JSON, or server-sent events when body.stream.
-
-    headers: the HTTP request's; with tracing on, the request's span continues the caller's `traceparent` /
-    `tracestate` (a malformed one is ignored: a new trace starts) and the answer carries the trace id in
-    `x-trace-id` (on `response`, FastAPI's, when the answer is a plain dict).
-    """
-    result = await _complete(state, body, headers)
-    if isinstance(result, tuple):
-        result, trace_id = result
-        target = result if isinstance(result, Response) else response
-        if trace_id is not None and target is not None:
-            target.headers[TRACE_ID_HEADER] = trace_id
-    return result
-
-
-async def _complete(state: GatewayState, body: CompletionRequest, headers: Mapping[str, str] | None) -> Any:
-    """The completion, with its trace id once a request was submitted: (answer, trace id or None)."""
-    loop = state.engine_loop
-    if body.model is not None and body.model != state.model_name:
-        return error(404, f"model={body.model!r}: this server serves {state.model_name!r}", "not_found_error")
-    if isinstance(body.prompt, str):
-        if state.tokenizer is None:
-            return error(400, "prompt: this model has no tokenizer.json; send token ids")
-        prompt = state.tokenizer.encode(body.prompt)
-    else:
-        prompt = body.prompt
-    tracing = loop.engine.telemetry.tracer is not None
-    try:
-        req, queue = loop.submit(prompt, asyncio.get_running_loop(), max_new_tokens=body.max_tokens,
-                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                                 trace_context=client_trace_context(headers) if tracing else None)
-    except QueueFull as exc:
-        loop.stats.requests["rejected"] += 1
-        return error(429, str(exc), "rate_limit_error")
-    except ValueError as exc:
-        loop.stats.requests["rejected"] += 1
-        return error(400, str(exc).replace("max_new_tokens", "max_tokens"))  # the API's name for it
-    trace_id = trace_id_of(req.span)
-    created = int(time.time())
-    deadline = time.monotonic() + loop.engine.config.scheduler.request_timeout_s
-    if body.stream:
-        stream = _stream(req, queue, state, created, deadline)
-        return StreamingResponse(stream, media_type="text/event-stream"), trace_id
-    try:
-        while (await _next(queue, deadline))[0] != "done":
-            pass
-    except asyncio.TimeoutError:
-        loop.expire(req)
-        return error(504, _timeout_message(req, state), "timeout_error"), trace_id
-    finally:
-        loop.cancel(req)  # a no-op when it finished; stops generation if the client went away
-    if req.error:
-        return error(503, f"request {req.request_id} failed: {req.error}", "server_error"), trace_id
-    return _completion(req, state, created), trace_id
 
 
 def routing(state: GatewayState, request_id: str) -> Any:
@@ -213,74 +184,6 @@ async def scale(state: GatewayState, body: ScaleRequest) -> Any:
 
 def metrics(state: GatewayState) -> PlainTextResponse:
     return PlainTextResponse(prometheus_text(state.engine_loop), media_type="text/plain; version=0.0.4")
-
-
-def _text(state, tokens: list[int]) -> str:
-    return state.tokenizer.decode(tokens) if state.tokenizer is not None else ""
-
-
-def _completion(req, state, created: int) -> dict:
-    return {
-        "id": f"cmpl-{req.request_id}", "object": "text_completion", "created": created, "model": state.model_name,
-        "choices": [{"index": 0, "text": _text(state, req.output), "token_ids": req.output, "logprobs": None,
-                     "finish_reason": req.finish_reason}],
-        "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
-                  "total_tokens": len(req.prompt) + len(req.output),
-                  # OpenAI's prompt-caching field: prompt positions the prefix cache supplied (not recomputed)
-                  "prompt_tokens_details": {"cached_tokens": min(req.cached_prompt, len(req.prompt))}},
-    }
-
-
-async def _next(queue: asyncio.Queue, deadline: float) -> tuple[str, Any]:
-    """The request's next event; asyncio.TimeoutError once its deadline (time.monotonic) has passed, so no
-    client waits forever on an engine that stalled."""
-    return await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0.0))
-
-
-def _timeout_message(req, state: GatewayState) -> str:
-    limit = state.engine_loop.engine.config.scheduler.request_timeout_s
-    return (f"request {req.request_id}: no result within scheduler.request_timeout_s={limit:g} s "
-            f"({len(req.output)} tokens generated); cancelled")
-
-
-async def _stream(req, queue: asyncio.Queue, state, created: int, deadline: float):
-    """Server-sent events: one chunk per token, a final chunk with finish_reason and usage, then [DONE]."""
-    try:
-        async for event in _events(req, queue, state, created, deadline):
-            yield event
-    finally:  # the client disconnected (the generator is closed early) or the request ended: a no-op then
-        state.engine_loop.cancel(req)
-
-
-async def _events(req, queue: asyncio.Queue, state, created: int, deadline: float):
-    emitted, tokens = "", []
-    while True:
-        try:
-            kind, value = await _next(queue, deadline)
-        except asyncio.TimeoutError:
-            state.engine_loop.expire(req)
-            error_event = {"error": {"message": _timeout_message(req, state), "type": "timeout_error"}}
-            yield f"data: {json.dumps(error_event)}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        if kind == "done":
-            break
-        tokens.append(value)
-        text = _text(state, tokens)
-        piece = "" if text.endswith("\ufffd") else text[len(emitted):]  # hold back a half-decoded UTF-8 char
-        emitted += piece
-        chunk = {"id": f"cmpl-{req.request_id}", "object": "text_completion", "created": created,
-                 "model": state.model_name,
-                 "choices": [{"index": 0, "text": piece, "token_ids": [value], "finish_reason": None}]}
-        yield f"data: {json.dumps(chunk)}\n\n"
-    if req.error:
-        yield f"data: {json.dumps({'error': {'message': req.error, 'type': 'server_error'}})}\n\n"
-    else:
-        final = _completion(req, state, created)
-        final["choices"][0]["text"] = _text(state, req.output)[len(emitted):]
-        final["choices"][0]["token_ids"] = []
-        yield f"data: {json.dumps(final)}\n\n"
-    yield "data: [DONE]\n\n"
 
 
 def prometheus_text(loop: EngineLoop) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gateway.model.kv_cache import CacheFull, PagedLatentCache
+from gateway.model.sampling import Penalties
 
 
 class QueueFull(RuntimeError):
@@ -45,6 +46,10 @@ class Request:
     top_p: float = 1.0
     stop_ids: frozenset[int] = frozenset()
     generator: torch.Generator | None = None
+    penalties: Penalties = Penalties()
+    logprobs: int | None = None  # report the model's logprob of each sampled token and of this many top tokens
+    # Per generated token, when `logprobs` is set: (its logprob, [(token id, logprob)] of the top tokens).
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     on_token: Callable[[Request, int], None] | None = None
     on_finish: Callable[[Request], None] | None = None
     output: list[int] = field(default_factory=list)

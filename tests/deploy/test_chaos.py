@@ -28,6 +28,8 @@ DURATION_S = float(os.environ.get("EXPERTMESH_CHAOS_S", "120"))
 KILL_EVERY_S = 10.0
 CLIENTS = 8
 REQUEST_TIMEOUT_S = 60.0
+ADMIN_KEY = "sk-admin-chaos"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PROMPTS = random_prompts(272, [5, 9, 3, 12, 7, 4, 6, 10], seed=21)
 MAX_TOKENS = 8
 
@@ -62,7 +64,8 @@ def chaos_server(model_dirs, ray_cluster):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deployment = {"model": str(model_dirs["tiny-v3"]), "backend": "ray", "devices": 2, "ray": {"namespace": "chaos"},
                   "rpc": {"timeout_s": 10, "replica_deadline_s": 20},
-                  "scheduler": {"max_batch_tokens": 256, "request_timeout_s": REQUEST_TIMEOUT_S}}
+                  "scheduler": {"max_batch_tokens": 256, "request_timeout_s": REQUEST_TIMEOUT_S},
+                  "server": {"admin_key": ADMIN_KEY}}
     serve.run(build({"deployment": deployment}), name="expertmesh-chaos", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.delete("expertmesh-chaos")
@@ -111,11 +114,11 @@ def test_streaming_clients_survive_killed_actors_and_scaling(chaos_server, model
         ray_cluster.kill(rng.choice(actors), no_restart=False)  # Ray restarts it
         kills += 1
         if not scaled and elapsed > DURATION_S / 4:
-            r = requests.post(f"{url}/admin/scale", json={"group": 0, "replicas": 2}, timeout=300)
+            r = requests.post(f"{url}/admin/scale", json={"group": 0, "replicas": 2}, timeout=300, headers=ADMIN)
             assert r.status_code == 200 and r.json()["replicas"] == 2, r.text
             scaled.append(2)
         elif len(scaled) == 1 and elapsed > DURATION_S * 0.6:
-            r = requests.post(f"{url}/admin/scale", json={"group": 0, "replicas": 1}, timeout=300)
+            r = requests.post(f"{url}/admin/scale", json={"group": 0, "replicas": 1}, timeout=300, headers=ADMIN)
             assert r.status_code == 200 and r.json()["replicas"] == 1, r.text
             scaled.append(1)
     stop.set()

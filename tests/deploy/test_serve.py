@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +14,12 @@ import pytest
 import requests
 
 from gateway import Engine
+from gateway.serving.completions import CompletionRequest, completions
 from gateway.serving.engine_loop import EngineLoop
-from gateway.serving.http_api import CompletionRequest, GatewayState, completions
+from gateway.serving.http_api import GatewayState
 from tests.conftest import random_prompts
+
+ADMIN_KEY = "sk-admin-serve-test"
 
 
 def free_port() -> int:
@@ -33,7 +37,7 @@ def server(model_dirs, ray_cluster):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deployment = {"model": str(model_dirs["tiny-v3"]), "backend": "ray", "devices": 2,
-                  "scheduler": {"max_batch_tokens": 256}}
+                  "scheduler": {"max_batch_tokens": 256}, "server": {"admin_key": ADMIN_KEY}}
     serve.run(build({"deployment": deployment}), name="expertmesh-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -170,7 +174,8 @@ def test_scale_cli_while_http_requests_flow(server, model_dirs):
         try:
             for replicas in (2, 1):
                 done = subprocess.run([sys.executable, "-m", "deploy.cli", "scale", "--group", "0", "--replicas",
-                                       str(replicas), "--url", server], capture_output=True, text=True, timeout=300)
+                                       str(replicas), "--url", server], capture_output=True, text=True, timeout=300,
+                                      env={**os.environ, "EXPERTMESH_ADMIN_KEY": ADMIN_KEY})
                 assert done.returncode == 0, done.stderr
                 assert f"group 0: {replicas} replicas" in done.stdout
         finally:
@@ -182,7 +187,8 @@ def test_scale_cli_while_http_requests_flow(server, model_dirs):
     metrics = requests.get(f"{server}/metrics", timeout=30).text
     assert 'expertmesh_group_replicas{group="0"} 1' in metrics
     bad = subprocess.run([sys.executable, "-m", "deploy.cli", "scale", "--group", "9", "--replicas", "1", "--url",
-                          server], capture_output=True, text=True, timeout=120)
+                          server], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "EXPERTMESH_ADMIN_KEY": ADMIN_KEY})
     assert bad.returncode == 2 and "group=9" in bad.stderr
 
 

@@ -12,8 +12,9 @@ from fastapi.responses import Response
 
 from gateway import Engine
 from gateway.config import DeploymentConfig
+from gateway.serving.completions import CompletionRequest, completions
 from gateway.serving.engine_loop import EngineLoop
-from gateway.serving.http_api import CompletionRequest, GatewayState, completions
+from gateway.serving.http_api import GatewayState
 from model_core.telemetry import TracingConfig
 
 TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
