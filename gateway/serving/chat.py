@@ -3,27 +3,24 @@ are (n, stop, logprobs, penalties, streaming with stream_options.include_usage).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.model.sampling import Penalties
 from gateway.serving.completions import (
-    MAX_STOP,
     ApiError,
     Choice,
+    OpenAIRequest,
     Sampling,
-    StreamOptions,
     check_model,
     deadline_of,
     finish_choices,
+    sse_stream,
     start_choices,
-    stream_tokens,
     token_text,
     usage_of,
 )
@@ -57,38 +54,17 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(OpenAIRequest):
     """The body of POST /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    unsupported: ClassVar[dict[str, str]] = UNSUPPORTED
 
-    model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = Field(None, validate_default=True)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # vLLM's extension
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    seed: int | None = None
-    user: str | None = None
     response_format: dict[str, Any] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unsupported(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name, why in UNSUPPORTED.items():
-                if data.get(name) not in (None, [], {}):
-                    raise ValueError(f"{name}: not supported ({why})")
-        return data
 
     @field_validator("response_format")
     @classmethod
@@ -96,14 +72,6 @@ class ChatRequest(BaseModel):
         if value is not None and value.get("type") != "text":
             raise ValueError(f"type={value.get('type')!r}: only 'text' is supported (no structured output)")
         return value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ValueError(f"expected at most {MAX_STOP} non-empty strings")
-        return stops
 
 
 def render(state: GatewayState, body: ChatRequest) -> list[int]:
@@ -144,8 +112,7 @@ async def chat_completions(state: GatewayState, body: ChatRequest, headers: Mapp
             raise ApiError(400, "top_logprobs: only allowed with logprobs=true")
         prompt = render(state, body)
         sampling = Sampling(max_tokens_of(state, body, prompt), body.temperature, body.top_p, body.n, body.seed,
-                            Penalties(body.presence_penalty, body.frequency_penalty, body.repetition_penalty),
-                            (body.top_logprobs or 0) if body.logprobs else None, body.stop)
+                            body.penalties, (body.top_logprobs or 0) if body.logprobs else None, body.stop)
         choices, trace_id = start_choices(state, [prompt], sampling, headers)
         created, deadline = int(time.time()), deadline_of(state)
         if body.stream:
@@ -189,8 +156,8 @@ def _response(state: GatewayState, choices: list[Choice], ids: list[list[int]], 
     }
 
 
-async def _stream(state: GatewayState, body: ChatRequest, choices: list[Choice], ids: list[list[int]],
-                  created: int, deadline: float):
+def _stream(state: GatewayState, body: ChatRequest, choices: list[Choice], ids: list[list[int]], created: int,
+            deadline: float):
     """chat.completion.chunk events: the assistant role per choice, one content delta per token, a closing chunk
     per choice with its finish_reason, a usage chunk (stream_options.include_usage), then [DONE]."""
     head = {"id": f"chatcmpl-{choices[0].request.request_id}", "object": "chat.completion.chunk",
@@ -199,34 +166,19 @@ async def _stream(state: GatewayState, body: ChatRequest, choices: list[Choice],
     def event(payload: list[dict], **extra) -> str:
         return f"data: {json.dumps({**head, 'choices': payload, **extra})}\n\n"
 
-    try:
-        for c in choices:
-            yield event([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        try:
-            async for c, token in stream_tokens(state, choices, deadline):
-                piece = c.pending_piece(final=False)
-                yield event([{"index": c.index, "delta": {"content": piece}, "token_ids": [token],
-                              "logprobs": _logprobs(state, c, [token], len(c.tokens) - 1), "finish_reason": None}])
-        except asyncio.TimeoutError:
-            for c in choices:
-                state.engine_loop.expire(c.request)
-            limit = state.engine_loop.engine.config.scheduler.request_timeout_s
-            message = f"no result within scheduler.request_timeout_s={limit:g} s; cancelled"
-            yield f"data: {json.dumps({'error': {'message': message, 'type': 'timeout_error'}})}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        failed = next((c.request for c in choices if c.request.error), None)
-        if failed is not None:
-            yield f"data: {json.dumps({'error': {'message': failed.error, 'type': 'server_error'}})}\n\n"
-        else:
-            for c in choices:
-                rest = c.pending_piece(final=True)
-                yield event([{"index": c.index, "delta": {"content": rest} if rest else {}, "logprobs": None,
-                              "finish_reason": c.finish_reason}])
-            if body.stream_options is not None and body.stream_options.include_usage:
-                yield event([], usage=usage_of(choices, ids))
-        yield "data: [DONE]\n\n"
-    finally:
-        for c in choices:
-            state.engine_loop.cancel(c.request)
+    def on_token(c: Choice, token: int) -> str:
+        return event([{"index": c.index, "delta": {"content": c.pending_piece(final=False)}, "token_ids": [token],
+                       "logprobs": _logprobs(state, c, [token], len(c.tokens) - 1), "finish_reason": None}])
+
+    def closing(c: Choice) -> str:
+        rest = c.pending_piece(final=True)
+        return event([{"index": c.index, "delta": {"content": rest} if rest else {}, "logprobs": None,
+                       "finish_reason": c.finish_reason}])
+
+    def usage() -> str | None:
+        include = body.stream_options is not None and body.stream_options.include_usage
+        return event([], usage=usage_of(choices, ids)) if include else None
+
+    opening = [event([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None}]) for c in choices]
+    return sse_stream(state, choices, deadline, opening, on_token, closing, usage)

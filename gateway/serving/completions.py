@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from gateway.model.sampling import Penalties
 from gateway.serving.http_api import TRACE_ID_HEADER, GatewayState, error
@@ -19,6 +19,31 @@ from gateway.serving.scheduler import QueueFull, Request
 from model_core.telemetry import client_trace_context, trace_id_of
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
+# OpenAI completions parameters expertmesh refuses, and why (each is named in the 400); best_of 1 is the default.
+UNSUPPORTED = {"best_of": "it samples best_of and returns the best by logprob; use n",
+               "suffix": "the model has no fill-in-the-middle format", "logit_bias": "not implemented"}
+
+
+def refuse_unsupported(data: Any, unsupported: dict[str, str]) -> Any:
+    """A request body's check (pydantic, before fields): a parameter in `unsupported` set to anything but its
+    empty default is refused, naming it and why."""
+    if isinstance(data, dict):
+        for name, why in unsupported.items():
+            value = data.get(name)
+            if value not in (None, [], {}, "") and not (name == "best_of" and value == 1):
+                raise ValueError(f"{name}: not supported ({why})")
+    return data
+
+
+def stop_strings(value: str | list[str] | None) -> list[str]:
+    """`stop` as a list: one string, up to MAX_STOP, none empty."""
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise ValueError(f"expected at most {MAX_STOP} non-empty strings")
+    return stops
+
+
+StopStrings = Annotated[str | list[str] | None, AfterValidator(stop_strings)]
 
 
 class StreamOptions(BaseModel):
@@ -27,21 +52,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions. Fields OpenAI defines that expertmesh does not implement (best_of, suffix,
-    logit_bias) are refused by name; unknown fields too."""
+class OpenAIRequest(BaseModel):
+    """The sampling fields /v1/completions and /v1/chat/completions share; a subclass's `unsupported` parameters
+    are refused by name, unknown fields too."""
 
     model_config = ConfigDict(extra="forbid")
+    unsupported: ClassVar[dict[str, str]] = {}
 
     model: str | None = None
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    stop: StopStrings = Field(None, validate_default=True)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # vLLM's extension
@@ -49,38 +71,29 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     user: str | None = None  # accepted and ignored, as OpenAI's end-user id
-    best_of: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        return refuse_unsupported(data, cls.unsupported)
+
+    @property
+    def penalties(self) -> Penalties:
+        return Penalties(self.presence_penalty, self.frequency_penalty, self.repetition_penalty)
+
+
+class CompletionRequest(OpenAIRequest):
+    """The body of POST /v1/completions."""
+
+    unsupported: ClassVar[dict[str, str]] = UNSUPPORTED
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = None  # refused unless 1 (UNSUPPORTED), as are suffix and logit_bias
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value: int | None) -> None:
-        if value not in (None, 1):
-            raise ValueError("not supported (it samples best_of and returns the best by logprob); use n")
-        return None
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> None:
-        if value:
-            raise ValueError("not supported: the model has no fill-in-the-middle format")
-        return None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> None:
-        if value:
-            raise ValueError("not supported")
-        return None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ValueError(f"expected at most {MAX_STOP} non-empty strings")
-        return stops
 
 
 def prompts_of(prompt: str | list) -> list[str | list[int]]:
@@ -299,8 +312,7 @@ async def _complete(state: GatewayState, body: CompletionRequest, headers: Mappi
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options: only allowed with stream=true")
         ids = encode_prompts(state, prompts_of(body.prompt))
-        sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.n, body.seed,
-                            Penalties(body.presence_penalty, body.frequency_penalty, body.repetition_penalty),
+        sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.n, body.seed, body.penalties,
                             body.logprobs, body.stop)
         choices, trace_id = start_choices(state, ids, sampling, headers)
         echo = await _echo(state, body, ids)
@@ -409,31 +421,19 @@ def _chunk(state: GatewayState, choices: list[Choice], created: int, payload: li
                                   "created": created, "model": state.model_name, "choices": payload}) + "\n\n"
 
 
-async def _stream(state: GatewayState, body: CompletionRequest, choices: list[Choice], echo: list | None,
-                  ids: list[list[int]], created: int, deadline: float):
-    """Server-sent events: the echoed prompt per choice (with echo), one chunk per token, a closing chunk per choice
-    with its finish_reason, a usage chunk (stream_options.include_usage), then [DONE]."""
+async def sse_stream(state: GatewayState, choices: list[Choice], deadline: float, opening: list[str],
+                     on_token: Callable[[Choice, int], str], closing: Callable[[Choice], str],
+                     usage: Callable[[], str | None]):
+    """The server-sent events of one API request: `opening`, an event per generated token (on_token), then each
+    choice's closing event and usage() (None: none), then [DONE]. Past the deadline or when a choice failed it
+    ends with an error event; a client that goes away (the generator closed early) cancels every choice."""
     loop = state.engine_loop
-    logprobs = body.logprobs is not None
-    offsets = {c.index: 0 for c in choices}  # text_offset of each choice's next chunk
     try:
-        if echo is not None:
-            for c in choices:
-                text, scored = echo[c.prompt_index]
-                lp = logprobs_block(state.tokenizer, scored, ids[c.prompt_index], 0) if logprobs else None
-                offsets[c.index] = len(text)
-                yield _chunk(state, choices, created, [{"index": c.index, "text": text, "token_ids": [],
-                                                        "logprobs": lp, "finish_reason": None}])
+        for event in opening:
+            yield event
         try:
             async for c, token in stream_tokens(state, choices, deadline):
-                piece = c.pending_piece(final=False)
-                lp = None
-                if logprobs:
-                    lp = logprobs_block(state.tokenizer, [c.request.token_logprobs[len(c.tokens) - 1]], [token],
-                                        offsets[c.index])
-                offsets[c.index] += len(piece)
-                yield _chunk(state, choices, created, [{"index": c.index, "text": piece, "token_ids": [token],
-                                                        "logprobs": lp, "finish_reason": None}])
+                yield on_token(c, token)
         except asyncio.TimeoutError:
             for c in choices:
                 loop.expire(c.request)
@@ -446,14 +446,49 @@ async def _stream(state: GatewayState, body: CompletionRequest, choices: list[Ch
             yield f"data: {json.dumps({'error': {'message': failed.error, 'type': 'server_error'}})}\n\n"
         else:
             for c in choices:
-                yield _chunk(state, choices, created, [{"index": c.index, "text": c.pending_piece(final=True),
-                                                        "token_ids": [], "logprobs": None,
-                                                        "finish_reason": c.finish_reason}])
-            if body.stream_options is not None and body.stream_options.include_usage:
-                usage = {"id": f"cmpl-{choices[0].request.request_id}", "object": "text_completion",
-                         "created": created, "model": state.model_name, "choices": [], "usage": usage_of(choices, ids)}
-                yield f"data: {json.dumps(usage)}\n\n"
+                yield closing(c)
+            last = usage()
+            if last is not None:
+                yield last
         yield "data: [DONE]\n\n"
-    finally:  # the client disconnected (the generator is closed early) or every choice ended: a no-op then
+    finally:  # the client disconnected or every choice ended (then a no-op)
         for c in choices:
             loop.cancel(c.request)
+
+
+def _stream(state: GatewayState, body: CompletionRequest, choices: list[Choice], echo: list | None,
+            ids: list[list[int]], created: int, deadline: float):
+    """text_completion chunks: the echoed prompt per choice (with echo), one per token, a closing chunk per choice
+    with its finish_reason, a usage chunk (stream_options.include_usage), then [DONE]."""
+    logprobs = body.logprobs is not None
+    offsets = {c.index: 0 for c in choices}  # text_offset of each choice's next chunk
+    opening = []
+    for c in choices if echo is not None else []:
+        text, scored = echo[c.prompt_index]
+        lp = logprobs_block(state.tokenizer, scored, ids[c.prompt_index], 0) if logprobs else None
+        offsets[c.index] = len(text)
+        opening.append(_chunk(state, choices, created, [{"index": c.index, "text": text, "token_ids": [],
+                                                         "logprobs": lp, "finish_reason": None}]))
+
+    def on_token(c: Choice, token: int) -> str:
+        piece = c.pending_piece(final=False)
+        lp = None
+        if logprobs:
+            lp = logprobs_block(state.tokenizer, [c.request.token_logprobs[len(c.tokens) - 1]], [token],
+                                offsets[c.index])
+        offsets[c.index] += len(piece)
+        return _chunk(state, choices, created, [{"index": c.index, "text": piece, "token_ids": [token],
+                                                 "logprobs": lp, "finish_reason": None}])
+
+    def closing(c: Choice) -> str:
+        return _chunk(state, choices, created, [{"index": c.index, "text": c.pending_piece(final=True),
+                                                 "token_ids": [], "logprobs": None, "finish_reason": c.finish_reason}])
+
+    def usage() -> str | None:
+        if body.stream_options is None or not body.stream_options.include_usage:
+            return None
+        return "data: " + json.dumps({"id": f"cmpl-{choices[0].request.request_id}", "object": "text_completion",
+                                      "created": created, "model": state.model_name, "choices": [],
+                                      "usage": usage_of(choices, ids)}) + "\n\n"
+
+    return sse_stream(state, choices, deadline, opening, on_token, closing, usage)
