@@ -151,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", type=Path, dest="json_out", metavar="OUT", help="write every row as JSON to OUT")
     pl.add_argument("--png", type=Path, help="plot tokens/s per GPU and step time against D")
     pl.add_argument("--calibrate", type=Path, metavar="OUT",
-                    help="measure this machine's matmul rate and memory bandwidth and write a hardware file to OUT "
-                         "(link rates are copied from --hardware)")
+                    help="measure this machine's matmul rate, memory bandwidth, each --transports backend's per-call "
+                         "and per-MB cost and the expert groups' compute (a one-group deployment of --model), and "
+                         "write a hardware file to OUT (link rates are copied from --hardware)")
+    pl.add_argument("--transports", default="ray,grpc",
+                    help="with --calibrate: backends to measure (comma-separated; 'none' for none)")
     return parser
 
 
@@ -377,10 +380,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     hardware = Hardware.from_yaml(args.hardware)
     if args.calibrate is not None:
         measured, where = planner.calibrate(hardware, args.calibrate.stem)
+        transports = tuple(t for t in args.transports.split(",") if t and t != "none")
+        if transports:
+            from deploy.calibrate import calibrate_local
+
+            if args.model is None:
+                raise ValueError("--model: required to calibrate transports (a checkpoint directory to deploy)")
+            rates, experts = calibrate_local(str(args.model), args.dtype, transports)
+            measured = dataclasses.replace(measured, transports=rates, experts=experts)
+            where["transports"] = f"measured: one-group {args.model} deployments, round trips of 1-1024 rows"
+            where["experts"] = f"measured: the group's compute of {args.model}'s experts, 1-64 rows per expert"
         args.calibrate.write_text(planner.hardware_yaml(measured, where))
         print(f"wrote {args.calibrate}: matmul {measured.matmul_tflops:g} TFLOP/s, memory "
-              f"{measured.hbm_gbytes_per_s:g} GB/s measured; link rates copied from {args.hardware} (transport "
-              "calibration is not implemented yet)")
+              f"{measured.hbm_gbytes_per_s:g} GB/s" + "".join(
+                  f", {t}: {r.call_us:g} us per call + {r.us_per_mb:g} us per MB"
+                  for t, r in measured.transports.items()) + f"; link rates copied from {args.hardware}")
         return 0
     if args.model is None:
         raise ValueError("--model: required (a checkpoint directory, config.json, or e.g. deepseek-v3)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,10 +90,34 @@ def batch_bytes(rows: int, top_k: int, hidden_size: int, hidden_itemsize: int, i
     return hidden + rows * top_k * (id_itemsize + 4), hidden
 
 
+@dataclass(frozen=True)
+class DeviceCall:
+    """One device batch of a logged layer dispatch: what was sent, what the group computed, what it reported."""
+
+    device: int
+    rows: int
+    pairs: int  # (token, expert) pairs computed there
+    experts_hit: int  # distinct experts whose weights it read
+    bytes_out: int
+    bytes_back: int
+    compute_ms: float  # the group's own compute time (ExpertReply)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer dispatch: its calls and the wall time from the plan to the combined output."""
+
+    layer: int
+    calls: tuple[DeviceCall, ...]
+    seconds: float
+
+
 class DispatchStats:
-    """Counters per (layer, device): token rows sent, calls, bytes out and back (read from the plan's shapes)."""
+    """Counters per (layer, device): token rows sent, calls, bytes out and back (read from the plan's shapes);
+    with `keep_layers(n)`, also the last n layer dispatches call by call (LayerRecord), for the planner's check."""
 
     def __init__(self, n_devices: int) -> None:
+        self.layer_log: deque[LayerRecord] | None = None
         self.n_devices = n_devices
         self.tokens: dict[int, torch.Tensor] = {}
         self.calls = 0
@@ -100,6 +125,23 @@ class DispatchStats:
         self.bytes_received = 0
         self.layers = 0  # layer dispatches completed
         self.wait_seconds = 0.0  # their wall time, send to combine
+
+    def keep_layers(self, n: int) -> None:
+        """Log the next layer dispatches call by call, keeping the last n (0: stop logging)."""
+        self.layer_log = deque(maxlen=n) if n else None
+
+    def log_layer(self, layer: int, batches: list[DeviceBatch], replies: list[ExpertReply], hidden_size: int,
+                  hidden_itemsize: int, seconds: float) -> None:
+        if self.layer_log is None:
+            return
+        calls = []
+        for b, reply in zip(batches, replies, strict=True):
+            n, k = b.ids.shape
+            valid = b.ids[b.ids >= 0]
+            out, back = batch_bytes(n, k, hidden_size, hidden_itemsize, b.ids.element_size())
+            calls.append(DeviceCall(b.device, n, int(valid.numel()), int(torch.unique(valid).numel()), out, back,
+                                    reply.compute_ms))
+        self.layer_log.append(LayerRecord(layer, tuple(calls), seconds))
 
     def table(self) -> str:
         """Token rows sent to each device per MoE layer, then the calls and bytes of every layer together."""
@@ -154,8 +196,10 @@ class PendingCombine:
                         span.set_attribute("expertmesh.compute_ms", reply.compute_ms)
                     span.end()
         out = combine(*self.shape, self.batches, [r.output for r in self.replies], self.dtype, self.device)
+        seconds = time.perf_counter() - self.started
         self.stats.layers += 1
-        self.stats.wait_seconds += time.perf_counter() - self.started
+        self.stats.wait_seconds += seconds
+        self.stats.log_layer(self.layer, self.batches, self.replies, self.shape[1], self.dtype.itemsize, seconds)
         return out
 
 

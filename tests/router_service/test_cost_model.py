@@ -160,3 +160,55 @@ def test_step_cost_prices_each_layer_from_its_traffic():
     assert step.layers == (expected, expected)
     assert step.other_s == other_step_seconds(TINY, HW, work)
     assert layer_cost(traffic, TINY, HW, work, 1.0).gateway_s == 1.0
+
+
+# -- calibrated local rates ---------------------------------------------------------------------------------------
+
+
+def test_expert_rate_interpolates_rows_per_expert_and_extends_the_last_segment():
+    from router_service.cost_model import ExpertRate
+
+    rate = ExpertRate(base_us=50.0, per_expert_us=((1.0, 100.0), (4.0, 400.0), (8.0, 600.0)))
+    assert rate.expert_us(2.0) == pytest.approx(200.0)
+    assert rate.expert_us(6.0) == pytest.approx(500.0)
+    assert rate.expert_us(16.0) == pytest.approx(1000.0)  # beyond the last point: along the last segment
+    assert rate.expert_us(0.5) == pytest.approx(50.0)
+    assert rate.seconds(0, 0) == 0.0
+    assert rate.seconds(12, 4) == pytest.approx((50.0 + 4 * 300.0) * 1e-6)  # 4 experts of 3 rows each
+
+
+def test_local_layer_is_its_slowest_call_or_its_compute_shared_over_the_cores():
+    from router_service.cost_model import ExpertRate, TransportRate, local_layer_seconds
+
+    transport = TransportRate(call_us=1000.0, us_per_mb=2000.0)
+    assert transport.seconds(500_000) == pytest.approx(2e-3)
+    experts = ExpertRate(base_us=0.0, per_expert_us=((1.0, 1000.0),))  # 1 ms per expert hit, whatever the rows
+    calls = [(500_000, 4, 4), (0, 2, 2)]  # (bytes, pairs, experts hit): 2 + 4 ms and 1 + 2 ms
+    assert local_layer_seconds(calls, transport, experts, cores=2) == pytest.approx(6e-3)
+    assert local_layer_seconds(calls, transport, experts, cores=1) == pytest.approx(2e-3 + 6e-3)
+    assert local_layer_seconds([], transport, experts, cores=1) == 0.0
+
+
+def test_least_squares_recovers_a_linear_cost():
+    from router_service.cost_model import fit_least_squares
+
+    points = [([1.0, mb], 300.0 + 40.0 * mb) for mb in (0.0, 0.5, 2.0, 8.0)]
+    assert fit_least_squares(points) == pytest.approx([300.0, 40.0])
+
+
+def test_calibrated_sections_round_trip_through_the_hardware_file(tmp_path):
+    from deploy.plan import hardware_yaml
+    from router_service.cost_model import ExpertRate, Hardware, HardwareError, TransportRate
+
+    base = Hardware.from_yaml(Path(__file__).resolve().parents[2] / "deploy" / "hardware" / "h100.yaml")
+    assert base.transports == {} and base.experts is None  # nominal files have none
+    measured = dataclasses.replace(base, transports={"ray": TransportRate(3000.0, 1500.0)},
+                                   experts=ExpertRate(10.0, ((1.0, 500.0), (8.0, 1100.0))))
+    path = tmp_path / "here.yaml"
+    path.write_text(hardware_yaml(measured, {}))
+    assert Hardware.from_yaml(path) == measured
+    raw = measured.to_dict()
+    with pytest.raises(HardwareError, match="transports.grpc"):
+        Hardware.from_dict({**raw, "transports": {"grpc": {"call_us": -1, "us_per_mb": 2}}})
+    with pytest.raises(HardwareError, match="experts.per_expert_us"):
+        Hardware.from_dict({**raw, "experts": {"base_us": 1, "per_expert_us": [[1, "x"]]}})

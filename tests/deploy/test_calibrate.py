@@ -1,0 +1,57 @@
+"""Calibration measures each transport and the expert compute through real deployments, and the dispatcher's
+layer log (what the planner's check prices) records every call exactly as the counters count it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from deploy.calibrate import calibrate_local
+from deploy.plan import hardware_yaml
+from gateway import Engine
+from router_service.cost_model import Hardware, local_layer_seconds
+from tests.conftest import random_prompts
+
+
+def test_the_layer_log_records_each_call_as_the_dispatch_counters_count_it(model_dirs):
+    with Engine.from_pretrained(model_dirs["tiny-v3"], devices=2, top_m_devices=1) as engine:
+        stats = engine.backend.stats
+        stats.keep_layers(10_000)
+        tokens_before = {layer: c.clone() for layer, c in stats.tokens.items()}
+        sent, back, calls = stats.bytes_sent, stats.bytes_received, stats.calls
+        engine.generate(random_prompts(272, [6, 9, 4], seed=50), max_new_tokens=5)
+        log = list(stats.layer_log)
+        assert len(log) == stats.layers and all(r.seconds > 0 for r in log)
+        for layer, counts in stats.tokens.items():
+            rows = torch.zeros_like(counts)
+            for record in (r for r in log if r.layer == layer):
+                for c in record.calls:
+                    rows[c.device] += c.rows
+            assert torch.equal(rows, counts - tokens_before.get(layer, torch.zeros_like(counts)))
+        assert sum(c.bytes_out for r in log for c in r.calls) == stats.bytes_sent - sent
+        assert sum(c.bytes_back for r in log for c in r.calls) == stats.bytes_received - back
+        assert sum(len(r.calls) for r in log) == stats.calls - calls
+        # Top-1 device: every token's experts sit on the one device it reaches, so the pairs are all its slots.
+        assert all(sum(c.pairs for c in r.calls) == sum(c.rows for c in r.calls) * engine.spec.top_k for r in log)
+        assert all(0 < c.experts_hit <= c.pairs and c.compute_ms >= 0 for r in log for c in r.calls)
+
+
+@pytest.mark.slow
+def test_calibration_measures_every_transport_and_the_experts_through_real_deployments(model_dirs, ray_cluster,
+                                                                                      tmp_path):
+    rates, experts = calibrate_local(str(model_dirs["tiny-v3"]), "float32", ("ray", "grpc"))
+    assert set(rates) == {"ray", "grpc"}
+    assert all(r.call_us > 0 and r.us_per_mb >= 0 for r in rates.values())
+    assert experts is not None and [r for r, _ in experts.per_expert_us] == [1, 2, 4, 8, 16, 32, 64]
+    assert experts.base_us >= 0 and all(t >= 0 for _, t in experts.per_expert_us)
+    base = Hardware.from_yaml(Path(__file__).resolve().parents[2] / "deploy" / "hardware" / "h100.yaml")
+    measured = dataclasses.replace(base, name="here", transports=rates, experts=experts)
+    path = tmp_path / "here.yaml"
+    path.write_text(hardware_yaml(measured, {"transports": "measured"}))
+    loaded = Hardware.from_yaml(path)
+    assert loaded == measured
+    one_call = local_layer_seconds([(10_000, 12, 6)], loaded.transports["ray"], loaded.experts, cores=1)
+    assert one_call >= loaded.transports["ray"].call_us * 1e-6  # at least the round trip it measured
