@@ -161,6 +161,29 @@ def _limit_devices(
     return limited, devices
 
 
+def concat_routings(parts: list[Routing]) -> Routing:
+    """One layer's routings of consecutive token ranges (micro-batches, in order) as the routing of all of them:
+    per-token tensors concatenated, counts per sequence stacked, totals summed."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    counts = None
+    if parts[0].counts is not None:
+        c = [p.counts for p in parts]
+        counts = RoutingCounts(torch.cat([x.per_sequence for x in c]), sum(x.tokens_per_expert for x in c),
+                               sum(x.tokens_per_device for x in c))
+    change = None
+    if parts[0].change is not None:
+        ch = [p.change for p in parts]
+        change = RoutingChange(torch.cat([x.by_top_m for x in ch]), torch.cat([x.by_bias for x in ch]),
+                               sum(x.tokens for x in ch), sum(x.slots for x in ch))
+    return Routing(cat("ids"), cat("weights"), cat("scores"), counts, change, cat("devices"))
+
+
 def route_tokens(
     hidden: torch.Tensor,
     gate_weight: torch.Tensor,

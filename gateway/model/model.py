@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from model_core.layout import gateway_layout
 from model_core.spec import ModelSpec
 from router_service.accounting import compare_routing, count_routing
 from router_service.placement import Placement
-from router_service.routing import Routing, route_tokens, select_experts
+from router_service.routing import Routing, concat_routings, route_tokens, select_experts
 
 # Shape legend: N = tokens in the step, H = hidden, V = vocab, K = experts per token.
 
@@ -107,11 +108,12 @@ class GatewayModel:
             shared=ffn("mlp.shared_experts") if moe and self.spec.n_shared_experts else None,
         )
 
-    def _moe(
+    def _moe_begin(
         self, i: int, layer: LayerWeights, u: torch.Tensor, seq_index: torch.Tensor, n_seqs: int
-    ) -> tuple[torch.Tensor, Routing]:
-        """Route, dispatch the routed experts, compute the shared experts and the routing's accounting
-        meanwhile, combine: [N, H]. seq_index: [N] each token's sequence in the step."""
+    ) -> tuple[Any, torch.Tensor | None, Routing]:
+        """Route and dispatch the routed experts, then compute the shared experts and the routing's accounting
+        while they run: (the pending combine, the shared experts' output or None, the accounted routing).
+        seq_index: [N] each token's sequence in the (micro-)batch."""
         spec = self.spec
         bias = layer.selection_bias  # read once: the balance client may swap it between layers
         members = self.device_members[i] if self.device_members is not None else None
@@ -120,8 +122,7 @@ class GatewayModel:
         shared = swiglu(u, *layer.shared) if layer.shared is not None else None  # overlaps the dispatch
         device_rows = pending.tokens_per_device(self.n_devices)  # the plan knows which copy served each token
         routing = self._account(routing, layer, bias, seq_index, n_seqs, device_rows)  # so does the accounting
-        routed = pending.wait()
-        return (routed if shared is None else routed + shared), routing
+        return pending, shared, routing
 
     def _account(
         self, routing: Routing, layer: LayerWeights, bias: torch.Tensor | None, seq_index: torch.Tensor, n_seqs: int,
@@ -155,15 +156,42 @@ class GatewayModel:
 
     def forward(
         self, tokens: torch.Tensor, step: StepBatch, cache: PagedLatentCache | None, absorb: bool | None = None,
-        new_tokens: list[list[int]] | None = None,
+        new_tokens: list[list[int]] | None = None, micro_batches: int = 1,
     ) -> tuple[torch.Tensor, dict[int, Routing]]:
         """tokens: [N] on the model's device -> final normed hidden states [N, H] and each MoE layer's routing
         (both on the model's device). Every sequence in `step` needs cache room for its new tokens (reserve);
         its cache length advances by them; with `new_tokens` (each sequence's ids) the blocks they complete join the
-        prefix cache. cache None scores whole sequences with no cache (starts all 0)."""
+        prefix cache. cache None scores whole sequences with no cache (starts all 0).
+
+        micro_batches 2 (ping-pong): the step's sequences in two contiguous halves (by tokens), staggered through
+        the layers — while one half's routed experts compute, the other runs its attention and shared experts.
+        Each sequence computes what it computes in one batch; hidden states and routings come back in step order.
+        """
+        tokens = tokens.to(self.device)
+        parts = split_sequences(step.lengths, micro_batches)
+        runs = []
+        for lo, hi in parts:
+            sub = step if (lo, hi) == (0, len(step.lengths)) else StepBatch(
+                step.seq_ids[lo:hi], step.starts[lo:hi], step.lengths[lo:hi], self.device)
+            first = step.offsets[lo]
+            runs.append(self._layers(tokens[first : first + sub.n_tokens], sub, cache, absorb))
+        results = interleave(runs)
+        if len(results) == 1:
+            hidden, routings = results[0]
+        else:
+            hidden = torch.cat([h for h, _ in results])
+            routings = {i: concat_routings([r[i] for _, r in results]) for i in results[0][1]}
+        if cache is not None:
+            for i, (seq_id, n) in enumerate(zip(step.seq_ids, step.lengths, strict=True)):
+                cache.advance(seq_id, n, None if new_tokens is None else new_tokens[i])
+        return hidden, routings
+
+    def _layers(self, tokens: torch.Tensor, step: StepBatch, cache: PagedLatentCache | None, absorb: bool | None):
+        """One (micro-)batch's pass through every layer, as a generator that pauses right after each MoE layer's
+        dispatch (so another micro-batch can run meanwhile); its return value is (normed hidden [N, H], routings)."""
         spec = self.spec
         plan = None if cache is None else cache.plan(step, [n == 1 and absorb is not False for n in step.lengths])
-        h = F.embedding(tokens.to(self.device), self.embed)  # [N, H]
+        h = F.embedding(tokens, self.embed)  # [N, H]
         n_seqs = len(step.lengths)
         seq_index = torch.repeat_interleave(torch.arange(n_seqs, device=self.device),
                                             torch.tensor(step.lengths, device=self.device))  # [N]
@@ -175,19 +203,24 @@ class GatewayModel:
             if layer.mlp is not None:
                 h = h + swiglu(u, *layer.mlp)
                 continue
+            span = None
             if self.tracer is None:
-                routed_and_shared, routing = self._moe(i, layer, u, seq_index, n_seqs)
-            else:
-                with self.tracer.start_as_current_span("moe_layer", attributes={
-                    "expertmesh.layer": i, "expertmesh.tokens": int(u.shape[0])}) as span:
-                    routed_and_shared, routing = self._moe(i, layer, u, seq_index, n_seqs)
-                    if span.is_recording():
-                        span.set_attribute("expertmesh.experts_hit", int((routing.counts.tokens_per_expert > 0).sum()))
-            h = h + routed_and_shared
+                pending, shared, routing = self._moe_begin(i, layer, u, seq_index, n_seqs)
+            else:  # current only while dispatching (its device spans are its children), ended once combined
+                from opentelemetry import trace
+
+                span = self.tracer.start_span("moe_layer", attributes={"expertmesh.layer": i,
+                                                                       "expertmesh.tokens": int(u.shape[0])})
+                with trace.use_span(span, end_on_exit=False):
+                    pending, shared, routing = self._moe_begin(i, layer, u, seq_index, n_seqs)
+            yield  # the experts compute; another micro-batch may run here
+            routed = pending.wait()
+            h = h + (routed if shared is None else routed + shared)
             routings[i] = routing
-        if cache is not None:
-            for i, (seq_id, n) in enumerate(zip(step.seq_ids, step.lengths, strict=True)):
-                cache.advance(seq_id, n, None if new_tokens is None else new_tokens[i])
+            if span is not None:
+                if span.is_recording():
+                    span.set_attribute("expertmesh.experts_hit", int((routing.counts.tokens_per_expert > 0).sum()))
+                span.end()
         return rms_norm(h, self.final_norm, spec.rms_norm_eps), routings
 
     def set_selection_bias(self, biases: dict[int, torch.Tensor]) -> None:
@@ -202,6 +235,34 @@ class GatewayModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""
         return linear(hidden, self.lm_head).float()
+
+
+def split_sequences(lengths: list[int], parts: int) -> list[tuple[int, int]]:
+    """Contiguous sequence ranges [lo, hi) for `parts` micro-batches (1 or 2), the two halves as even in tokens as
+    a cut between sequences allows; one range when there are fewer sequences than parts."""
+    n = len(lengths)
+    if parts < 2 or n < 2:
+        return [(0, n)]
+    total, run, best, cut = sum(lengths), 0, None, 1
+    for i in range(1, n):
+        run += lengths[i - 1]
+        if best is None or abs(2 * run - total) < best:
+            best, cut = abs(2 * run - total), i
+    return [(0, cut), (cut, n)]
+
+
+def interleave(runs: list) -> list:
+    """Drive generator passes in turn, each to its next pause, until all return; their return values in order."""
+    results: list = [None] * len(runs)
+    live = list(range(len(runs)))
+    while live:
+        for j in list(live):
+            try:
+                next(runs[j])
+            except StopIteration as done:
+                results[j] = done.value
+                live.remove(j)
+    return results
 
 
 def is_matmul_weight(name: str) -> bool:

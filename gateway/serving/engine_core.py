@@ -193,7 +193,8 @@ class EngineCore:
         kind = "decode_step" if all(one) else "prefill" if not any(one) else "mixed_step"
         # A step serves many requests: it links to each request's span (continuous batching has no single parent).
         with self._span(kind, links=request_spans, tokens=step.n_tokens, sequences=len(seqs)):
-            hidden, routings = self.model.forward(tokens, step, cache, new_tokens=new)
+            hidden, routings = self.model.forward(tokens, step, cache, new_tokens=new,
+                                                  micro_batches=self.config.scheduler.micro_batches)
         self.routing_summary.add(routings)
         self.traces.record_step(traces, step.starts, step.offsets, step.lengths, new, routings,
                                 self.model.expert_device)

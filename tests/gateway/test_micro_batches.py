@@ -1,0 +1,118 @@
+"""Ping-pong micro-batches (scheduler.micro_batches 2): each sequence's tokens, logits and routing equal one
+micro-batch's on every backend, the halves are even in tokens, and the second half is dispatched before the
+first half's experts are collected (the staggering that hides the hop)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gateway import Engine
+from gateway.config import DeploymentConfig
+from gateway.model.kv_cache import CacheConfig
+from gateway.model.model import split_sequences
+from gateway.serving.scheduler import SchedulerConfig
+from router_service.routing import concat_routings, route_tokens
+from tests.conftest import random_prompts
+
+PROMPTS_SEED = 60
+
+
+def engine_with(model_dir, micro_batches: int, **fields) -> Engine:
+    scheduler = SchedulerConfig(micro_batches=micro_batches, max_prefill_tokens=fields.pop("max_prefill_tokens", 512))
+    return Engine.from_config(DeploymentConfig(model=str(model_dir), scheduler=scheduler, **fields))
+
+
+def test_split_sequences_cuts_between_sequences_evenly_in_tokens():
+    assert split_sequences([5, 5, 5, 5], 2) == [(0, 2), (2, 4)]
+    assert split_sequences([100, 1, 1, 1], 2) == [(0, 1), (1, 4)]
+    assert split_sequences([1, 1, 1, 30], 2) == [(0, 3), (3, 4)]
+    assert split_sequences([7], 2) == [(0, 1)]  # one sequence: one micro-batch
+    assert split_sequences([3, 4, 5], 1) == [(0, 3)]
+
+
+def test_concatenated_routings_of_two_halves_are_the_routing_of_all(model_dirs):
+    with Engine.from_pretrained(model_dirs["tiny-v3"], devices=2, top_m_devices=1) as engine:
+        model, spec = engine.model, engine.spec
+        layer = model.layers[spec.moe_layers[0]]
+        u = torch.randn(10, spec.hidden_size, generator=torch.Generator().manual_seed(1))
+        members = model.device_members[spec.moe_layers[0]]
+        whole = route_tokens(u, layer.gate, spec.router, layer.selection_bias, members, 1)
+        parts = [route_tokens(u[a:b], layer.gate, spec.router, layer.selection_bias, members, 1)
+                 for a, b in ((0, 4), (4, 10))]
+        joined = concat_routings(parts)
+        for name in ("ids", "weights", "scores", "devices"):
+            assert torch.equal(getattr(joined, name), getattr(whole, name))
+
+
+@pytest.mark.parametrize("preset", ["tiny-v2-group", "tiny-v3"])
+def test_two_micro_batches_give_one_micro_batchs_tokens_logits_and_routing(preset, model_dirs):
+    prompts = random_prompts(272, [5, 9, 3, 12, 7], seed=PROMPTS_SEED)
+    fields = {"devices": 2, "top_m_devices": 1, "max_prefill_tokens": 8, "cache": CacheConfig(max_tokens=512)}
+    out = {}
+    for mb in (1, 2):
+        with engine_with(model_dirs[preset], mb, **dict(fields)) as engine:
+            tokens = engine.generate(prompts, max_new_tokens=8, stop_at_eos=False)
+            traces = [engine.routing_trace(r).ids for r in engine.last_request_ids]
+            out[mb] = (tokens, engine.logits(prompts), traces, engine.routing_summary.rows())
+    assert out[2][0] == out[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(out[2][1], out[1][1], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(out[2][2], out[1][2], strict=True))
+    assert out[2][3] == out[1][3]  # the routing summary (changed tokens included) counts the same
+
+
+class RecordingTransport:
+    """Wraps a transport and records the order of sends and receives (which device, which layer)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.events = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def send(self, device, layer, *args):
+        self.events.append(("send", layer))
+        return self.inner.send(device, layer, *args)
+
+    def receive(self, pending):
+        self.events.append(("receive", pending[0][1]))
+        return self.inner.receive(pending)
+
+
+def sends_before_first_collect(model_dir, micro_batches: int) -> tuple[int, int]:
+    """With one expert group: (sends of the first MoE layer before its first receive, MoE layers collected)."""
+    with engine_with(model_dir, micro_batches) as engine:
+        recorder = RecordingTransport(engine.backend.transport)
+        engine.backend.transport = recorder
+        requests = [engine.submit(p, max_new_tokens=3, stop_at_eos=False)
+                    for p in random_prompts(272, [4, 4, 4, 4], seed=1)]
+        while not all(r.done for r in requests):
+            engine.step()
+        layer = engine.spec.moe_layers[0]
+    events = recorder.events
+    start = events.index(("receive", layer))
+    return events[:start].count(("send", layer)), len({e[1] for e in events if e[0] == "receive"})
+
+
+def test_the_second_half_is_dispatched_before_the_first_half_is_collected(model_dirs):
+    one = sends_before_first_collect(model_dirs["tiny-v3"], 1)
+    two = sends_before_first_collect(model_dirs["tiny-v3"], 2)
+    assert one == (1, 2) and two == (2, 2)  # both halves' batches are out before the first half's collect
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ray", "grpc", "ray-rdt"])
+def test_two_micro_batches_equal_one_on_every_distributed_backend(backend, model_dirs, ray_cluster):
+    prompts = random_prompts(272, [6, 10, 4, 8], seed=PROMPTS_SEED + 1)
+    with engine_with(model_dirs["tiny-v3"], 1) as local:
+        want = local.generate(prompts, max_new_tokens=10, stop_at_eos=False)
+        want_logits = local.logits(prompts)
+    with engine_with(model_dirs["tiny-v3"], 2, backend=backend, devices=2) as engine:
+        assert engine.generate(prompts, max_new_tokens=10, stop_at_eos=False) == want
+        for ours, ref in zip(engine.logits(prompts), want_logits, strict=True):
+            assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_micro_batches_other_than_1_or_2_are_refused():
+    with pytest.raises(ValueError, match="scheduler.micro_batches=3"):
+        SchedulerConfig(micro_batches=3)
