@@ -3,8 +3,10 @@
 For a decode batch (8 tokens) and a prefill batch (2048 tokens) it measures one MoE layer's dispatch round
 trip (plan, send to every device, expert compute, combine) for the in-process groups, Ray actor calls (numpy
 through the object store), Ray Direct Transport (`ray-rdt`: Gloo on CPU, through the relay actor) and gRPC,
-next to the slowest device's compute time and the bytes moved; then end-to-end throughput of each deployment
-relative to the in-process engine (one group, no dispatch), all in the same run.
+next to the slowest device's compute time and the bytes moved, with each transport's overhead per MB against a
+memory copy of the same bytes measured in the same run; then end-to-end throughput of each deployment relative to
+the in-process engine (one group, no dispatch), with 1 and 2 ping-pong micro-batches (scheduler.micro_batches) and
+the gateway's idle time per MoE layer (blocked collecting replies), all in the same run.
 
     python benchmarks/dispatch.py [--model models/small-v3] [--devices 4] [--dtype bfloat16] [--quick]
 """
@@ -74,34 +76,68 @@ def layer_round_trips(engines: dict[str, Engine], tokens: int, runs: int) -> lis
         # In-process groups run one after another; actors run in parallel, so the slowest one bounds the layer.
         sequential = engine.config.backend == "local"
         compute = statistics.median(sum(c) if sequential else max(c) for c in computes)
+        nbytes = (backend.stats.bytes_sent - before[name][0] + backend.stats.bytes_received - before[name][1]) // n
         rows.append({
             "tokens": tokens, "deployment": name, "round_trip_ms": ms, "compute_ms": compute,
-            "overhead_ms": ms - compute,
-            "bytes_per_layer": (backend.stats.bytes_sent - before[name][0]
-                                + backend.stats.bytes_received - before[name][1]) // n,
+            "overhead_ms": ms - compute, "bytes_per_layer": nbytes,
+            "overhead_ms_per_mb": (ms - compute) / max(nbytes / 1e6, 1e-9),
             "calls_per_layer": (backend.stats.calls - before[name][2]) // n,
         })
+    floor = memcpy_ms_per_mb(max(r["bytes_per_layer"] for r in rows), runs)
+    for r in rows:
+        r["memcpy_ms_per_mb"] = floor
     return rows
+
+
+def memcpy_ms_per_mb(nbytes: int, runs: int) -> float:
+    """The floor: one copy of `nbytes` in memory (torch, uint8), median ms per MB."""
+    src = torch.randint(0, 255, (max(nbytes, 1),), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(max(runs, 5)):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times) / max(nbytes / 1e6, 1e-9)
 
 
 @torch.inference_mode()
 def end_to_end(engines: dict[str, Engine], vocab: int, quick: bool) -> list[dict]:
+    """Prefill and decode throughput per deployment; every distributed one with 1 and with 2 micro-batches."""
     gen = torch.Generator().manual_seed(0)
     prefill_prompts = [torch.randint(3, vocab, (512,), generator=gen).tolist() for _ in range(4)]
     decode_prompts = [torch.randint(3, vocab, (16,), generator=gen).tolist() for _ in range(8)]
     steps, runs = (4, 1) if quick else (16, 3)
-    prefill = round_robin({n: (lambda e=e: e.logits(prefill_prompts)) for n, e in engines.items()}, runs)
-    one = round_robin({n: (lambda e=e: e.generate(decode_prompts, 1, stop_at_eos=False)) for n, e in engines.items()},
+    variants: dict[str, tuple[Engine, int]] = {}
+    for name, engine in engines.items():
+        # In-process groups compute inside send (nothing to overlap); ray-dag runs one layer's graph at a time.
+        for mb in ((1,) if engine.config.backend in ("local", "ray-dag") else (1, 2)):
+            variants[name if mb == 1 else f"{name}, 2 micro-batches"] = (engine, mb)
+
+    def job(name: str, fn):
+        engine, mb = variants[name]
+
+        def run():
+            engine.micro_batches = mb
+            return fn(engine)
+        return run
+
+    prefill = round_robin({n: job(n, lambda e: e.logits(prefill_prompts)) for n in variants}, runs)
+    one = round_robin({n: job(n, lambda e: e.generate(decode_prompts, 1, stop_at_eos=False)) for n in variants},
                       runs)
-    many = round_robin(
-        {n: (lambda e=e: e.generate(decode_prompts, steps + 1, stop_at_eos=False)) for n, e in engines.items()}, runs
-    )
+    many = round_robin({n: job(n, lambda e: e.generate(decode_prompts, steps + 1, stop_at_eos=False))
+                        for n in variants}, runs)
     rows = []
-    for name in engines:
+    for name, (engine, mb) in variants.items():
         prefill_ms = prefill[name][0]
         decode_ms = (many[name][0] - one[name][0]) / steps  # per decode step of 8 sequences
-        rows.append({"deployment": name, "prefill_tokens_per_s": 2048 / (prefill_ms / 1e3),
-                     "decode_tokens_per_s": 8 / (decode_ms / 1e3), "decode_step_ms": decode_ms})
+        rows.append({"deployment": name, "micro_batches": mb, "prefill_tokens_per_s": 2048 / (prefill_ms / 1e3),
+                     "decode_tokens_per_s": 8 / (decode_ms / 1e3), "decode_step_ms": decode_ms,
+                     "prefill_idle_ms_per_layer": idle_ms_per_layer(engine, mb, lambda e: e.logits(prefill_prompts)),
+                     "decode_idle_ms_per_layer": idle_ms_per_layer(
+                         engine, mb, lambda e: e.generate(decode_prompts, steps + 1, stop_at_eos=False))})
+        assert many[name][1][0] == many[next(iter(variants))][1][0], f"{name}: tokens differ from in-process"
     base = rows[0]
     for r in rows:
         r["prefill_vs_in_process"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
@@ -109,19 +145,31 @@ def end_to_end(engines: dict[str, Engine], vocab: int, quick: bool) -> list[dict
     return rows
 
 
+def idle_ms_per_layer(engine: Engine, micro_batches: int, fn) -> float:
+    """The gateway's time blocked collecting expert replies, per MoE layer dispatch, over one run of fn."""
+    engine.micro_batches = micro_batches
+    stats = engine.backend.stats
+    blocked, layers = stats.blocked_seconds, stats.layers
+    fn(engine)
+    return (stats.blocked_seconds - blocked) * 1e3 / max(1, stats.layers - layers)
+
+
 def print_tables(layer_rows: list[dict], e2e_rows: list[dict]) -> None:
     print("one MoE layer, dispatch round trip (median); compute = Σ groups in-process, slowest actor otherwise")
     print(f"{'tokens':>6}  {'deployment':<22} {'round trip ms':>13} {'compute ms':>11} {'overhead ms':>12} "
-          f"{'calls':>5} {'bytes moved':>12}")
+          f"{'calls':>5} {'bytes moved':>12} {'overhead ms/MB':>15} {'memcpy ms/MB':>13}")
     for r in layer_rows:
         print(f"{r['tokens']:>6}  {r['deployment']:<22} {r['round_trip_ms']:>13.2f} "
               f"{r['compute_ms']:>11.2f} {r['overhead_ms']:>12.2f} {r['calls_per_layer']:>5} "
-              f"{r['bytes_per_layer']:>12,}")
-    print("\nend to end (prefill: 4 × 512 tokens; decode: 8 sequences, one token each per step)")
-    print(f"{'deployment':<22} {'prefill tok/s':>13} {'× in-process':>12} {'decode tok/s':>13} {'× in-process':>12}")
+              f"{r['bytes_per_layer']:>12,} {r['overhead_ms_per_mb']:>15.3f} {r['memcpy_ms_per_mb']:>13.3f}")
+    print("\nend to end (prefill: 4 × 512 tokens; decode: 8 sequences, one token each per step); idle = the gateway "
+          "blocked collecting replies, ms per MoE layer")
+    print(f"{'deployment':<36} {'prefill tok/s':>13} {'× in-proc':>9} {'idle':>6} {'decode tok/s':>13} "
+          f"{'× in-proc':>9} {'idle':>6}")
     for r in e2e_rows:
-        print(f"{r['deployment']:<22} {r['prefill_tokens_per_s']:>13.0f} {r['prefill_vs_in_process']:>12.2f} "
-              f"{r['decode_tokens_per_s']:>13.1f} {r['decode_vs_in_process']:>12.2f}")
+        print(f"{r['deployment']:<36} {r['prefill_tokens_per_s']:>13.0f} {r['prefill_vs_in_process']:>9.2f} "
+              f"{r['prefill_idle_ms_per_layer']:>6.2f} {r['decode_tokens_per_s']:>13.1f} "
+              f"{r['decode_vs_in_process']:>9.2f} {r['decode_idle_ms_per_layer']:>6.2f}")
 
 
 def main() -> None:

@@ -125,6 +125,7 @@ class DispatchStats:
         self.bytes_received = 0
         self.layers = 0  # layer dispatches completed
         self.wait_seconds = 0.0  # their wall time, send to combine
+        self.blocked_seconds = 0.0  # the part the gateway spent blocked collecting replies (its idle time)
 
     def keep_layers(self, n: int) -> None:
         """Log the next layer dispatches call by call, keeping the last n (0: stop logging)."""
@@ -185,9 +186,11 @@ class PendingCombine:
     def wait(self) -> torch.Tensor:
         """The summed routed-expert output, [T, H] in token order."""
         pending = [(b.device, self.layer, s) for b, s in zip(self.batches, self.sent, strict=True)]
+        blocked = time.perf_counter()
         try:
             self.replies = self.transport.receive(pending)
         finally:
+            self.stats.blocked_seconds += time.perf_counter() - blocked
             if self.spans:
                 for span, reply in zip(self.spans, self.replies or [None] * len(self.spans), strict=True):
                     if reply is not None and span.is_recording():

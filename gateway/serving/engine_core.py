@@ -68,6 +68,8 @@ class EngineCore:
         self.cache = self._new_cache()  # sequences get blocks on admission and as they grow, free them on finish
         self.model.use_decode_kernel(self._decode_kernel())
         self.scheduler = Scheduler(config.scheduler, self.cache)
+        self._micro_batches = 1
+        self.micro_batches = config.scheduler.micro_batches
         self._traces_of: dict[str, RequestTrace] = {}
         self._step_lock = threading.RLock()  # one forward at a time; close() waits for it too
         self._queue_lock = threading.Lock()  # submit() and cancel() from other threads vs. schedule()
@@ -90,6 +92,21 @@ class EngineCore:
         logger.info("latent cache: %d blocks of %d tokens (%d tokens, %.1f MiB) on %s", cache.n_blocks,
                     cache.block_size, cache.capacity_tokens, cache.pool.nbytes / 2**20, self.device)
         return cache
+
+    @property
+    def micro_batches(self) -> int:
+        """Ping-pong micro-batches per step (scheduler.micro_batches); may be changed between steps: a sequence's
+        tokens do not depend on it."""
+        return self._micro_batches
+
+    @micro_batches.setter
+    def micro_batches(self, value: int) -> None:
+        if value not in (1, 2) or isinstance(value, bool):
+            raise ValueError(f"micro_batches={value!r}: expected 1 or 2")
+        if value == 2 and self.config.backend == "ray-dag":
+            raise ValueError("micro_batches=2: backend 'ray-dag' runs one layer's compiled graph at a time; use "
+                             "backend 'ray' for ping-pong micro-batches")
+        self._micro_batches = value
 
     def _decode_kernel(self) -> bool:
         """Whether decode attention runs the Triton paged-MLA kernel: attention_kernel, 'auto' = on CUDA."""
@@ -194,7 +211,7 @@ class EngineCore:
         # A step serves many requests: it links to each request's span (continuous batching has no single parent).
         with self._span(kind, links=request_spans, tokens=step.n_tokens, sequences=len(seqs)):
             hidden, routings = self.model.forward(tokens, step, cache, new_tokens=new,
-                                                  micro_batches=self.config.scheduler.micro_batches)
+                                                  micro_batches=self.micro_batches)
         self.routing_summary.add(routings)
         self.traces.record_step(traces, step.starts, step.offsets, step.lengths, new, routings,
                                 self.model.expert_device)

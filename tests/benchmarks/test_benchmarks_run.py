@@ -40,8 +40,11 @@ def test_dispatch_benchmark_smoke(tmp_path, model_dirs):
                "--quick", "--deployments", "local", "ray", "ray-dag", "ray-rdt", "grpc", "--json", str(out))
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
-    assert len(data["layer"]) == 12 and len(data["end_to_end"]) == 6
+    assert len(data["layer"]) == 12 and len(data["end_to_end"]) == 9  # ray, ray-rdt and grpc also with 2 micro-batches
     assert data["end_to_end"][0]["prefill_vs_in_process"] == 1.0
+    assert {r["micro_batches"] for r in data["end_to_end"]} == {1, 2}
+    assert all(r["decode_idle_ms_per_layer"] >= 0 for r in data["end_to_end"])
+    assert all(r["memcpy_ms_per_mb"] > 0 and r["overhead_ms_per_mb"] == r["overhead_ms_per_mb"] for r in data["layer"])
     distributed = [r for r in data["layer"] if not r["deployment"].startswith("in-process")]
     assert all(r["calls_per_layer"] >= 1 and r["bytes_per_layer"] > 0 for r in distributed)
 

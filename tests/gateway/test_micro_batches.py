@@ -113,6 +113,16 @@ def test_two_micro_batches_equal_one_on_every_distributed_backend(backend, model
             assert (ours - ref).abs().max().item() < 1e-5
 
 
-def test_micro_batches_other_than_1_or_2_are_refused():
+def test_micro_batches_other_than_1_or_2_and_ray_dag_with_2_are_refused(model_dirs):
+    from gateway.config import DeploymentConfigError
+
     with pytest.raises(ValueError, match="scheduler.micro_batches=3"):
         SchedulerConfig(micro_batches=3)
+    with pytest.raises(DeploymentConfigError, match="scheduler.micro_batches=2: backend 'ray-dag'"):
+        DeploymentConfig(model=str(model_dirs["tiny-v3"]), backend="ray-dag", devices=2,
+                         scheduler=SchedulerConfig(micro_batches=2))
+    with Engine.from_pretrained(model_dirs["tiny-v3"]) as engine:
+        engine.micro_batches = 2
+        with pytest.raises(ValueError, match="micro_batches=0"):
+            engine.micro_batches = 0
+        assert engine.micro_batches == 2
