@@ -201,9 +201,22 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
 
 def test_calibrate_writes_a_hardware_file_with_measured_compute_and_memory(tmp_path, capsys):
     out = tmp_path / "here.yaml"
-    assert main(["plan", "--calibrate", str(out), "--hardware", str(H100)]) == 0
-    assert "transport calibration is not implemented" in capsys.readouterr().out
+    assert main(["plan", "--calibrate", str(out), "--hardware", str(H100), "--transports", "none"]) == 0
+    assert "link rates copied from" in capsys.readouterr().out
     measured, nominal = Hardware.from_yaml(out), Hardware.from_yaml(H100)
     assert measured.name == "here" and measured.matmul_tflops > 0 and measured.hbm_gbytes_per_s > 0
     assert measured.inter_node_gbytes_per_s == nominal.inter_node_gbytes_per_s
+    assert measured.transports == {} and measured.experts is None
     assert "measured" in out.read_text() and "not measured" in out.read_text()
+    assert main(["plan", "--calibrate", str(out), "--hardware", str(H100)]) == 2  # transports need --model
+
+
+@pytest.mark.slow
+def test_calibrate_measures_a_transport_of_a_deployed_model(tmp_path, capsys, model_dirs, ray_cluster):
+    out = tmp_path / "here.yaml"
+    assert main(["plan", "--calibrate", str(out), "--hardware", str(H100), "--transports", "ray",
+                 "--model", str(model_dirs["tiny-v3"]), "--dtype", "float32"]) == 0
+    assert "ray: " in capsys.readouterr().out
+    measured = Hardware.from_yaml(out)
+    assert set(measured.transports) == {"ray"} and measured.transports["ray"].call_us > 0
+    assert measured.experts is not None
