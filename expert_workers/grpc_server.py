@@ -18,6 +18,7 @@ from expert_workers.expert_group import ExpertGroup, PlacementVersionMissing
 from expert_workers.spans import traced_run
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
+from protos import frame
 from protos.channel import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY, RpcSecurity, bearer, channel_options
 from protos.codec import NAMES, proto_to_tensor, tensor_to_proto
 
@@ -96,20 +97,28 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self._executor.shutdown(wait=True)
 
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+        return await self._serve(self._forward, request, context)
+
+    async def ForwardFramed(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Forward with the tensors framed (protos/frame.py): bytes in, bytes out, no protobuf bytes fields."""
+        return await self._serve(self._forward_framed, data, context)
+
+    async def _serve(self, fn, request, context: grpc.aio.ServicerContext):
+        """Run fn(request, carrier, arrived) on the expert-math thread; errors become status codes."""
         loop = asyncio.get_running_loop()
         carrier = None
         if self.tracer is not None:
             carrier = {k: v for k, v in (context.invocation_metadata() or ()) if k in ("traceparent", "tracestate")}
         arrived = time.perf_counter()
         try:
-            return await loop.run_in_executor(self._executor, self._forward, request, carrier, arrived)
+            return await loop.run_in_executor(self._executor, fn, request, carrier, arrived)
         except PlacementVersionMissing as exc:  # not a bad request: this replica has not caught up (yet)
             code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except ValueError as exc:  # CodecError, ExpertRequestError and missing fields
             logger.info("Forward rejected: %s", exc)
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Exception as exc:
-            logger.exception("Forward failed on layer %d", request.layer)
+            logger.exception("Forward failed")
             code, message = grpc.StatusCode.INTERNAL, f"expert forward failed: {type(exc).__name__}: {exc}"
         await context.abort(code, message)
 
@@ -127,19 +136,39 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     def _forward(self, request: pb.ForwardRequest, carrier: dict | None = None, arrived: float = 0.0
                  ) -> pb.ForwardResponse:
-        queue_ms = (time.perf_counter() - arrived) * 1e3 if arrived else 0.0  # waiting for the expert-math thread
-        for field in ("hidden", "expert_ids", "weights"):
-            if not request.HasField(field):
-                raise ValueError(f"{field}: missing from ForwardRequest")
+        self._check_fields(request)
         hidden = proto_to_tensor(request.hidden, "hidden")
         ids = proto_to_tensor(request.expert_ids, "expert_ids")
         weights = proto_to_tensor(request.weights, "weights")
-        version = request.placement_version if request.HasField("placement_version") else None
-        result = traced_run(self.group, self.tracer, carrier, "grpc", request.layer, hidden, ids, weights, queue_ms,
-                            version)
+        result = self._run(request, hidden, ids, weights, carrier, arrived)
         response = pb.ForwardResponse(tokens_per_expert=result.tokens_per_expert, compute_ms=result.compute_ms)
         tensor_to_proto(result.output, out=response.output)
         return response
+
+    def _forward_framed(self, data: bytes, carrier: dict | None = None, arrived: float = 0.0) -> bytes:
+        request, view = frame.decode(data, pb.ForwardRequest)
+        self._check_fields(request)
+        payload = frame.Payload(view)
+        hidden = payload.take(request.hidden, "hidden")
+        ids = payload.take(request.expert_ids, "expert_ids")
+        weights = payload.take(request.weights, "weights")
+        payload.finish()
+        result = self._run(request, hidden, ids, weights, carrier, arrived)
+        response = pb.ForwardResponse(tokens_per_expert=result.tokens_per_expert, compute_ms=result.compute_ms)
+        frame.describe(result.output, response.output)
+        return frame.encode(response, [result.output])
+
+    @staticmethod
+    def _check_fields(request: pb.ForwardRequest) -> None:
+        for field in ("hidden", "expert_ids", "weights"):
+            if not request.HasField(field):
+                raise ValueError(f"{field}: missing from ForwardRequest")
+
+    def _run(self, request: pb.ForwardRequest, hidden, ids, weights, carrier: dict | None, arrived: float):
+        queue_ms = (time.perf_counter() - arrived) * 1e3 if arrived else 0.0  # waiting for the expert-math thread
+        version = request.placement_version if request.HasField("placement_version") else None
+        return traced_run(self.group, self.tracer, carrier, "grpc", request.layer, hidden, ids, weights, queue_ms,
+                          version)
 
 
 class ExpertServer:
@@ -228,6 +257,9 @@ class ExpertServer:
         interceptors = [TokenInterceptor(sec.token)] if sec.token else []
         self._server = grpc.aio.server(options=self.options, interceptors=interceptors)
         pb_grpc.add_ExpertServiceServicer_to_server(self._servicer, self._server)
+        framed = grpc.unary_unary_rpc_method_handler(self._servicer.ForwardFramed)  # bytes in, bytes out
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"ForwardFramed": framed}),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         where = host_port(self.bind_host, 0)
         if sec.tls:

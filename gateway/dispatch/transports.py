@@ -12,8 +12,9 @@ import torch
 from expert_workers.expert_group import PlacementVersionMissing
 from expert_workers.spans import traced_run
 from gateway.dispatch.replica_pool import NoLiveReplica
+from protos import frame
 from protos.channel import RpcSecurity, channel_options
-from protos.codec import NAMES, numpy_to_tensor, proto_to_tensor, tensor_to_numpy, tensor_to_proto
+from protos.codec import NAMES, numpy_to_tensor, tensor_to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -398,7 +399,8 @@ class GrpcTransport(_ReplicaTransport):
             channel = self._grpc.secure_channel(replica.grpc_address, self._credentials, options=self._options)
         else:
             channel = self._grpc.insecure_channel(replica.grpc_address, options=self._options)
-        self._channels[replica.name] = (replica.grpc_address, channel, self._pb_grpc.ExpertServiceStub(channel))
+        # Forward with the tensors framed (protos/frame.py): raw bytes each way, no protobuf bytes fields.
+        self._channels[replica.name] = (replica.grpc_address, channel, channel.unary_unary(frame.METHOD))
         self._forget_removed()
         return self._channels[replica.name][2]
 
@@ -416,16 +418,17 @@ class GrpcTransport(_ReplicaTransport):
         req = self._pb.ForwardRequest(layer=layer)
         if version is not None:
             req.placement_version = version
-        tensor_to_proto(hidden, req.hidden)
-        tensor_to_proto(ids, req.expert_ids)
-        tensor_to_proto(weights, req.weights)
+        frame.describe(hidden, req.hidden)
+        frame.describe(ids, req.expert_ids)
+        frame.describe(weights, req.weights)
+        data = frame.encode(req, [hidden, ids, weights])  # the one copy of the rows (and of a GPU tensor to host)
         # the token and the W3C traceparent ride in gRPC metadata
         metadata = (*self._security.call_metadata(), *(carrier.items() if carrier else ())) or None
-        return self._submit(device, (req, metadata), hidden.dtype)
+        return self._submit(device, (data, metadata), hidden.dtype)
 
     def _call(self, replica, args):
-        req, metadata = args
-        return self._stub(replica).Forward.future(req, timeout=self.timeout_s, metadata=metadata)
+        data, metadata = args
+        return self._stub(replica).future(data, timeout=self.timeout_s, metadata=metadata)
 
     def _wait(self, call: _Call) -> ExpertReply:
         grpc = self._grpc
@@ -438,7 +441,11 @@ class GrpcTransport(_ReplicaTransport):
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 raise _ReplicaDown(f"{code.name}: {exc.details()}") from None
             raise DispatchError(f"{code.name}: {exc.details()}") from None
-        return ExpertReply(proto_to_tensor(resp.output, "output"), list(resp.tokens_per_expert), resp.compute_ms)
+        header, view = frame.decode(resp, self._pb.ForwardResponse)
+        payload = frame.Payload(view)
+        output = payload.take(header.output, "output")
+        payload.finish()
+        return ExpertReply(output, list(header.tokens_per_expert), header.compute_ms)
 
     def _finished(self, call: _Call) -> bool:
         return call.handle.done()  # past its deadline the client side of a gRPC call is over

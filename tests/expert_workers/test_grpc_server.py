@@ -225,3 +225,36 @@ def test_stop_is_idempotent_and_the_port_stops_answering(group):
     with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError) as info:
         pb_grpc.ExpertServiceStub(ch).Describe(pb.DescribeRequest(), timeout=0.5)
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def framed_call(channel: grpc.Channel, layer: int, hidden, ids, weights, **fields) -> bytes:
+    from protos import frame
+
+    req = pb.ForwardRequest(layer=layer, **fields)
+    for name, t in (("hidden", hidden), ("expert_ids", ids), ("weights", weights)):
+        frame.describe(t, getattr(req, name))
+    return channel.unary_unary(frame.METHOD)(frame.encode(req, [hidden, ids, weights]), timeout=TIMEOUT)
+
+
+def test_forward_framed_answers_what_forward_answers(channel, stub, group):
+    from protos import frame
+
+    hidden, ids, weights = routing(9, seed=41)
+    header, view = frame.decode(framed_call(channel, 1, hidden, ids, weights), pb.ForwardResponse)
+    payload = frame.Payload(view)
+    output = payload.take(header.output, "output")
+    payload.finish()
+    reply = stub.Forward(request(1, hidden, ids, weights), timeout=TIMEOUT)
+    assert torch.equal(output, proto_to_tensor(reply.output, "output"))
+    assert list(header.tokens_per_expert) == list(reply.tokens_per_expert)
+
+
+def test_a_bad_frame_is_invalid_argument_naming_the_field_and_the_server_keeps_serving(channel, stub, group):
+    with pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary("/expertmesh.v1.ExpertService/ForwardFramed")(b"\x03", timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "frame" in info.value.details()
+    hidden, ids, weights = routing(3, seed=42)
+    with pytest.raises(grpc.RpcError) as info:
+        framed_call(channel, 1, hidden[:, :10], ids, weights)  # the wrong hidden width
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hidden.shape=[3, 10]" in info.value.details()
+    assert_good_request_works(stub, group)
