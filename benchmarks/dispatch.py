@@ -137,7 +137,10 @@ def end_to_end(engines: dict[str, Engine], vocab: int, quick: bool) -> list[dict
                      "prefill_idle_ms_per_layer": idle_ms_per_layer(engine, mb, lambda e: e.logits(prefill_prompts)),
                      "decode_idle_ms_per_layer": idle_ms_per_layer(
                          engine, mb, lambda e: e.generate(decode_prompts, steps + 1, stop_at_eos=False))})
-        assert many[name][1][0] == many[next(iter(variants))][1][0], f"{name}: tokens differ from in-process"
+        # Same tokens as this deployment with 1 micro-batch? (Exact in the float32 tests; in bfloat16 the halves'
+        # smaller GEMMs may round differently and flip a near-tie greedy token, as any change of batch can.)
+        single = next(n for n, (e, m) in variants.items() if e is engine and m == 1)
+        rows[-1]["tokens_equal_to_1_micro_batch"] = many[name][1][0] == many[single][1][0]
     base = rows[0]
     for r in rows:
         r["prefill_vs_in_process"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
@@ -165,11 +168,12 @@ def print_tables(layer_rows: list[dict], e2e_rows: list[dict]) -> None:
     print("\nend to end (prefill: 4 × 512 tokens; decode: 8 sequences, one token each per step); idle = the gateway "
           "blocked collecting replies, ms per MoE layer")
     print(f"{'deployment':<36} {'prefill tok/s':>13} {'× in-proc':>9} {'idle':>6} {'decode tok/s':>13} "
-          f"{'× in-proc':>9} {'idle':>6}")
+          f"{'× in-proc':>9} {'idle':>6} {'same tokens as 1 µb':>20}")
     for r in e2e_rows:
         print(f"{r['deployment']:<36} {r['prefill_tokens_per_s']:>13.0f} {r['prefill_vs_in_process']:>9.2f} "
               f"{r['prefill_idle_ms_per_layer']:>6.2f} {r['decode_tokens_per_s']:>13.1f} "
-              f"{r['decode_vs_in_process']:>9.2f} {r['decode_idle_ms_per_layer']:>6.2f}")
+              f"{r['decode_vs_in_process']:>9.2f} {r['decode_idle_ms_per_layer']:>6.2f} "
+              f"{str(r['tokens_equal_to_1_micro_batch']):>20}")
 
 
 def main() -> None:
