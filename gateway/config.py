@@ -232,8 +232,9 @@ class DeploymentConfig:
             raise DeploymentConfigError(
                 f"replicas={self.replicas!r}: expected an integer >= 1 or a list of {self.devices} such integers")
         if self.backend == "ray-dag" and self.scheduler.micro_batches != 1:
-            raise DeploymentConfigError("scheduler.micro_batches=2: backend 'ray-dag' runs one layer's compiled "
-                                        "graph at a time; use backend 'ray' for ping-pong micro-batches")
+            raise DeploymentConfigError(f"scheduler.micro_batches={self.scheduler.micro_batches}: backend 'ray-dag' "
+                                        "runs one layer's compiled graph at a time; use backend 'ray' for ping-pong "
+                                        "micro-batches")
         if self.backend == "ray-dag" and any(r != 1 for r in per_group):
             raise DeploymentConfigError(f"replicas={self.replicas!r}: backend 'ray-dag' (a compiled graph) runs "
                                         "exactly one replica per group; use backend 'ray' for replicas")

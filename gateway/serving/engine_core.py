@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from gateway.model.model import GatewayModel
 from gateway.model.sampling import apply_penalties, sample, token_logprobs
 from gateway.model.step import StepBatch
 from gateway.serving.balancing import start_balancing
+from gateway.serving.micro_batching import MicroBatchChooser
 from gateway.serving.routing_summary import RoutingSummary
 from gateway.serving.routing_trace import RequestTrace, RoutingTraceStore
 from gateway.serving.scheduler import Request, Scheduler
@@ -69,7 +71,11 @@ class EngineCore:
         self.model.use_decode_kernel(self._decode_kernel())
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self._micro_batches = 1
-        self.micro_batches = config.scheduler.micro_batches
+        self.micro_chooser = None  # scheduler.micro_batches 'auto': measures both settings while serving
+        if config.scheduler.micro_batches == "auto":
+            self.micro_chooser = MicroBatchChooser()
+        else:
+            self.micro_batches = config.scheduler.micro_batches
         self._traces_of: dict[str, RequestTrace] = {}
         self._step_lock = threading.RLock()  # one forward at a time; close() waits for it too
         self._queue_lock = threading.Lock()  # submit() and cancel() from other threads vs. schedule()
@@ -101,12 +107,13 @@ class EngineCore:
 
     @micro_batches.setter
     def micro_batches(self, value: int) -> None:
+        """A fixed setting (ends 'auto')."""
         if value not in (1, 2) or isinstance(value, bool):
             raise ValueError(f"micro_batches={value!r}: expected 1 or 2")
         if value == 2 and self.config.backend == "ray-dag":
             raise ValueError("micro_batches=2: backend 'ray-dag' runs one layer's compiled graph at a time; use "
                              "backend 'ray' for ping-pong micro-batches")
-        self._micro_batches = value
+        self._micro_batches, self.micro_chooser = value, None
 
     def _decode_kernel(self) -> bool:
         """Whether decode attention runs the Triton paged-MLA kernel: attention_kernel, 'auto' = on CUDA."""
@@ -169,6 +176,10 @@ class EngineCore:
                 batch = self.scheduler.schedule()
             if not batch:
                 return retired
+            chooser = self.micro_chooser
+            if chooser is not None:
+                self._micro_batches = chooser.next_setting()
+            started = time.perf_counter()
             try:
                 new = [r.next_input() for r in batch]
                 ready = [r.ready_to_sample for r in batch]
@@ -179,6 +190,8 @@ class EngineCore:
                     r.computed += r.scheduled
                 rows = [row for row, last in zip(step.last_rows(), ready, strict=True) if last]
                 logits = self.model.logits(hidden[rows]) if rows else None
+                if chooser is not None:
+                    chooser.record(self._micro_batches, time.perf_counter() - started, step.n_tokens)
             except Exception as exc:  # a failed dispatch fails this step's requests; the engine keeps serving
                 logger.exception("step failed for %d requests", len(batch))
                 for r in batch:

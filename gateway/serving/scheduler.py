@@ -24,11 +24,11 @@ class SchedulerConfig:
     max_running: int = 64  # sequences decoding at once
     max_waiting: int = 256  # queued requests before new ones are refused
     request_timeout_s: float = 600.0  # an HTTP request still unanswered after this is cancelled (504)
-    micro_batches: int = 1  # 2: ping-pong, one half's expert hop overlaps the other half's attention
+    micro_batches: int | str = 1  # 2: ping-pong (one half's expert hop overlaps the other's attention); 'auto'
 
     def __post_init__(self) -> None:
-        if self.micro_batches not in (1, 2) or isinstance(self.micro_batches, bool):
-            raise ValueError(f"scheduler.micro_batches={self.micro_batches!r}: expected 1 or 2")
+        if self.micro_batches not in (1, 2, "auto") or isinstance(self.micro_batches, bool):
+            raise ValueError(f"scheduler.micro_batches={self.micro_batches!r}: expected 1, 2 or 'auto'")
         for name in ("max_batch_tokens", "max_prefill_tokens", "max_running", "max_waiting"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

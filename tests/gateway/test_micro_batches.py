@@ -126,3 +126,30 @@ def test_micro_batches_other_than_1_or_2_and_ray_dag_with_2_are_refused(model_di
         with pytest.raises(ValueError, match="micro_batches=0"):
             engine.micro_batches = 0
         assert engine.micro_batches == 2
+
+
+def test_auto_probes_both_settings_and_serves_the_faster():
+    from gateway.serving.micro_batching import MicroBatchChooser
+
+    for faster in (1, 2):
+        chooser = MicroBatchChooser(period=10, probe=2)
+        served = []
+        for _ in range(12):
+            setting = chooser.next_setting()
+            served.append(setting)
+            chooser.record(setting, seconds=0.01 if setting == faster else 0.03, tokens=8)
+        assert served[:4] == [1, 2, 1, 2]  # the probe round
+        assert served[4:10] == [faster] * 6 and chooser.choice == faster
+        assert served[10:12] == [1, 2]  # the next round probes again
+
+
+def test_auto_serves_the_same_tokens_and_measures_while_serving(model_dirs):
+    prompts = random_prompts(272, [5, 9, 3, 12], seed=PROMPTS_SEED + 2)
+    with engine_with(model_dirs["tiny-v3"], 1, devices=2) as fixed:
+        want = fixed.generate(prompts, max_new_tokens=10, stop_at_eos=False)
+    with engine_with(model_dirs["tiny-v3"], "auto", devices=2) as auto:
+        assert auto.micro_chooser is not None
+        assert auto.generate(prompts, max_new_tokens=10, stop_at_eos=False) == want
+        assert auto.micro_chooser._step > 0 and auto.micro_chooser.choice in (1, 2)
+        auto.micro_batches = 1  # a fixed setting ends auto
+        assert auto.micro_chooser is None
