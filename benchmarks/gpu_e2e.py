@@ -44,6 +44,7 @@ class Deployment:
     backend: str
     groups: int
     gpus_per_group: float | None = None  # Ray groups only
+    micro_batches: int = 1  # scheduler.micro_batches (2: ping-pong)
 
 
 BASELINE = Deployment("in-process, 1 group", "local", 1)
@@ -54,6 +55,9 @@ DEPLOYMENTS = {
     # Ray Direct Transport. This script's gateway is a driver, which holds no Ray GPU share, so `auto` resolves
     # to Gloo (host copies through the relay); CUDA IPC needs the gateway in an actor (tests/gpu does that).
     "ray-rdt-4": Deployment("ray-rdt (gloo), 4 groups (0.25 GPU each)", "ray-rdt", 4, 0.25),
+    # Ping-pong: one half's expert hop behind the other half's attention (same tokens; see the README).
+    "ray-4-mb2": Deployment("ray, 4 groups (0.25 GPU), 2 micro-b.", "ray", 4, 0.25, micro_batches=2),
+    "ray-rdt-4-mb2": Deployment("ray-rdt, 4 groups (0.25 GPU), 2 micro-b.", "ray-rdt", 4, 0.25, micro_batches=2),
 }
 
 
@@ -71,7 +75,8 @@ SMOKE_WORK = Workload(prefill=(2, 16), decode_batches=(2,), decode_prompt=4, ste
 
 
 def config_for(model: Path, d: Deployment, dtype: str, on_gpu: bool) -> DeploymentConfig:
-    raw: dict = {"model": str(model), "backend": d.backend, "devices": d.groups, "dtype": dtype}
+    raw: dict = {"model": str(model), "backend": d.backend, "devices": d.groups, "dtype": dtype,
+                 "scheduler": {"micro_batches": d.micro_batches}}
     if on_gpu:
         raw["gateway_device"] = "cuda"  # local groups share the gateway's device
         raw["ray"] = {"device_resource": "gpu", "gpus_per_group": d.gpus_per_group or 1.0}
@@ -138,12 +143,12 @@ def run_model(name: str, path: Path, chosen: list[str], dtype: str, work: Worklo
 
 
 def print_table(rows: list[dict], decode_batches: tuple[int, ...]) -> None:
-    head = f"{'model':<12} {'deployment':<30} {'prefill tok/s':>13} {'×':>5}"
+    head = f"{'model':<12} {'deployment':<42} {'prefill tok/s':>13} {'×':>5}"
     for b in decode_batches:
         head += f" {f'decode×{b} tok/s':>16} {'×':>5}"
     print(head)
     for r in rows:
-        line = f"{r['model']:<12} {r['deployment']:<30} {r['prefill_tokens_per_s']:>13.0f} " \
+        line = f"{r['model']:<12} {r['deployment']:<42} {r['prefill_tokens_per_s']:>13.0f} " \
                f"{r['prefill_tokens_per_s_vs_in_process']:>5.2f}"
         for b in decode_batches:
             line += f" {r[f'decode{b}_tokens_per_s']:>16.1f} {r[f'decode{b}_tokens_per_s_vs_in_process']:>5.2f}"

@@ -108,9 +108,10 @@ def test_gpu_e2e_benchmark_exits_2_without_cuda_and_runs_its_cpu_smoke_when_allo
 @pytest.mark.slow
 def test_gpu_e2e_benchmark_cpu_smoke_with_ray_groups(tmp_path, model_dirs):
     out = tmp_path / "gpu_e2e.json"
-    done = run("gpu_e2e.py", "--allow-cpu-smoke", "--deployments", "ray-1", "ray-4", "--models-dir",
+    done = run("gpu_e2e.py", "--allow-cpu-smoke", "--deployments", "ray-1", "ray-4", "ray-4-mb2", "--models-dir",
                str(model_dirs["tiny-v3"].parent), "--json", str(out), env=NO_CUDA)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [r["deployment"] for r in rows] == ["in-process, 1 group", "ray, 1 group (1 GPU)", "in-process, 1 group",
-                                               "ray, 4 groups (0.25 GPU each)"]
+                                               "ray, 4 groups (0.25 GPU each)", "in-process, 1 group",
+                                               "ray, 4 groups (0.25 GPU), 2 micro-b."]
