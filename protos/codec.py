@@ -43,19 +43,25 @@ def tensor_to_proto(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     return msg
 
 
-def proto_to_tensor(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
-    """Decode, checking dtype name, shape and byte count. The tensor shares the message's bytes (read-only)."""
+def wire_layout(msg: pb.Tensor, field: str) -> tuple[torch.dtype, np.dtype, tuple[int, ...], int]:
+    """A wire tensor's (torch dtype, numpy dtype of its bytes, shape, element count), checked; CodecError naming
+    the field. bfloat16 is read as its int16 bit pattern."""
     if msg.dtype not in DTYPES:
         raise CodecError(f"{field}.dtype={msg.dtype!r}: expected one of {sorted(DTYPES)}")
     shape = tuple(msg.shape)
     if any(d < 0 for d in shape):
         raise CodecError(f"{field}.shape={list(shape)}: dimensions must be >= 0")
     dtype = DTYPES[msg.dtype]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+    np_dtype = np.dtype(np.int16) if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
+    return dtype, np_dtype, shape, int(np.prod(shape, dtype=np.int64))
+
+
+def proto_to_tensor(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
+    """Decode, checking dtype name, shape and byte count. The tensor shares the message's bytes (read-only)."""
+    dtype, np_dtype, shape, count = wire_layout(msg, field)
+    expected = count * np_dtype.itemsize
     if len(msg.data) != expected:
         raise CodecError(f"{field}.data has {len(msg.data)} bytes, expected {expected} for {msg.dtype}{list(shape)}")
-    np_dtype = np.int16 if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
     t = readonly_tensor(np.frombuffer(msg.data, dtype=np_dtype).reshape(shape))
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 

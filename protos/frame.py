@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from protos import expert_service_pb2 as pb
-from protos.codec import DTYPES, NAMES, CodecError, readonly_tensor, tensor_to_numpy
+from protos.codec import DTYPES, NAMES, CodecError, readonly_tensor, tensor_to_numpy, wire_layout
 
 PREFIX = struct.Struct("<I")  # the header's byte length, little-endian
 ALIGN = 8  # every tensor starts at a multiple of this (torch and numpy read aligned elements)
@@ -62,14 +62,7 @@ class Payload:
         self.view, self.offset = view, 0
 
     def take(self, meta: pb.Tensor, field: str) -> torch.Tensor:
-        if meta.dtype not in DTYPES:
-            raise CodecError(f"{field}.dtype={meta.dtype!r}: expected one of {sorted(DTYPES)}")
-        shape = tuple(meta.shape)
-        if any(d < 0 for d in shape):
-            raise CodecError(f"{field}.shape={list(shape)}: dimensions must be >= 0")
-        dtype = DTYPES[meta.dtype]
-        np_dtype = np.dtype(np.int16) if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
-        count = int(np.prod(shape, dtype=np.int64))
+        dtype, np_dtype, shape, count = wire_layout(meta, field)
         nbytes = count * np_dtype.itemsize
         if self.offset + nbytes > len(self.view):
             raise CodecError(f"{field}: {meta.dtype}{list(shape)} needs {nbytes} bytes, the frame has "

@@ -11,10 +11,9 @@ from typing import Any, ClassVar, Literal
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.serving.completions import (
+from gateway.serving.choices import (
     ApiError,
     Choice,
-    OpenAIRequest,
     Sampling,
     check_model,
     deadline_of,
@@ -25,6 +24,7 @@ from gateway.serving.completions import (
     usage_of,
 )
 from gateway.serving.http_api import TRACE_ID_HEADER, GatewayState
+from gateway.serving.openai_request import OpenAIRequest
 from model_core.chat_template import ChatTemplateError
 
 # OpenAI chat parameters expertmesh refuses, and why (each is named in the 400).

@@ -1,0 +1,70 @@
+"""The request fields /v1/completions and /v1/chat/completions share, validated as OpenAI defines them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from gateway.model.sampling import Penalties
+
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
+# OpenAI completions parameters expertmesh refuses, and why (each is named in the 400); best_of 1 is the default.
+
+
+def refuse_unsupported(data: Any, unsupported: dict[str, str]) -> Any:
+    """A request body's check (pydantic, before fields): a parameter in `unsupported` set to anything but its
+    empty default is refused, naming it and why."""
+    if isinstance(data, dict):
+        for name, why in unsupported.items():
+            value = data.get(name)
+            if value not in (None, [], {}, "") and not (name == "best_of" and value == 1):
+                raise ValueError(f"{name}: not supported ({why})")
+    return data
+
+
+def stop_strings(value: str | list[str] | None) -> list[str]:
+    """`stop` as a list: one string, up to MAX_STOP, none empty."""
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise ValueError(f"expected at most {MAX_STOP} non-empty strings")
+    return stops
+
+
+StopStrings = Annotated[str | list[str] | None, AfterValidator(stop_strings)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class OpenAIRequest(BaseModel):
+    """The sampling fields /v1/completions and /v1/chat/completions share; a subclass's `unsupported` parameters
+    are refused by name, unknown fields too."""
+
+    model_config = ConfigDict(extra="forbid")
+    unsupported: ClassVar[dict[str, str]] = {}
+
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stop: StopStrings = Field(None, validate_default=True)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # vLLM's extension
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    user: str | None = None  # accepted and ignored, as OpenAI's end-user id
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        return refuse_unsupported(data, cls.unsupported)
+
+    @property
+    def penalties(self) -> Penalties:
+        return Penalties(self.presence_penalty, self.frequency_penalty, self.repetition_penalty)
