@@ -55,9 +55,10 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device | str, mode: str = "au
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear where the weight may be held wider than x (see the module doc): computed in the weight's dtype,
-    rounded to x's. x: [..., in]; weight: [out, in] -> [..., out] in x's dtype."""
+    rounded to x's. x: [..., in]; weight: [out, in]; bias: [out] in either dtype -> [..., out] in x's dtype."""
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
+    bias = None if bias is None else bias.to(weight.dtype)  # a model's biases stay in its dtype (exact widened)
     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 

@@ -101,8 +101,8 @@ class EngineCore:
 
     @property
     def micro_batches(self) -> int:
-        """Ping-pong micro-batches per step (scheduler.micro_batches); may be changed between steps: a sequence's
-        tokens do not depend on it."""
+        """Ping-pong micro-batches per step (scheduler.micro_batches); may be changed between steps (in float32 a
+        sequence's tokens do not depend on it; in bfloat16 they can, as on any change of batch: see README)."""
         return self._micro_batches
 
     @micro_batches.setter

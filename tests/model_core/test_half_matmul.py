@@ -33,6 +33,7 @@ def test_widened_linear_is_the_half_gemm_rounded_once(dtype):
     native = F.linear(x, w, b)  # torch's own half GEMM rounds the same sums once as well
     assert ulps_from_exact(native, exact).max().item() <= 1.0
     assert (got != native).float().mean().item() < 0.05  # they differ only where summation order tips a rounding
+    assert torch.equal(linear(x, w.float(), b), got)  # a bias kept in the model's dtype is widened the same way
 
 
 def test_linear_and_einsum_pass_through_weights_of_the_activation_dtype():
