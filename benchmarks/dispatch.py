@@ -4,9 +4,12 @@ For a decode batch (8 tokens) and a prefill batch (2048 tokens) it measures one 
 trip (plan, send to every device, expert compute, combine) for the in-process groups, Ray actor calls (numpy
 through the object store), Ray Direct Transport (`ray-rdt`: Gloo on CPU, through the relay actor) and gRPC,
 next to the slowest device's compute time and the bytes moved, with each transport's overhead per MB against a
-memory copy of the same bytes measured in the same run; then end-to-end throughput of each deployment relative to
-the in-process engine (one group, no dispatch), with 1 and 2 ping-pong micro-batches (scheduler.micro_batches) and
-the gateway's idle time per MoE layer (blocked collecting replies), all in the same run.
+memory copy of the same bytes measured in the same run; then the transports alone (every expert id -1: the
+groups check each call and compute nothing), with Ray also sending each call its rows (the path before the
+shared layer batch) and Ray's own floor (no-op actors taking the same packed calls); then end-to-end throughput
+of each deployment relative to the in-process engine (one group, no dispatch), with 1 and 2 ping-pong
+micro-batches (scheduler.micro_batches) and the gateway's idle time per MoE layer (blocked collecting replies),
+all in the same run.
 
     python benchmarks/dispatch.py [--model models/small-v3] [--devices 4] [--dtype bfloat16] [--quick]
 """
@@ -23,12 +26,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway import Engine  # noqa: E402
+from gateway.dispatch.dispatcher import plan_dispatch  # noqa: E402
+from gateway.dispatch.transports import take_rows  # noqa: E402
 from model_core.make_model import make_model  # noqa: E402
+from protos.codec import NAMES, tensor_to_numpy  # noqa: E402
 from router_service.routing import route_tokens  # noqa: E402
 
 
@@ -102,6 +109,77 @@ def memcpy_ms_per_mb(nbytes: int, runs: int) -> float:
     return statistics.median(times) / max(nbytes / 1e6, 1e-9)
 
 
+class NoopGroup:
+    """Ray's own floor: takes the Ray transport's packed call and answers as many bytes, computing nothing."""
+
+    def __init__(self, hidden_size: int) -> None:
+        self.hidden_size = hidden_size
+
+    def forward_packed(self, args: tuple, batch=None):
+        return np.zeros((len(args[1]), self.hidden_size), dtype=np.int16), [], 0.0
+
+    def ready(self) -> bool:
+        return True
+
+
+@torch.inference_mode()
+def transport_only(engines: dict[str, Engine], tokens: int, runs: int) -> list[dict]:
+    """One layer's calls with every expert id -1 (the groups check them and compute nothing), per deployment:
+    the transport's cost without expert math competing for the cores. Ray runs twice, reading the layer batch
+    from shared memory (its default) and sending each call its rows (`share_min_bytes=None`); `ray floor` is
+    no-op Ray actors taking the same packed calls, rows inline."""
+    import ray
+
+    layer, u, ids, weights = layer_inputs(engines["in-process (1 group)"], tokens)
+    distributed = {n: e for n, e in engines.items() if e.config.backend != "local"}
+    if not distributed:
+        return []
+    some = next(iter(distributed.values())).backend
+    batches = plan_dispatch(ids, weights, some.expert_device, some.placement.n_devices)
+    nowhere = [torch.full_like(b.ids, -1) for b in batches]
+    version = some.placement.version
+
+    def through(transport, share):
+        def once():
+            if share is not ...:
+                transport.share_min_bytes = share
+            sent = [transport.send(b.device, layer, u, none, b.weights, None, version, b.rows)
+                    for b, none in zip(batches, nowhere, strict=True)]
+            transport.flush()
+            return transport.receive([(b.device, layer, s) for b, s in zip(batches, sent, strict=True)])
+        return once
+
+    fns = {}
+    for name, engine in distributed.items():
+        transport = engine.backend.transport
+        if engine.config.backend == "ray":
+            default = transport.share_min_bytes
+            fns[f"{name}, shared batch"] = through(transport, default)
+            fns[f"{name}, rows per call"] = through(transport, None)
+        else:
+            fns[name] = through(transport, ...)
+    noops = [ray.remote(NoopGroup).remote(u.shape[1]) for _ in batches]
+    ray.get([a.ready.remote() for a in noops])
+
+    def floor():
+        refs = [a.forward_packed.remote((layer, tensor_to_numpy(take_rows(u, b.rows)), tensor_to_numpy(none),
+                                         tensor_to_numpy(b.weights), NAMES[u.dtype], None, version))
+                for a, b, none in zip(noops, batches, nowhere, strict=True)]
+        return ray.get(refs)
+
+    fns["ray floor (no-op actors)"] = floor
+    timed = round_robin(fns, runs)
+    for engine in distributed.values():
+        if engine.config.backend == "ray":
+            engine.backend.transport.share_min_bytes = default
+    for a in noops:
+        ray.kill(a)
+    nbytes = sum(b.rows.numel() * u.shape[1] * u.element_size() * 2 + b.ids.numel() * 12 for b in batches)
+    return [{"tokens": tokens, "deployment": name, "round_trip_ms": ms, "bytes_per_layer": nbytes,
+             "ms_per_mb": ms / (nbytes / 1e6), "calls_per_layer": len(batches),
+             "vs_ray_floor": ms / timed["ray floor (no-op actors)"][0]} for name, (ms, _) in timed.items()]
+
+
 @torch.inference_mode()
 def end_to_end(engines: dict[str, Engine], vocab: int, quick: bool) -> list[dict]:
     """Prefill and decode throughput per deployment; every distributed one with 1 and with 2 micro-batches."""
@@ -157,7 +235,7 @@ def idle_ms_per_layer(engine: Engine, micro_batches: int, fn) -> float:
     return (stats.blocked_seconds - blocked) * 1e3 / max(1, stats.layers - layers)
 
 
-def print_tables(layer_rows: list[dict], e2e_rows: list[dict]) -> None:
+def print_tables(layer_rows: list[dict], transport_rows: list[dict], e2e_rows: list[dict]) -> None:
     print("one MoE layer, dispatch round trip (median); compute = Σ groups in-process, slowest actor otherwise")
     print(f"{'tokens':>6}  {'deployment':<22} {'round trip ms':>13} {'compute ms':>11} {'overhead ms':>12} "
           f"{'calls':>5} {'bytes moved':>12} {'overhead ms/MB':>15} {'memcpy ms/MB':>13}")
@@ -165,6 +243,12 @@ def print_tables(layer_rows: list[dict], e2e_rows: list[dict]) -> None:
         print(f"{r['tokens']:>6}  {r['deployment']:<22} {r['round_trip_ms']:>13.2f} "
               f"{r['compute_ms']:>11.2f} {r['overhead_ms']:>12.2f} {r['calls_per_layer']:>5} "
               f"{r['bytes_per_layer']:>12,} {r['overhead_ms_per_mb']:>15.3f} {r['memcpy_ms_per_mb']:>13.3f}")
+    print("\ntransports alone: one layer's calls, every expert id -1 (checked, nothing computed), median")
+    print(f"{'tokens':>6}  {'deployment':<36} {'round trip ms':>13} {'calls':>5} {'bytes moved':>12} {'ms/MB':>8} "
+          f"{'× ray floor':>11}")
+    for r in transport_rows:
+        print(f"{r['tokens']:>6}  {r['deployment']:<36} {r['round_trip_ms']:>13.2f} {r['calls_per_layer']:>5} "
+              f"{r['bytes_per_layer']:>12,} {r['ms_per_mb']:>8.3f} {r['vs_ray_floor']:>11.2f}")
     print("\nend to end (prefill: 4 × 512 tokens; decode: 8 sequences, one token each per step); idle = the gateway "
           "blocked collecting replies, ms per MoE layer")
     print(f"{'deployment':<36} {'prefill tok/s':>13} {'× in-proc':>9} {'idle':>6} {'decode tok/s':>13} "
@@ -205,19 +289,21 @@ def main() -> None:
     try:
         runs = {8: 10 if args.quick else 50, 2048: 2 if args.quick else 5}
         layer_rows = [row for t, n in runs.items() for row in layer_round_trips(engines, t, n)]
+        transport_rows = [row for t, n in runs.items() for row in transport_only(engines, t, 3 * n)]
         e2e_rows = end_to_end(engines, engines["in-process (1 group)"].spec.vocab_size, args.quick)
     finally:
         for e in engines.values():
             e.close()
         ray.shutdown()
-    print_tables(layer_rows, e2e_rows)
+    print_tables(layer_rows, transport_rows, e2e_rows)
     meta = {
         "benchmark": "dispatch", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
         "model": str(args.model), "dtype": args.dtype, "devices": d,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({**meta, "layer": layer_rows, "end_to_end": e2e_rows}, indent=1))
+    results = {**meta, "layer": layer_rows, "transport_only": transport_rows, "end_to_end": e2e_rows}
+    args.json.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {args.json}")
 
 

@@ -12,7 +12,7 @@ import ray
 import torch
 
 from expert_workers.collective import leave_collective_groups
-from expert_workers.expert_group import ExpertGroup
+from expert_workers.expert_group import ExpertGroup, select_rows
 from expert_workers.spans import traced_run
 from model_core.telemetry import Telemetry, TracingConfig
 from protos.channel import RpcSecurity
@@ -73,17 +73,32 @@ class ExpertGroupActor:
 
     def forward(
         self, layer: int, hidden: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray, hidden_dtype: str,
-        carrier: dict[str, str] | None = None, version: int | None = None,
+        carrier: dict[str, str] | None = None, version: int | None = None, rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[int], float]:
         """hidden [T, H] (bfloat16 as int16 bits), expert_ids [T, K], weights [T, K] -> (output, counts, ms).
 
         carrier: the caller's W3C trace context ({'traceparent': ...}), continued by this group's server span;
-        version: the placement version the ids follow (None: this group's current one).
+        version: the placement version the ids follow (None: this group's current one); rows: [T] indices into
+        hidden when hidden is the layer's whole batch (read in place from shared memory), None when it holds
+        exactly this group's rows.
         """
         h = numpy_to_tensor(hidden, DTYPES[hidden_dtype])
+        if rows is not None:
+            h = select_rows(h, readonly_tensor(rows))
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
         result = traced_run(self.group, self.telemetry.tracer, carrier, "ray", layer, h, ids, w, version=version)
         return tensor_to_numpy(result.output), result.tokens_per_expert, result.compute_ms
+
+    def forward_packed(self, args: tuple, batch: np.ndarray | None = None) -> tuple[np.ndarray, list[int], float]:
+        """The Ray transport's call: forward's arguments in one tuple (Ray serializes one argument, not seven).
+
+        batch: the layer's whole hidden batch, when the gateway put it in the object store once for every group on
+        its node (a top-level ObjectRef, so Ray hands it over as a zero-copy view); args[1] is then this group's
+        rows of it, in place of the hidden rows themselves."""
+        if batch is None:
+            return self.forward(*args)
+        layer, rows, expert_ids, weights, hidden_dtype, carrier, version = args
+        return self.forward(layer, batch, expert_ids, weights, hidden_dtype, carrier, version, rows=rows)
 
     def _forward_tensor(self, layer: int, hidden: torch.Tensor, expert_ids: np.ndarray, weights: np.ndarray,
                         carrier: dict[str, str] | None, version: int | None, out_device: str | None = None
@@ -163,7 +178,7 @@ class ExpertGroupActor:
 
     def forward_dag(self, args: tuple | None) -> tuple[np.ndarray, list[int], float] | None:
         """The same forward as a Ray Compiled Graph node: args is forward's arguments, or None (no tokens here)."""
-        return None if args is None else self.forward(*args)
+        return None if args is None else self.forward_packed(args)
 
     def describe(self) -> dict:
         g = self.group
@@ -180,6 +195,7 @@ class ExpertGroupActor:
             "kernel": g.kernel,
             "matmul_dtype": str(g.matmul_dtype).removeprefix("torch."),
             "started_at": self.started_at,
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "torch_device": str(g.torch_device),
         }
 

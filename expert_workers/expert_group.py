@@ -29,6 +29,21 @@ class PlacementVersionMissing(ExpertRequestError):
     once the replica caught up."""
 
 
+def select_rows(batch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows of a layer's whole batch that one group computes (the Ray transport puts a layer's batch in shared
+    memory once for every group on the gateway's node, and each call names its rows); ExpertRequestError naming
+    `rows` when they do not index the batch."""
+    if batch.dim() != 2:
+        raise ExpertRequestError(f"hidden.shape={list(batch.shape)}: expected the layer's batch [T, H]")
+    if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+        dtype = str(rows.dtype).removeprefix("torch.")
+        raise ExpertRequestError(f"rows: {dtype}{list(rows.shape)}: expected a 1-D int32 or int64 tensor")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch.shape[0]):
+        raise ExpertRequestError(f"rows: values in [{int(rows.min())}, {int(rows.max())}], expected [0, "
+                                 f"{batch.shape[0]}) (the batch's rows)")
+    return batch.index_select(0, rows.long())
+
+
 @dataclass(frozen=True)
 class ExpertResult:
     output: torch.Tensor  # [T, H] in hidden's dtype

@@ -291,7 +291,7 @@ class Dispatcher:
                                 token_devices)
         version = placement.version
         if self.tracer is None:
-            sent = [self.transport.send(b.device, layer, hidden[b.rows], b.ids, b.weights, None, version)
+            sent = [self.transport.send(b.device, layer, hidden, b.ids, b.weights, None, version, b.rows)
                     for b in batches]
             spans = None
         else:
@@ -310,19 +310,18 @@ class Dispatcher:
 
         sent, spans = [], []
         for b in batches:
-            rows = hidden[b.rows]
             span = self.tracer.start_span(f"dispatch device {b.device}", kind=SpanKind.CLIENT)
             if span.is_recording():  # an unsampled trace pays for no attributes
                 span.set_attributes({
                     "expertmesh.layer": layer, "expertmesh.device": b.device, "expertmesh.tokens": int(b.rows.numel()),
                     "expertmesh.experts_hit": int(torch.unique(b.ids[b.ids >= 0]).numel()),
-                    "expertmesh.bytes_sent": int(rows.numel() * rows.element_size()
+                    "expertmesh.bytes_sent": int(b.rows.numel() * hidden.shape[1] * hidden.element_size()
                                                  + b.ids.numel() * b.ids.element_size()
                                                  + b.weights.numel() * b.weights.element_size()),
                 })
             with trace.use_span(span, end_on_exit=False):
                 carrier = inject_context()
-            sent.append(self.transport.send(b.device, layer, rows, b.ids, b.weights, carrier, version))
+            sent.append(self.transport.send(b.device, layer, hidden, b.ids, b.weights, carrier, version, b.rows))
             spans.append(span)
         return sent, spans
 

@@ -24,7 +24,15 @@ import torch
 
 from expert_workers.collective import leave_collective_groups
 from gateway.config import TENSOR_TRANSPORTS
-from gateway.dispatch.transports import ExpertReply, _Call, _describe, _ReplicaDown, _ReplicaSlow, _ReplicaTransport
+from gateway.dispatch.transports import (
+    ExpertReply,
+    _Call,
+    _describe,
+    _ReplicaDown,
+    _ReplicaSlow,
+    _ReplicaTransport,
+    take_rows,
+)
 from protos.codec import DTYPES, NAMES, numpy_to_tensor, tensor_to_numpy
 
 logger = logging.getLogger(__name__)
@@ -252,8 +260,9 @@ class RdtTransport(_ReplicaTransport):
         return self._members_ref
 
     # -- calls ------------------------------------------------------------------------------------------------
-    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None):
-        args = (layer, hidden.contiguous(), tensor_to_numpy(ids), tensor_to_numpy(weights), carrier, version)
+    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None, rows=None):
+        hidden = take_rows(hidden, rows).contiguous()
+        args = (layer, hidden, tensor_to_numpy(ids), tensor_to_numpy(weights), carrier, version)
         return self._submit(device, args, hidden.dtype)
 
     def _call(self, replica, args):

@@ -37,6 +37,7 @@ class Replica:
     name: str
     grpc_address: str = ""
     started_at: float = 0.0  # the actor's start time: a new value means Ray restarted it
+    node_id: str | None = None  # the Ray node it runs on (a restart may move it)
     inflight: int = 0
     calls: int = 0
     draining: bool = False
@@ -126,6 +127,7 @@ class ExpertGroupPool:
         with self._lock:
             for r, info in zip(started, infos, strict=True):
                 r.grpc_address, r.started_at = info["grpc_address"], info["started_at"]
+                r.node_id = info.get("node_id")
                 self.groups[r.device].append(r)
         return started
 
@@ -321,6 +323,7 @@ class ExpertGroupPool:
                                                               self.placement.layer_overrides(d))
                         continue
                     r.grpc_address = info["grpc_address"] or r.grpc_address
+                    r.node_id = info.get("node_id", r.node_id)
                     r.down_since, r.unconfirmed = None, False
                     continue
             if r.down_since is not None and now - r.down_since > self.evict_after_s:

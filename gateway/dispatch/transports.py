@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,8 +39,11 @@ class Transport(Protocol):
     tracer: Any
 
     def send(self, device: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-             carrier: dict[str, str] | None = None, version: int | None = None) -> Any:
-        """carrier: W3C trace context for the expert group's server span (None when tracing is off); version:
+             carrier: dict[str, str] | None = None, version: int | None = None,
+             rows: torch.Tensor | None = None) -> Any:
+        """hidden: the device's rows [n, H], or with `rows` ([n] indices) the layer's whole batch [T, H] (the
+        dispatcher's way: a transport gathers the rows where it copies them anyway, or shares the batch);
+        carrier: W3C trace context for the expert group's server span (None when tracing is off); version:
         the placement version the ids follow (the group serves the call from that version's experts)."""
         ...
 
@@ -50,6 +54,12 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+def take_rows(hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The device's rows of a layer's batch (Transport.send's `rows`), or hidden itself when rows is None
+    (index_select: about 3× faster than advanced indexing on CPU, from 8 to 2048 rows)."""
+    return hidden if rows is None else hidden.index_select(0, rows)
+
+
 class LocalTransport:
     """Expert groups in this process: the reference path (no bytes move)."""
 
@@ -57,9 +67,9 @@ class LocalTransport:
         self.groups = groups
         self.tracer = None
 
-    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None):
-        result = traced_run(self.groups[device], self.tracer, carrier, "local", layer, hidden, ids, weights,
-                            version=version)
+    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None, rows=None):
+        result = traced_run(self.groups[device], self.tracer, carrier, "local", layer, take_rows(hidden, rows), ids,
+                            weights, version=version)
         return ExpertReply(result.output, result.tokens_per_expert, result.compute_ms)
 
     def flush(self) -> None:
@@ -232,20 +242,67 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-class RayTransport(_ReplicaTransport):
-    """Ray actor calls carrying numpy views (never pickled torch tensors): the object store reads them zero-copy."""
+# Ray passes an argument up to this size inside the call itself, and puts a larger one in the object store.
+RAY_INLINE_BYTES = int(os.environ.get("RAY_max_direct_call_object_size", 100 * 1024))
 
-    def __init__(self, pool, timeout_s: float, deadline_s: float) -> None:
+
+@dataclass
+class _SharedBatch:
+    """A layer's whole hidden batch, put in Ray's object store at most once for all of the layer's calls that read
+    it there (the ref stays alive while any of their calls may be sent again)."""
+
+    hidden: torch.Tensor
+    ref: Any = None
+
+
+class RayTransport(_ReplicaTransport):
+    """Ray actor calls carrying numpy views (never pickled torch tensors): the object store reads them zero-copy.
+
+    Each call packs its arguments into one (Ray serializes one argument instead of seven). A call whose hidden
+    rows Ray would put in the object store anyway (`share_min_bytes`, Ray's inline limit) reads the layer's whole
+    batch from shared memory instead, when its replica runs on the gateway's node: the batch is put once for
+    every such call of the layer, and each call names its rows. That replaces one gather and one object-store
+    copy per call with one copy per layer. A replica on another node gets its rows, as before (it would otherwise
+    pull the whole batch over the network)."""
+
+    def __init__(self, pool, timeout_s: float, deadline_s: float, share_min_bytes: int | None = RAY_INLINE_BYTES
+                 ) -> None:
+        """share_min_bytes: the smallest rows-of-one-call size that reads the shared batch (None: never share)."""
         import ray
 
         super().__init__(pool, timeout_s, deadline_s)
         self._ray = ray
+        self.share_min_bytes = share_min_bytes
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.shared_puts = 0  # layer batches put in the object store for sharing
+        self.shared_calls = 0  # calls that read one
+        self._batch: _SharedBatch | None = None  # this layer's, until flush()
 
-    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None):
-        return self._submit(device, numpy_args(layer, hidden, ids, weights, carrier, version), hidden.dtype)
+    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None, rows=None):
+        shared = None
+        if rows is not None and self.share_min_bytes is not None \
+                and rows.numel() * hidden.shape[1] * hidden.element_size() >= self.share_min_bytes:
+            if self._batch is None or self._batch.hidden is not hidden:
+                self._batch = _SharedBatch(hidden)
+            shared = self._batch
+        args = (layer, hidden, rows, tensor_to_numpy(ids), tensor_to_numpy(weights), NAMES[hidden.dtype], carrier,
+                version, shared)
+        return self._submit(device, args, hidden.dtype)
+
+    def flush(self) -> None:
+        self._batch = None  # the next layer's calls share the next layer's batch
 
     def _call(self, replica, args):
-        return replica.actor.forward.remote(*args)
+        layer, hidden, rows, ids, weights, dtype, carrier, version, shared = args
+        if shared is not None and replica.node_id == self.node_id:
+            if shared.ref is None:
+                shared.ref = self._ray.put(tensor_to_numpy(shared.hidden))
+                self.shared_puts += 1
+            self.shared_calls += 1
+            return replica.actor.forward_packed.remote(
+                (layer, tensor_to_numpy(rows), ids, weights, dtype, carrier, version), shared.ref)
+        packed = (layer, tensor_to_numpy(take_rows(hidden, rows)), ids, weights, dtype, carrier, version)
+        return replica.actor.forward_packed.remote(packed)
 
     def _wait(self, call: _Call) -> ExpertReply:
         ray = self._ray
@@ -300,7 +357,8 @@ class RayDagTransport:
             dag = MultiOutputNode([a.forward_dag.bind(inp[d]) for d, a in enumerate(actors)])
         return dag.experimental_compile()
 
-    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None):
+    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None, rows=None):
+        hidden = take_rows(hidden, rows)
         self._staged[device] = numpy_args(layer, hidden, ids, weights, carrier, version)
         self._dtypes[device] = hidden.dtype
         return device
@@ -414,7 +472,8 @@ class GrpcTransport(_ReplicaTransport):
     def channels(self) -> int:
         return len(self._channels)
 
-    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None):
+    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None, rows=None):
+        hidden = take_rows(hidden, rows)
         req = self._pb.ForwardRequest(layer=layer)
         if version is not None:
             req.placement_version = version

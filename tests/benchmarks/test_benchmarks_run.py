@@ -45,6 +45,11 @@ def test_dispatch_benchmark_smoke(tmp_path, model_dirs):
     assert {r["micro_batches"] for r in data["end_to_end"]} == {1, 2}
     assert all(r["decode_idle_ms_per_layer"] >= 0 for r in data["end_to_end"])
     assert all(r["memcpy_ms_per_mb"] > 0 and r["overhead_ms_per_mb"] == r["overhead_ms_per_mb"] for r in data["layer"])
+    alone = {(r["tokens"], r["deployment"]): r for r in data["transport_only"]}
+    assert len(alone) == 12  # per size: ray shared and rows per call, ray-dag, ray-rdt, grpc, Ray's floor
+    assert {(8, "ray (2 actors), shared batch"), (2048, "ray (2 actors), rows per call"),
+            (2048, "ray floor (no-op actors)")} <= set(alone)
+    assert all(r["round_trip_ms"] > 0 and r["calls_per_layer"] >= 1 for r in alone.values())
     distributed = [r for r in data["layer"] if not r["deployment"].startswith("in-process")]
     assert all(r["calls_per_layer"] >= 1 and r["bytes_per_layer"] > 0 for r in distributed)
 

@@ -128,19 +128,63 @@ def test_micro_batches_other_than_1_or_2_and_ray_dag_with_2_are_refused(model_di
         assert engine.micro_batches == 2
 
 
-def test_auto_probes_both_settings_and_serves_the_faster():
+def drive(chooser, steps: int, step_seconds) -> list[int]:
+    """Serve `steps` steps of 8 tokens, each taking step_seconds(step index, setting); the settings served."""
+    served = []
+    for i in range(steps):
+        setting = chooser.next_setting()
+        served.append(setting)
+        chooser.record(setting, seconds=step_seconds(i, setting), tokens=8)
+    return served
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_auto_probes_both_settings_and_serves_the_faster(faster):
     from gateway.serving.micro_batching import MicroBatchChooser
 
-    for faster in (1, 2):
-        chooser = MicroBatchChooser(period=10, probe=2)
-        served = []
-        for _ in range(12):
-            setting = chooser.next_setting()
-            served.append(setting)
-            chooser.record(setting, seconds=0.01 if setting == faster else 0.03, tokens=8)
-        assert served[:4] == [1, 2, 1, 2]  # the probe round
-        assert served[4:10] == [faster] * 6 and chooser.choice == faster
-        assert served[10:12] == [1, 2]  # the next round probes again
+    chooser = MicroBatchChooser(period=10, probe=2, max_period=40)
+    served = drive(chooser, 12, lambda i, s: 0.01 if s == faster else 0.03)
+    assert served[:4] == [1, 2, 1, 2]  # the probe round
+    assert served[4:10] == [faster] * 6 and chooser.choice == faster
+    if faster == 2:  # the round changed the choice: the next one comes after `period` steps
+        assert served[10:12] == [1, 2]
+    else:  # it confirmed the initial choice: twice as long to the next
+        assert served[10:12] == [1, 1] and chooser.gap == 20
+
+
+def test_auto_probes_ever_less_while_the_choice_holds_and_starts_over_when_it_flips():
+    from gateway.serving.micro_batching import MicroBatchChooser
+
+    chooser = MicroBatchChooser(period=10, probe=2, max_period=40)
+    decisions, probing = [], 0  # (step of the round's last probe, choice, steps to the next round)
+    for i in range(300):  # from step 200 on, 2 micro-batches are the faster setting
+        setting = chooser.next_setting()
+        probing += chooser._round_at <= i < chooser._round_at + 4
+        rounds = chooser.rounds
+        slow = setting == (2 if i < 200 else 1)
+        chooser.record(setting, seconds=0.03 if slow else 0.01, tokens=8)
+        if chooser.rounds > rounds:
+            decisions.append((i, chooser.choice, chooser.gap))
+    # Rounds at 0, 20, 60, 100, 140, 180 confirm 1 (gaps double to max_period); the one at 220 sees the change.
+    assert decisions[:7] == [(3, 1, 20), (23, 1, 40), (63, 1, 40), (103, 1, 40), (143, 1, 40), (183, 1, 40),
+                             (223, 2, 10)]
+    assert decisions[7:] == [(233, 2, 20), (253, 2, 40), (293, 2, 40)]  # and the gaps grow again
+    assert probing == 4 * len(decisions)  # fixed gaps of 10 would have probed 120 of the 300 steps
+
+
+def test_auto_compares_neighbouring_steps_so_a_prefill_step_does_not_decide():
+    from gateway.serving.micro_batching import MicroBatchChooser
+
+    chooser = MicroBatchChooser(period=10, probe=3)
+    # 2 micro-batches are 1.5× slower per token, but one of its probe steps also ran a long prefill chunk
+    # (cheap per token): the pairs' median ratio still says 1.
+    steps = [(1, 0.08, 8), (2, 0.12, 8), (1, 0.08, 8), (2, 0.30, 520), (1, 0.08, 8), (2, 0.12, 8)]
+    for setting, seconds, tokens in steps:
+        assert chooser.next_setting() == setting
+        chooser.record(setting, seconds, tokens)
+    assert chooser.choice == 1 and chooser.rounds == 1
+    with pytest.raises(ValueError, match="2·probe ≤ period"):
+        MicroBatchChooser(period=4, probe=3)
 
 
 def test_auto_serves_the_same_tokens_and_measures_while_serving(model_dirs):

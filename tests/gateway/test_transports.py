@@ -243,3 +243,37 @@ def test_concurrent_dispatches_leave_consistent_replica_counts(model_dirs, ray_c
         assert sum(r.calls for d in range(DEVICES) for r in pool.live(d)) == sends
     finally:
         dispatcher.close()
+
+
+def test_ray_calls_read_the_layer_batch_from_shared_memory_and_give_the_same_output(model_dirs, ray_cluster,
+                                                                                    reference):
+    """Every call reads the one batch put for its layer; a replica on another node (or sharing off) is sent its
+    rows; a killed replica's call is sent again with the same shared batch. The outputs never change."""
+    path = model_dirs["tiny-v3"]
+    batch = layer_batch(ModelSpec.from_dir(path), n=24, seed=6)
+    want = expected(reference, batch)
+    dispatcher = make(path, replicas=2)
+    try:
+        t = dispatcher.transport
+        assert t.share_min_bytes > 24 * 64 * 4  # tiny rows stay inline by default
+        unshared = dispatcher.dispatch(*batch).wait()
+        assert t.shared_puts == 0 and t.shared_calls == 0
+        assert torch.allclose(unshared, want, atol=1e-6)
+        t.share_min_bytes = 1  # every call reads the shared batch
+        for n in range(1, 4):
+            pending = dispatcher.dispatch(*batch)
+            assert torch.equal(pending.wait(), unshared)
+            assert t.shared_puts == n and t.shared_calls == n * len(pending.batches) == n * DEVICES
+        node = t.node_id
+        t.node_id = "another-node"  # the replicas are no longer on the gateway's node: rows are sent
+        assert torch.equal(dispatcher.dispatch(*batch).wait(), unshared)
+        assert t.shared_puts == 3 and t.shared_calls == 3 * DEVICES
+        t.node_id = node
+        retries = t.retries
+        ray_cluster.kill(dispatcher.pool.live(0)[0].actor, no_restart=False)
+        for _ in range(4):  # calls to the killed replica go again, to the other one, reading the same batch
+            assert torch.equal(dispatcher.dispatch(*batch).wait(), unshared)
+        assert t.retries > retries and t.shared_puts == 7
+        assert set(dispatcher.pool.inflight().values()) == {0}
+    finally:
+        dispatcher.close()

@@ -101,6 +101,25 @@ class GatewayActor:
             return served_outputs(engine)
 
 
+def serve_on_the_gpu(ray_cluster, backend: str, tensor_transport: str, devices: int, share: float, preset_dir,
+                     micro_batches: int = 1) -> tuple:
+    """served_outputs of `devices` groups on the GPU (each `share` of it) over `tensor_transport`; with CUDA IPC
+    the gateway runs in an actor holding the rest of the GPU."""
+    config = DeploymentConfig.from_dict({
+        "model": str(preset_dir), "backend": backend, "devices": devices, "gateway_device": "cuda",
+        "ray": {"device_resource": "gpu", "gpus_per_group": share}, "rpc": {"tensor_transport": tensor_transport},
+        "scheduler": {"micro_batches": micro_batches},
+    })
+    if tensor_transport == "cuda_ipc":  # the gateway takes what the four groups leave of the GPU
+        gateway = ray_cluster.remote(num_gpus=round(1 - devices * share, 2))(GatewayActor).remote()
+        try:
+            return ray_cluster.get(gateway.run.remote(config), timeout=600)
+        finally:
+            ray_cluster.kill(gateway)
+    with Engine.from_config(config) as engine:
+        return served_outputs(engine)
+
+
 @pytest.mark.slow
 @torch.inference_mode()
 @pytest.mark.parametrize("backend, tensor_transport, devices, share", [
@@ -114,20 +133,25 @@ def test_ray_groups_on_the_gpu_match_cpu_reference(backend, tensor_transport, de
     assert gpus >= 1, "Ray sees no GPU on this CUDA machine"
     if tensor_transport == "nccl" and gpus < 2:
         pytest.skip("NCCL needs one GPU per rank: the relay's and the group's")
-    config = DeploymentConfig.from_dict({
-        "model": str(model_dirs["tiny-v3"]), "backend": backend, "devices": devices, "gateway_device": "cuda",
-        "ray": {"device_resource": "gpu", "gpus_per_group": share}, "rpc": {"tensor_transport": tensor_transport},
-    })
-    if tensor_transport == "cuda_ipc":  # the gateway takes what the four groups leave of the GPU
-        gateway = ray_cluster.remote(num_gpus=round(1 - devices * share, 2))(GatewayActor).remote()
-        logits, tokens, infos = ray_cluster.get(gateway.run.remote(config), timeout=600)
-        ray_cluster.kill(gateway)
-    else:
-        with Engine.from_config(config) as engine:
-            logits, tokens, infos = served_outputs(engine)
+    logits, tokens, infos = serve_on_the_gpu(ray_cluster, backend, tensor_transport, devices, share,
+                                             model_dirs["tiny-v3"])
     assert sorted(i["device"] for i in infos) == list(range(devices))
     assert {(i["torch_device"], i["kernel"]) for i in infos} == {("cuda", "triton")}
     expected_logits, expected_tokens = cpu_reference["tiny-v3"]
     for ours, expected in zip(logits, expected_logits, strict=True):
         assert rel_err(ours, expected) < 1e-4
     assert tokens == expected_tokens
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+@pytest.mark.parametrize("backend, tensor_transport, share", [("ray", "auto", 0.25), ("ray-rdt", "cuda_ipc", 0.2)])
+def test_two_micro_batches_give_one_micro_batchs_outputs_on_the_gpu_transports(backend, tensor_transport, share,
+                                                                              model_dirs, ray_cluster):
+    """Ping-pong over the GPU data paths (float32): the same greedy tokens as one micro-batch, and logits within
+    1e-5 (cuBLAS may pick other kernels for the halves' shapes, so bitwise equality is not promised here)."""
+    one, two = (serve_on_the_gpu(ray_cluster, backend, tensor_transport, 4, share, model_dirs["tiny-v3"], mb)
+                for mb in (1, 2))
+    assert two[1] == one[1]
+    for ours, expected in zip(two[0], one[0], strict=True):
+        assert rel_err(ours, expected) < 1e-5
