@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway import Engine  # noqa: E402
-from gateway.dispatch.dispatcher import plan_dispatch  # noqa: E402
+from gateway.dispatch.dispatcher import batch_bytes, plan_dispatch  # noqa: E402
 from gateway.dispatch.transports import take_rows  # noqa: E402
 from model_core.make_model import make_model  # noqa: E402
 from protos.codec import NAMES, tensor_to_numpy  # noqa: E402
@@ -67,31 +67,53 @@ def layer_inputs(ref: Engine, tokens: int) -> tuple[int, torch.Tensor, torch.Ten
     return layer, u, routing.ids, routing.weights
 
 
+def share_variants(engines: dict[str, Engine]) -> dict[str, tuple[Engine, object]]:
+    """name -> (engine, Ray's share_min_bytes to run with, or ... for other transports): a Ray deployment twice,
+    with its default (calls on the gateway's node read the layer batch from shared memory) and with each call
+    sent its rows (None: the path before, moving the same bytes as gRPC)."""
+    variants: dict[str, tuple[Engine, object]] = {}
+    for name, engine in engines.items():
+        if engine.config.backend == "ray":
+            variants[name] = (engine, engine.backend.transport.share_min_bytes)
+            variants[f"{name}, rows per call"] = (engine, None)
+        else:
+            variants[name] = (engine, ...)
+    return variants
+
+
+def set_share(engine: Engine, share) -> None:
+    if share is not ...:
+        engine.backend.transport.share_min_bytes = share
+
+
 @torch.inference_mode()
 def layer_round_trips(engines: dict[str, Engine], tokens: int, runs: int) -> list[dict]:
     layer, u, ids, weights = layer_inputs(engines["in-process (1 group)"], tokens)
+    variants = share_variants(engines)
 
-    def once(backend):
-        pending = backend.dispatch(layer, u, ids, weights)
+    def once(engine, share):
+        set_share(engine, share)
+        pending = engine.backend.dispatch(layer, u, ids, weights)
         pending.wait()
-        return [r.compute_ms for r in pending.replies]
+        nbytes = sum(sum(batch_bytes(*b.ids.shape, u.shape[1], u.element_size(), b.ids.element_size()))
+                     for b in pending.batches)
+        return [r.compute_ms for r in pending.replies], nbytes, len(pending.batches)
 
-    before = {name: (e.backend.stats.bytes_sent, e.backend.stats.bytes_received, e.backend.stats.calls)
-              for name, e in engines.items()}
-    timed = round_robin({name: (lambda b=e.backend: once(b)) for name, e in engines.items()}, runs)
-    n = runs + 1
+    timed = round_robin({name: (lambda v=v: once(*v)) for name, v in variants.items()}, runs)
+    for engine, share in variants.values():  # back to each deployment's default
+        if share is not ... and share is not None:
+            set_share(engine, share)
     rows = []
-    for name, engine in engines.items():
-        backend, (ms, computes) = engine.backend, timed[name]
+    for name, (engine, _) in variants.items():
+        ms, results = timed[name]
         # In-process groups run one after another; actors run in parallel, so the slowest one bounds the layer.
         sequential = engine.config.backend == "local"
-        compute = statistics.median(sum(c) if sequential else max(c) for c in computes)
-        nbytes = (backend.stats.bytes_sent - before[name][0] + backend.stats.bytes_received - before[name][1]) // n
+        compute = statistics.median(sum(c) if sequential else max(c) for c, _, _ in results)
+        _, nbytes, calls = results[-1]
         rows.append({
             "tokens": tokens, "deployment": name, "round_trip_ms": ms, "compute_ms": compute,
             "overhead_ms": ms - compute, "bytes_per_layer": nbytes,
-            "overhead_ms_per_mb": (ms - compute) / max(nbytes / 1e6, 1e-9),
-            "calls_per_layer": (backend.stats.calls - before[name][2]) // n,
+            "overhead_ms_per_mb": (ms - compute) / max(nbytes / 1e6, 1e-9), "calls_per_layer": calls,
         })
     floor = memcpy_ms_per_mb(max(r["bytes_per_layer"] for r in rows), runs)
     for r in rows:
@@ -131,7 +153,7 @@ def transport_only(engines: dict[str, Engine], tokens: int, runs: int) -> list[d
     """One layer's calls with every expert id -1 (the groups check them and compute nothing), per deployment:
     the transport's cost without expert math competing for the cores. Ray runs twice, reading the layer batch
     from shared memory (its default) and sending each call its rows (`share_min_bytes=None`); `ray floor` is
-    no-op Ray actors taking the same packed calls, rows inline."""
+    no-op Ray actors taking the same packed calls, each sent its rows."""
     import ray
 
     layer, u, ids, weights = layer_inputs(engines["in-process (1 group)"], tokens)
@@ -154,14 +176,8 @@ def transport_only(engines: dict[str, Engine], tokens: int, runs: int) -> list[d
         return once
 
     fns = {}
-    for name, engine in distributed.items():
-        transport = engine.backend.transport
-        if engine.config.backend == "ray":
-            default = transport.share_min_bytes
-            fns[f"{name}, shared batch"] = through(transport, default)
-            fns[f"{name}, rows per call"] = through(transport, None)
-        else:
-            fns[name] = through(transport, ...)
+    for name, (engine, share) in share_variants(distributed).items():
+        fns[name] = through(engine.backend.transport, share)
     noops = [ray.remote(NoopGroup).remote(u.shape[1], tokens) for _ in batches]
     ray.get([a.ready.remote() for a in noops])
 
@@ -173,9 +189,9 @@ def transport_only(engines: dict[str, Engine], tokens: int, runs: int) -> list[d
 
     fns["ray floor (no-op actors)"] = floor
     timed = round_robin(fns, runs)
-    for engine in distributed.values():
-        if engine.config.backend == "ray":
-            engine.backend.transport.share_min_bytes = default
+    for engine, share in share_variants(distributed).values():  # back to each deployment's default
+        if share is not ... and share is not None:
+            set_share(engine, share)
     for a in noops:
         ray.kill(a)
     nbytes = sum(b.rows.numel() * u.shape[1] * u.element_size() * 2 + b.ids.numel() * 12 for b in batches)

@@ -101,16 +101,23 @@ def test_the_second_half_is_dispatched_before_the_first_half_is_collected(model_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["ray", "grpc", "ray-rdt"])
+@pytest.mark.parametrize("backend", ["ray", "ray, shared batch", "grpc", "ray-rdt"])
 def test_two_micro_batches_equal_one_on_every_distributed_backend(backend, model_dirs, ray_cluster):
+    """'ray, shared batch': every call reads its half's layer batch from shared memory (tiny rows stay inline
+    otherwise), so each half's calls must read their own half's batch."""
     prompts = random_prompts(272, [6, 10, 4, 8], seed=PROMPTS_SEED + 1)
     with engine_with(model_dirs["tiny-v3"], 1) as local:
         want = local.generate(prompts, max_new_tokens=10, stop_at_eos=False)
         want_logits = local.logits(prompts)
-    with engine_with(model_dirs["tiny-v3"], 2, backend=backend, devices=2) as engine:
+    with engine_with(model_dirs["tiny-v3"], 2, backend=backend.split(",")[0], devices=2) as engine:
+        if backend == "ray, shared batch":
+            engine.backend.transport.share_min_bytes = 1
         assert engine.generate(prompts, max_new_tokens=10, stop_at_eos=False) == want
         for ours, ref in zip(engine.logits(prompts), want_logits, strict=True):
             assert (ours - ref).abs().max().item() < 1e-5
+        if backend == "ray, shared batch":
+            transport = engine.backend.transport
+            assert transport.shared_puts == engine.backend.stats.layers > 0 and transport.shared_calls > 0
 
 
 def test_micro_batches_other_than_1_or_2_and_ray_dag_with_2_are_refused(model_dirs):
