@@ -5,8 +5,8 @@ trip (plan, send to every device, expert compute, combine) for the in-process gr
 through the object store), Ray Direct Transport (`ray-rdt`: Gloo on CPU, through the relay actor) and gRPC,
 next to the slowest device's compute time and the bytes moved, with each transport's overhead per MB against a
 memory copy of the same bytes measured in the same run; then the transports alone (every expert id -1: the
-groups check each call and compute nothing), with Ray also sending each call its rows (the path before the
-shared layer batch) and Ray's own floor (no-op actors taking the same packed calls); then end-to-end throughput
+groups check each call and compute nothing), with Ray and gRPC also sending each call its rows (the path before
+the shared layer batch) and Ray's own floor (no-op actors taking the same packed calls); then end-to-end throughput
 of each deployment relative to the in-process engine (one group, no dispatch), with 1 and 2 ping-pong
 micro-batches (scheduler.micro_batches) and the gateway's idle time per MoE layer (blocked collecting replies),
 all in the same run.
@@ -68,12 +68,12 @@ def layer_inputs(ref: Engine, tokens: int) -> tuple[int, torch.Tensor, torch.Ten
 
 
 def share_variants(engines: dict[str, Engine]) -> dict[str, tuple[Engine, object]]:
-    """name -> (engine, Ray's share_min_bytes to run with, or ... for other transports): a Ray deployment twice,
-    with its default (calls on the gateway's node read the layer batch from shared memory) and with each call
-    sent its rows (None: the path before, moving the same bytes as gRPC)."""
+    """name -> (engine, the transport's share_min_bytes to run with, or ... for transports without one): a Ray or
+    gRPC deployment twice, with its default (calls on the gateway's node read the layer batch from shared memory:
+    Ray's object store, a file in /dev/shm for gRPC) and with each call sent its rows (None: the path before)."""
     variants: dict[str, tuple[Engine, object]] = {}
     for name, engine in engines.items():
-        if engine.config.backend == "ray":
+        if engine.config.backend in ("ray", "grpc"):
             variants[name] = (engine, engine.backend.transport.share_min_bytes)
             variants[f"{name}, rows per call"] = (engine, None)
         else:
@@ -151,8 +151,8 @@ class NoopGroup:
 @torch.inference_mode()
 def transport_only(engines: dict[str, Engine], tokens: int, runs: int) -> list[dict]:
     """One layer's calls with every expert id -1 (the groups check them and compute nothing), per deployment:
-    the transport's cost without expert math competing for the cores. Ray runs twice, reading the layer batch
-    from shared memory (its default) and sending each call its rows (`share_min_bytes=None`); `ray floor` is
+    the transport's cost without expert math competing for the cores. Ray and gRPC run twice, reading the layer
+    batch from shared memory (their default) and sending each call its rows (`share_min_bytes=None`); `ray floor` is
     no-op Ray actors taking the same packed calls, each sent its rows."""
     import ray
 

@@ -14,13 +14,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from expert_workers.expert_group import ExpertGroup, PlacementVersionMissing
+from expert_workers.expert_group import ExpertGroup, PlacementVersionMissing, select_rows
 from expert_workers.spans import traced_run
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos import frame
 from protos.channel import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY, RpcSecurity, bearer, channel_options
 from protos.codec import NAMES, proto_to_tensor, tensor_to_proto
+from protos.shared_batch import BatchReader, SharedBatchUnreadable
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.group = group
         self.tracer = tracer  # an OpenTelemetry tracer, or None when tracing is off
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-math")
+        self._batches = BatchReader()  # layer batches a gateway on this host left in /dev/shm
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -114,6 +116,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             return await loop.run_in_executor(self._executor, fn, request, carrier, arrived)
         except PlacementVersionMissing as exc:  # not a bad request: this replica has not caught up (yet)
             code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        except SharedBatchUnreadable as exc:  # the gateway sends the rows instead
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         except ValueError as exc:  # CodecError, ExpertRequestError and missing fields
             logger.info("Forward rejected: %s", exc)
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -147,9 +151,13 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     def _forward_framed(self, data: bytes, carrier: dict | None = None, arrived: float = 0.0) -> bytes:
         request, view = frame.decode(data, pb.ForwardRequest)
-        self._check_fields(request)
+        self._check_fields(request, framed=True)
         payload = frame.Payload(view)
-        hidden = payload.take(request.hidden, "hidden")
+        if request.HasField("shared"):  # the rows of a batch in shared memory: read in place
+            rows = payload.take(request.shared.rows, "shared.rows")
+            hidden = select_rows(self._batches.batch(request.shared), rows)
+        else:
+            hidden = payload.take(request.hidden, "hidden")
         ids = payload.take(request.expert_ids, "expert_ids")
         weights = payload.take(request.weights, "weights")
         payload.finish()
@@ -159,8 +167,15 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         return frame.encode(response, [result.output])
 
     @staticmethod
-    def _check_fields(request: pb.ForwardRequest) -> None:
-        for field in ("hidden", "expert_ids", "weights"):
+    def _check_fields(request: pb.ForwardRequest, framed: bool = False) -> None:
+        """hidden, expert_ids and weights are required; a framed request may name a shared batch instead of
+        hidden (never both)."""
+        shared = framed and request.HasField("shared")
+        if shared and request.HasField("hidden"):
+            raise ValueError("hidden and shared: a ForwardRequest carries one of them, not both")
+        if not framed and request.HasField("shared"):
+            raise ValueError("shared: only ForwardFramed reads a shared batch")
+        for field in ("expert_ids", "weights") if shared else ("hidden", "expert_ids", "weights"):
             if not request.HasField(field):
                 raise ValueError(f"{field}: missing from ForwardRequest")
 

@@ -89,6 +89,7 @@ class RdtRelay:
         self._members: dict[str, Any] = {}  # replica name -> actor handle, the group's members
         self._watches: dict[str, Any] = {}  # replica name -> its pending watch() call
         self._active = 0  # transfers in flight on the group
+        self._one_at_a_time: dict[str, threading.Lock] = {}  # replica name -> held while a call moves to/from it
         self.builds = 0
 
     # -- tensors handed to Ray (one method per transport: Ray fixes it when the class is defined) ---------
@@ -123,6 +124,16 @@ class RdtRelay:
                     "staged": len(self._staged), "landed": len(self._landed)}
 
     def _forward(self, members, name, layer, hidden, expert_ids, weights, carrier, version) -> tuple:
+        """One call at a time per replica (its expert math is serial anyway): Ray pairs a Gloo/NCCL send with the
+        peer's next receive in the order each side was told of them, with no tag, so two transfers between the
+        relay and one replica started from two threads (two micro-batches in flight) could pair the wrong way
+        round and swap two calls' rows or outputs without an error."""
+        with self._cond:
+            lock = self._one_at_a_time.setdefault(name, threading.Lock())
+        with lock:
+            return self._forward_one(members, name, layer, hidden, expert_ids, weights, carrier, version)
+
+    def _forward_one(self, members, name, layer, hidden, expert_ids, weights, carrier, version) -> tuple:
         me = ray.get_runtime_context().current_actor
         actor = self._enter(members, name)
         key = next(self._keys)

@@ -92,6 +92,16 @@ class _Call:
     dtype: torch.dtype
 
 
+@dataclass
+class _SharedBatch:
+    """A layer's whole hidden batch, put at most once for all of the layer's calls that read it (`handle`: Ray's
+    ObjectRef, or gRPC's BatchFile; it stays valid while any of their calls may be sent again)."""
+
+    hidden: torch.Tensor
+    handle: Any = None
+    failed: bool = False  # it could not be put (no room): the calls carry their rows
+
+
 class _ReplicaDown(RuntimeError):
     """The replica's actor died or restarts: send the call again (another replica, or the restarted one)."""
 
@@ -116,9 +126,29 @@ class _ReplicaTransport:
         self.retries = 0
         self.tracer = None
         self._orphans: list[_Call] = []  # timed-out calls still running on their replica
+        # Shared layer batches (Ray's object store, or a file in /dev/shm for gRPC): off unless a transport sets
+        # share_min_bytes, the smallest rows-of-one-call size that reads the shared batch instead.
+        self.share_min_bytes: int | None = None
+        self.node_id: str | None = None  # the gateway's Ray node: replicas on it can read a shared batch
+        self.shared_puts = 0  # layer batches put where the replicas on the gateway's node read them
+        self.shared_calls = 0  # calls that read one
+        self._batch: _SharedBatch | None = None  # this layer's, until flush()
 
     def flush(self) -> None:
-        pass  # each send is already in flight
+        self._batch = None  # each send is already in flight; the next layer's calls share the next layer's batch
+
+    def _layer_batch(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> _SharedBatch | None:
+        """The layer's shared batch for a call whose rows reach share_min_bytes (one for all of the layer's
+        calls, put when the first call that reads it is made), or None: the call carries its rows."""
+        if rows is None or self.share_min_bytes is None \
+                or rows.numel() * hidden.shape[1] * hidden.element_size() < self.share_min_bytes:
+            return None
+        if self._batch is None or self._batch.hidden is not hidden:
+            self._batch = _SharedBatch(hidden)
+        return self._batch
+
+    def _on_gateway_node(self, replica) -> bool:
+        return replica.node_id is not None and replica.node_id == self.node_id
 
     def _submit(self, device: int, args: tuple, dtype: torch.dtype, avoid: tuple = (), strict: bool = False,
                 deadline: float | None = None) -> _Call:
@@ -242,17 +272,9 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-# Ray passes an argument up to this size inside the call itself, and puts a larger one in the object store.
-RAY_INLINE_BYTES = int(os.environ.get("RAY_max_direct_call_object_size", 100 * 1024))
-
-
-@dataclass
-class _SharedBatch:
-    """A layer's whole hidden batch, put in Ray's object store at most once for all of the layer's calls that read
-    it there (the ref stays alive while any of their calls may be sent again)."""
-
-    hidden: torch.Tensor
-    ref: Any = None
+# Ray passes an argument up to this size inside the call itself, and puts a larger one in the object store: a
+# call whose rows reach it reads the layer's shared batch instead (gRPC uses the same default; not tuned for it).
+SHARE_MIN_BYTES = int(os.environ.get("RAY_max_direct_call_object_size", 100 * 1024))
 
 
 class RayTransport(_ReplicaTransport):
@@ -265,7 +287,7 @@ class RayTransport(_ReplicaTransport):
     copy per call with one copy per layer. A replica on another node gets its rows, as before (it would otherwise
     pull the whole batch over the network)."""
 
-    def __init__(self, pool, timeout_s: float, deadline_s: float, share_min_bytes: int | None = RAY_INLINE_BYTES
+    def __init__(self, pool, timeout_s: float, deadline_s: float, share_min_bytes: int | None = SHARE_MIN_BYTES
                  ) -> None:
         """share_min_bytes: the smallest rows-of-one-call size that reads the shared batch (None: never share)."""
         import ray
@@ -274,33 +296,21 @@ class RayTransport(_ReplicaTransport):
         self._ray = ray
         self.share_min_bytes = share_min_bytes
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.shared_puts = 0  # layer batches put in the object store for sharing
-        self.shared_calls = 0  # calls that read one
-        self._batch: _SharedBatch | None = None  # this layer's, until flush()
 
     def send(self, device, layer, hidden, ids, weights, carrier=None, version=None, rows=None):
-        shared = None
-        if rows is not None and self.share_min_bytes is not None \
-                and rows.numel() * hidden.shape[1] * hidden.element_size() >= self.share_min_bytes:
-            if self._batch is None or self._batch.hidden is not hidden:
-                self._batch = _SharedBatch(hidden)
-            shared = self._batch
         args = (layer, hidden, rows, tensor_to_numpy(ids), tensor_to_numpy(weights), NAMES[hidden.dtype], carrier,
-                version, shared)
+                version, self._layer_batch(hidden, rows))
         return self._submit(device, args, hidden.dtype)
-
-    def flush(self) -> None:
-        self._batch = None  # the next layer's calls share the next layer's batch
 
     def _call(self, replica, args):
         layer, hidden, rows, ids, weights, dtype, carrier, version, shared = args
-        if shared is not None and replica.node_id == self.node_id:
-            if shared.ref is None:
-                shared.ref = self._ray.put(tensor_to_numpy(shared.hidden))
+        if shared is not None and self._on_gateway_node(replica):
+            if shared.handle is None:
+                shared.handle = self._ray.put(tensor_to_numpy(shared.hidden))
                 self.shared_puts += 1
             self.shared_calls += 1
             return replica.actor.forward_packed.remote(
-                (layer, tensor_to_numpy(rows), ids, weights, dtype, carrier, version), shared.ref)
+                (layer, tensor_to_numpy(rows), ids, weights, dtype, carrier, version), shared.handle)
         packed = (layer, tensor_to_numpy(take_rows(hidden, rows)), ids, weights, dtype, carrier, version)
         return replica.actor.forward_packed.remote(packed)
 
@@ -429,14 +439,22 @@ class GrpcTransport(_ReplicaTransport):
 
     A replica that Ray restarted serves on a new port; the pool's probe reads it, and the replica's channel is
     replaced (one channel per replica, never one per port it ever had). With `security`, channels verify the
-    servers' TLS certificate against its CA and every Forward carries the shared token."""
+    servers' TLS certificate against its CA and every Forward carries the shared token.
+
+    On the gateway's node a call whose rows reach `share_min_bytes` names the layer's batch in a file in
+    /dev/shm (`protos/shared_batch.py`), written once per layer, and the group reads its rows there; the frame
+    carries the row indices, ids and weights. The files are reused once a layer's calls are over. A group that
+    cannot open the file (another user, another host behind the same node id) answers FAILED_PRECONDITION: the
+    call goes again with its rows, and so do that replica's calls from then on."""
 
     def __init__(self, pool, timeout_s: float, deadline_s: float, max_message_bytes: int,
-                 security: RpcSecurity | None = None) -> None:
+                 security: RpcSecurity | None = None, share_min_bytes: int | None = SHARE_MIN_BYTES) -> None:
         import grpc
+        import ray
 
         from protos import expert_service_pb2 as pb
         from protos import expert_service_pb2_grpc as pb_grpc
+        from protos.shared_batch import BatchWriter
 
         super().__init__(pool, timeout_s, deadline_s)
         self._grpc, self._pb, self._pb_grpc = grpc, pb, pb_grpc
@@ -446,6 +464,10 @@ class GrpcTransport(_ReplicaTransport):
         if self._security.token and not self._security.tls:
             logger.warning("rpc.token is set without TLS: the token crosses the network in plaintext")
         self._channels: dict[str, tuple[str, Any, Any]] = {}  # replica name -> (address, channel, stub)
+        self.share_min_bytes = share_min_bytes
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._writer = BatchWriter()
+        self._unshared: set[str] = set()  # replicas that could not read a shared batch
 
     def _stub(self, replica):
         known = self._channels.get(replica.name)
@@ -473,21 +495,52 @@ class GrpcTransport(_ReplicaTransport):
         return len(self._channels)
 
     def send(self, device, layer, hidden, ids, weights, carrier=None, version=None, rows=None):
-        hidden = take_rows(hidden, rows)
+        # the token and the W3C traceparent ride in gRPC metadata
+        metadata = (*self._security.call_metadata(), *(carrier.items() if carrier else ())) or None
+        args = (layer, hidden, rows, ids, weights, version, metadata, self._layer_batch(hidden, rows))
+        return self._submit(device, args, hidden.dtype)
+
+    def _call(self, replica, args):
+        layer, hidden, rows, ids, weights, version, metadata, shared = args
         req = self._pb.ForwardRequest(layer=layer)
         if version is not None:
             req.placement_version = version
-        frame.describe(hidden, req.hidden)
+        file = self._shared_file(shared) if shared is not None and self._reads_shared(replica) else None
+        if file is not None:
+            req.shared.name = file.name
+            frame.describe(hidden, req.shared.batch)
+            frame.describe(rows, req.shared.rows)
+            tensors = [rows, ids, weights]
+            self.shared_calls += 1
+        else:
+            tensors = [take_rows(hidden, rows), ids, weights]
+            frame.describe(tensors[0], req.hidden)
         frame.describe(ids, req.expert_ids)
         frame.describe(weights, req.weights)
-        data = frame.encode(req, [hidden, ids, weights])  # the one copy of the rows (and of a GPU tensor to host)
-        # the token and the W3C traceparent ride in gRPC metadata
-        metadata = (*self._security.call_metadata(), *(carrier.items() if carrier else ())) or None
-        return self._submit(device, (data, metadata), hidden.dtype)
-
-    def _call(self, replica, args):
-        data, metadata = args
+        data = frame.encode(req, tensors)  # the one copy of the rows (and of a GPU tensor to host)
         return self._stub(replica).future(data, timeout=self.timeout_s, metadata=metadata)
+
+    def _reads_shared(self, replica) -> bool:
+        return self._on_gateway_node(replica) and replica.name not in self._unshared
+
+    def _shared_file(self, shared: _SharedBatch):
+        """The layer batch's file, written on first use; None when none could be made (the call sends rows)."""
+        if shared.handle is None and not shared.failed:
+            shared.handle = self._writer.acquire(shared.hidden)
+            shared.failed = shared.handle is None
+            self.shared_puts += not shared.failed
+        return shared.handle
+
+    def receive(self, pending):
+        """As the base class; then the layer's batch files are free for later layers (a call still running after
+        its layer failed or timed out is an orphan: its answer is never read)."""
+        try:
+            return super().receive(pending)
+        finally:
+            for shared in {id(c.args[-1]): c.args[-1] for _, _, c in pending if c.args[-1] is not None}.values():
+                if shared.handle is not None:
+                    self._writer.release(shared.handle)
+                    shared.handle = None
 
     def _wait(self, call: _Call) -> ExpertReply:
         grpc = self._grpc
@@ -495,6 +548,13 @@ class GrpcTransport(_ReplicaTransport):
             resp = call.handle.result()
         except grpc.RpcError as exc:
             code = exc.code()
+            if code == grpc.StatusCode.FAILED_PRECONDITION and call.args[-1] is not None \
+                    and call.replica.name not in self._unshared:
+                logger.warning("replica %s cannot read shared layer batches (%s): sending it rows", call.replica.name,
+                               exc.details())
+                self._unshared.add(call.replica.name)
+                call.handle = self._call(call.replica, call.args)  # the same replica, now with the rows
+                return self._wait(call)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise _ReplicaSlow(f"{code.name}: {exc.details()}") from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
@@ -520,3 +580,4 @@ class GrpcTransport(_ReplicaTransport):
             channel.close()
         self._channels = {}
         super().close()
+        self._writer.close()

@@ -40,15 +40,15 @@ def test_dispatch_benchmark_smoke(tmp_path, model_dirs):
                "--quick", "--deployments", "local", "ray", "ray-dag", "ray-rdt", "grpc", "--json", str(out))
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
-    # ray also with rows per call in the layer table; ray, ray-rdt and grpc also with 2 micro-batches end to end
-    assert len(data["layer"]) == 14 and len(data["end_to_end"]) == 9
+    # ray and grpc also with rows per call per layer; ray, ray-rdt and grpc also with 2 micro-batches end to end
+    assert len(data["layer"]) == 16 and len(data["end_to_end"]) == 9
     assert data["end_to_end"][0]["prefill_vs_in_process"] == 1.0
     assert {r["micro_batches"] for r in data["end_to_end"]} == {1, 2}
     assert all(r["decode_idle_ms_per_layer"] >= 0 for r in data["end_to_end"])
     assert all(r["memcpy_ms_per_mb"] > 0 and r["overhead_ms_per_mb"] == r["overhead_ms_per_mb"] for r in data["layer"])
     alone = {(r["tokens"], r["deployment"]): r for r in data["transport_only"]}
-    assert len(alone) == 12  # per size: ray shared and rows per call, ray-dag, ray-rdt, grpc, Ray's floor
-    assert {(8, "ray (2 actors)"), (2048, "ray (2 actors), rows per call"),
+    assert len(alone) == 14  # per size: ray and grpc shared and rows per call, ray-dag, ray-rdt, Ray's floor
+    assert {(8, "ray (2 actors)"), (2048, "ray (2 actors), rows per call"), (2048, "grpc (2 actors), rows per call"),
             (2048, "ray floor (no-op actors)")} <= set(alone)
     assert all(r["round_trip_ms"] > 0 and r["calls_per_layer"] >= 1 for r in alone.values())
     distributed = [r for r in data["layer"] if not r["deployment"].startswith("in-process")]

@@ -258,3 +258,52 @@ def test_a_bad_frame_is_invalid_argument_naming_the_field_and_the_server_keeps_s
         framed_call(channel, 1, hidden[:, :10], ids, weights)  # the wrong hidden width
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hidden.shape=[3, 10]" in info.value.details()
     assert_good_request_works(stub, group)
+
+
+def shared_call(channel: grpc.Channel, layer: int, name: str, batch, rows, ids, weights, hidden=None) -> bytes:
+    """ForwardFramed naming a shared batch file: the frame carries rows, ids, weights (and hidden, if given)."""
+    from protos import frame
+
+    req = pb.ForwardRequest(layer=layer)
+    req.shared.name = name
+    frame.describe(batch, req.shared.batch)
+    frame.describe(rows, req.shared.rows)
+    tensors = [rows, ids, weights]
+    if hidden is not None:
+        frame.describe(hidden, req.hidden)
+        tensors.append(hidden)
+    for field, t in (("expert_ids", ids), ("weights", weights)):
+        frame.describe(t, getattr(req, field))
+    return channel.unary_unary(frame.METHOD)(frame.encode(req, tensors), timeout=TIMEOUT)
+
+
+def test_rows_read_from_a_shared_batch_answer_what_rows_in_the_frame_answer(channel, stub, group):
+    from protos import frame
+    from protos.shared_batch import PREFIX, BatchWriter
+
+    batch, _, _ = routing(30, seed=43)
+    rows = torch.tensor([0, 3, 4, 9, 17, 29])
+    _, ids, weights = routing(rows.numel(), seed=44)
+    writer = BatchWriter()  # /dev/shm: the server reads there
+    file = writer.acquire(batch)
+    try:
+        header, view = frame.decode(shared_call(channel, 1, file.name, batch, rows, ids, weights), pb.ForwardResponse)
+        payload = frame.Payload(view)
+        output = payload.take(header.output, "output")
+        payload.finish()
+        assert torch.equal(output, group.run(1, batch[rows], ids, weights).output)
+        for bad, code, message in (
+            (dict(rows=torch.tensor([0, 30, 1, 2, 3, 4])), grpc.StatusCode.INVALID_ARGUMENT, "rows: values in [0, 30]"),
+            (dict(hidden=batch[rows]), grpc.StatusCode.INVALID_ARGUMENT, "hidden and shared"),
+            (dict(name=PREFIX + "f" * 32), grpc.StatusCode.FAILED_PRECONDITION, "cannot open it in /dev/shm"),
+        ):
+            fields = {"name": file.name, "rows": rows, **bad}
+            with pytest.raises(grpc.RpcError) as info:
+                shared_call(channel, 1, fields["name"], batch, fields["rows"], ids, weights, bad.get("hidden"))
+            assert info.value.code() == code and message in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:  # only the framed method reads shared batches
+            stub.Forward(pb.ForwardRequest(layer=1, shared=pb.SharedBatch(name=file.name)), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "only ForwardFramed" in info.value.details()
+    finally:
+        writer.close()
+    assert_good_request_works(stub, group)

@@ -141,3 +141,30 @@ def test_scaling_a_group_while_requests_flow_rebuilds_the_group_and_keeps_the_to
         assert engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False) == expected
         counters = assert_relay_idle(engine.backend.transport)
         assert counters["builds"] >= 3 and len(counters["members"]) == 2  # joined, then left
+
+
+def test_calls_in_flight_together_to_one_group_each_get_their_own_output(model_dirs, ray_cluster):
+    """Ray pairs a Gloo send with the receiver's next receive, in the order each side was told of it; two
+    transfers between the relay and one group, started from two threads (two micro-batches, two layers in
+    flight), could pair the wrong way round and swap two calls' rows silently. The relay moves one call at a
+    time per group."""
+    from gateway.dispatch.dispatcher import plan_dispatch
+
+    with Engine.from_pretrained(model_dirs["tiny-v3"], devices=2) as local, \
+            Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray-rdt", devices=2) as rdt:
+        spec, layer = local.spec, local.spec.moe_layers[0]
+        gen = torch.Generator().manual_seed(5)
+        inputs = []
+        for _ in range(16):  # equal shapes, so a swap would not fail loudly
+            ids = torch.stack([torch.randperm(8, generator=gen)[: spec.top_k] for _ in range(6)])  # group 0's
+            inputs.append((torch.randn(6, spec.hidden_size, generator=gen), ids, torch.rand(6, spec.top_k,
+                                                                                              generator=gen)))
+        want = [local.backend.dispatch(layer, *x).wait() for x in inputs]
+        transport = rdt.backend.transport
+        for _ in range(10):
+            sent = [transport.send(0, layer, h, ids, w) for h, ids, w in inputs]  # all in flight at once
+            replies = transport.receive([(0, layer, s) for s in sent])
+            for reply, expected in zip(replies, want, strict=True):
+                assert torch.allclose(reply.output, expected, atol=1e-6)
+        assert plan_dispatch(inputs[0][1], inputs[0][2], rdt.backend.expert_device, 2)[0].device == 0
+        assert_relay_idle(transport)

@@ -245,17 +245,19 @@ def test_concurrent_dispatches_leave_consistent_replica_counts(model_dirs, ray_c
         dispatcher.close()
 
 
-def test_ray_calls_read_the_layer_batch_from_shared_memory_and_give_the_same_output(model_dirs, ray_cluster,
-                                                                                    reference):
-    """Every call reads the one batch put for its layer; a replica on another node (or sharing off) is sent its
-    rows; a killed replica's call is sent again with the same shared batch. The outputs never change."""
+@pytest.mark.parametrize("transport", ["ray", "grpc"])
+def test_calls_read_the_layer_batch_from_shared_memory_and_give_the_same_output(transport, model_dirs, ray_cluster,
+                                                                                reference):
+    """Every call reads the one batch put for its layer (Ray's object store, or a file in /dev/shm for gRPC); a
+    replica on another node (or sharing off) is sent its rows; a killed replica's call is sent again with the same
+    shared batch. The outputs never change."""
     path = model_dirs["tiny-v3"]
     batch = layer_batch(ModelSpec.from_dir(path), n=24, seed=6)
     want = expected(reference, batch)
-    dispatcher = make(path, replicas=2)
+    dispatcher = make(path, transport=transport, replicas=2)
     try:
         t = dispatcher.transport
-        assert t.share_min_bytes > 24 * 64 * 4  # tiny rows stay inline by default
+        assert t.share_min_bytes > 24 * 64 * 4  # tiny rows travel with their call by default
         unshared = dispatcher.dispatch(*batch).wait()
         assert t.shared_puts == 0 and t.shared_calls == 0
         assert torch.allclose(unshared, want, atol=1e-6)
@@ -275,5 +277,34 @@ def test_ray_calls_read_the_layer_batch_from_shared_memory_and_give_the_same_out
             assert torch.equal(dispatcher.dispatch(*batch).wait(), unshared)
         assert t.retries > retries and t.shared_puts == 7
         assert set(dispatcher.pool.inflight().values()) == {0}
+        if transport == "grpc":
+            assert t._writer.files == 1  # one file served every layer: each was free again after its layer
+    finally:
+        dispatcher.close()
+
+
+class NoSharedMemory(ExpertGroupActor):
+    """An expert actor whose gRPC server looks for shared batches where none are (as another user would)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from pathlib import Path
+
+        self.server._servicer._batches.directory = Path("/nonexistent")
+
+
+def test_a_grpc_group_that_cannot_read_the_shared_batch_is_sent_its_rows(model_dirs, ray_cluster, reference):
+    path = model_dirs["tiny-v3"]
+    batch = layer_batch(ModelSpec.from_dir(path), n=24, seed=7)
+    want = expected(reference, batch)
+    dispatcher = make(path, NoSharedMemory, transport="grpc")
+    try:
+        t = dispatcher.transport
+        t.share_min_bytes = 1
+        for _ in range(3):
+            assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
+        assert t._unshared == {r.name for d in range(DEVICES) for r in dispatcher.pool.live(d)}
+        assert t.shared_calls == DEVICES  # only the first layer's calls tried, then went again with their rows
+        assert t.retries == 0 and set(dispatcher.pool.inflight().values()) == {0}
     finally:
         dispatcher.close()
