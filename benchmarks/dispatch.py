@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -40,15 +41,16 @@ from router_service.routing import route_tokens  # noqa: E402
 
 
 def round_robin(fns: dict, runs: int) -> dict[str, tuple[float, list]]:
-    """Run every fn once per round (so drift on a shared machine hits all alike), each round starting one fn
-    later (so none always runs right after the same other); name -> (median ms, results in run order)."""
+    """Run every fn once per round (so drift on a shared machine hits all alike), in a new random order each
+    round: a call right after another to the same actors finds them warm (one after others' calls can take
+    1.5× as long here), so no fn may always follow the same one. name -> (median ms, results in run order)."""
     for fn in fns.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     results: dict[str, list] = {name: [] for name in fns}
-    names = list(fns)
-    for i in range(runs):
-        for name in names[i % len(names):] + names[: i % len(names)]:
+    order = random.Random(0)
+    for _ in range(runs):
+        for name in order.sample(list(fns), len(fns)):
             fn = fns[name]
             t0 = time.perf_counter()
             results[name].append(fn())
@@ -86,6 +88,12 @@ def set_share(engine: Engine, share) -> None:
         engine.backend.transport.share_min_bytes = share
 
 
+def restore_defaults(variants: dict[str, tuple[Engine, object]]) -> None:
+    """Each transport back to its default share_min_bytes (the first variant of each, as share_variants made)."""
+    for engine, share in reversed(list(variants.values())):
+        set_share(engine, share)
+
+
 @torch.inference_mode()
 def layer_round_trips(engines: dict[str, Engine], tokens: int, runs: int) -> list[dict]:
     layer, u, ids, weights = layer_inputs(engines["in-process (1 group)"], tokens)
@@ -100,9 +108,7 @@ def layer_round_trips(engines: dict[str, Engine], tokens: int, runs: int) -> lis
         return [r.compute_ms for r in pending.replies], nbytes, len(pending.batches)
 
     timed = round_robin({name: (lambda v=v: once(*v)) for name, v in variants.items()}, runs)
-    for engine, share in variants.values():  # back to each deployment's default
-        if share is not ... and share is not None:
-            set_share(engine, share)
+    restore_defaults(variants)
     rows = []
     for name, (engine, _) in variants.items():
         ms, results = timed[name]
@@ -175,9 +181,8 @@ def transport_only(engines: dict[str, Engine], tokens: int, runs: int) -> list[d
             return transport.receive([(b.device, layer, s) for b, s in zip(batches, sent, strict=True)])
         return once
 
-    fns = {}
-    for name, (engine, share) in share_variants(distributed).items():
-        fns[name] = through(engine.backend.transport, share)
+    variants = share_variants(distributed)
+    fns = {name: through(engine.backend.transport, share) for name, (engine, share) in variants.items()}
     noops = [ray.remote(NoopGroup).remote(u.shape[1], tokens) for _ in batches]
     ray.get([a.ready.remote() for a in noops])
 
@@ -189,9 +194,7 @@ def transport_only(engines: dict[str, Engine], tokens: int, runs: int) -> list[d
 
     fns["ray floor (no-op actors)"] = floor
     timed = round_robin(fns, runs)
-    for engine, share in share_variants(distributed).values():  # back to each deployment's default
-        if share is not ... and share is not None:
-            set_share(engine, share)
+    restore_defaults(variants)
     for a in noops:
         ray.kill(a)
     nbytes = sum(b.rows.numel() * u.shape[1] * u.element_size() * 2 + b.ids.numel() * 12 for b in batches)
@@ -257,10 +260,10 @@ def idle_ms_per_layer(engine: Engine, micro_batches: int, fn) -> float:
 
 def print_tables(layer_rows: list[dict], transport_rows: list[dict], e2e_rows: list[dict]) -> None:
     print("one MoE layer, dispatch round trip (median); compute = Σ groups in-process, slowest actor otherwise")
-    print(f"{'tokens':>6}  {'deployment':<22} {'round trip ms':>13} {'compute ms':>11} {'overhead ms':>12} "
+    print(f"{'tokens':>6}  {'deployment':<34} {'round trip ms':>13} {'compute ms':>11} {'overhead ms':>12} "
           f"{'calls':>5} {'bytes moved':>12} {'overhead ms/MB':>15} {'memcpy ms/MB':>13}")
     for r in layer_rows:
-        print(f"{r['tokens']:>6}  {r['deployment']:<22} {r['round_trip_ms']:>13.2f} "
+        print(f"{r['tokens']:>6}  {r['deployment']:<34} {r['round_trip_ms']:>13.2f} "
               f"{r['compute_ms']:>11.2f} {r['overhead_ms']:>12.2f} {r['calls_per_layer']:>5} "
               f"{r['bytes_per_layer']:>12,} {r['overhead_ms_per_mb']:>15.3f} {r['memcpy_ms_per_mb']:>13.3f}")
     print("\ntransports alone: one layer's calls, every expert id -1 (checked, nothing computed), median")
@@ -308,8 +311,11 @@ def main() -> None:
         engines[labels[backend]] = Engine.from_pretrained(args.model, backend=backend, devices=d, dtype=args.dtype)
     try:
         runs = {8: 10 if args.quick else 50, 2048: 2 if args.quick else 5}
+        defaults = {n: v[1] for n, v in share_variants(engines).items()}
         layer_rows = [row for t, n in runs.items() for row in layer_round_trips(engines, t, n)]
         transport_rows = [row for t, n in runs.items() for row in transport_only(engines, t, 6 * n)]
+        after = {n: v[1] for n, v in share_variants(engines).items()}
+        assert after == defaults, f"a transport was left off its default share_min_bytes: {after} != {defaults}"
         e2e_rows = end_to_end(engines, engines["in-process (1 group)"].spec.vocab_size, args.quick)
     finally:
         for e in engines.values():
