@@ -117,9 +117,10 @@ class BatchWriter:
 
 class BatchReader:
     """The expert server's side: maps named batch files read-only (the last `keep` stay mapped: the gateway
-    reuses a few) and returns the batch the request describes, checked."""
+    reuses a few) and returns the batch the request describes, checked. A file the gateway removed (it closed or
+    restarted) is unmapped when the next new name arrives, so it does not hold its memory."""
 
-    def __init__(self, directory: Path = SHM_DIR, keep: int = 16) -> None:
+    def __init__(self, directory: Path = SHM_DIR, keep: int = 8) -> None:
         self.directory, self.keep = directory, keep
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
         self._lock = threading.Lock()
@@ -154,7 +155,14 @@ class BatchReader:
         finally:
             os.close(fd)
         with self._lock:
+            for gone in [n for n in self._maps if not (self.directory / n).exists()]:
+                del self._maps[gone]  # unmapped once no view of it is left
             self._maps[name] = data
             while len(self._maps) > self.keep:
-                self._maps.popitem(last=False)  # unmapped once no view of it is left
+                self._maps.popitem(last=False)
         return data
+
+    @property
+    def mapped(self) -> list[str]:
+        with self._lock:
+            return list(self._maps)

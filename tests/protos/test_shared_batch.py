@@ -39,6 +39,19 @@ def test_a_group_reads_what_the_gateway_wrote_and_a_reused_file_holds_the_new_ba
     assert not list(tmp_path.iterdir())
 
 
+def test_a_reader_lets_go_of_files_the_gateway_removed(tmp_path):
+    old, new = BatchWriter(tmp_path), BatchWriter(tmp_path)
+    reader = BatchReader(tmp_path)
+    batch = torch.randn(5, 8)
+    first = old.acquire(batch)
+    reader.batch(describe(first.name, batch))
+    old.close()  # a gateway that went away
+    second = new.acquire(batch)
+    assert torch.equal(reader.batch(describe(second.name, batch)), batch)
+    assert reader.mapped == [second.name]
+    new.close()
+
+
 def test_a_batch_larger_than_the_free_files_gets_a_file_of_the_next_power_of_two(tmp_path):
     writer = BatchWriter(tmp_path)
     small = writer.acquire(torch.zeros(4, 8))
