@@ -10,6 +10,7 @@ import os
 import re
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -51,6 +52,9 @@ class BatchFile:
             os.close(fd)
         self.capacity = capacity
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        # removed at close, or when the file object is collected, or at interpreter exit if the gateway never
+        # closed (only a killed process leaves its files behind)
+        self._remove = weakref.finalize(self, _unlink, self.path)
 
     def write(self, hidden: torch.Tensor) -> None:
         """hidden's raw bytes at the file's start (copied from the gateway's device here: the one copy)."""
@@ -63,7 +67,11 @@ class BatchFile:
             self._map.close()
         except BufferError:  # a view is still alive somewhere: unmapped when it goes
             pass
-        self.path.unlink(missing_ok=True)
+        self._remove()
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 class BatchWriter:

@@ -4,6 +4,7 @@ and removed, and a bad or unreadable name is refused by name."""
 from __future__ import annotations
 
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,18 @@ def test_bad_names_layouts_and_missing_files_are_refused_by_name(tmp_path):
     with pytest.raises(SharedBatchUnreadable, match=r"cannot open it in"):
         reader.batch(describe(PREFIX + "0" * 32, batch))
     writer.close()
+
+
+def test_a_gateway_that_exits_without_closing_leaves_no_file(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from pathlib import Path; from protos.shared_batch import BatchWriter; "
+            f"f = BatchWriter(Path({str(tmp_path)!r})).acquire(torch.ones(3, 4)); print(f.path.exists())")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True" and not list(tmp_path.iterdir())
 
 
 def test_no_room_for_a_file_means_rows_are_sent_instead(tmp_path, caplog):
