@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway import Engine  # noqa: E402
 from gateway.dispatch.dispatcher import batch_bytes, plan_dispatch  # noqa: E402
-from gateway.dispatch.transports import take_rows  # noqa: E402
+from gateway.dispatch.transports import numpy_args, take_rows  # noqa: E402
 from model_core.make_model import make_model  # noqa: E402
-from protos.codec import NAMES, tensor_to_numpy  # noqa: E402
 from router_service.routing import route_tokens  # noqa: E402
 
 
@@ -171,10 +170,10 @@ def transport_only(engines: dict[str, Engine], tokens: int, runs: int) -> list[d
     nowhere = [torch.full_like(b.ids, -1) for b in batches]
     version = some.placement.version
 
-    def through(transport, share):
+    def through(engine, share):
         def once():
-            if share is not ...:
-                transport.share_min_bytes = share
+            set_share(engine, share)
+            transport = engine.backend.transport
             sent = [transport.send(b.device, layer, u, none, b.weights, None, version, b.rows)
                     for b, none in zip(batches, nowhere, strict=True)]
             transport.flush()
@@ -182,13 +181,12 @@ def transport_only(engines: dict[str, Engine], tokens: int, runs: int) -> list[d
         return once
 
     variants = share_variants(distributed)
-    fns = {name: through(engine.backend.transport, share) for name, (engine, share) in variants.items()}
+    fns = {name: through(engine, share) for name, (engine, share) in variants.items()}
     noops = [ray.remote(NoopGroup).remote(u.shape[1], tokens) for _ in batches]
     ray.get([a.ready.remote() for a in noops])
 
     def floor():
-        refs = [a.forward_packed.remote((layer, tensor_to_numpy(take_rows(u, b.rows)), tensor_to_numpy(none),
-                                         tensor_to_numpy(b.weights), NAMES[u.dtype], None, version))
+        refs = [a.forward_packed.remote(numpy_args(layer, take_rows(u, b.rows), none, b.weights, None, version))
                 for a, b, none in zip(noops, batches, nowhere, strict=True)]
         return ray.get(refs)
 

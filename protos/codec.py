@@ -62,8 +62,7 @@ def proto_to_tensor(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     expected = count * np_dtype.itemsize
     if len(msg.data) != expected:
         raise CodecError(f"{field}.data has {len(msg.data)} bytes, expected {expected} for {msg.dtype}{list(shape)}")
-    t = readonly_tensor(np.frombuffer(msg.data, dtype=np_dtype).reshape(shape))
-    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+    return numpy_to_tensor(np.frombuffer(msg.data, dtype=np_dtype).reshape(shape), dtype)
 
 
 def readonly_tensor(array: np.ndarray) -> torch.Tensor:

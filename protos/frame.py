@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from protos import expert_service_pb2 as pb
-from protos.codec import DTYPES, NAMES, CodecError, readonly_tensor, tensor_to_numpy, wire_layout
+from protos.codec import DTYPES, NAMES, CodecError, numpy_to_tensor, tensor_to_numpy, wire_layout
 
 PREFIX = struct.Struct("<I")  # the header's byte length, little-endian
 ALIGN = 8  # every tensor starts at a multiple of this (torch and numpy read aligned elements)
@@ -69,8 +69,7 @@ class Payload:
                              f"{len(self.view) - self.offset} left")
         array = np.frombuffer(self.view, dtype=np_dtype, count=count, offset=self.offset).reshape(shape)
         self.offset = min(self.offset + nbytes + _pad(nbytes), len(self.view))
-        t = readonly_tensor(array)
-        return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+        return numpy_to_tensor(array, dtype)
 
     def finish(self) -> None:
         if self.offset != len(self.view):

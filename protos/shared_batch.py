@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from protos import expert_service_pb2 as pb
-from protos.codec import CodecError, readonly_tensor, wire_layout
+from protos.codec import CodecError, numpy_to_tensor, wire_layout
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ class BatchReader:
         if count * np_dtype.itemsize > len(data):
             raise CodecError(f"shared.batch: {shared.batch.dtype}{list(shape)} needs {count * np_dtype.itemsize} "
                              f"bytes, the file has {len(data)}")
-        t = readonly_tensor(np.frombuffer(data, dtype=np_dtype, count=count).reshape(shape))
-        return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+        return numpy_to_tensor(np.frombuffer(data, dtype=np_dtype, count=count).reshape(shape), dtype)
 
     def _map(self, name: str) -> mmap.mmap:
         with self._lock:

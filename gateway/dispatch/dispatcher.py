@@ -315,9 +315,8 @@ class Dispatcher:
                 span.set_attributes({
                     "expertmesh.layer": layer, "expertmesh.device": b.device, "expertmesh.tokens": int(b.rows.numel()),
                     "expertmesh.experts_hit": int(torch.unique(b.ids[b.ids >= 0]).numel()),
-                    "expertmesh.bytes_sent": int(b.rows.numel() * hidden.shape[1] * hidden.element_size()
-                                                 + b.ids.numel() * b.ids.element_size()
-                                                 + b.weights.numel() * b.weights.element_size()),
+                    "expertmesh.bytes_sent": batch_bytes(*b.ids.shape, hidden.shape[1], hidden.element_size(),
+                                                         b.ids.element_size())[0],
                 })
             with trace.use_span(span, end_on_exit=False):
                 carrier = inject_context()

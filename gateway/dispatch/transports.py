@@ -262,10 +262,11 @@ class _ReplicaTransport:
 
 
 def numpy_args(layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-               carrier: dict[str, str] | None, version: int | None = None) -> tuple:
-    """ExpertGroupActor.forward's arguments: host numpy views (the codec makes the one copy off a GPU)."""
-    return (layer, tensor_to_numpy(hidden), tensor_to_numpy(ids), tensor_to_numpy(weights), NAMES[hidden.dtype],
-            carrier, version)
+               carrier: dict[str, str] | None, version: int | None = None, rows: torch.Tensor | None = None) -> tuple:
+    """ExpertGroupActor.forward_packed's arguments: host numpy views (the codec makes the one copy off a GPU).
+    hidden: the device's rows; or with `rows`, the layer's shared batch, and the rows go in hidden's place."""
+    return (layer, tensor_to_numpy(hidden if rows is None else rows), tensor_to_numpy(ids), tensor_to_numpy(weights),
+            NAMES[hidden.dtype], carrier, version)
 
 
 def _describe(exc: Exception) -> str:
@@ -298,20 +299,19 @@ class RayTransport(_ReplicaTransport):
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def send(self, device, layer, hidden, ids, weights, carrier=None, version=None, rows=None):
-        args = (layer, hidden, rows, tensor_to_numpy(ids), tensor_to_numpy(weights), NAMES[hidden.dtype], carrier,
-                version, self._layer_batch(hidden, rows))
+        args = (layer, hidden, rows, ids, weights, carrier, version, self._layer_batch(hidden, rows))
         return self._submit(device, args, hidden.dtype)
 
     def _call(self, replica, args):
-        layer, hidden, rows, ids, weights, dtype, carrier, version, shared = args
+        layer, hidden, rows, ids, weights, carrier, version, shared = args
         if shared is not None and self._on_gateway_node(replica):
             if shared.handle is None:
                 shared.handle = self._ray.put(tensor_to_numpy(shared.hidden))
                 self.shared_puts += 1
             self.shared_calls += 1
-            return replica.actor.forward_packed.remote(
-                (layer, tensor_to_numpy(rows), ids, weights, dtype, carrier, version), shared.handle)
-        packed = (layer, tensor_to_numpy(take_rows(hidden, rows)), ids, weights, dtype, carrier, version)
+            packed = numpy_args(layer, hidden, ids, weights, carrier, version, rows)
+            return replica.actor.forward_packed.remote(packed, shared.handle)
+        packed = numpy_args(layer, take_rows(hidden, rows), ids, weights, carrier, version)
         return replica.actor.forward_packed.remote(packed)
 
     def _wait(self, call: _Call) -> ExpertReply:
