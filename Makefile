@@ -5,17 +5,31 @@ BIN    := $(VENV)/bin
 MODEL  ?= models/tiny-v3
 PROMPT ?= Hello, experts!
 
-.PHONY: demo test lint bench-moe gpu-check clean
+.PHONY: demo test lint lock bench-moe gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# Installs take every version from constraints.txt (the tested set): `make test CONSTRAINTS=` takes the newest that
+# pyproject.toml allows instead, and `make lock` rewrites constraints.txt from such a fresh install.
 # torch is pinned first: on these machines 2.13.0 is a local CPU build; a looser pin pulls a CUDA build.
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+CONSTRAINTS ?= constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PY) -m pip install --quiet $(PIP_C) torch==2.13.0
+	$(PY) -m pip install --quiet $(PIP_C) -e ".[dev]"
 	touch $@
+
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock && .venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet torch==2.13.0
+	.venv-lock/bin/python -m pip install --quiet -e ".[dev]"
+	{ sed -n '1,2p' constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable \
+	  | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .venv-lock
+	@echo "constraints.txt rewritten; run make clean test to try it"
 
 $(MODEL)/config.json: | $(VENV)/.installed
 	$(BIN)/expertmesh make-model --preset $(notdir $(MODEL)) --out $(MODEL)
@@ -41,7 +55,7 @@ gpu-check: $(VENV)/.installed
 	  + torch.__version__ + ' sees no CUDA GPU (no GPU here, or a CPU build of torch in $(VENV))')"
 	@mkdir -p benchmarks/results; status=0; \
 	$(PY) -m pytest -m gpu -q -rs --junitxml=benchmarks/results/gpu_tests.xml || status=1; \
-	$(PY) benchmarks/kernels.py --json benchmarks/results/kernels.json || status=1; \
+	$(PY) benchmarks/kernel_bench.py --json benchmarks/results/kernels.json || status=1; \
 	$(PY) benchmarks/gpu_e2e.py --json benchmarks/results/gpu_e2e.json || status=1; \
 	exit $$status
 

@@ -57,7 +57,7 @@ def test_dispatch_benchmark_smoke(tmp_path, model_dirs):
 
 def test_kernels_benchmark_runs_in_the_interpreter(tmp_path):
     out = tmp_path / "kernels.json"
-    done = run("kernels.py", "--interpret", "--tokens", "1", "5", "--json", str(out))
+    done = run("kernel_bench.py", "--interpret", "--tokens", "1", "5", "--json", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads(out.read_text())
     assert data["device"].startswith("CPU interpreter")

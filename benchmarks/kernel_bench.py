@@ -6,8 +6,8 @@ shapes times decode (1-64 tokens) and prefill (512-8192 tokens) batches with tri
 (median), checks every output against a float64 reference, and prints time ÷ floor. With --interpret it
 runs Triton's CPU interpreter on tiny shapes: a smoke test of the same script, not a measurement.
 
-    python benchmarks/kernels.py                 # on a CUDA machine
-    python benchmarks/kernels.py --interpret     # CPU smoke run
+    python benchmarks/kernel_bench.py                 # on a CUDA machine
+    python benchmarks/kernel_bench.py --interpret     # CPU smoke run
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def main() -> None:
     import torch
 
     if not args.interpret and not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA GPU here; run it on a GPU machine (make gpu-check), or pass "
+        print("benchmarks/kernel_bench.py: no CUDA GPU here; run it on a GPU machine (make gpu-check), or pass "
               "--interpret for a CPU smoke run of the interpreter on tiny shapes", file=sys.stderr)
         sys.exit(2)
     shapes = args.shapes or (["tiny"] if args.interpret else ["v2-lite", "v3"])
