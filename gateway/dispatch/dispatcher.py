@@ -50,6 +50,16 @@ def plan_dispatch(
     return batches
 
 
+def host_tables(placement: Placement,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The tables `plan_dispatch` reads for a placement: [E] expert -> device of the base map, and for each layer
+    whose placement has copies or a layout of its own, [E, C] devices per expert. A layer dispatches with
+    `hosts.get(layer, expert_device)`. The Dispatcher builds them once per placement; the planner's replay too."""
+    expert_device = placement.device_tensor().to(device)
+    hosts = {layer: placement.copy_table(layer).to(device) for layer, _ in placement.layers}
+    return expert_device, hosts
+
+
 def choose_copies(ids: torch.Tensor, hosts: torch.Tensor, token_devices: torch.Tensor | None = None) -> torch.Tensor:
     """The device serving each (token, expert) pair: [T, K]. Every copy computes the same function, so the choice
     never changes a result; it only spreads the work. An expert's pairs take its copies in turn (the j-th pair
@@ -227,9 +237,7 @@ class Dispatcher:
 
     def _use(self, placement: Placement) -> None:
         """Plan with `placement` from the next dispatch on (one assignment: a dispatch reads one placement)."""
-        expert_device = placement.device_tensor().to(self.device)
-        # Layers whose placement has copies or a layout of its own: [E, C] devices per expert.
-        hosts = {layer: placement.copy_table(layer).to(self.device) for layer, _ in placement.layers}
+        expert_device, hosts = host_tables(placement, self.device)
         self._view = (placement, expert_device, hosts)
 
     @property
