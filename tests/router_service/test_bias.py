@@ -38,15 +38,36 @@ def test_decaying_gamma_is_harmonic():
     assert [c.gamma_at(w) for w in (0, 4, 12)] == pytest.approx([0.1, 0.05, 0.025])
 
 
+def unbiased_weights(scores: torch.Tensor, ids: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The DeepSeek-V3 combine weights of the chosen experts: their unbiased scores, normalised, scaled."""
+    picked = scores.gather(1, ids)
+    return picked / picked.sum(-1, keepdim=True) * scaling
+
+
 def test_bias_changes_selection_never_weights():
-    spec = ModelSpec.from_dict(preset_config("tiny-v3")).router
+    spec = ModelSpec.from_dict(preset_config("tiny-v3")).router  # sigmoid, 16 experts in 4 groups, top-2 groups, K=4
+    gen = torch.Generator().manual_seed(0)
+    scores = 0.1 + 0.4 * torch.rand(40, 16, generator=gen)  # every score in [0.1, 0.5)
+    scores[:, 15] = 0.01  # expert 15 is every token's last choice: unbiased routing never picks it
+    bias = torch.zeros(16)
+    bias[15] = 1.0  # ...and with it every token's first: sel = 1.01 > 0.5 > any other, so its group makes the top 2
+    plain, biased = select_experts(scores, spec), select_experts(scores, spec, bias=bias)
+    assert not (plain.ids == 15).any() and (biased.ids == 15).any(dim=1).all()  # the bias changed every selection
+    torch.testing.assert_close(biased.weights, unbiased_weights(scores, biased.ids, spec.routed_scaling_factor))
+    w15 = biased.weights[biased.ids == 15]  # expert 15 weighs what its score says, not its score plus bias
+    assert (w15 < 0.01 / 0.31 * spec.routed_scaling_factor).all()
+    with_bias = unbiased_weights(scores + bias, biased.ids, spec.routed_scaling_factor)
+    assert not torch.allclose(biased.weights, with_bias)
+
+    # The same through the controller: one adapt window from the unbiased load moves some tokens' experts.
     scores = torch.rand(40, 16, generator=torch.Generator().manual_seed(0))
     c = BiasController({1: torch.zeros(16)}, BalanceConfig(mode="adapt", gamma=0.3, max_bias=1.0))
-    load = torch.bincount(select_experts(scores, spec).ids.flatten(), minlength=16)
-    c.update({1: load})
+    plain = select_experts(scores, spec)
+    c.update({1: torch.bincount(plain.ids.flatten(), minlength=16)})
     r = select_experts(scores, spec, bias=c.bias(1))
-    expected = scores.gather(1, r.ids)
-    torch.testing.assert_close(r.weights, expected / expected.sum(-1, keepdim=True) * spec.routed_scaling_factor)
+    changed = (plain.ids.sort(dim=1).values != r.ids.sort(dim=1).values).any(dim=1)
+    assert changed.any()
+    torch.testing.assert_close(r.weights, unbiased_weights(scores, r.ids, spec.routed_scaling_factor))
 
 
 @pytest.mark.parametrize(
