@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from expert_workers.grouped_ffn import grouped_expert_ffn
-from expert_workers.kernels import fused_moe, triton_available
+from expert_workers.kernels import fused_moe
 from model_core.checkpoint import CheckpointReader, expert_shapes, expert_weight_names
 from model_core.half_matmul import matmul_dtype
+from model_core.kernel_runtime import triton_available
 from model_core.spec import ModelSpec
 
 KERNELS = ("auto", "triton", "torch")

@@ -1,5 +1,5 @@
 """Triton kernels for the routed experts (one file per kernel, launch configs as data in configs/)."""
 
-from expert_workers.kernels.launcher import KernelInputError, fused_moe, triton_available
+from expert_workers.kernels.launcher import KernelInputError, fused_moe
 
-__all__ = ["KernelInputError", "fused_moe", "triton_available"]
+__all__ = ["KernelInputError", "fused_moe"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -11,28 +10,15 @@ from pathlib import Path
 import torch
 
 from expert_workers.kernels.align import align_pairs
+from model_core.kernel_runtime import FLOAT_DTYPES, new_workspace, triton_available
 
 # Shape legend: T = tokens, H = hidden, I = expert intermediate, E = local experts, K = experts per token.
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class KernelInputError(ValueError):
     """fused_moe got tensors of the wrong shape, dtype or device; the message names the argument."""
-
-
-def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1), the only way to run the kernels without a GPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_available(device: torch.device) -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
 @lru_cache(maxsize=8)
@@ -49,11 +35,6 @@ def launch_config(n_tokens: int, device: torch.device) -> tuple[dict, dict]:
         table = _config_table(gpu if (CONFIG_DIR / f"{gpu}.json").is_file() else "default")
     row = next(r for r in table["buckets"] if n_tokens <= r["max_tokens"])
     return row, table["combine"]
-
-
-def _new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Workspace allocation (tests swap this for NaN-filled buffers to prove padding is never read)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def check_inputs(
@@ -129,8 +110,8 @@ def fused_moe(
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous().float().reshape(-1)
     aligned = align_pairs(ids, e, bm)
-    h_buf = _new_buffer((t * k, i), hidden.dtype, device)  # SiLU(gate)·up per pair
-    y_buf = _new_buffer((t * k, h), hidden.dtype, device)  # weighted expert output per pair
+    h_buf = new_workspace((t * k, i), hidden.dtype, device)  # SiLU(gate)·up per pair
+    y_buf = new_workspace((t * k, h), hidden.dtype, device)  # weighted expert output per pair
     if aligned.n_blocks:
         grouped_gemm_swiglu_kernel[(aligned.n_blocks, triton_cdiv(i, bn))](
             hidden,

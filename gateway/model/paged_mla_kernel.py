@@ -9,13 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
-from expert_workers.kernels.launcher import interpreting, triton_available
+from model_core.kernel_runtime import FLOAT_DTYPES, interpreting, new_workspace, triton_available
 
 # Shape legend: B = sequences, h = heads, r = kv_lora_rank, p = qk_rope_head_dim, S = context splits,
 # n_blocks = blocks in the pool, bs = block_size (tokens per block), M = max blocks per sequence,
 # L = the longest sequence's length (the reference's gather).
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
 
 
@@ -194,11 +193,6 @@ def combine_splits_kernel(
     tl.store(out_ptr + b * stride_ob + head * stride_oh + rs * stride_or, o.to(out_ptr.dtype.element_ty), mask=r_ok)
 
 
-def _new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Split workspace allocation (tests swap this for NaN-filled buffers to prove every read slot is written)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def check_inputs(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
@@ -296,8 +290,8 @@ def paged_mla_decode(
         o_buf, lse_buf = out, out  # lse_buf is not touched on the single-pass path
         o_strides, lse_strides = (out.stride(0), out.stride(1), 0, out.stride(2)), (0, 0, 0)
     else:
-        o_buf = _new_buffer((b, h, splits, r), torch.float32, device)  # [B, h, S, r] normalised per split
-        lse_buf = _new_buffer((b, h, splits), torch.float32, device)  # [B, h, S] log2 of each split's sum
+        o_buf = new_workspace((b, h, splits, r), torch.float32, device)  # [B, h, S, r] normalised per split
+        lse_buf = new_workspace((b, h, splits), torch.float32, device)  # [B, h, S] log2 of each split's sum
         o_strides, lse_strides = o_buf.stride(), lse_buf.stride()
     paged_mla_decode_kernel[(b, triton.cdiv(h, cfg.block_h), splits)](
         q_lat,

@@ -13,9 +13,10 @@ import torch
 
 from expert_workers.expert_group import ExpertGroup
 from expert_workers.grouped_ffn import grouped_expert_ffn
-from expert_workers.kernels import KernelInputError, fused_moe, launcher
+from expert_workers.kernels import KernelInputError, fused_moe
 from expert_workers.kernels.align import align_pairs
-from expert_workers.kernels.launcher import CONFIG_DIR, interpreting, launch_config
+from expert_workers.kernels.launcher import CONFIG_DIR, launch_config
+from model_core.kernel_runtime import interpreting, poisoned_workspaces
 
 E, H, I, K = 8, 40, 24, 3  # H and I are not multiples of any block size
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}  # max |Δ| relative to the output's scale
@@ -33,13 +34,17 @@ DEVICE_DTYPES = [
 
 
 @pytest.fixture(autouse=True)
-def poisoned_workspace(monkeypatch):
+def poisoned_workspace():
     """Every workspace buffer starts as NaN: a kernel reading an unwritten row (padding) fails the test."""
-    monkeypatch.setattr(
-        launcher,
-        "_new_buffer",
-        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device),
-    )
+    with poisoned_workspaces():
+        yield
+
+
+class SkippedKernel:
+    """Stands in for a Triton kernel that writes nothing: its launch does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
 
 
 def make_case(t: int, dtype: torch.dtype, seed: int, device: str = "cpu"):
@@ -100,6 +105,17 @@ def test_no_tokens_and_int32_ids(device):
     hidden, w_gate_up, w_down, ids, weights = make_case(9, torch.float32, seed=4, device=device)
     got = run_poisoned(hidden, w_gate_up, w_down, ids.int(), weights)
     assert_matches(got, reference(hidden, w_gate_up, w_down, ids, weights), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_poisoned_workspace_reaches_the_kernels(device, monkeypatch):
+    """The NaN poisoning applies: with the down GEMM skipped, the combine reads unwritten workspace rows and every
+    token with an expert here comes out NaN (a kernel that skipped part of its output would fail the tests)."""
+    hidden, w_gate_up, w_down, ids, weights = make_case(12, torch.float32, seed=6, device=device)
+    ids[0] = -1  # no expert here: the combine reads nothing and writes zeros
+    monkeypatch.setattr("expert_workers.kernels.grouped_gemm_down.grouped_gemm_down_kernel", SkippedKernel())
+    got = fused_moe(hidden, w_gate_up, w_down, ids, weights)
+    assert got[1:].isnan().all(dim=1).all() and torch.equal(got[0].cpu(), torch.zeros(H))
 
 
 @pytest.mark.gpu

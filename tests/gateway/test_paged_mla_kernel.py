@@ -13,13 +13,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from expert_workers.kernels.launcher import interpreting  # noqa: E402
 from gateway.model import paged_mla_kernel  # noqa: E402
 from gateway.model.paged_mla_kernel import (  # noqa: E402
     decode_launch_config,
     paged_mla_decode,
     paged_mla_decode_reference,
 )
+from model_core.kernel_runtime import interpreting, poisoned_workspaces  # noqa: E402
 
 # Shape legend: B = sequences, h = heads, r = kv_lora_rank, p = rope dim, bs = block_size, M = max blocks.
 H = 4
@@ -34,13 +34,17 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
-def poisoned_workspace(monkeypatch):
+def poisoned_workspace():
     """The split workspace starts as NaN: combining a slot no split wrote fails the test."""
-    monkeypatch.setattr(
-        paged_mla_kernel,
-        "_new_buffer",
-        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device),
-    )
+    with poisoned_workspaces():
+        yield
+
+
+class SkippedKernel:
+    """Stands in for a Triton kernel that writes nothing: its launch does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
 
 
 def lengths(block_size: int) -> list[int]:
@@ -127,6 +131,15 @@ def test_pool_strides_are_used_for_a_block_major_non_contiguous_view(num_splits,
     got = paged_mla_decode(*case, num_splits=num_splits)
     assert_matches(got, paged_mla_decode_reference(*(x.cpu() if torch.is_tensor(x) else x for x in case)),
                    torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_poisoned_workspace_reaches_the_kernel(device, monkeypatch):
+    """The NaN poisoning applies: with the split pass skipped, the combine reads only unwritten workspace and
+    every output value is NaN (a kernel that skipped part of its output would fail the tests)."""
+    case = make_case(24, 12, 4, lengths(4), torch.float32, seed=3, device=device)
+    monkeypatch.setattr(paged_mla_kernel, "paged_mla_decode_kernel", SkippedKernel())
+    assert paged_mla_decode(*case, num_splits=2).isnan().all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
