@@ -87,7 +87,7 @@ class ExpertGroupActor:
             h = select_rows(h, readonly_tensor(rows))
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
         result = traced_run(self.group, self.telemetry.tracer, carrier, "ray", layer, h, ids, w, version=version)
-        return tensor_to_numpy(result.output), result.tokens_per_expert, result.compute_ms
+        return tensor_to_numpy(result.output), result.tokens_per_expert.tolist(), result.compute_ms
 
     def forward_packed(self, args: tuple, batch: np.ndarray | None = None) -> tuple[np.ndarray, list[int], float]:
         """The Ray transport's call: forward's arguments in one tuple (Ray serializes one argument, not seven).
@@ -109,7 +109,7 @@ class ExpertGroupActor:
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
         result = traced_run(self.group, self.telemetry.tracer, carrier, "rdt", layer, h, ids, w, version=version)
         out = result.output if out_device is None else result.output.to(out_device)
-        return out, result.tokens_per_expert, result.compute_ms
+        return out, result.tokens_per_expert.tolist(), result.compute_ms
 
     # One method per tensor transport: Ray fixes a method's transport when the class is defined.
     @ray.method(tensor_transport="gloo")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from expert_workers.expert_pairs import ExpertPairs, sort_by_expert
 from expert_workers.grouped_ffn import grouped_expert_ffn
 from expert_workers.kernels import fused_moe
 from model_core.checkpoint import CheckpointReader, expert_shapes, expert_weight_names
@@ -48,7 +49,8 @@ def select_rows(batch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class ExpertResult:
     output: torch.Tensor  # [T, H] in hidden's dtype
-    tokens_per_expert: list[int]  # per expert hosted in the layer, in `experts_in(layer)` order
+    tokens_per_expert: torch.Tensor  # [E_local] on the group's device, in `experts_in(layer)` order: the counts of
+    # the one sort by expert the FFN used
     compute_ms: float
 
 
@@ -261,10 +263,10 @@ class ExpertGroup:
         start = time.perf_counter()
         local_index = layout.local_index[layer]
         topk_ids = topk_ids.to(local_index.device)  # the in-process gateway's ids are already there
-        local = torch.where(topk_ids >= 0, local_index[topk_ids.long().clamp(min=0)], -1)
-        out = self._compute(layout, layer, hidden, local, topk_weights)
-        counts = torch.bincount(local[local >= 0], minlength=len(layout.layer_experts[layer]))
-        return ExpertResult(out, counts.tolist(), (time.perf_counter() - start) * 1e3)
+        local = torch.where(topk_ids >= 0, local_index[topk_ids.long().clamp(min=0)], -1)  # [T, K] stack rows
+        pairs = sort_by_expert(local, len(layout.layer_experts[layer]))  # once: the FFN and the counts read it
+        out = self._compute(layout, layer, hidden, local, topk_weights, pairs)
+        return ExpertResult(out, pairs.counts, (time.perf_counter() - start) * 1e3)
 
     def experts_in(self, layer: int, version: int | None = None) -> list[int]:
         """The experts this group hosts in `layer`, in the order of its weight stacks and `tokens_per_expert`."""
@@ -275,9 +277,12 @@ class ExpertGroup:
             raise ExpertRequestError(f"layer={layer}: not an MoE layer (MoE layers: {self.spec.moe_layers})")
 
     def _compute(self, layout: ExpertLayout, layer: int, hidden: torch.Tensor, local: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
-        dev = self.torch_device
-        x, ids, w = hidden.to(dev, self.dtype), local.to(dev), weights.to(dev)
-        ffn = fused_moe if self.kernel == "triton" else grouped_expert_ffn
-        out = ffn(x, layout.w_gate_up[layer], layout.w_down[layer], ids, w)
+                 weights: torch.Tensor, pairs: ExpertPairs) -> torch.Tensor:
+        """local: [T, K] rows of the layer's stacks (-1 = elsewhere), on the group's device, sorted into `pairs`."""
+        x, w = hidden.to(self.torch_device, self.dtype), weights.to(self.torch_device)
+        w_gate_up, w_down = layout.w_gate_up[layer], layout.w_down[layer]
+        if self.kernel == "triton":
+            out = fused_moe(x, w_gate_up, w_down, local, w, pairs=pairs)
+        else:
+            out = grouped_expert_ffn(x, w_gate_up, w_down, local, w, pairs=pairs)
         return out.to(hidden.device, hidden.dtype)

@@ -26,7 +26,7 @@ def traced_run(
         span.set_attributes({
             "expertmesh.layer": layer, "expertmesh.device": group.device, "expertmesh.transport": transport,
             "expertmesh.tokens": int(hidden.shape[0]),
-            "expertmesh.experts_hit": sum(1 for c in result.tokens_per_expert if c),
+            "expertmesh.experts_hit": int((result.tokens_per_expert > 0).sum()),
             "expertmesh.compute_ms": result.compute_ms, "expertmesh.queue_ms": queue_ms,
             "expertmesh.bytes_received": int(hidden.numel() * hidden.element_size() + ids.numel() * ids.element_size()
                                              + weights.numel() * weights.element_size()),

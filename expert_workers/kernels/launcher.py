@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from expert_workers.expert_pairs import ExpertPairs, sort_by_expert
 from expert_workers.kernels.align import align_pairs
 from model_core.kernel_runtime import FLOAT_DTYPES, new_workspace, triton_available
 
@@ -80,14 +81,19 @@ def fused_moe(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     out: torch.Tensor | None = None,
+    pairs: ExpertPairs | None = None,
 ) -> torch.Tensor:
     """Σ_k w[t,k]·FFN_{ids[t,k]}(hidden[t]) with Triton: float32 accumulation, ids of -1 contribute nothing.
 
     hidden: [T, H]; w_gate_up: [E, 2I, H] (gate rows, then up rows); w_down: [E, H, I];
     topk_ids: [T, K] local ids; topk_weights: [T, K]. Returns [T, H] in hidden's dtype (written into `out`
-    if given). Runs on CUDA, or on CPU under TRITON_INTERPRET=1.
+    if given). pairs: the caller's sort_by_expert(topk_ids, E), sorted here when not given.
+    Runs on CUDA, or on CPU under TRITON_INTERPRET=1.
     """
     check_inputs(hidden, w_gate_up, w_down, topk_ids, topk_weights)
+    if pairs is not None and (pairs.counts.numel() != w_gate_up.shape[0] or pairs.n_slots != topk_ids.numel()):
+        raise KernelInputError(f"pairs: sorted for {pairs.counts.numel()} experts and {pairs.n_slots} slots; expected "
+                               f"E={w_gate_up.shape[0]} experts (w_gate_up) and T*K={topk_ids.numel()} (topk_ids)")
     device = hidden.device
     if not triton_available(device):
         raise KernelInputError(f"hidden.device={device}: the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU")
@@ -109,7 +115,7 @@ def fused_moe(
     precision = "ieee" if hidden.dtype == torch.float32 else "tf32"  # fp32 stays exact; 16-bit ignores this
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous().float().reshape(-1)
-    aligned = align_pairs(ids, e, bm)
+    aligned = align_pairs(sort_by_expert(ids, e) if pairs is None else pairs, bm)
     h_buf = new_workspace((t * k, i), hidden.dtype, device)  # SiLU(gate)·up per pair
     y_buf = new_workspace((t * k, h), hidden.dtype, device)  # weighted expert output per pair
     if aligned.n_blocks:

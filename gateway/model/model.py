@@ -34,11 +34,11 @@ class LayerWeights:
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
     attention: MLAttention
-    mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # dense layers: (gate, up, down)
+    mlp: tuple[torch.Tensor, torch.Tensor] | None  # dense layers: (gate_up [2I, H], down [H, I]), for swiglu
     gate: torch.Tensor | None  # MoE layers: router weight [E, H]
     model_bias: torch.Tensor | None  # MoE layers: the checkpoint's e_score_correction_bias [E] (V3), else None
     selection_bias: torch.Tensor | None  # the bias routing uses now: model_bias, or the live balancing bias
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    shared: tuple[torch.Tensor, torch.Tensor] | None  # MoE layers with shared experts: like mlp
 
 
 class GatewayModel:
@@ -93,8 +93,9 @@ class GatewayModel:
         p = f"model.layers.{i}."
         attn = {k.removeprefix(p + "self_attn."): v for k, v in w.items() if k.startswith(p + "self_attn.")}
 
-        def ffn(prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return tuple(w[f"{p}{prefix}.{m}_proj.weight"] for m in ("gate", "up", "down"))
+        def ffn(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+            gate, up = (w.pop(f"{p}{prefix}.{m}_proj.weight") for m in ("gate", "up"))  # freed once joined
+            return torch.cat([gate, up]), w[f"{p}{prefix}.down_proj.weight"]  # one matmul for gate and up
 
         moe = self.spec.is_moe_layer(i)
         return LayerWeights(

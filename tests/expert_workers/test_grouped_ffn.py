@@ -8,7 +8,8 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
 
 from expert_workers.expert_group import ExpertGroup
-from expert_workers.grouped_ffn import grouped_expert_ffn, sort_by_expert
+from expert_workers.expert_pairs import sort_by_expert
+from expert_workers.grouped_ffn import grouped_expert_ffn
 from model_core.checkpoint import is_routed_expert_tensor
 from model_core.ffn import swiglu
 from model_core.make_model import preset_config
@@ -27,7 +28,7 @@ def per_token_reference(hidden, w_gate_up, w_down, ids, w):
         for k in range(ids.shape[1]):
             e = int(ids[t, k])
             if e >= 0:
-                out[t] += w[t, k] * swiglu(hidden[t : t + 1], w_gate_up[e, :I], w_gate_up[e, I:], w_down[e])[0]
+                out[t] += w[t, k] * swiglu(hidden[t : t + 1], w_gate_up[e], w_down[e])[0]
     return out
 
 
@@ -86,11 +87,31 @@ def test_edge_cases_minus_one_ids_empty_experts_one_hot_expert_and_no_tokens(imp
 
 def test_sort_by_expert_counts_and_order():
     ids = torch.tensor([[2, 0], [-1, 2], [0, 1]])
-    pair_index, counts, offsets = sort_by_expert(ids, 4)
-    assert counts.tolist() == [2, 1, 2, 0]
-    assert offsets.tolist() == [0, 2, 3, 5, 5]
-    assert ids.flatten()[pair_index].tolist() == [0, 0, 1, 2, 2]
-    assert (pair_index // 2).tolist() == [0, 2, 2, 0, 1]  # tokens keep their order within an expert
+    pairs = sort_by_expert(ids, 4)
+    assert pairs.counts.tolist() == [2, 1, 2, 0]
+    assert pairs.offsets.tolist() == [0, 2, 3, 5, 5]
+    assert ids.flatten()[pairs.pair_index].tolist() == pairs.expert.tolist() == [0, 0, 1, 2, 2]
+    assert pairs.token.tolist() == [0, 2, 2, 0, 1]  # tokens keep their order within an expert
+    assert pairs.rank_in_expert().tolist() == [0, 1, 0, 0, 1]
+    assert (pairs.top_k, pairs.n_slots) == (2, 6)
+
+
+def test_expert_group_sorts_each_call_once_and_counts_from_that_sort(model_dirs, monkeypatch):
+    """The FFN reuses the group's sort by expert (sorting again fails here), and the reply's counts are its counts."""
+    group = ExpertGroup(model_dirs["tiny-v3"], [2, 7, 11])
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(6, 64, generator=gen)
+    ids = torch.tensor([[7, 2], [11, -1], [7, 11], [-1, -1], [2, 7], [7, -1]])
+    w = torch.rand(6, 2, generator=gen)
+    expected = group.run(1, hidden, ids, w).output
+
+    def no_second_sort(*args, **kwargs):
+        raise AssertionError("the FFN sorted the pairs again")
+
+    monkeypatch.setattr("expert_workers.grouped_ffn.sort_by_expert", no_second_sort)
+    result = group.run(1, hidden, ids, w)
+    assert torch.equal(result.output, expected)
+    assert result.tokens_per_expert.tolist() == [2, 4, 2]  # experts [2, 7, 11], in experts_in(1) order
 
 
 def test_expert_group_loads_only_its_experts_and_computes_their_share(model_dirs):
