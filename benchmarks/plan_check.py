@@ -1,11 +1,11 @@
 """Benchmark: the planner's cost model against measured dispatches on this machine (small-v3, decode).
 
-Calibrates first (each transport's per-call and per-MB cost, an expert group's compute: `deploy/calibrate.py`, on
-one-group deployments), then serves 16 decoding sequences on every D in {1, 2, 4} and top-M in {none, 1, 2}
-(M < D) over `ray` and `grpc`, logs each MoE layer's dispatch (DispatchStats.keep_layers: rows, pairs, experts hit,
-bytes per device call, wall time from plan to combine) and prices the same calls with
-`cost_model.local_layer_seconds`. Prints predicted against measured per-layer dispatch time (medians over the
-logged layers) and writes JSON.
+Calibrates first (each transport's per-call and per-MB cost, an expert group's compute:
+`deploy/planning/calibrate.py`, on one-group deployments), then serves 16 decoding sequences on every D in {1, 2, 4}
+and top-M in {none, 1, 2} (M < D) over `ray` and `grpc`, logs each MoE layer's dispatch (DispatchStats.keep_layers:
+rows, pairs, experts hit, bytes per device call, wall time from plan to combine) and prices the same calls with
+`deploy.planning.cost_model.local_layer_seconds`. Prints predicted against measured per-layer dispatch time
+(medians over the logged layers) and writes JSON.
 
     python benchmarks/plan_check.py [--model models/small-v3] [--steps 24] [--hardware calibrated.yaml]
 """
@@ -26,7 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from router_service.cost_model import Hardware, local_layer_seconds  # noqa: E402
+from deploy.planning.cost_model import local_layer_seconds  # noqa: E402
+from deploy.planning.hardware import Hardware  # noqa: E402
 
 CONFIGS = ((1, None), (2, None), (2, 1), (4, None), (4, 1), (4, 2))  # (D, M)
 
@@ -35,8 +36,7 @@ CONFIGS = ((1, None), (2, None), (2, 1), (4, None), (4, 1), (4, 2))  # (D, M)
 def measure(model: str, dtype: str, backend: str, devices: int, top_m: int | None, steps: int, hw: Hardware,
             cores: int) -> dict:
     from gateway import Engine
-    from gateway.config import DeploymentConfig
-    from gateway.model.kv_cache import CacheConfig
+    from gateway.config import CacheConfig, DeploymentConfig
 
     config = DeploymentConfig(model=model, dtype=dtype, backend=backend, devices=devices, top_m_devices=top_m,
                               cache=CacheConfig(max_tokens=4096))
@@ -78,14 +78,14 @@ def main() -> None:
         make_model("small-v3", args.model)
     import ray
 
-    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)  # a benchmark sizes its own Ray
     backends = tuple(args.backends.split(","))
     if args.hardware is not None:
         hw = Hardware.from_yaml(args.hardware)
     else:
         import dataclasses
 
-        from deploy.calibrate import calibrate_local
+        from deploy.planning.calibrate import calibrate_local
 
         rates, experts = calibrate_local(str(args.model), args.dtype, backends)
         hw = dataclasses.replace(Hardware.from_yaml(ROOT / "deploy" / "hardware" / "h100.yaml"), name="this-machine",

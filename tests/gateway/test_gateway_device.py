@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.cli import build_parser, deployment_from_args, main
+from deploy.cli import build_parser, main
+from deploy.commands.model import deployment_from_args
 from gateway import Engine
 from gateway.config import DeploymentConfig, DeploymentConfigError
 from protos.codec import numpy_to_tensor, proto_to_tensor, tensor_to_numpy, tensor_to_proto

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploy.calibrate import calibrate_local
-from deploy.plan import hardware_yaml
+from deploy.planning.calibrate import calibrate_local, fit_least_squares
+from deploy.planning.cost_model import local_layer_seconds
+from deploy.planning.hardware import Hardware, hardware_yaml
 from gateway import Engine
-from router_service.cost_model import Hardware, local_layer_seconds
 from tests.conftest import random_prompts
 
 
@@ -39,6 +39,11 @@ def test_the_layer_log_records_each_call_as_the_dispatch_counters_count_it(model
         assert all(0 < c.experts_hit <= c.pairs and c.compute_ms >= 0 for r in log for c in r.calls)
 
 
+def test_least_squares_recovers_a_linear_cost():
+    points = [([1.0, mb], 300.0 + 40.0 * mb) for mb in (0.0, 0.5, 2.0, 8.0)]
+    assert fit_least_squares(points) == pytest.approx([300.0, 40.0])
+
+
 @pytest.mark.slow
 def test_calibration_measures_every_transport_and_the_experts_through_real_deployments(model_dirs, ray_cluster,
                                                                                       tmp_path):
@@ -47,7 +52,7 @@ def test_calibration_measures_every_transport_and_the_experts_through_real_deplo
     assert all(r.call_us > 0 and r.us_per_mb >= 0 for r in rates.values())
     assert experts is not None and [r for r, _ in experts.per_expert_us] == [1, 2, 4, 8, 16, 32, 64]
     assert experts.base_us >= 0 and all(t >= 0 for _, t in experts.per_expert_us)
-    base = Hardware.from_yaml(Path(__file__).resolve().parents[2] / "deploy" / "hardware" / "h100.yaml")
+    base = Hardware.from_yaml(Path(__file__).resolve().parents[3] / "deploy" / "hardware" / "h100.yaml")
     measured = dataclasses.replace(base, name="here", transports=rates, experts=experts)
     path = tmp_path / "here.yaml"
     path.write_text(hardware_yaml(measured, {"transports": "measured"}))

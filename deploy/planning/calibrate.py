@@ -1,16 +1,76 @@
-"""`expertmesh plan --calibrate`: measure a transport's per-call and per-byte cost and an expert group's compute,
-through a real deployment (its actors, its codec, its server), for the cost model's local rates."""
+"""`expertmesh plan --calibrate`: measure the machine at hand for the planner's hardware file.
+
+Three measurements, each written into the file with where its value came from (`hardware_yaml`):
+- `measure_machine`: the matmul rate and memory-copy bandwidth of this machine's GPU (or CPU);
+- `measure_transport`: each transport's per-call and per-MB cost, through a real one-group deployment (its actors,
+  its codec, its server);
+- `measure_experts`: an expert group's compute per call and per expert hit, through the same deployment.
+The link rates, latencies and node size are not measured: they are copied from the base hardware file.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 import time
 
 import torch
 
-from router_service.cost_model import ExpertRate, TransportRate, fit_least_squares
+from deploy.planning.hardware import ExpertRate, Hardware, TransportRate
+from gateway.dispatch.transports import ExpertCall
 
 ROW_SIZES = (1, 8, 64, 256, 1024)  # token rows per calibration call
+
+
+def measure_machine(base: Hardware, name: str, seconds: float = 0.5) -> tuple[Hardware, dict[str, str]]:
+    """Measure this machine's matmul rate and memory-copy bandwidth; every other field stays `base`'s (the
+    transports and experts are measured through a deployment: `calibrate_local`). Returns the hardware and, per
+    field, where its value came from.
+
+    matmul: square matmuls of 2048 (bfloat16 on CUDA, float32 on CPU: the dtypes expertmesh serves there), best of
+    repeated runs. Memory: a 256 MiB tensor copy (64 MiB on CPU), counted as bytes read + bytes written.
+    """
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    n = 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    flops = _best_rate(lambda: a @ b, 2 * n**3, seconds, cuda)
+    size = (256 if cuda else 64) << 20
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = _best_rate(lambda: dst.copy_(src), 2 * size, seconds, cuda)
+    measured = dataclasses.replace(base, name=name, matmul_tflops=round(flops / 1e12, 4),
+                                   hbm_gbytes_per_s=round(copy / 1e9, 2))
+    where = {f.name: f"from {base.name} (not measured)" for f in dataclasses.fields(Hardware)}
+    where["name"] = "given"
+    where["matmul_tflops"] = f"measured: {n}x{n} {str(dtype).removeprefix('torch.')} matmul on {device}"
+    where["hbm_gbytes_per_s"] = f"measured: {size >> 20} MiB copy on {device}, read + write"
+    return measured, where
+
+
+def _best_rate(fn, work_units: float, seconds: float, cuda: bool) -> float:
+    """Work units per second of the fastest run of `fn` within about `seconds`."""
+    fn()
+    best = math.inf
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == math.inf:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return work_units / best
+
+
+def fit_least_squares(points: list[tuple[list[float], float]]) -> list[float]:
+    """Coefficients c minimising Σ (x·c − y)² over (x, y) points (float64)."""
+    x = torch.tensor([p[0] for p in points], dtype=torch.float64)
+    y = torch.tensor([[p[1]] for p in points], dtype=torch.float64)
+    return torch.linalg.lstsq(x, y).solution.flatten().tolist()
 
 
 def _call(engine, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
@@ -18,9 +78,10 @@ def _call(engine, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: 
     transport = engine.backend.transport
     version = engine.backend.placement.version
     start = time.perf_counter()
-    sent = transport.send(0, layer, hidden, ids, weights, None, version)
+    call = ExpertCall(0, layer, hidden, ids, weights, version=version)
+    sent = transport.send(call)
     transport.flush()
-    (reply,) = transport.receive([(0, layer, sent)])
+    (reply,) = transport.receive([call], [sent])
     return time.perf_counter() - start, reply.compute_ms
 
 
@@ -71,21 +132,19 @@ def measure_experts(engine, runs: int = 11, rows: tuple[int, ...] = (1, 2, 4, 8,
 
 def calibrate_local(model: str, dtype: str = "bfloat16", transports: tuple[str, ...] = ("ray", "grpc"),
                     ) -> tuple[dict[str, TransportRate], ExpertRate | None]:
-    """Start a one-group deployment of `model` over each transport (on the Ray that is running, else an embedded
-    one), measure its round trips, and measure the expert compute through the first; then close each."""
-    import ray
-
+    """Start a one-group deployment of `model` over each transport, measure its round trips, and measure the expert
+    compute through the first; then close each. Ray is joined or started once for all of them (`connect_ray`: the
+    Ray that is running, else RAY_ADDRESS, else an embedded one) and left up."""
     from gateway import Engine
-    from gateway.config import DeploymentConfig
-    from gateway.model.kv_cache import CacheConfig
+    from gateway.config import CacheConfig, DeploymentConfig
+    from gateway.dispatch.ray_runtime import connect_ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
     rates: dict[str, TransportRate] = {}
     experts = None
     for backend in transports:
         config = DeploymentConfig(model=model, dtype=dtype, backend=backend, devices=1,
                                   cache=CacheConfig(max_tokens=1024))
+        connect_ray(config)  # before the engine, so that closing it does not stop Ray between transports
         with Engine.from_config(config) as engine:
             rates[backend] = measure_transport(engine)
             if experts is None:

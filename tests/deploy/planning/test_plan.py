@@ -10,27 +10,20 @@ import pytest
 import torch
 
 from deploy.cli import main
-from deploy.plan import (
-    SyntheticRouting,
-    TraceRouting,
-    build_placement,
-    expert_loads,
-    load_spec,
-    parse_synthetic,
-    plan,
-    replay,
-)
+from deploy.planning.cost_model import Workload
+from deploy.planning.hardware import Hardware
+from deploy.planning.plan import plan
+from deploy.planning.replay import build_placement, replay
+from deploy.planning.routing_sources import SyntheticRouting, TraceRouting, expert_loads, load_spec, parse_synthetic
 from gateway import Engine
-from gateway.config import DeploymentConfig
-from gateway.model.kv_cache import CacheConfig
+from gateway.config import CacheConfig, DeploymentConfig
 from gateway.serving.routing_trace import RequestTrace
 from model_core.spec import ConfigError, ModelSpec
 from model_core.telemetry import TracingConfig
-from router_service.cost_model import Hardware, Workload
 from router_service.placement import Placement
 from tests.conftest import random_prompts
 
-H100 = Path(__file__).parents[2] / "deploy" / "hardware" / "h100.yaml"
+H100 = Path(__file__).parents[3] / "deploy" / "hardware" / "h100.yaml"
 HW = Hardware("test", 100.0, 1000.0, 100.0, 2.0, 10.0, 5.0, 2)
 
 

@@ -1,18 +1,13 @@
-"""Cost model: hardware files validated naming the field, and every formula checked on hand-worked numbers."""
+"""Cost model: every formula checked on hand-worked numbers, and a local layer priced from calibrated rates."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 
-from model_core.make_model import preset_config
-from model_core.spec import ModelSpec
-from router_service.cost_model import (
-    Hardware,
-    HardwareError,
+from deploy.planning.cost_model import (
     LayerCost,
     LayerTraffic,
     StepCost,
@@ -23,6 +18,7 @@ from router_service.cost_model import (
     gateway_moe_seconds,
     gateway_nodes,
     layer_cost,
+    local_layer_seconds,
     other_step_seconds,
     roofline_seconds,
     split_bytes,
@@ -30,49 +26,14 @@ from router_service.cost_model import (
     tokens_per_s_per_gpu,
     transfer_seconds,
 )
+from deploy.planning.hardware import ExpertRate, Hardware, TransportRate
+from model_core.make_model import preset_config
+from model_core.spec import ModelSpec
 
-HARDWARE = Path(__file__).parents[2] / "deploy" / "hardware"
 # 100 TFLOP/s, 1000 GB/s HBM; NVLink 100 GB/s + 2 us per message; IB 10 GB/s + 5 us; 2 GPUs per node.
 HW = Hardware("test", 100.0, 1000.0, 100.0, 2.0, 10.0, 5.0, 2)
 SLOW_MATH = dataclasses.replace(HW, matmul_tflops=1e-6)  # 1e6 FLOP/s: every kernel is compute-bound
 TINY = ModelSpec.from_dict(preset_config("tiny-v3"))  # H 64, I 32, 16 experts, heads 4, q_lora 48, kv_lora 32
-
-
-def raw_h100() -> dict:
-    return Hardware.from_yaml(HARDWARE / "h100.yaml").to_dict()
-
-
-def test_the_nominal_files_load():
-    h100, h200 = Hardware.from_yaml(HARDWARE / "h100.yaml"), Hardware.from_yaml(HARDWARE / "h200.yaml")
-    assert (h100.matmul_tflops, h100.hbm_gbytes_per_s, h100.gpus_per_node) == (989, 3350, 8)
-    assert (h200.hbm_gbytes_per_s, h200.inter_node_gbytes_per_s) == (4800, 50)
-    assert h100.flops == 989e12 and h100.hbm == 3350e9
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"hbm_gbytes_per_s": 0}, "hbm_gbytes_per_s=0: expected a number > 0 (HBM GB/s per GPU)"),
-    ({"inter_node_latency_us": -1}, "inter_node_latency_us=-1: expected a number >= 0"),
-    ({"matmul_tflops": "fast"}, "matmul_tflops='fast': expected a number > 0"),
-    ({"gpus_per_node": 2.5}, "gpus_per_node=2.5: expected an integer >= 1"),
-    ({"gpus_per_node": True}, "gpus_per_node=True: expected an integer >= 1"),
-    ({"name": ""}, "name='': expected a non-empty string"),
-    ({"nvlink": 1}, "unknown keys ['nvlink']"),
-])
-def test_bad_hardware_values_are_named(change, message):
-    with pytest.raises(HardwareError, match="^rates.yaml: ") as err:
-        Hardware.from_dict({**raw_h100(), **change}, "rates.yaml")
-    assert message in str(err.value)
-
-
-def test_missing_rates_and_bad_files_are_named(tmp_path):
-    raw = raw_h100()
-    del raw["intra_node_latency_us"]
-    with pytest.raises(HardwareError, match="intra_node_latency_us: missing"):
-        Hardware.from_dict(raw)
-    with pytest.raises(HardwareError, match="expected a mapping of rates"):
-        Hardware.from_dict([1, 2])
-    with pytest.raises(HardwareError, match="cannot read the hardware file"):
-        Hardware.from_yaml(tmp_path / "absent.yaml")
 
 
 def test_workload_values_are_named():
@@ -165,21 +126,7 @@ def test_step_cost_prices_each_layer_from_its_traffic():
 # -- calibrated local rates ---------------------------------------------------------------------------------------
 
 
-def test_expert_rate_interpolates_rows_per_expert_and_extends_the_last_segment():
-    from router_service.cost_model import ExpertRate
-
-    rate = ExpertRate(base_us=50.0, per_expert_us=((1.0, 100.0), (4.0, 400.0), (8.0, 600.0)))
-    assert rate.expert_us(2.0) == pytest.approx(200.0)
-    assert rate.expert_us(6.0) == pytest.approx(500.0)
-    assert rate.expert_us(16.0) == pytest.approx(1000.0)  # beyond the last point: along the last segment
-    assert rate.expert_us(0.5) == pytest.approx(50.0)
-    assert rate.seconds(0, 0) == 0.0
-    assert rate.seconds(12, 4) == pytest.approx((50.0 + 4 * 300.0) * 1e-6)  # 4 experts of 3 rows each
-
-
 def test_local_layer_is_its_slowest_call_or_its_compute_shared_over_the_cores():
-    from router_service.cost_model import ExpertRate, TransportRate, local_layer_seconds
-
     transport = TransportRate(call_us=1000.0, us_per_mb=2000.0)
     assert transport.seconds(500_000) == pytest.approx(2e-3)
     experts = ExpertRate(base_us=0.0, per_expert_us=((1.0, 1000.0),))  # 1 ms per expert hit, whatever the rows
@@ -187,28 +134,3 @@ def test_local_layer_is_its_slowest_call_or_its_compute_shared_over_the_cores():
     assert local_layer_seconds(calls, transport, experts, cores=2) == pytest.approx(6e-3)
     assert local_layer_seconds(calls, transport, experts, cores=1) == pytest.approx(2e-3 + 6e-3)
     assert local_layer_seconds([], transport, experts, cores=1) == 0.0
-
-
-def test_least_squares_recovers_a_linear_cost():
-    from router_service.cost_model import fit_least_squares
-
-    points = [([1.0, mb], 300.0 + 40.0 * mb) for mb in (0.0, 0.5, 2.0, 8.0)]
-    assert fit_least_squares(points) == pytest.approx([300.0, 40.0])
-
-
-def test_calibrated_sections_round_trip_through_the_hardware_file(tmp_path):
-    from deploy.plan import hardware_yaml
-    from router_service.cost_model import ExpertRate, Hardware, HardwareError, TransportRate
-
-    base = Hardware.from_yaml(Path(__file__).resolve().parents[2] / "deploy" / "hardware" / "h100.yaml")
-    assert base.transports == {} and base.experts is None  # nominal files have none
-    measured = dataclasses.replace(base, transports={"ray": TransportRate(3000.0, 1500.0)},
-                                   experts=ExpertRate(10.0, ((1.0, 500.0), (8.0, 1100.0))))
-    path = tmp_path / "here.yaml"
-    path.write_text(hardware_yaml(measured, {}))
-    assert Hardware.from_yaml(path) == measured
-    raw = measured.to_dict()
-    with pytest.raises(HardwareError, match="transports.grpc"):
-        Hardware.from_dict({**raw, "transports": {"grpc": {"call_us": -1, "us_per_mb": 2}}})
-    with pytest.raises(HardwareError, match="experts.per_expert_us"):
-        Hardware.from_dict({**raw, "experts": {"base_us": 1, "per_expert_us": [[1, "x"]]}})

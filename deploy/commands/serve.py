@@ -1,0 +1,66 @@
+"""`expertmesh serve` and `expertmesh scale`: the OpenAI-compatible HTTP service on Ray Serve, and its replica count."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve")
+    sv.set_defaults(handler=cmd_serve)
+    sv.add_argument("--config", required=True, type=Path, help="deployment YAML (deploy/configs/*.yaml)")
+    sv.add_argument("--address", help="Ray cluster to join (default: the config's, RAY_ADDRESS, else embedded)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+
+    sc = sub.add_parser("scale", help="change an expert group's replica count on a running service")
+    sc.set_defaults(handler=cmd_scale)
+    sc.add_argument("--group", required=True, type=int)
+    sc.add_argument("--replicas", required=True, type=int)
+    sc.add_argument("--url", default="http://127.0.0.1:8000", help="the service started by `expertmesh serve`")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from ray import serve
+
+    from deploy.serve_app import build
+    from gateway.config import DeploymentConfig, read_deployment_yaml
+    from gateway.dispatch.ray_runtime import connect_ray
+
+    raw = read_deployment_yaml(args.config)
+    config = DeploymentConfig.from_dict(raw)
+    if args.address:
+        raw = {**raw, "ray": {**(raw.get("ray") or {}), "address": args.address}}
+        config = DeploymentConfig.from_dict(raw)
+    connect_ray(config, log_to_driver=True)  # a foreground server shows its replicas' logs
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build({"deployment": raw}), name="expertmesh", route_prefix="/")
+    print(f"expertmesh serving {config.model} on http://{args.host}:{args.port} (backend={config.backend}, "
+          f"devices={config.devices}); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    import requests
+
+    key = os.environ.get("EXPERTMESH_ADMIN_KEY")  # /admin/* answers only with the service's admin key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        r = requests.post(f"{args.url}/admin/scale", json={"group": args.group, "replicas": args.replicas},
+                          headers=headers, timeout=600)
+    except requests.RequestException as exc:
+        raise RuntimeError(f"--url {args.url}: {exc}") from None
+    if r.status_code != 200:
+        raise ValueError(r.json().get("error", {}).get("message", r.text))
+    body = r.json()
+    print(f"group {body['group']}: {body['replicas']} replicas (ids {body['replica_ids']})")
+    return 0
