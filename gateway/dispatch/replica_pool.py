@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,16 @@ class Replica:
     unconfirmed: bool = False  # it failed, and no probe has since read its start time and gRPC address
     probe: Any = None  # a pending describe() call: answers once the (restarted) actor serves again
     probe_after: float = 0.0  # no new probe before this monotonic time
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    """The pool's counters at one moment, as plain data."""
+
+    live: dict[int, int]  # group -> live replicas
+    inflight: dict[tuple[int, int], int]  # (group, replica index) -> calls in flight, draining replicas included
+    restarts: int  # restarts Ray made, seen by probes
+    evicted: int  # replicas removed because they stayed down
 
 
 class ExpertGroupPool:
@@ -167,6 +178,13 @@ class ExpertGroupPool:
                 raise RuntimeError(f"placement version {v}: not every replica loaded it within {timeout_s:.0f}s")
             time.sleep(0.1)
 
+    @contextlib.contextmanager
+    def placement_change(self) -> Iterator[None]:
+        """Hold from `stage` to `switch`: no replica starts (scaling, replacement) in between, so none loads the old
+        placement after the others staged the new one."""
+        with self.placement_lock:
+            yield
+
     def switch(self, placement: Placement) -> None:
         """New and restarted replicas load `placement` from now on."""
         with self._lock:
@@ -274,7 +292,7 @@ class ExpertGroupPool:
 
     def poll(self) -> None:
         """Apply what finished probes found (restarts, new gRPC addresses), start due ones, evict the long dead.
-        Every pick does this; metrics and tests call it when no traffic flows."""
+        Every pick does this; the engine loop calls it while no traffic flows (a metrics scrape never does)."""
         with self._lock:
             self._poll_probes_locked()
 
@@ -282,6 +300,14 @@ class ExpertGroupPool:
         """(group, replica index) -> calls in flight, draining replicas included."""
         with self._lock:
             return {(d, r.index): r.inflight for d, replicas in sorted(self.groups.items()) for r in replicas}
+
+    def snapshot(self) -> PoolSnapshot:
+        """What metrics report, read as it stands: no probe is polled, no replica evicted or started."""
+        with self._lock:
+            return PoolSnapshot(
+                live={d: sum(not r.draining for r in replicas) for d, replicas in sorted(self.groups.items())},
+                inflight={(d, r.index): r.inflight for d, replicas in sorted(self.groups.items()) for r in replicas},
+                restarts=self.restarts, evicted=self.evicted)
 
     def actors(self, device: int | None = None) -> list:
         devices = [device] if device is not None else sorted(self.groups)

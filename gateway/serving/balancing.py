@@ -4,38 +4,117 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from gateway.model.step import StepBatch
+from router_service.bias import EPLB_MODES
 from router_service.load_stats import LayerWindow, normalised_scores, sequence_balance_sum
 from router_service.routing import Routing
-from router_service.service import window_to_wire
+from router_service.service import RouterService, report_table, window_to_wire
 
 logger = logging.getLogger(__name__)
 
 
-class BalanceClient:
-    """Feeds a RouterService (in-process object or Ray actor handle) and applies the bias it publishes.
+class RouterCallFailed(RuntimeError):
+    """A router-service call raised, timed out, or found the service gone."""
 
-    Remote calls are fire-and-forget: pushes and snapshot requests are checked later with ray.wait(timeout=0),
-    so a slow or dead router service never stalls a decode step. When it cannot be reached the gateway keeps
-    routing with its last bias and `unreachable` / `failures` say so. At most `max_pending_pushes` pushes are in
-    flight: while that many are unanswered, counts keep accumulating in the local window (memory stays bounded,
-    nothing is lost) and go out in one push once the service answers again.
+
+class RouterHandle(Protocol):
+    """How the client calls a RouterService, wherever it runs: `start` a call, see which calls have `finished`
+    (never blocking), read a call's `result` (blocking up to timeout_s; raises RouterCallFailed)."""
+
+    def start(self, method: str, *args: Any) -> Any: ...
+
+    def finished(self, calls: list) -> list: ...
+
+    def result(self, call: Any, timeout_s: float | None = None) -> Any: ...
+
+
+class Answered:
+    """An in-process call, already run: its value, or the exception it raised."""
+
+    def __init__(self, value: Any = None, error: Exception | None = None) -> None:
+        self.value, self.error = value, error
+
+
+class InProcessRouter:
+    """A RouterService in this process behind the Ray handle's calling convention: a call runs when it starts (under
+    a lock: the service is not thread-safe), so it has always finished by the time anyone looks."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self._lock = threading.Lock()
+
+    def start(self, method: str, *args: Any) -> Answered:
+        with self._lock:
+            try:
+                return Answered(getattr(self.service, method)(*args))
+            except Exception as exc:  # delivered by result(), as a Ray call's error would be
+                return Answered(error=exc)
+
+    def finished(self, calls: list) -> list:
+        return list(calls)
+
+    def result(self, call: Answered, timeout_s: float | None = None) -> Any:
+        if call.error is not None:
+            raise RouterCallFailed(f"{type(call.error).__name__}: {call.error}") from call.error
+        return call.value
+
+
+class RayRouter:
+    """A RouterService actor: calls are Ray tasks, checked with ray.wait(timeout=0)."""
+
+    def __init__(self, actor: Any) -> None:
+        import ray
+
+        self._ray, self.actor = ray, actor
+
+    def start(self, method: str, *args: Any) -> Any:
+        return getattr(self.actor, method).remote(*args)
+
+    def finished(self, calls: list) -> list:
+        if not calls:
+            return []
+        return self._ray.wait(calls, num_returns=len(calls), timeout=0)[0]
+
+    def result(self, call: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return self._ray.get(call, timeout=timeout_s)
+        except self._ray.exceptions.RayError as exc:
+            raise RouterCallFailed(str(exc)) from exc
+
+
+class PlacementSource(Protocol):
+    """What EPLB modes need from the engine: the placement serving now, and where a proposed one goes."""
+
+    def in_use(self) -> dict: ...
+
+    def propose(self, placement: dict) -> None: ...
+
+
+class BalanceClient:
+    """Feeds a RouterService (through a RouterHandle: in-process or a Ray actor) and applies the bias it publishes.
+
+    Calls are fire-and-forget: pushes and snapshot requests are checked later without blocking, so a slow or dead
+    router service never stalls a decode step. When it cannot be reached the gateway keeps routing with its last
+    bias and `unreachable` / `failures` say so. At most `max_pending_pushes` pushes are in flight: while that many
+    are unanswered, counts keep accumulating in the local window (memory stays bounded, nothing is lost) and go out
+    in one push once the service answers again. With `placements` (EPLB modes), each push says which placement
+    served its counts, and `poll` asks the service for a better one and hands it to `placements.propose`.
 
     `observe` runs on the engine thread while `flush` / `sync` may run on a caller's (stats, shutdown): one lock
-    guards the window, the in-flight calls and the in-process service; nothing waits on a remote call under it.
+    guards the window and the calls in flight; nothing waits on a call under it.
     """
 
-    def __init__(self, service: Any, remote: bool, apply_bias, expert_device: torch.Tensor, n_devices: int,
-                 n_experts: int, top_k: int, moe_layers: list[int], push_every_steps: int,
-                 max_pending_pushes: int = 8) -> None:
-        self.service, self.remote, self.apply_bias, self.top_k = service, remote, apply_bias, top_k
-        self.expert_device, self.n_devices, self.n_experts = expert_device, n_devices, n_experts
+    def __init__(self, router: RouterHandle, apply_bias, n_devices: int, n_experts: int, top_k: int,
+                 moe_layers: list[int], push_every_steps: int, max_pending_pushes: int = 8,
+                 placements: PlacementSource | None = None) -> None:
+        self.router, self.apply_bias, self.placements = router, apply_bias, placements
+        self.n_devices, self.n_experts, self.top_k = n_devices, n_experts, top_k
         self.moe_layers, self.push_every_steps = moe_layers, push_every_steps
         self.max_pending_pushes = max_pending_pushes
         self.gateway_id = uuid.uuid4().hex[:8]
@@ -48,9 +127,6 @@ class BalanceClient:
         self._lock = threading.Lock()
         self._pending_pushes: list = []
         self._pending_snapshot = None
-        # EPLB: the engine sets these; poll() asks the service for a placement and hands one to on_proposal.
-        self.current_placement: Callable[[], dict] | None = None
-        self.on_proposal: Callable[[dict], None] | None = None
         self._pending_proposal = None
         self._reported_version = -1  # the placement version the service last heard of in a push
         self.last_proposal: dict | None = None
@@ -125,126 +201,99 @@ class BalanceClient:
         `max_pending_pushes` earlier pushes are still unanswered: then the window stays here and grows."""
         with self._lock:
             self._fold_sequences()  # also while held back: per-sequence rows must not grow for the whole outage
-            if self.remote:
-                self._check_pushes()
-                if len(self._pending_pushes) >= self.max_pending_pushes:
-                    self.held_back += 1
-                    self.unreachable = True
-                    return
+            self._check_pushes()
+            if len(self._pending_pushes) >= self.max_pending_pushes:
+                self.held_back += 1
+                self.unreachable = True
+                return
             wire = {layer: window_to_wire(w) for layer, w in self.window.items() if w.tokens}
             self._reset()
             if not wire:
                 return
             placement = None
-            if self.current_placement is not None:  # EPLB: say which placement served these counts, once per change
-                placement = self.current_placement()
+            if self.placements is not None:  # EPLB: say which placement served these counts, once per change
+                placement = self.placements.in_use()
                 if placement.get("version", 0) == self._reported_version:
                     placement = None
                 else:
                     self._reported_version = placement.get("version", 0)
             args = (self.gateway_id, wire) if placement is None else (self.gateway_id, wire, placement)
-            if not self.remote:  # under the lock: the in-process service is not thread-safe
-                self.service.push(*args)
-                return
-            self._pending_pushes.append(self.service.push.remote(*args))
+            self._pending_pushes.append(self.router.start("push", *args))
 
     def _check_pushes(self) -> None:
         """Drop answered pushes from the in-flight list (lock held)."""
-        import ray
-
-        if not self._pending_pushes:
+        done = self.router.finished(self._pending_pushes)
+        if not done:
             return
-        done, self._pending_pushes = ray.wait(self._pending_pushes, num_returns=len(self._pending_pushes), timeout=0)
-        for ref in done:
+        self._pending_pushes = [call for call in self._pending_pushes if call not in done]
+        for call in done:
             try:
-                ray.get(ref)
+                self.router.result(call)
                 self.unreachable = False
-            except ray.exceptions.RayError as exc:
+            except RouterCallFailed as exc:
                 self._failed(exc)
 
     def poll(self) -> None:
         """Apply a newer bias if the service has published one, and pass on a proposed placement (EPLB modes);
-        never blocks on a remote service."""
+        never blocks on the service."""
         self._poll_proposal()
         with self._lock:
-            if not self.remote:
-                self._apply(*self.service.snapshot(self.version))
-                return
-            import ray
-
             if self._pending_snapshot is None:
-                self._pending_snapshot = self.service.snapshot.remote(self.version)
+                self._pending_snapshot = self.router.start("snapshot", self.version)
+            if not self.router.finished([self._pending_snapshot]):
                 return
-            done, _ = ray.wait([self._pending_snapshot], timeout=0)
-            if not done:
-                return
-            ref, self._pending_snapshot = self._pending_snapshot, None
+            call, self._pending_snapshot = self._pending_snapshot, None
             try:
-                self._apply(*ray.get(ref))
+                self._apply(*self.router.result(call))
                 self.unreachable = False
-            except ray.exceptions.RayError as exc:
+            except RouterCallFailed as exc:
                 self._failed(exc)
 
     def _poll_proposal(self) -> None:
         """Ask for a placement (the service answers None until enough windows closed) and hand a real one on."""
-        if self.on_proposal is None or self.current_placement is None:
+        if self.placements is None:
             return
-        answer = None
         with self._lock:
-            if not self.remote:
-                answer = self.service.propose(self.current_placement())
-            else:
-                import ray
-
-                if self._pending_proposal is None:
-                    self._pending_proposal = self.service.propose.remote(self.current_placement())
-                    return
-                if not ray.wait([self._pending_proposal], timeout=0)[0]:
-                    return
-                ref, self._pending_proposal = self._pending_proposal, None
-                try:
-                    answer = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    self._failed(exc)
-                    return
+            if self._pending_proposal is None:
+                self._pending_proposal = self.router.start("propose", self.placements.in_use())
+            if not self.router.finished([self._pending_proposal]):
+                return
+            call, self._pending_proposal = self._pending_proposal, None
+            try:
+                answer = self.router.result(call)
+            except RouterCallFailed as exc:
+                self._failed(exc)
+                return
         if answer is not None:
             self.last_proposal = answer
             if answer["placement"] is not None:
-                self.on_proposal(answer["placement"])
+                self.placements.propose(answer["placement"])
 
     def sync(self, timeout_s: float = 30.0) -> None:
         """Push what is pending and wait for the service's current bias (for tests, benchmarks and shutdown)."""
         self.flush()
-        if not self.remote:
-            self.poll()
-            return
-        import ray
-
         try:
             self._wait_pushes(timeout_s)
             self.flush()  # what was held back while pushes were unanswered
             self._wait_pushes(timeout_s)
-            snapshot = ray.get(self.service.snapshot.remote(self.version), timeout=timeout_s)
+            snapshot = self.router.result(self.router.start("snapshot", self.version), timeout_s)
             with self._lock:
                 self._pending_snapshot = None
                 self._apply(*snapshot)
                 self.unreachable = False
-        except ray.exceptions.RayError as exc:
+        except RouterCallFailed as exc:
             with self._lock:
                 self._failed(exc)
 
     def _wait_pushes(self, timeout_s: float) -> None:
         """Block (without the lock) until the pushes in flight now are answered."""
-        import ray
-
         with self._lock:
             waiting = list(self._pending_pushes)
-        if not waiting:
-            return
-        ray.get(waiting, timeout=timeout_s)
-        answered = set(waiting)
+        deadline = time.monotonic() + timeout_s
+        for call in waiting:
+            self.router.result(call, max(0.0, deadline - time.monotonic()))
         with self._lock:
-            self._pending_pushes = [ref for ref in self._pending_pushes if ref not in answered]
+            self._pending_pushes = [call for call in self._pending_pushes if call not in waiting]
 
     def _apply(self, version: int, biases: dict | None) -> None:
         if biases is not None and version != self.version:
@@ -260,13 +309,23 @@ class BalanceClient:
         logger.warning("router service unreachable (%s); routing keeps bias version %d", exc, self.version)
 
     def call(self, method: str, *args: Any, timeout_s: float = 30.0) -> Any:
-        """Call a RouterService method and wait (not for the decode loop: stats, tests)."""
-        if not self.remote:
-            with self._lock:
-                return getattr(self.service, method)(*args)
-        import ray
+        """Call a RouterService method and wait (not for the decode loop: stats, tests); raises RouterCallFailed."""
+        return self.router.result(self.router.start(method, *args), timeout_s)
 
-        return ray.get(getattr(self.service, method).remote(*args), timeout=timeout_s)
+    def report(self, mode: str, sync: bool = True) -> dict:
+        """The router service's view (last closed window per layer, bias version) plus this gateway's metrics under
+        "gateway"; when the service is down, what this gateway knows (`mode`, the configured one, and the error).
+
+        sync: first push this gateway's pending counts and fetch the current bias (blocks on the service).
+        """
+        if sync:
+            self.sync()
+        try:
+            stats = self.call("stats")
+        except RouterCallFailed as exc:
+            logger.warning("router service stats unavailable", exc_info=True)
+            stats = {"mode": mode, "last_window": [], "error": str(exc)}
+        return {**stats, "gateway": self.metrics()}
 
     def metrics(self) -> dict:
         with self._lock:
@@ -275,8 +334,18 @@ class BalanceClient:
                     "pending_pushes": len(self._pending_pushes), "held_back_flushes": self.held_back}
 
 
-def start_balancing(config, spec, model, placement) -> BalanceClient | None:
+def balance_table(stats: dict) -> str:
+    """A balance report (BalanceClient.report) as the per-layer table `expertmesh stats` prints."""
+    head = (f"balancing mode={stats['mode']} bias version={stats.get('version', '-')} "
+            f"windows closed={stats.get('windows_closed', 0)} gateway={stats.get('gateway', {})}")
+    if not stats["last_window"]:
+        return head + "\n(no window closed yet)"
+    return head + "\n" + report_table(stats["last_window"])
+
+
+def start_balancing(config, spec, model, placement, placements: PlacementSource | None = None) -> BalanceClient | None:
     """Connect the gateway to its router service (created if it does not exist); None when balancing is off.
+    placements: where EPLB modes read and propose placements (the engine's PlacementSwitch); other modes ignore it.
 
     On Ray the service is a named actor (`balancing.name` in `ray.namespace`): every gateway naming it shares
     one bias. It restarts on failure (calls in flight are retried up to 3 times: load counts are at-least-once)
@@ -292,25 +361,22 @@ def start_balancing(config, spec, model, placement) -> BalanceClient | None:
     }
     args = (model_bias, list(placement.expert_device), placement.n_devices, spec.top_k, cfg,
             float(config.top_m_devices) if config.top_m_devices else None)
+    started_ray = False
     if config.router_on_ray:
         import ray
 
         from gateway.dispatch.ray_runtime import connect_ray
-        from router_service.service import RouterService
 
         started_ray = connect_ray(config)
-        service = ray.remote(RouterService).options(
+        router = RayRouter(ray.remote(RouterService).options(
             name=cfg.name, namespace=config.ray.namespace, get_if_exists=True, max_restarts=-1, max_task_retries=3,
             num_cpus=0,
-        ).remote(*args)
-        remote = True
+        ).remote(*args))
     else:
-        from router_service.service import RouterService
-
-        service, remote, started_ray = RouterService(*args), False, False
-    client = BalanceClient(service, remote, model.set_selection_bias, placement.device_tensor(), placement.n_devices,
-                           spec.n_routed_experts, spec.top_k, spec.moe_layers, cfg.push_every_steps,
-                           cfg.max_pending_pushes)
+        router = InProcessRouter(RouterService(*args))
+    client = BalanceClient(router, model.set_selection_bias, placement.n_devices, spec.n_routed_experts, spec.top_k,
+                           spec.moe_layers, cfg.push_every_steps, cfg.max_pending_pushes,
+                           placements if cfg.mode in EPLB_MODES else None)
     client.started_ray = started_ray
     client.sync()  # wait once, at start-up, for the service and its current bias; later polls never block
     return client

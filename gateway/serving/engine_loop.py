@@ -82,6 +82,7 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stop:
             if not self.engine.has_work():
+                self.engine.poll_replicas()  # probes of failed replicas land here while idle, never in a scrape
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue

@@ -187,8 +187,9 @@ def metrics(state: GatewayState) -> PlainTextResponse:
 
 
 def prometheus_text(loop: EngineLoop) -> str:
-    """Prometheus exposition text, built from the engine's live counters at scrape time."""
-    engine, stats = loop.engine, loop.stats
+    """Prometheus exposition text from the loop's counters and the engine's metrics snapshot. A scrape only reads:
+    it polls no replica probe and changes no state (the engine loop polls)."""
+    m, stats = loop.engine.metrics(), loop.stats
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
@@ -207,59 +208,54 @@ def prometheus_text(loop: EngineLoop) -> str:
     metric("generated_tokens_total", "counter", "Tokens generated.", [({}, stats.tokens_generated)])
     metric("tokens_per_second", "gauge", "Generated tokens per second since start.",
            [({}, stats.tokens_generated / uptime)])
-    metric("queue_depth", "gauge", "Requests waiting for admission.", [({}, len(engine.scheduler.waiting))])
-    metric("running_sequences", "gauge", "Sequences in the running batch.", [({}, len(engine.scheduler.running))])
+    metric("queue_depth", "gauge", "Requests waiting for admission.", [({}, m.queue_depth)])
+    metric("running_sequences", "gauge", "Sequences in the running batch.", [({}, m.running)])
     metric("steps_total", "counter", "Engine steps.", [({}, stats.steps)])
-    cache = engine.cache.stats()
+    cache = m.cache
     metric("cache_blocks", "gauge", "Blocks of the paged latent cache, by state.",
            [({"state": "free"}, cache["free_blocks"]), ({"state": "used"}, cache["blocks"] - cache["free_blocks"])])
     metric("cache_block_tokens", "gauge", "Tokens per latent-cache block.", [({}, cache["block_size"])])
     metric("preemptions_total", "counter", "Sequences whose cache was taken back for others (then recomputed).",
-           [({}, engine.scheduler.preemptions)])
+           [({}, m.preemptions)])
     metric("prefix_cache_tokens_total", "counter", "Prompt tokens looked up in the prefix cache, and those found.",
            [({"result": "queried"}, cache["prefix_queried_tokens"]), ({"result": "hit"}, cache["prefix_hit_tokens"])])
     metric("step_seconds_total", "counter", "Time spent in engine steps.", [({}, stats.step_seconds)])
-    summary = engine.routing_summary
     metric("expert_tokens_total", "counter", "Tokens routed to each expert, per MoE layer.",
-           [({"layer": layer, "expert": e}, int(c)) for layer, counts in summary.tokens_per_expert.items()
-            for e, c in enumerate(counts.tolist())])
+           [({"layer": layer, "expert": e}, c) for layer, counts in m.tokens_per_expert.items()
+            for e, c in enumerate(counts)])
     metric("expert_balancedness", "gauge", "Mean over max expert load per layer (1 = perfectly even).",
-           [({"layer": layer}, (counts.float().mean() / counts.max()).item() if counts.max() > 0 else 0.0)
-            for layer, counts in summary.tokens_per_expert.items()])
-    dispatch = engine.backend.stats
+           [({"layer": layer}, sum(counts) / len(counts) / max(counts) if max(counts) > 0 else 0.0)
+            for layer, counts in m.tokens_per_expert.items()])
     metric("device_tokens_total", "counter", "Token rows dispatched to each device, per MoE layer.",
-           [({"layer": layer, "device": d}, int(c)) for layer, counts in dispatch.tokens.items()
-            for d, c in enumerate(counts.tolist())])
-    metric("dispatch_calls_total", "counter", "Expert-group calls.", [({}, dispatch.calls)])
+           [({"layer": layer, "device": d}, c) for layer, counts in m.device_tokens.items()
+            for d, c in enumerate(counts)])
+    metric("dispatch_calls_total", "counter", "Expert-group calls.", [({}, m.dispatch_calls)])
     metric("dispatch_seconds_total", "counter", "Wall time of layer dispatches (send to combine).",
-           [({}, dispatch.wait_seconds)])
-    metric("dispatch_layers_total", "counter", "Layer dispatches.", [({}, dispatch.layers)])
-    placement = engine.backend.placement
+           [({}, m.dispatch_seconds)])
+    metric("dispatch_layers_total", "counter", "Layer dispatches.", [({}, m.dispatch_layers)])
     metric("placement_version", "gauge", "Version of the expert placement in use (re-placements raise it).",
-           [({}, placement.version)])
+           [({}, m.placement_version)])
     metric("redundant_expert_slots", "gauge", "Expert copies beyond one per expert, per MoE layer.",
-           [({"layer": layer}, placement.redundant_slots(layer)) for layer in engine.spec.moe_layers])
-    metric("rearrangements_total", "counter", "Placements switched to while serving.", [({}, engine.rearrangements)])
+           [({"layer": layer}, n) for layer, n in m.redundant_slots.items()])
+    metric("rearrangements_total", "counter", "Placements switched to while serving.", [({}, m.rearrangements)])
     metric("rearrangement_failures_total", "counter", "Re-placements that failed (the old placement kept serving).",
-           [({}, engine.rearrangement_failures)])
-    pool = engine.backend.pool
-    if pool is not None:
-        pool.poll()  # apply what background probes of failed replicas found
+           [({}, m.rearrangement_failures)])
+    replicas = m.replicas
+    if replicas is not None:
         metric("group_replicas", "gauge", "Live replicas per expert group.",
-               [({"group": d}, len(pool.live(d))) for d in sorted(pool.groups)])
+               [({"group": d}, n) for d, n in replicas.live.items()])
         metric("replica_restarts_total", "counter", "Expert-group actors Ray restarted after a failure.",
-               [({}, pool.restarts)])
+               [({}, replicas.restarts)])
         metric("replicas_evicted_total", "counter", "Replicas removed (and replaced) after staying down.",
-               [({}, pool.evicted)])
+               [({}, replicas.evicted)])
         metric("dispatch_retries_total", "counter", "Dispatch calls re-sent after a replica failed.",
-               [({}, engine.backend.transport.retries)])
+               [({}, m.dispatch_retries)])
         metric("replica_inflight", "gauge", "Dispatch calls in flight on each expert-group replica.",
-               [({"group": g, "replica": i}, n) for (g, i), n in sorted(pool.inflight().items())])
-    if engine.balance is not None:
-        m = engine.balance.metrics()
-        metric("bias_version", "gauge", "Version of the live balancing bias in use.", [({}, m["bias_version"])])
+               [({"group": g, "replica": i}, n) for (g, i), n in replicas.inflight.items()])
+    if m.balance is not None:
+        metric("bias_version", "gauge", "Version of the live balancing bias in use.", [({}, m.balance["bias_version"])])
         metric("router_unreachable", "gauge", "1 when the router service cannot be reached.",
-               [({}, int(m["router_unreachable"]))])
+               [({}, int(m.balance["router_unreachable"]))])
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,7 @@ import torch
 from gateway import Engine
 from gateway.config import DeploymentConfig
 from gateway.model.step import StepBatch
-from gateway.serving.balancing import BalanceClient
+from gateway.serving.balancing import BalanceClient, InProcessRouter, RayRouter
 from router_service.accounting import count_routing
 from router_service.bias import BalanceConfig
 from router_service.load_stats import expert_balance
@@ -49,8 +49,8 @@ def in_process_service(**balancing) -> RouterService:
 
 
 def client_for(service, remote: bool = False, **kwargs) -> BalanceClient:
-    return BalanceClient(service, remote, lambda biases: None, torch.tensor(EXPERT_DEVICE), D, E, K, LAYERS,
-                         **{"push_every_steps": 2, **kwargs})
+    router = RayRouter(service) if remote else InProcessRouter(service)
+    return BalanceClient(router, lambda biases: None, D, E, K, LAYERS, **{"push_every_steps": 2, **kwargs})
 
 
 def observed_totals(steps) -> dict[int, torch.Tensor]:
@@ -133,6 +133,30 @@ def test_pushed_window_equals_a_brute_force_summary_of_the_steps():
         torch.testing.assert_close(w.score_sum, score_sum)
         assert w.sequences == len(per_seq) == 5
         assert w.seq_balance_sum == pytest.approx(sum(expert_balance(c, s, n, K) for c, s, n in per_seq.values()))
+
+
+def test_an_in_process_service_that_raises_is_handled_like_an_unreachable_one():
+    """One code path over both handles: a call that raises in-process is counted as a failure (as a failed Ray
+    call is), observe() never raises, and counts flow again once the service answers."""
+    service = in_process_service()
+    client = client_for(service, push_every_steps=1)
+    steps = [random_step(seed) for seed in range(6)]
+
+    def broken(*args):
+        raise RuntimeError("service bug")
+
+    service.push = broken  # the instance attribute shadows the method: every push raises
+    for routings, step in steps[:3]:
+        client.observe(routings, step)
+    client.sync()  # the snapshot still answers: reachable again, each failed push counted once
+    assert client.metrics()["router_failures"] == 3 and service.window[LAYERS[0]].tokens == 0
+    del service.push
+    for routings, step in steps[3:]:
+        client.observe(routings, step)
+    client.sync()
+    assert client.metrics()["router_failures"] == 3 and not client.metrics()["router_unreachable"]
+    for layer in LAYERS:
+        assert service.window[layer].tokens == sum(step.n_tokens for _, step in steps[3:])
 
 
 def worst_over_layers(model_dir, mode: str, windows: int = 12, window: int = 256) -> tuple[list[float], list[float]]:

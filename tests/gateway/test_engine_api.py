@@ -9,6 +9,7 @@ import torch
 
 from gateway import Engine
 from gateway.model.sampling import sample
+from gateway.serving.sampling_params import SamplingParams
 from tests.conftest import random_prompts
 
 
@@ -72,6 +73,30 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(engine, prompts, kwargs
     with pytest.raises(ValueError, match=message):
         engine.generate(prompts, **{"max_new_tokens": 4, **kwargs})
     assert len(engine.generate([[3, 4, 5]], max_new_tokens=2)[0]) >= 1
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens=0"), ({"max_new_tokens": True}, "max_new_tokens=True"),
+    ({"temperature": -0.5}, "temperature=-0.5"), ({"top_p": 0}, "top_p=0"), ({"seed": 1.5}, "seed=1.5"),
+    ({"logprobs": 21}, "logprobs=21"), ({"penalties": 0.5}, "penalties=0.5"),
+])
+def test_sampling_params_name_the_bad_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**fields)
+
+
+def test_sampling_params_and_keywords_sample_alike(engine):
+    prompt = random_prompts(engine.spec.vocab_size, [6], seed=12)[0]
+    params = SamplingParams(max_new_tokens=8, temperature=1.2, seed=5, stop_at_eos=False)
+    by_keywords = engine.generate([prompt, prompt], max_new_tokens=8, temperature=1.2, seed=5, stop_at_eos=False)
+    assert engine.generate([prompt, prompt], params=params) == by_keywords
+    assert by_keywords[0] != by_keywords[1]  # request i samples with seed + i
+    submitted = engine.submit(prompt, params, max_new_tokens=3)  # a keyword replaces that field of params
+    while engine.has_work():
+        engine.step()
+    assert submitted.output == by_keywords[0][:3] and submitted.finish_reason == "length"
+    with pytest.raises(TypeError, match="top_k: not a sampling setting"):
+        engine.submit(prompt, top_k=3)
 
 
 def test_from_pretrained_rejects_unknown_backend_and_dtype(model_dirs):

@@ -1,17 +1,20 @@
 """Failure paths of the engine: a raising callback fails only its request, a failed step is logged with its
-traceback, and closing never races a step that is still running."""
+traceback, closing never races a step that is still running, and a metrics scrape never acts on a failed replica
+(the engine loop does)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from gateway import Engine
 from gateway.dispatch.transports import DispatchError
-from gateway.serving.engine_loop import EngineLoop
+from gateway.serving.engine_loop import EngineLoop, LoopStats
+from gateway.serving.http_api import prometheus_text
 from tests.conftest import random_prompts
 
 
@@ -128,3 +131,29 @@ def test_loop_close_leaves_the_engine_open_while_a_step_is_still_running(model_d
     slow.release.set()
     assert loop.close(timeout_s=30) is True and closed == [True]
 
+
+
+@pytest.mark.slow
+def test_a_metrics_scrape_only_reads_and_the_idle_engine_loop_polls_replicas(model_dirs, ray_cluster, monkeypatch):
+    with Engine.from_pretrained(model_dirs["tiny-v2"], backend="ray", devices=2) as engine:
+        pool = engine.backend.pool
+        replica = pool.live(1)[0]
+        pool.failed(replica)  # as after a failed call: marked down, a probe (describe) sent to the actor
+        ray_cluster.wait([replica.probe], timeout=60)  # the probe has answered: a poll now would mark it up
+        polls = []
+        for name in ("poll", "_poll_probes_locked"):
+            real = getattr(pool, name)
+            monkeypatch.setattr(pool, name, lambda real=real, name=name: (polls.append(name), real())[1])
+        state = (replica.down_since, replica.unconfirmed, replica.probe, replica.failures, pool.restarts)
+        text = prometheus_text(SimpleNamespace(engine=engine, stats=LoopStats()))  # a scrape, with no loop running
+        assert polls == [] and (replica.down_since, replica.unconfirmed, replica.probe, replica.failures,
+                                pool.restarts) == state
+        assert 'expertmesh_group_replicas{group="1"} 1' in text and "expertmesh_replicas_evicted_total 0" in text
+        loop = EngineLoop(engine)  # idle: it polls the pool, which applies the answered probe
+        try:
+            deadline = time.monotonic() + 30
+            while replica.unconfirmed and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "poll" in polls and not replica.unconfirmed and replica.down_since is None
+        finally:
+            assert loop.stop(timeout_s=30)

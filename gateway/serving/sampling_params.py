@@ -1,0 +1,88 @@
+"""SamplingParams: how one request's tokens are generated, validated once, shared by submit, generate and HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gateway.model.sampling import Penalties
+from gateway.serving.scheduler import Request
+
+MAX_LOGPROBS = 20  # top tokens a request may ask logprobs for (vLLM's default limit; OpenAI's completions allow 5)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """max_new_tokens: tokens to generate at most; temperature 0 is greedy, else top_p nucleus sampling; seed: a
+    per-request generator (None: the global one); stop_at_eos: end after the model's eos token (kept in the output);
+    penalties: presence / frequency / repetition (gateway.model.sampling); logprobs: book the model's logprob of each
+    sampled token and of the `logprobs` most likely ones (0 to MAX_LOGPROBS) in `request.token_logprobs`.
+
+    Errors name the field and its value.
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_at_eos: bool = True
+    penalties: Penalties = Penalties()
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: expected a positive integer")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature!r}: expected a number >= 0")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}: expected 0 < top_p <= 1")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed={self.seed!r}: expected null or an integer")
+        if not isinstance(self.stop_at_eos, bool):
+            raise ValueError(f"stop_at_eos={self.stop_at_eos!r}: expected true or false")
+        if not isinstance(self.penalties, Penalties):
+            raise ValueError(f"penalties={self.penalties!r}: expected a Penalties")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs={self.logprobs!r}: expected null or an integer in [0, {MAX_LOGPROBS}]")
+
+    @classmethod
+    def of(cls, params: SamplingParams | None = None, **fields: Any) -> SamplingParams:
+        """`params` (default: SamplingParams()) with the given fields replaced; a None field keeps its value (so
+        `penalties=None` or `seed=None` mean the defaults). An unknown field is a TypeError naming it."""
+        if params is not None and not isinstance(params, cls):
+            raise TypeError(f"params={params!r}: expected a SamplingParams (sampling settings go by keyword)")
+        base = params if params is not None else cls()
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"{unknown[0]}: not a sampling setting (expected one of "
+                            f"{[f.name for f in dataclasses.fields(cls)]})")
+        given = {name: value for name, value in fields.items() if value is not None}
+        return dataclasses.replace(base, **given) if given else base
+
+    def request(self, request_id: str, prompt: list[int], eos_token_id: int | None, device: torch.device,
+                on_token: Callable | None = None, on_finish: Callable | None = None) -> Request:
+        """A Request generating by these params; its generator lives on the gateway's `device`, where sampling runs
+        (see gateway.model.sampling on seeds across devices)."""
+        stop_eos = self.stop_at_eos and eos_token_id is not None
+        return Request(
+            request_id=request_id, prompt=list(prompt), max_new_tokens=self.max_new_tokens,
+            temperature=float(self.temperature), top_p=float(self.top_p),
+            stop_ids=frozenset([eos_token_id]) if stop_eos else frozenset(),
+            generator=None if self.seed is None else torch.Generator(device).manual_seed(self.seed),
+            on_token=on_token, on_finish=on_finish, penalties=self.penalties, logprobs=self.logprobs)
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The params of the index-th request of a batch: seeded ones sample with seed + index."""
+        return self if self.seed is None else dataclasses.replace(self, seed=self.seed + index)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
