@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway import Engine  # noqa: E402
 from gateway.dispatch.dispatcher import batch_bytes, plan_dispatch  # noqa: E402
-from gateway.dispatch.transports import numpy_args, take_rows  # noqa: E402
+from gateway.dispatch.transports import ExpertCall, numpy_args, take_rows  # noqa: E402
 from model_core.make_model import make_model  # noqa: E402
 from router_service.routing import route_tokens  # noqa: E402
 
@@ -174,10 +174,11 @@ def transport_only(engines: dict[str, Engine], tokens: int, runs: int) -> list[d
         def once():
             set_share(engine, share)
             transport = engine.backend.transport
-            sent = [transport.send(b.device, layer, u, none, b.weights, None, version, b.rows)
-                    for b, none in zip(batches, nowhere, strict=True)]
+            calls = [ExpertCall(b.device, layer, u, none, b.weights, b.rows, None, version)
+                     for b, none in zip(batches, nowhere, strict=True)]
+            handles = [transport.send(call) for call in calls]
             transport.flush()
-            return transport.receive([(b.device, layer, s) for b, s in zip(batches, sent, strict=True)])
+            return transport.receive(calls, handles)
         return once
 
     variants = share_variants(distributed)

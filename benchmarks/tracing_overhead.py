@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway import Engine  # noqa: E402
 from gateway.config import DeploymentConfig  # noqa: E402
 from gateway.dispatch.dispatcher import combine, plan_dispatch  # noqa: E402
+from gateway.dispatch.transports import ExpertCall  # noqa: E402
 from model_core.make_model import make_model  # noqa: E402
 from model_core.telemetry import TracingConfig  # noqa: E402
 from router_service.routing import route_tokens  # noqa: E402
@@ -33,8 +34,8 @@ from router_service.routing import route_tokens  # noqa: E402
 def uninstrumented(backend, layer, hidden, ids, weights) -> torch.Tensor:
     """The dispatch path with no tracing hooks: what 'tracing off' must cost no more than."""
     batches = plan_dispatch(ids, weights, backend.expert_device, backend.placement.n_devices)
-    sent = [backend.transport.send(b.device, layer, hidden[b.rows], b.ids, b.weights) for b in batches]
-    replies = backend.transport.receive([(b.device, layer, s) for b, s in zip(batches, sent, strict=True)])
+    calls = [ExpertCall(b.device, layer, hidden[b.rows], b.ids, b.weights) for b in batches]
+    replies = backend.transport.receive(calls, [backend.transport.send(call) for call in calls])
     return combine(hidden.shape[0], hidden.shape[1], batches, [r.output for r in replies], hidden.dtype)
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 
-from gateway.dispatch.transports import ExpertReply, LocalTransport, Transport
+from gateway.dispatch.transports import ExpertCall, ExpertReply, Transport
 from router_service.placement import Placement
 
 # Shape legend: T = tokens in the layer, K = experts per token, H = hidden, n = rows sent to one device.
@@ -25,6 +27,20 @@ class DeviceBatch:
     ids: torch.Tensor  # [n, K] global expert ids, -1 where the expert lives on another device
     weights: torch.Tensor  # [n, K] float32
 
+    def nbytes(self, hidden_size: int, hidden_itemsize: int) -> tuple[int, int]:
+        """(bytes out, bytes back) of this batch (see batch_bytes)."""
+        return batch_bytes(*self.ids.shape, hidden_size, hidden_itemsize, self.ids.element_size())
+
+    @cached_property
+    def pairs(self) -> int:
+        """(token, expert) pairs computed there."""
+        return int((self.ids >= 0).sum())
+
+    @cached_property
+    def experts_hit(self) -> int:
+        """Distinct experts whose weights the group reads (one torch.unique, shared by the span and the log)."""
+        return int(torch.unique(self.ids[self.ids >= 0]).numel())
+
 
 def plan_dispatch(
     ids: torch.Tensor, weights: torch.Tensor, hosts: torch.Tensor, n_devices: int,
@@ -36,10 +52,7 @@ def plan_dispatch(
     padded, see `choose_copies`); token_devices: [T, M] the devices top-M routing chose per token, or None ->
     batches in device order.
     """
-    if hosts.dim() == 1 or hosts.shape[1] == 1:
-        device_of = hosts.view(hosts.shape[0])[ids]  # [T, K]; hosts must be on ids' device (the Dispatcher's)
-    else:
-        device_of = choose_copies(ids, hosts, token_devices)
+    device_of = pair_devices(ids, hosts, token_devices)  # [T, K]
     batches = []
     for d in range(n_devices):
         here = device_of == d  # [T, K]
@@ -58,6 +71,14 @@ def host_tables(placement: Placement,
     expert_device = placement.device_tensor().to(device)
     hosts = {layer: placement.copy_table(layer).to(device) for layer, _ in placement.layers}
     return expert_device, hosts
+
+
+def pair_devices(ids: torch.Tensor, hosts: torch.Tensor, token_devices: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, K] the device serving each (token, expert) pair: a lookup in an [E] (or [E, 1]) table, else the copy
+    `choose_copies` picks. hosts must be on ids' device (the Dispatcher's)."""
+    if hosts.dim() == 1 or hosts.shape[1] == 1:
+        return hosts.view(hosts.shape[0])[ids]
+    return choose_copies(ids, hosts, token_devices)
 
 
 def choose_copies(ids: torch.Tensor, hosts: torch.Tensor, token_devices: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,6 +102,15 @@ def choose_copies(ids: torch.Tensor, hosts: torch.Tensor, token_devices: torch.T
     pick = rank.view_as(ids) % usable.sum(dim=-1)  # [T, K]: which usable copy
     chosen = usable & (usable.cumsum(dim=-1) == (pick + 1)[..., None])  # exactly one per pair
     return candidates.masked_fill(~chosen, 0).sum(dim=-1)
+
+
+def served_devices(batches: list[DeviceBatch], n_tokens: int, top_k: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """[T, K] int64: the device that computed each (token, expert) pair of a dispatch plan (the copy it chose)."""
+    out = torch.full((n_tokens, top_k), -1, dtype=torch.long, device=device)
+    for b in batches:
+        out[b.rows] = torch.where(b.ids >= 0, b.device, out[b.rows])
+    return out
 
 
 def combine(n_tokens: int, hidden_size: int, batches: list[DeviceBatch], partials: list[torch.Tensor],
@@ -141,18 +171,23 @@ class DispatchStats:
         """Log the next layer dispatches call by call, keeping the last n (0: stop logging)."""
         self.layer_log = deque(maxlen=n) if n else None
 
-    def log_layer(self, layer: int, batches: list[DeviceBatch], replies: list[ExpertReply], hidden_size: int,
-                  hidden_itemsize: int, seconds: float) -> None:
+    def record(self, layer: int, batches: list[DeviceBatch], nbytes: list[tuple[int, int]]) -> None:
+        """Count a layer's dispatch; nbytes: each batch's (bytes out, bytes back), DeviceBatch.nbytes."""
+        counts = self.tokens.setdefault(layer, torch.zeros(self.n_devices, dtype=torch.long))
+        for b, (out, back) in zip(batches, nbytes, strict=True):
+            counts[b.device] += b.rows.numel()
+            self.calls += 1
+            self.bytes_sent += out
+            self.bytes_received += back
+
+    def log_layer(self, layer: int, batches: list[DeviceBatch], nbytes: list[tuple[int, int]],
+                  replies: list[ExpertReply], seconds: float) -> None:
+        """Keep the layer's calls (with `keep_layers`); nbytes as for `record`."""
         if self.layer_log is None:
             return
-        calls = []
-        for b, reply in zip(batches, replies, strict=True):
-            n, k = b.ids.shape
-            valid = b.ids[b.ids >= 0]
-            out, back = batch_bytes(n, k, hidden_size, hidden_itemsize, b.ids.element_size())
-            calls.append(DeviceCall(b.device, n, int(valid.numel()), int(torch.unique(valid).numel()), out, back,
-                                    reply.compute_ms))
-        self.layer_log.append(LayerRecord(layer, tuple(calls), seconds))
+        calls = tuple(DeviceCall(b.device, b.rows.numel(), b.pairs, b.experts_hit, out, back, reply.compute_ms)
+                      for b, (out, back), reply in zip(batches, nbytes, replies, strict=True))
+        self.layer_log.append(LayerRecord(layer, calls, seconds))
 
     def table(self) -> str:
         """Token rows sent to each device per MoE layer, then the calls and bytes of every layer together."""
@@ -163,26 +198,18 @@ class DispatchStats:
                      f"{self.bytes_sent / 2**20:.2f} MiB sent, {self.bytes_received / 2**20:.2f} MiB back")
         return "\n".join(lines)
 
-    def record(self, layer: int, batches: list[DeviceBatch], hidden_itemsize: int, hidden_size: int) -> None:
-        counts = self.tokens.setdefault(layer, torch.zeros(self.n_devices, dtype=torch.long))
-        for b in batches:
-            n, k = b.ids.shape
-            counts[b.device] += n
-            self.calls += 1
-            out, back = batch_bytes(n, k, hidden_size, hidden_itemsize, b.ids.element_size())
-            self.bytes_sent += out
-            self.bytes_received += back
-
 
 class PendingCombine:
-    """A dispatched layer whose routed output is not needed yet (the gateway computes shared experts meanwhile)."""
+    """A dispatched layer whose routed output is not needed yet (the gateway computes shared experts meanwhile).
+    calls[i] is batches[i] as sent, handles[i] what the transport returned for it, nbytes[i] its (out, back)."""
 
-    def __init__(self, transport: Transport, layer: int, batches: list[DeviceBatch], sent: list[Any],
-                 shape: tuple[int, int], dtype: torch.dtype, device: torch.device, spans: list | None,
-                 stats: DispatchStats, started: float) -> None:
-        self.transport, self.layer, self.batches, self.sent = transport, layer, batches, sent
-        self.shape, self.dtype, self.device, self.spans = shape, dtype, device, spans
-        self.stats, self.started = stats, started
+    def __init__(self, transport: Transport, layer: int, batches: list[DeviceBatch], calls: list[ExpertCall],
+                 handles: list[Any], nbytes: list[tuple[int, int]], ids_shape: tuple[int, int], hidden: torch.Tensor,
+                 spans: list | None, stats: DispatchStats, started: float) -> None:
+        self.transport, self.layer, self.batches, self.calls, self.handles = transport, layer, batches, calls, handles
+        self.nbytes, self.spans, self.stats, self.started = nbytes, spans, stats, started
+        self.ids_shape = ids_shape  # (T, K)
+        self.shape, self.dtype, self.device = tuple(hidden.shape), hidden.dtype, hidden.device  # (T, H)
         self.replies: list[ExpertReply] = []
 
     def tokens_per_device(self, n_devices: int) -> torch.Tensor:
@@ -193,12 +220,15 @@ class PendingCombine:
             rows[b.device] = int(b.rows.numel())
         return torch.tensor(rows, dtype=torch.long).to(self.device)
 
+    def served_devices(self) -> torch.Tensor:
+        """[T, K] int64 the device that computed each (token, expert) pair (the copy the plan chose)."""
+        return served_devices(self.batches, *self.ids_shape, device=self.device)
+
     def wait(self) -> torch.Tensor:
         """The summed routed-expert output, [T, H] in token order."""
-        pending = [(b.device, self.layer, s) for b, s in zip(self.batches, self.sent, strict=True)]
         blocked = time.perf_counter()
         try:
-            self.replies = self.transport.receive(pending)
+            self.replies = self.transport.receive(self.calls, self.handles)
         finally:
             self.stats.blocked_seconds += time.perf_counter() - blocked
             if self.spans:
@@ -212,7 +242,7 @@ class PendingCombine:
         seconds = time.perf_counter() - self.started
         self.stats.layers += 1
         self.stats.wait_seconds += seconds
-        self.stats.log_layer(self.layer, self.batches, self.replies, self.shape[1], self.dtype.itemsize, seconds)
+        self.stats.log_layer(self.layer, self.batches, self.nbytes, self.replies, seconds)
         return out
 
 
@@ -257,30 +287,25 @@ class Dispatcher:
         if placement.version <= self.placement.version:
             raise ValueError(f"placement.version={placement.version}: expected > the current "
                              f"{self.placement.version}")
-        if self.pool is not None:
-            self.pool.stage(placement)
-        elif isinstance(self.transport, LocalTransport):
-            for d, group in enumerate(self.transport.groups):
-                group.stage(placement.version, placement.experts_on(d), placement.layer_overrides(d))
-        else:
-            raise ValueError(f"{type(self.transport).__name__}: re-placement needs a replica pool or in-process "
-                             "groups (the compiled-graph backend has a fixed topology)")
+        self.transport.stage_placement(placement)
 
     def switch(self, placement: Placement) -> None:
         """Dispatch by `placement` (already staged) from now on: call between steps, with no layer in flight."""
         self._use(placement)
-        if self.pool is not None:
-            self.pool.switch(placement)
+        self.transport.switch_placement(placement)
         self.placements_switched += 1
 
     def release(self) -> None:
         """Every group frees the placement versions other than the current one."""
-        keep = self.placement.version
-        if self.pool is not None:
-            self.pool.release_placements(keep)
-        elif isinstance(self.transport, LocalTransport):
-            for group in self.transport.groups:
-                group.release(keep)
+        self.transport.release_placements(self.placement.version)
+
+    def devices_for(self, layer: int, ids: torch.Tensor, token_devices: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, K] int64 the device serving each (token, expert) pair of ids [T, K] at `layer` by the current
+        placement: the layer's own layout where it has one, else the base map. With copies, the copy a dispatch of
+        exactly these tokens picks (token_devices: [T, M] as for `dispatch`); a step that ran in micro-batches
+        picked per micro-batch, which may differ (`PendingCombine.served_devices` has what each dispatch chose)."""
+        placement, expert_device, hosts = self._view
+        return pair_devices(ids, hosts.get(layer, expert_device), token_devices)
 
     def set_tracer(self, tracer) -> None:
         """Trace dispatches (None: off). In-process groups record their server spans with the same tracer."""
@@ -297,40 +322,42 @@ class Dispatcher:
         placement, expert_device, hosts = self._view
         batches = plan_dispatch(topk_ids, topk_weights, hosts.get(layer, expert_device), placement.n_devices,
                                 token_devices)
-        version = placement.version
+        calls = [ExpertCall(b.device, layer, hidden, b.ids, b.weights, b.rows, None, placement.version)
+                 for b in batches]
+        nbytes = [b.nbytes(hidden.shape[1], hidden.element_size()) for b in batches]  # for the stats and spans
         if self.tracer is None:
-            sent = [self.transport.send(b.device, layer, hidden, b.ids, b.weights, None, version, b.rows)
-                    for b in batches]
+            handles = [self.transport.send(call) for call in calls]
             spans = None
         else:
-            sent, spans = self._send_traced(layer, hidden, batches, version)
+            calls, handles, spans = self._send_traced(calls, batches, nbytes)
         self.transport.flush()
-        self.stats.record(layer, batches, hidden.element_size(), hidden.shape[1])
-        return PendingCombine(self.transport, layer, batches, sent, tuple(hidden.shape), hidden.dtype, hidden.device,
+        self.stats.record(layer, batches, nbytes)
+        return PendingCombine(self.transport, layer, batches, calls, handles, nbytes, tuple(topk_ids.shape), hidden,
                               spans, self.stats, started)
 
-    def _send_traced(self, layer: int, hidden: torch.Tensor, batches: list[DeviceBatch],
-                     version: int) -> tuple[list, list]:
+    def _send_traced(self, calls: list[ExpertCall], batches: list[DeviceBatch],
+                     nbytes: list[tuple[int, int]]) -> tuple[list[ExpertCall], list, list]:
+        """Send each call inside a CLIENT span whose context it carries: (the calls as sent, handles, spans)."""
         from opentelemetry import trace
         from opentelemetry.trace import SpanKind
 
         from model_core.telemetry import inject_context
 
-        sent, spans = [], []
-        for b in batches:
+        sent, handles, spans = [], [], []
+        for call, b, (bytes_out, _) in zip(calls, batches, nbytes, strict=True):
             span = self.tracer.start_span(f"dispatch device {b.device}", kind=SpanKind.CLIENT)
             if span.is_recording():  # an unsampled trace pays for no attributes
                 span.set_attributes({
-                    "expertmesh.layer": layer, "expertmesh.device": b.device, "expertmesh.tokens": int(b.rows.numel()),
-                    "expertmesh.experts_hit": int(torch.unique(b.ids[b.ids >= 0]).numel()),
-                    "expertmesh.bytes_sent": batch_bytes(*b.ids.shape, hidden.shape[1], hidden.element_size(),
-                                                         b.ids.element_size())[0],
+                    "expertmesh.layer": call.layer, "expertmesh.device": b.device,
+                    "expertmesh.tokens": int(b.rows.numel()), "expertmesh.experts_hit": b.experts_hit,
+                    "expertmesh.bytes_sent": bytes_out,
                 })
             with trace.use_span(span, end_on_exit=False):
-                carrier = inject_context()
-            sent.append(self.transport.send(b.device, layer, hidden, b.ids, b.weights, carrier, version, b.rows))
+                call = dataclasses.replace(call, carrier=inject_context())
+            sent.append(call)
+            handles.append(self.transport.send(call))
             spans.append(span)
-        return sent, spans
+        return sent, handles, spans
 
     def close(self) -> None:
         self.transport.close()

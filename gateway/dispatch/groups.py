@@ -34,7 +34,7 @@ def build_dispatcher(cfg: DeploymentConfig, spec: ModelSpec, placement: Placemen
         elif cfg.backend == "ray-rdt":
             import ray
 
-            from gateway.dispatch.rdt_transport import RdtTransport, pick_tensor_transport
+            from gateway.dispatch.transports.rdt import RdtTransport, pick_tensor_transport
 
             over = pick_tensor_transport(cfg.rpc.tensor_transport, device, cfg.ray.device_resource == "gpu",
                                          pool.cluster_gpus(), holds_ray_gpu=bool(ray.get_gpu_ids()))

@@ -70,13 +70,13 @@ class RecordingTransport:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def send(self, device, layer, *args):
-        self.events.append(("send", layer))
-        return self.inner.send(device, layer, *args)
+    def send(self, call):
+        self.events.append(("send", call.layer))
+        return self.inner.send(call)
 
-    def receive(self, pending):
-        self.events.append(("receive", pending[0][1]))
-        return self.inner.receive(pending)
+    def receive(self, calls, handles):
+        self.events.append(("receive", calls[0].layer))
+        return self.inner.receive(calls, handles)
 
 
 def sends_before_first_collect(model_dir, micro_batches: int) -> tuple[int, int]:

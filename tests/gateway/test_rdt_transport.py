@@ -11,7 +11,8 @@ import torch
 
 from gateway import Engine
 from gateway.config import DeploymentConfig, DeploymentConfigError, RpcConfig
-from gateway.dispatch.rdt_transport import pick_tensor_transport
+from gateway.dispatch.transports import ExpertCall
+from gateway.dispatch.transports.rdt import pick_tensor_transport
 from tests.conftest import Traffic, random_prompts
 
 PROMPTS = random_prompts(272, [6, 10, 4], seed=21)
@@ -162,8 +163,8 @@ def test_calls_in_flight_together_to_one_group_each_get_their_own_output(model_d
         want = [local.backend.dispatch(layer, *x).wait() for x in inputs]
         transport = rdt.backend.transport
         for _ in range(10):
-            sent = [transport.send(0, layer, h, ids, w) for h, ids, w in inputs]  # all in flight at once
-            replies = transport.receive([(0, layer, s) for s in sent])
+            calls = [ExpertCall(0, layer, h, ids, w) for h, ids, w in inputs]
+            replies = transport.receive(calls, [transport.send(call) for call in calls])  # all in flight at once
             for reply, expected in zip(replies, want, strict=True):
                 assert torch.allclose(reply.output, expected, atol=1e-6)
         assert plan_dispatch(inputs[0][1], inputs[0][2], rdt.backend.expert_device, 2)[0].device == 0

@@ -13,7 +13,7 @@ from gateway.config import DeploymentConfig, RpcConfig
 from gateway.dispatch.dispatcher import Dispatcher, plan_dispatch
 from gateway.dispatch.groups import build_dispatcher
 from gateway.dispatch.replica_pool import ExpertGroupPool
-from gateway.dispatch.transports import DispatchError, GrpcTransport, LocalTransport, RayTransport
+from gateway.dispatch.transports import DispatchError, ExpertCall, GrpcTransport, LocalTransport, RayTransport
 from model_core.spec import ModelSpec
 from router_service.placement import Placement
 
@@ -73,10 +73,10 @@ def test_a_failed_call_releases_every_in_flight_count_of_its_layer(transport, mo
         on[0][ids >= 8] = -1  # contiguous placement: experts 0..7 on group 0, 8..15 on group 1
         on[1][ids < 8] = -1
         # Group 0 gets a layer it does not serve (refused: not retryable); group 1's call is fine.
-        pending = [(0, 999, t.send(0, 999, hidden, on[0], weights)),
-                   (1, layer, t.send(1, layer, hidden, on[1], weights))]
+        calls = [ExpertCall(0, 999, hidden, on[0], weights), ExpertCall(1, layer, hidden, on[1], weights)]
+        handles = [t.send(call) for call in calls]
         with pytest.raises(DispatchError, match="group 0, layer 999"):
-            t.receive(pending)
+            t.receive(calls, handles)
         assert set(dispatcher.pool.inflight().values()) == {0}
         started = time.monotonic()
         dispatcher.pool.scale(1, 2)

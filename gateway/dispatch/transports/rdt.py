@@ -9,7 +9,8 @@ gateway starts a new one and sends the calls again; an expert replica killed wit
 With CUDA IPC (one-sided: no group, nothing killed) a gateway that holds a Ray GPU share sends straight to
 expert actors on the same GPU.
 
-Replica choice, retries, timeouts and scaling are the `ray` transport's (the shared `_ReplicaTransport`).
+Replica choice, retries, timeouts and scaling are the `ray` transport's (`ReplicaTransport`), and so is the waiting
+on Ray ObjectRefs (`RayCallTransport`).
 """
 
 from __future__ import annotations
@@ -24,15 +25,9 @@ import torch
 
 from expert_workers.collective import leave_collective_groups
 from gateway.config import TENSOR_TRANSPORTS
-from gateway.dispatch.transports import (
-    ExpertReply,
-    _Call,
-    _describe,
-    _ReplicaDown,
-    _ReplicaSlow,
-    _ReplicaTransport,
-    take_rows,
-)
+from gateway.dispatch.transports.interface import describe_error
+from gateway.dispatch.transports.ray_actor import RayCallTransport
+from gateway.dispatch.transports.retrying import ReplicaCall
 from protos.codec import DTYPES, NAMES, numpy_to_tensor, tensor_to_numpy
 
 logger = logging.getLogger(__name__)
@@ -102,21 +97,21 @@ class RdtRelay:
         return self._staged.pop(key)
 
     def land(self, key: int, reply: tuple) -> None:
-        """reply: (output [n, H], tokens_per_expert, compute_ms) as the expert group returned it."""
+        """reply: (output [n, H], compute_ms) as the expert group returned it."""
         if key in self._expected:
             self._landed[key] = reply
 
     # -- the gateway's calls ----------------------------------------------------------------------------------
     def forward(self, members: tuple, name: str, layer: int, hidden, expert_ids, weights, dtype: str,
                 carrier: dict[str, str] | None = None, version: int | None = None) -> tuple:
-        """One device batch on replica `name` -> (output as numpy, tokens_per_expert, compute_ms).
+        """One device batch on replica `name` -> (output as numpy, compute_ms).
 
         members: (version, {name: actor handle}) of the gateway's live replicas; hidden: numpy. The rows and the
         output cross the gateway ⇄ relay hop through the object store: Ray's CUDA IPC would need both processes
         on one Ray-assigned GPU, which it cannot promise for two actors; relay ⇄ expert is Gloo or NCCL."""
-        out, counts, ms = self._forward(members, name, layer, numpy_to_tensor(hidden, DTYPES[dtype]), expert_ids,
+        out, ms = self._forward(members, name, layer, numpy_to_tensor(hidden, DTYPES[dtype]), expert_ids,
                                         weights, carrier, version)
-        return tensor_to_numpy(out.cpu()), counts, ms
+        return tensor_to_numpy(out.cpu()), ms
 
     def counters(self) -> dict:
         with self._cond:
@@ -149,7 +144,7 @@ class RdtRelay:
                 raise
             except ray.exceptions.RayError as exc:  # the expert failed: the group must not be used with it again
                 self._drop_member(name)
-                raise MemberDown(f"replica {name}: {_describe(exc)}") from None
+                raise MemberDown(f"replica {name}: {describe_error(exc)}") from None
             return self._landed.pop(key)
         finally:
             self._expected.discard(key)
@@ -200,7 +195,7 @@ class RdtRelay:
             try:
                 destroy_collective_group(old)
             except Exception as exc:  # a dead member's group: Ray already dropped parts of it
-                logger.info("destroying the collective group: %s", _describe(exc))
+                logger.info("destroying the collective group: %s", describe_error(exc))
         leave_collective_groups()
         names = list(handles)
         resets = {n: handles[n].rdt_reset.remote() for n in names}
@@ -212,7 +207,7 @@ class RdtRelay:
                     ray.get(resets[n])
                     members[n] = handles[n]
                 except ray.exceptions.RayError as exc:
-                    logger.info("replica %s left out of the collective group: %s", n, _describe(exc))
+                    logger.info("replica %s left out of the collective group: %s", n, describe_error(exc))
         me = ray.get_runtime_context().current_actor
         self._group = create_collective_group([me, *members.values()], backend=GROUP_BACKENDS[self.transport])
         watches = {n: self._watches[n] for n in members if n in self._watches
@@ -224,9 +219,11 @@ class RdtRelay:
                     sorted(members))
 
 
-class RdtTransport(_ReplicaTransport):
+class RdtTransport(RayCallTransport):
     """Dispatch over Ray Direct Transport from the gateway process: through the relay (Gloo, NCCL), or straight
     to the expert actors (CUDA IPC: this process must hold a Ray GPU share). See the module docstring."""
+
+    resend_errors = (MemberDown,)  # raised by the relay: the replica left the group
 
     def __init__(self, pool, transport: str, device: torch.device, timeout_s: float, deadline_s: float,
                  relay_concurrency: int = 64) -> None:
@@ -271,45 +268,31 @@ class RdtTransport(_ReplicaTransport):
         return self._members_ref
 
     # -- calls ------------------------------------------------------------------------------------------------
-    def send(self, device, layer, hidden, ids, weights, carrier=None, version=None, rows=None):
-        hidden = take_rows(hidden, rows).contiguous()
-        args = (layer, hidden, tensor_to_numpy(ids), tensor_to_numpy(weights), carrier, version)
-        return self._submit(device, args, hidden.dtype)
-
-    def _call(self, replica, args):
-        layer, hidden, ids, weights, carrier, version = args
+    def _start(self, replica, flight: ReplicaCall) -> tuple:
+        """(the reply's ObjectRef, the relay it went through or None)."""
+        call = flight.call
+        hidden = call.device_rows().contiguous()
+        ids, weights = tensor_to_numpy(call.ids), tensor_to_numpy(call.weights)
         if self.transport == "cuda_ipc":  # one-sided: straight to the expert actor
             staged = ray.put(hidden, _tensor_transport="cuda_ipc")
-            return replica.actor.forward_rdt_cuda_ipc.remote(layer, staged, ids, weights, carrier, version), None
+            return replica.actor.forward_rdt_cuda_ipc.remote(call.layer, staged, ids, weights, call.carrier,
+                                                             call.version), None
         relay = self.relay()
-        return relay.forward.remote(self._members(), replica.name, layer, tensor_to_numpy(hidden), ids, weights,
-                                    NAMES[hidden.dtype], carrier, version), relay
+        return relay.forward.remote(self._members(), replica.name, call.layer, tensor_to_numpy(hidden), ids, weights,
+                                    NAMES[hidden.dtype], call.carrier, call.version), relay
 
-    def _wait(self, call: _Call) -> ExpertReply:
-        ref, relay = call.handle
-        try:
-            out, counts, ms = ray.get(ref, timeout=self.timeout_s)
-        except MemberDown as exc:
-            raise _ReplicaDown(str(exc).splitlines()[-1]) from None
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            if relay is not None:  # the callee is the relay: it died
-                self._lost_relay(relay)
-            raise _ReplicaDown(_describe(exc)) from None
-        except ray.exceptions.GetTimeoutError:
-            raise _ReplicaSlow(f"no reply in {self.timeout_s}s") from None
-        if isinstance(out, torch.Tensor):
-            return ExpertReply(out.to(self.device), counts, ms)
-        return ExpertReply(numpy_to_tensor(out, call.dtype), counts, ms)
+    def _ref(self, flight: ReplicaCall):
+        return flight.future[0]
 
-    def _finished(self, call: _Call) -> bool:
-        return bool(ray.wait([call.handle[0]], timeout=0)[0])
+    def _actor_died(self, flight: ReplicaCall) -> None:
+        relay = flight.future[1]
+        if relay is not None:  # the callee is the relay: it died
+            self._lost_relay(relay)
 
-    def _cancel(self, call: _Call) -> None:
-        pass  # a started call runs to its end; its in-flight count is released when it does
-
-    def _settle(self, calls: list[_Call], timeout_s: float) -> None:
-        if calls:
-            ray.wait([c.handle[0] for c in calls], num_returns=len(calls), timeout=timeout_s)
+    def _output(self, out, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(out, torch.Tensor):  # CUDA IPC hands back a tensor
+            return out.to(self.device)
+        return numpy_to_tensor(out, dtype)
 
     def counters(self) -> dict:
         """The relay's group builds and what it holds (tests and /metrics); {} without a relay."""
