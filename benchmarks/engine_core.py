@@ -46,8 +46,7 @@ def engine_of(model: str, dtype: str, **settings):
 
     fields = {"model": model, "dtype": dtype, "backend": "local"}
     if settings:  # only this checkout knows the cache and chunked-prefill settings
-        from gateway.model.kv_cache import CacheConfig
-        from gateway.serving.scheduler import SchedulerConfig
+        from gateway.config import CacheConfig, SchedulerConfig
 
         fields["cache"] = CacheConfig(**settings.pop("cache", {}))
         fields["scheduler"] = SchedulerConfig(**settings.pop("scheduler", {}))

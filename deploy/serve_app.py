@@ -8,7 +8,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
-from gateway.config import DeploymentConfig
+from gateway.config import DeploymentConfig, read_deployment_yaml
 from gateway.serving import chat as chat_api
 from gateway.serving import completions as completions_api
 from gateway.serving import http_api
@@ -112,9 +112,7 @@ def build(args: dict[str, Any]) -> serve.Application:
     """
     deployment: dict[str, Any] = {}
     if "config" in args:
-        import yaml
-
-        deployment.update(yaml.safe_load(Path(args["config"]).read_text()))
+        deployment.update(read_deployment_yaml(args["config"]))
     deployment.update(args.get("deployment", {}))
     config = DeploymentConfig.from_dict(deployment)  # fail here, with the field named, not inside a replica
     # The driver's files and EXPERTMESH_API_KEY / EXPERTMESH_ADMIN_KEY: the replica may lack them.

@@ -11,25 +11,84 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from gateway.model.kv_cache import CacheConfig
-from gateway.serving.scheduler import SchedulerConfig
+from model_core.compute_choices import KERNELS, MODEL_DTYPES
 from model_core.half_matmul import MODES as HALF_MATMUL_MODES
 from model_core.telemetry import TracingConfig
+from model_core.yaml_file import read_yaml_mapping
 from protos.channel import RpcSecurity
+from protos.codec import DTYPES
 from router_service.bias import BalanceConfig
 
 BACKENDS = ("local", "ray", "ray-dag", "ray-rdt", "grpc")
 TENSOR_TRANSPORTS = ("gloo", "nccl", "cuda_ipc")  # backend ray-rdt: how tensors travel (Ray Direct Transport)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_RESOURCES = ("cpu", "gpu")
 GATEWAY_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-EXPERT_KERNELS = ("auto", "triton", "torch")
 
 
 class DeploymentConfigError(ValueError):
     """A deployment setting is unknown or out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The `scheduler:` section: the budgets continuous batching schedules each step under."""
+
+    max_batch_tokens: int = 8192  # tokens per forward step (one per decoding sequence + prefill chunks)
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step: longer prompts are chunked across steps
+    max_running: int = 64  # sequences decoding at once
+    max_waiting: int = 256  # queued requests before new ones are refused
+    request_timeout_s: float = 600.0  # an HTTP request still unanswered after this is cancelled (504)
+    micro_batches: int | str = 1  # 2: ping-pong (one half's expert hop overlaps the other's attention); 'auto'
+
+    def __post_init__(self) -> None:
+        if self.micro_batches not in (1, 2, "auto") or isinstance(self.micro_batches, bool):
+            raise DeploymentConfigError(f"scheduler.micro_batches={self.micro_batches!r}: expected 1, 2 or 'auto'")
+        for name in ("max_batch_tokens", "max_prefill_tokens", "max_running", "max_waiting"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DeploymentConfigError(f"scheduler.{name}={value!r}: expected an integer >= 1")
+        timeout = self.request_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise DeploymentConfigError(f"scheduler.request_timeout_s={timeout!r}: expected a number of seconds > 0")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The `cache:` section: how big the latent-cache pool is and how it is cut into blocks."""
+
+    block_size: int = 16  # tokens per block (every layer's c_kv + k_pe for those tokens)
+    max_tokens: int | None = None  # pool size in tokens; None: memory_fraction of the device's free memory
+    memory_fraction: float = 0.1  # used when max_tokens is None: the share of free memory at startup
+    prefix_caching: bool = True  # reuse full blocks of an identical prefix (hash-chained) across requests
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_tokens"):
+            value = getattr(self, name)
+            if value is None and name == "max_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DeploymentConfigError(f"cache.{name}={value!r}: expected an integer >= 1")
+        fraction = self.memory_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.95:
+            raise DeploymentConfigError(f"cache.memory_fraction={fraction!r}: expected a number in (0, 0.95]")
+        if not isinstance(self.prefix_caching, bool):
+            raise DeploymentConfigError(f"cache.prefix_caching={self.prefix_caching!r}: expected true or false")
+
+    def pool_tokens(self, bytes_per_token: int, device: torch.device, most_useful: int) -> int:
+        """Tokens the pool holds: max_tokens, else memory_fraction of the device's free memory, capped at
+        `most_useful` (no more than the engine could ever fill), at least one block."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        tokens = int(_free_memory(device) * self.memory_fraction) // bytes_per_token
+        return max(self.block_size, min(tokens, most_useful))
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free now on `device`: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -203,12 +262,12 @@ class DeploymentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)  # the HTTP API's key
 
     def __post_init__(self) -> None:
-        _choice("dtype", self.dtype, tuple(DTYPES))
+        _choice("dtype", self.dtype, MODEL_DTYPES)
         _choice("backend", self.backend, BACKENDS)
         _choice("ray.device_resource", self.ray.device_resource, DEVICE_RESOURCES)
-        _choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
+        _choice("expert_kernel", self.expert_kernel, KERNELS)
         _choice("half_matmul", self.half_matmul, HALF_MATMUL_MODES)
-        _choice("attention_kernel", self.attention_kernel, EXPERT_KERNELS)
+        _choice("attention_kernel", self.attention_kernel, KERNELS)
         if not isinstance(self.gateway_device, str) or not GATEWAY_DEVICE.fullmatch(self.gateway_device):
             raise DeploymentConfigError(
                 f"gateway_device={self.gateway_device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index)")
@@ -256,7 +315,7 @@ class DeploymentConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[self.dtype]  # the wire's table: hidden states travel in the model's dtype
 
     @property
     def router_on_ray(self) -> bool:
@@ -288,24 +347,18 @@ class DeploymentConfig:
         if not isinstance(raw, dict):
             raise DeploymentConfigError(f"deployment: expected a mapping, got {type(raw).__name__}")
         raw = dict(raw)
-        sections = {"ray": RayConfig, "rpc": RpcConfig, "balancing": BalanceConfig, "tracing": TracingConfig,
-                    "scheduler": SchedulerConfig, "cache": CacheConfig, "server": ServerConfig}
         nested = {}
-        for name, kind in sections.items():
+        for name, kind in _sections().items():
             value = raw.pop(name, None) or {}
             nested[name] = kind(**_known(name, value, kind))
-        top = _known("deployment", raw, cls, skip=set(sections))
+        top = _known("deployment", raw, cls, skip=set(nested))
         if "model" not in top:
             raise DeploymentConfigError("model: missing (a checkpoint directory)")
         return cls(**top, **nested)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DeploymentConfig:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise DeploymentConfigError(f"{path}: cannot read deployment file ({exc})") from None
+        raw = read_deployment_yaml(path)
         try:
             return cls.from_dict(raw)
         except (ValueError, TypeError) as exc:
@@ -314,8 +367,7 @@ class DeploymentConfig:
     def with_overrides(self, **overrides: Any) -> DeploymentConfig:
         """Replace top-level fields (CLI flags); None values are ignored, 'ray.x' / 'rpc.x' reach sections."""
         top: dict[str, Any] = {}
-        nested: dict[str, dict[str, Any]] = {"ray": {}, "rpc": {}, "balancing": {}, "tracing": {}, "scheduler": {},
-                                             "cache": {}, "server": {}}
+        nested: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -326,17 +378,20 @@ class DeploymentConfig:
                 nested[section][name] = value
             else:
                 top[key] = value
-        return dataclasses.replace(
-            self,
-            **top,
-            ray=dataclasses.replace(self.ray, **nested["ray"]),
-            rpc=dataclasses.replace(self.rpc, **nested["rpc"]),
-            balancing=dataclasses.replace(self.balancing, **nested["balancing"]),
-            tracing=dataclasses.replace(self.tracing, **nested["tracing"]),
-            scheduler=dataclasses.replace(self.scheduler, **nested["scheduler"]),
-            cache=dataclasses.replace(self.cache, **nested["cache"]),
-            server=dataclasses.replace(self.server, **nested["server"]),
-        )
+        sections = {name: dataclasses.replace(getattr(self, name), **changes) for name, changes in nested.items()}
+        return dataclasses.replace(self, **top, **sections)
+
+
+def read_deployment_yaml(path: str | Path) -> dict[str, Any]:
+    """A deployment file's raw mapping (DeploymentConfig.from_dict checks its settings)."""
+    return read_yaml_mapping(path, "deployment file", DeploymentConfigError)
+
+
+def _sections() -> dict[str, type]:
+    """DeploymentConfig's sections (`ray:`, `rpc:`, ...), name -> dataclass: the fields whose default is a
+    section dataclass, so a new section is declared once, as a field."""
+    return {f.name: f.default_factory for f in dataclasses.fields(DeploymentConfig)
+            if dataclasses.is_dataclass(f.default_factory)}
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
+from model_core.yaml_file import read_yaml_mapping
 from router_service.routing import check_top_m, members_of
 
 
@@ -85,12 +85,8 @@ class Placement:
     def from_file(cls, path: str | Path, n_experts: int, moe_layers: Sequence[int] | None = None) -> Placement:
         """A YAML or JSON file `{devices: [[0, 1, ...], [8, 9, ...], ...]}`, optionally with
         `layers: {<MoE layer>: [[expert ids of device 0], ...]}` where experts may have copies (see `layout`)."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise PlacementError(f"{path}: cannot read placement ({exc})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("devices"), list):
+        data = read_yaml_mapping(path, "placement file", PlacementError)
+        if not isinstance(data.get("devices"), list):
             raise PlacementError(f"{path}: expected a mapping with a 'devices' list of expert-id lists")
         unknown = sorted(set(data) - {"devices", "layers", "version"})
         if unknown:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -17,44 +16,6 @@ from gateway.model.step import StepBatch
 
 class CacheFull(RuntimeError):
     """The pool has too few free blocks for what was asked; nothing was changed."""
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """The `cache:` section: how big the latent-cache pool is and how it is cut into blocks."""
-
-    block_size: int = 16  # tokens per block (every layer's c_kv + k_pe for those tokens)
-    max_tokens: int | None = None  # pool size in tokens; None: memory_fraction of the device's free memory
-    memory_fraction: float = 0.1  # used when max_tokens is None: the share of free memory at startup
-    prefix_caching: bool = True  # reuse full blocks of an identical prefix (hash-chained) across requests
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_tokens"):
-            value = getattr(self, name)
-            if value is None and name == "max_tokens":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"cache.{name}={value!r}: expected an integer >= 1")
-        fraction = self.memory_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.95:
-            raise ValueError(f"cache.memory_fraction={fraction!r}: expected a number in (0, 0.95]")
-        if not isinstance(self.prefix_caching, bool):
-            raise ValueError(f"cache.prefix_caching={self.prefix_caching!r}: expected true or false")
-
-    def pool_tokens(self, bytes_per_token: int, device: torch.device, most_useful: int) -> int:
-        """Tokens the pool holds: max_tokens, else memory_fraction of the device's free memory, capped at
-        `most_useful` (no more than the engine could ever fill), at least one block."""
-        if self.max_tokens is not None:
-            return self.max_tokens
-        tokens = int(free_memory(device) * self.memory_fraction) // bytes_per_token
-        return max(self.block_size, min(tokens, most_useful))
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free now on `device`: the GPU's free memory, or the host's available memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)

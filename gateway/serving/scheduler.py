@@ -9,33 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gateway.config import SchedulerConfig
 from gateway.model.kv_cache import CacheFull, PagedLatentCache
 from gateway.model.sampling import Penalties
 
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its limit; the HTTP layer answers 429."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch_tokens: int = 8192  # tokens per forward step (one per decoding sequence + prefill chunks)
-    max_prefill_tokens: int = 512  # prompt tokens prefilled per step: longer prompts are chunked across steps
-    max_running: int = 64  # sequences decoding at once
-    max_waiting: int = 256  # queued requests before new ones are refused
-    request_timeout_s: float = 600.0  # an HTTP request still unanswered after this is cancelled (504)
-    micro_batches: int | str = 1  # 2: ping-pong (one half's expert hop overlaps the other's attention); 'auto'
-
-    def __post_init__(self) -> None:
-        if self.micro_batches not in (1, 2, "auto") or isinstance(self.micro_batches, bool):
-            raise ValueError(f"scheduler.micro_batches={self.micro_batches!r}: expected 1, 2 or 'auto'")
-        for name in ("max_batch_tokens", "max_prefill_tokens", "max_running", "max_waiting"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"scheduler.{name}={value!r}: expected an integer >= 1")
-        timeout = self.request_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"scheduler.request_timeout_s={timeout!r}: expected a number of seconds > 0")
 
 
 @dataclass(eq=False)  # identity: the queues find and remove a request by who it is

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from gateway import Engine
-from gateway.config import DeploymentConfig
+from gateway.config import DeploymentConfig, SchedulerConfig
 from gateway.serving.completions import CompletionRequest, completions
 from gateway.serving.engine_loop import EngineLoop
 from gateway.serving.http_api import GatewayState, prometheus_text
-from gateway.serving.scheduler import SchedulerConfig
 
 
 def within(seconds: float, coro):

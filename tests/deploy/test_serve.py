@@ -131,8 +131,7 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(server, body, status
 
 
 def test_a_full_queue_answers_429(model_dirs):
-    from gateway.config import DeploymentConfig
-    from gateway.serving.scheduler import SchedulerConfig
+    from gateway.config import DeploymentConfig, SchedulerConfig
 
     cfg = DeploymentConfig(model=str(model_dirs["tiny-v2"]), scheduler=SchedulerConfig(max_waiting=1))
     engine = Engine.from_config(cfg)

@@ -9,12 +9,10 @@ import json
 import pytest
 
 from gateway import Engine
-from gateway.config import DeploymentConfig
-from gateway.model.kv_cache import CacheConfig
+from gateway.config import CacheConfig, DeploymentConfig, SchedulerConfig
 from gateway.serving.completions import CompletionRequest, completions
 from gateway.serving.engine_loop import EngineLoop
 from gateway.serving.http_api import GatewayState, prometheus_text
-from gateway.serving.scheduler import SchedulerConfig
 from tests.conftest import random_prompts
 
 PRESET = "tiny-v3"

@@ -8,10 +8,8 @@ import pytest
 import torch
 
 from gateway import Engine
-from gateway.config import DeploymentConfig
-from gateway.model.kv_cache import CacheConfig
+from gateway.config import CacheConfig, DeploymentConfig, SchedulerConfig
 from gateway.model.model import split_sequences
-from gateway.serving.scheduler import SchedulerConfig
 from router_service.routing import concat_routings, route_tokens
 from tests.conftest import random_prompts
 

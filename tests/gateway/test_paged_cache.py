@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gateway import Engine
-from gateway.model.kv_cache import CacheConfig, CacheFull, PagedLatentCache
+from gateway.config import CacheConfig
+from gateway.model.kv_cache import CacheFull, PagedLatentCache
 from gateway.model.step import StepBatch
 from model_core.checkpoint import is_routed_expert_tensor
 from model_core.layout import gateway_layout

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from gateway import Engine
-from gateway.config import DeploymentConfig
+from gateway.config import DeploymentConfig, SchedulerConfig
 from gateway.model.kv_cache import PagedLatentCache
-from gateway.serving.scheduler import QueueFull, Request, Scheduler, SchedulerConfig
+from gateway.serving.scheduler import QueueFull, Request, Scheduler
 from tests.conftest import random_prompts
 
 
