@@ -74,8 +74,8 @@ class ExpertGroupActor:
     def forward(
         self, layer: int, hidden: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray, hidden_dtype: str,
         carrier: dict[str, str] | None = None, version: int | None = None, rows: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, list[int], float]:
-        """hidden [T, H] (bfloat16 as int16 bits), expert_ids [T, K], weights [T, K] -> (output, counts, ms).
+    ) -> tuple[np.ndarray, float]:
+        """hidden [T, H] (bfloat16 as int16 bits), expert_ids [T, K], weights [T, K] -> (output, compute ms).
 
         carrier: the caller's W3C trace context ({'traceparent': ...}), continued by this group's server span;
         version: the placement version the ids follow (None: this group's current one); rows: [T] indices into
@@ -87,9 +87,9 @@ class ExpertGroupActor:
             h = select_rows(h, readonly_tensor(rows))
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
         result = traced_run(self.group, self.telemetry.tracer, carrier, "ray", layer, h, ids, w, version=version)
-        return tensor_to_numpy(result.output), result.tokens_per_expert.tolist(), result.compute_ms
+        return tensor_to_numpy(result.output), result.compute_ms
 
-    def forward_packed(self, args: tuple, batch: np.ndarray | None = None) -> tuple[np.ndarray, list[int], float]:
+    def forward_packed(self, args: tuple, batch: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """The Ray transport's call: forward's arguments in one tuple (Ray serializes one argument, not seven).
 
         batch: the layer's whole hidden batch, when the gateway put it in the object store once for every group on
@@ -102,14 +102,14 @@ class ExpertGroupActor:
 
     def _forward_tensor(self, layer: int, hidden: torch.Tensor, expert_ids: np.ndarray, weights: np.ndarray,
                         carrier: dict[str, str] | None, version: int | None, out_device: str | None = None
-                        ) -> tuple[torch.Tensor, list[int], float]:
+                        ) -> tuple[torch.Tensor, float]:
         """The Ray Direct Transport forward: hidden arrives as a tensor (over Gloo, NCCL or CUDA IPC) and the
         output leaves as one, on this group's device (or `out_device`: Gloo carries CPU tensors only)."""
         h = hidden.to(self.group.torch_device)
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
         result = traced_run(self.group, self.telemetry.tracer, carrier, "rdt", layer, h, ids, w, version=version)
         out = result.output if out_device is None else result.output.to(out_device)
-        return out, result.tokens_per_expert.tolist(), result.compute_ms
+        return out, result.compute_ms
 
     # One method per tensor transport: Ray fixes a method's transport when the class is defined.
     @ray.method(tensor_transport="gloo")
@@ -176,7 +176,7 @@ class ExpertGroupActor:
         (Ray would kill both ends of a transfer to the restarted actor over the old group)."""
         threading.Event().wait()
 
-    def forward_dag(self, args: tuple | None) -> tuple[np.ndarray, list[int], float] | None:
+    def forward_dag(self, args: tuple | None) -> tuple[np.ndarray, float] | None:
         """The same forward as a Ray Compiled Graph node: args is forward's arguments, or None (no tokens here)."""
         return None if args is None else self.forward_packed(args)
 

@@ -49,7 +49,7 @@ def select_rows(batch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 class ExpertResult:
     output: torch.Tensor  # [T, H] in hidden's dtype
     tokens_per_expert: torch.Tensor  # [E_local] on the group's device, in `experts_in(layer)` order: the counts of
-    # the one sort by expert the FFN used
+    # the one sort by expert the FFN used, for the server span; not sent (the gateway counts its routing itself)
     compute_ms: float
 
 

@@ -145,7 +145,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         ids = proto_to_tensor(request.expert_ids, "expert_ids")
         weights = proto_to_tensor(request.weights, "weights")
         result = self._run(request, hidden, ids, weights, carrier, arrived)
-        response = pb.ForwardResponse(tokens_per_expert=result.tokens_per_expert.tolist(), compute_ms=result.compute_ms)
+        response = pb.ForwardResponse(compute_ms=result.compute_ms)
         tensor_to_proto(result.output, out=response.output)
         return response
 
@@ -162,7 +162,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         weights = payload.take(request.weights, "weights")
         payload.finish()
         result = self._run(request, hidden, ids, weights, carrier, arrived)
-        response = pb.ForwardResponse(tokens_per_expert=result.tokens_per_expert.tolist(), compute_ms=result.compute_ms)
+        response = pb.ForwardResponse(compute_ms=result.compute_ms)
         frame.describe(result.output, response.output)
         return frame.encode(response, [result.output])
 

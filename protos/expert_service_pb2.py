@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/expert_service.proto\x12\rexpertmesh.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xfb\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12%\n\x06hidden\x18\x02 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12)\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12&\n\x07weights\x18\x04 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x1e\n\x11placement_version\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12*\n\x06shared\x18\x06 \x01(\x0b\x32\x1a.expertmesh.v1.SharedBatchB\x14\n\x12_placement_version\"f\n\x0bSharedBatch\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12#\n\x04rows\x18\x03 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\"g\n\x0f\x46orwardResponse\x12%\n\x06output\x18\x01 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x03\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\"\x11\n\x0f\x44\x65scribeRequest\"\x95\x01\n\rDescribeReply\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\x05\x12\x12\n\nexpert_ids\x18\x02 \x03(\x05\x12\x12\n\nmoe_layers\x18\x03 \x03(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x06 \x01(\x03\x12\x12\n\nmodel_type\x18\x07 \x01(\t2\xa3\x01\n\rExpertService\x12H\n\x07\x46orward\x12\x1d.expertmesh.v1.ForwardRequest\x1a\x1e.expertmesh.v1.ForwardResponse\x12H\n\x08\x44\x65scribe\x12\x1e.expertmesh.v1.DescribeRequest\x1a\x1c.expertmesh.v1.DescribeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/expert_service.proto\x12\rexpertmesh.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xfb\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12%\n\x06hidden\x18\x02 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12)\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12&\n\x07weights\x18\x04 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x1e\n\x11placement_version\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12*\n\x06shared\x18\x06 \x01(\x0b\x32\x1a.expertmesh.v1.SharedBatchB\x14\n\x12_placement_version\"f\n\x0bSharedBatch\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12#\n\x04rows\x18\x03 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\"e\n\x0f\x46orwardResponse\x12%\n\x06output\x18\x01 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01J\x04\x08\x02\x10\x03R\x11tokens_per_expert\"\x11\n\x0f\x44\x65scribeRequest\"\x95\x01\n\rDescribeReply\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\x05\x12\x12\n\nexpert_ids\x18\x02 \x03(\x05\x12\x12\n\nmoe_layers\x18\x03 \x03(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x06 \x01(\x03\x12\x12\n\nmodel_type\x18\x07 \x01(\t2\xa3\x01\n\rExpertService\x12H\n\x07\x46orward\x12\x1d.expertmesh.v1.ForwardRequest\x1a\x1e.expertmesh.v1.ForwardResponse\x12H\n\x08\x44\x65scribe\x12\x1e.expertmesh.v1.DescribeRequest\x1a\x1c.expertmesh.v1.DescribeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHAREDBATCH']._serialized_start=354
   _globals['_SHAREDBATCH']._serialized_end=456
   _globals['_FORWARDRESPONSE']._serialized_start=458
-  _globals['_FORWARDRESPONSE']._serialized_end=561
-  _globals['_DESCRIBEREQUEST']._serialized_start=563
-  _globals['_DESCRIBEREQUEST']._serialized_end=580
-  _globals['_DESCRIBEREPLY']._serialized_start=583
-  _globals['_DESCRIBEREPLY']._serialized_end=732
-  _globals['_EXPERTSERVICE']._serialized_start=735
-  _globals['_EXPERTSERVICE']._serialized_end=898
+  _globals['_FORWARDRESPONSE']._serialized_end=559
+  _globals['_DESCRIBEREQUEST']._serialized_start=561
+  _globals['_DESCRIBEREQUEST']._serialized_end=578
+  _globals['_DESCRIBEREPLY']._serialized_start=581
+  _globals['_DESCRIBEREPLY']._serialized_end=730
+  _globals['_EXPERTSERVICE']._serialized_start=733
+  _globals['_EXPERTSERVICE']._serialized_end=896
 # @@protoc_insertion_point(module_scope)

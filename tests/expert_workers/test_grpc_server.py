@@ -84,9 +84,8 @@ def test_forward_equals_in_process_group(stub, group, dtype, layer):
     assert output.dtype == dtype
     assert torch.equal(output, group.run(layer, hidden, ids, weights).output)
     assert output.abs().sum() > 0
-    expected_counts = torch.bincount(ids[ids >= 0], minlength=len(HOSTED)).tolist()
-    assert list(reply.tokens_per_expert) == expected_counts
     assert reply.compute_ms > 0
+    assert [f.name for f, _ in reply.ListFields()] == ["output", "compute_ms"]  # 2 (tokens_per_expert) is reserved
 
 
 def test_forward_with_int32_ids_and_non_identity_hosting(model_dirs):
@@ -96,14 +95,12 @@ def test_forward_with_int32_ids_and_non_identity_hosting(model_dirs):
         ids = ids.to(torch.int32)
         reply = pb_grpc.ExpertServiceStub(ch).Forward(request(1, hidden, ids, weights), timeout=TIMEOUT)
     assert torch.equal(proto_to_tensor(reply.output), group.run(1, hidden, ids.long(), weights).output)
-    assert list(reply.tokens_per_expert) == [int((ids == e).sum()) for e in [13, 2, 9]]
 
 
 def test_forward_with_zero_tokens(stub):
     hidden, ids, weights = routing(0, seed=3)
     reply = stub.Forward(request(1, hidden, ids, weights), timeout=TIMEOUT)
     assert list(reply.output.shape) == [0, H]
-    assert list(reply.tokens_per_expert) == [0] * len(HOSTED)
 
 
 def test_describe_reports_the_group(stub, group):
@@ -246,7 +243,7 @@ def test_forward_framed_answers_what_forward_answers(channel, stub, group):
     payload.finish()
     reply = stub.Forward(request(1, hidden, ids, weights), timeout=TIMEOUT)
     assert torch.equal(output, proto_to_tensor(reply.output, "output"))
-    assert list(header.tokens_per_expert) == list(reply.tokens_per_expert)
+    assert header.compute_ms > 0 and [f.name for f, _ in header.ListFields()] == ["output", "compute_ms"]
 
 
 def test_a_bad_frame_is_invalid_argument_naming_the_field_and_the_server_keeps_serving(channel, stub, group):
