@@ -14,6 +14,7 @@ from fastapi.responses import Response
 
 from gateway.model.sampling import Penalties
 from gateway.serving.http_api import GatewayState, error
+from gateway.serving.sampling_params import SamplingParams
 from gateway.serving.scheduler import QueueFull, Request
 from model_core.telemetry import client_trace_context, trace_id_of
 
@@ -124,15 +125,15 @@ def start_choices(state: GatewayState, ids: list[list[int]], sampling: Sampling,
     context = client_trace_context(headers) if loop.engine.telemetry.tracer is not None else None
     choices: list[Choice] = []
     try:
+        params = SamplingParams(max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                                top_p=sampling.top_p, seed=sampling.seed, penalties=sampling.penalties,
+                                logprobs=sampling.logprobs)
         for i, prompt in enumerate(ids):
             for j in range(sampling.n):
                 index = i * sampling.n + j
                 try:
-                    req, queue = loop.submit(
-                        prompt, asyncio.get_running_loop(), max_new_tokens=sampling.max_tokens,
-                        temperature=sampling.temperature, top_p=sampling.top_p, trace_context=context,
-                        seed=None if sampling.seed is None else sampling.seed + index,
-                        penalties=sampling.penalties, logprobs=sampling.logprobs)
+                    req, queue = loop.submit(prompt, asyncio.get_running_loop(), trace_context=context,
+                                             params=params.for_choice(index))
                 except ValueError as exc:
                     where = "" if len(ids) == 1 else f"prompt[{i}]: "
                     raise ValueError(where + str(exc).replace("max_new_tokens", "max_tokens")) from None
@@ -143,7 +144,7 @@ def start_choices(state: GatewayState, ids: list[list[int]], sampling: Sampling,
         loop.stats.requests["rejected"] += 1
         if isinstance(exc, QueueFull):
             raise ApiError(429, str(exc), "rate_limit_error") from None
-        raise ApiError(400, str(exc)) from None
+        raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens")) from None
     return choices, trace_id_of(choices[0].request.span)
 
 
