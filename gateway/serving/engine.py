@@ -72,7 +72,7 @@ class Engine:
     def from_pretrained(cls, model_dir: str | Path, **settings: Any) -> Engine:
         """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory and start its expert groups.
 
-        settings: DeploymentConfig fields (gateway/config.py): backend 'local' | 'ray' | 'grpc' | ..., devices,
+        settings: DeploymentConfig fields (gateway/config/): backend 'local' | 'ray' | 'grpc' | ..., devices,
         placement, top_m_devices, dtype, expert_kernel, gateway_device, half_matmul, ...; a section's field by its
         dotted name (**{"rpc.timeout_s": 10}); address, cpus_per_group and timeout_s are short for ray.address,
         ray.cpus_per_group and rpc.timeout_s.
