@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from model_core.compute_choices import KERNELS, MODEL_DTYPES
+from model_core.half_matmul import MODES as HALF_MATMUL_MODES
 
 
 def _ids(text: str) -> list[int]:
@@ -50,7 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else embedded local Ray)")
     gen.add_argument("--expert-kernel", choices=KERNELS,
                      help="expert math: Triton kernels or torch (auto: Triton on GPU, torch on CPU)")
-    gen.add_argument("--half-matmul", choices=["auto", "native", "float32"],
+    gen.add_argument("--half-matmul", choices=HALF_MATMUL_MODES,
                      help="bfloat16/float16 matmuls on a CPU: native, or float32 weights (exact widening, 2x weight "
                           "memory; auto: float32 where the CPU lacks the instructions)")
     gen.add_argument("--gateway-device",

@@ -20,6 +20,7 @@ from gateway.config import (
     ServerConfig,
 )
 from model_core.compute_choices import KERNELS, MODEL_DTYPES
+from model_core.half_matmul import MODES as HALF_MATMUL_MODES
 
 CONFIGS = sorted((Path(__file__).parents[2] / "deploy" / "configs").glob("*.yaml"))
 
@@ -88,7 +89,7 @@ def test_every_backend_is_accepted_and_an_unknown_one_is_refused_with_the_list()
         DeploymentConfig(model="m", backend="mpi")
 
 
-def test_the_cli_offers_exactly_the_configs_backends_dtypes_and_kernels():
+def test_the_cli_offers_exactly_the_configs_backends_dtypes_kernels_and_half_matmul_modes():
     parser = build_parser()
 
     def generate(*flags: str) -> DeploymentConfig:
@@ -100,7 +101,9 @@ def test_the_cli_offers_exactly_the_configs_backends_dtypes_and_kernels():
         assert generate("--dtype", dtype).torch_dtype == getattr(torch, dtype)
     for kernel in KERNELS:
         assert generate("--expert-kernel", kernel).expert_kernel == kernel
-    for bad in (["--backend", "mpi"], ["--dtype", "float64"], ["--expert-kernel", "cuda"]):
+    for mode in HALF_MATMUL_MODES:
+        assert generate("--half-matmul", mode).half_matmul == mode
+    for bad in (["--backend", "mpi"], ["--dtype", "float64"], ["--expert-kernel", "cuda"], ["--half-matmul", "fp8"]):
         with pytest.raises(SystemExit):
             generate(*bad)
 
