@@ -109,8 +109,8 @@ class RdtRelay:
         members: (version, {name: actor handle}) of the gateway's live replicas; hidden: numpy. The rows and the
         output cross the gateway ⇄ relay hop through the object store: Ray's CUDA IPC would need both processes
         on one Ray-assigned GPU, which it cannot promise for two actors; relay ⇄ expert is Gloo or NCCL."""
-        out, ms = self._forward(members, name, layer, numpy_to_tensor(hidden, DTYPES[dtype]), expert_ids,
-                                        weights, carrier, version)
+        out, ms = self._forward(members, name, layer, numpy_to_tensor(hidden, DTYPES[dtype]), expert_ids, weights,
+                                carrier, version)
         return tensor_to_numpy(out.cpu()), ms
 
     def counters(self) -> dict:
