@@ -16,6 +16,18 @@ from tests.conftest import random_prompts
 PROMPTS_SEED = 60
 
 
+def float32_gemm_is_batch_invariant() -> bool:
+    """Whether this machine's float32 matmul gives a row the same bits in batches of any size (it depends on the
+    BLAS kernels the CPU gets: true on the AVX-512 VM of 2026-12-01, false on an AVX512-BF16 one of 2026-12-05)."""
+    gen = torch.Generator().manual_seed(3)
+    for m, k, n in ((5, 64, 128), (12, 64, 256), (36, 32, 1000)):
+        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+        whole = x @ w.t()
+        if any(not torch.equal(x[a:b] @ w.t(), whole[a:b]) for a, b in ((0, 1), (1, 3), (0, m // 2))):
+            return False
+    return True
+
+
 def engine_with(model_dir, micro_batches: int, **fields) -> Engine:
     scheduler = SchedulerConfig(micro_batches=micro_batches, max_prefill_tokens=fields.pop("max_prefill_tokens", 512))
     return Engine.from_config(DeploymentConfig(model=str(model_dir), scheduler=scheduler, **fields))
@@ -54,7 +66,11 @@ def test_two_micro_batches_give_one_micro_batchs_tokens_logits_and_routing(prese
             traces = [engine.routing_trace(r).ids for r in engine.last_request_ids]
             out[mb] = (tokens, engine.logits(prompts), traces, engine.routing_summary.rows())
     assert out[2][0] == out[1][0]
-    assert all(torch.equal(a, b) for a, b in zip(out[2][1], out[1][1], strict=True))
+    for a, b in zip(out[2][1], out[1][1], strict=True):
+        if float32_gemm_is_batch_invariant():
+            assert torch.equal(a, b)
+        else:  # this CPU's GEMM kernels round by batch size: the halves' logits may differ in the last bits only
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(out[2][2], out[1][2], strict=True))
     assert out[2][3] == out[1][3]  # the routing summary (changed tokens included) counts the same
 
