@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gateway.serving.choices import (
     ApiError,
     Choice,
-    Sampling,
     check_model,
     deadline_of,
     finish_choices,
@@ -111,9 +110,8 @@ async def chat_completions(state: GatewayState, body: ChatRequest, headers: Mapp
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs: only allowed with logprobs=true")
         prompt = render(state, body)
-        sampling = Sampling(max_tokens_of(state, body, prompt), body.temperature, body.top_p, body.n, body.seed,
-                            body.penalties, (body.top_logprobs or 0) if body.logprobs else None, body.stop)
-        choices, trace_id = start_choices(state, [prompt], sampling, headers)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        choices, trace_id = start_choices(state, [prompt], body, max_tokens_of(state, body, prompt), logprobs, headers)
         created, deadline = int(time.time()), deadline_of(state)
         if body.stream:
             answer: Any = StreamingResponse(_stream(state, body, choices, [prompt], created, deadline),

@@ -12,9 +12,8 @@ from typing import Any
 
 from fastapi.responses import Response
 
-from gateway.model.sampling import Penalties
 from gateway.serving.http_api import GatewayState, error
-from gateway.serving.sampling_params import SamplingParams
+from gateway.serving.openai_request import OpenAIRequest
 from gateway.serving.scheduler import QueueFull, Request
 from model_core.telemetry import client_trace_context, trace_id_of
 
@@ -28,20 +27,6 @@ class ApiError(Exception):
 
     def response(self) -> Response:
         return error(self.status, self.message, self.kind)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How every choice of one API request is generated."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float
-    n: int
-    seed: int | None
-    penalties: Penalties
-    logprobs: int | None  # top tokens to report per generated token; None: no logprobs
-    stop: list[str]
 
 
 @dataclass
@@ -116,28 +101,27 @@ def token_text(tokenizer: Any, token: int) -> str:
     return tokenizer.decode([token]) if tokenizer is not None else f"token_id:{token}"
 
 
-def start_choices(state: GatewayState, ids: list[list[int]], sampling: Sampling,
-                  headers: Mapping[str, str] | None) -> tuple[list[Choice], str | None]:
-    """Submit n choices per prompt (choice i·n + j samples with seed + i·n + j); all or none: a refused one
-    cancels the others (ApiError 400 naming the prompt, 429 when the queue is full). Returns the choices and the
-    trace id (tracing on: each choice's span continues the caller's `traceparent`)."""
+def start_choices(state: GatewayState, ids: list[list[int]], body: OpenAIRequest, max_tokens: int,
+                  logprobs: int | None, headers: Mapping[str, str] | None) -> tuple[list[Choice], str | None]:
+    """Submit body.n choices per prompt, sampling by the body's SamplingParams (choice i·n + j samples with
+    seed + i·n + j); all or none: a refused one cancels the others (ApiError 400 naming the prompt, 429 when the
+    queue is full). Returns the choices and the trace id (tracing on: each choice's span continues the caller's
+    `traceparent`)."""
     loop = state.engine_loop
     context = client_trace_context(headers) if loop.engine.telemetry.tracer is not None else None
     choices: list[Choice] = []
     try:
-        params = SamplingParams(max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                top_p=sampling.top_p, seed=sampling.seed, penalties=sampling.penalties,
-                                logprobs=sampling.logprobs)
+        params = body.sampling_params(max_tokens, logprobs)
         for i, prompt in enumerate(ids):
-            for j in range(sampling.n):
-                index = i * sampling.n + j
+            for j in range(body.n):
+                index = i * body.n + j
                 try:
                     req, queue = loop.submit(prompt, asyncio.get_running_loop(), trace_context=context,
                                              params=params.for_choice(index))
                 except ValueError as exc:
                     where = "" if len(ids) == 1 else f"prompt[{i}]: "
                     raise ValueError(where + str(exc).replace("max_new_tokens", "max_tokens")) from None
-                choices.append(Choice(index, i, req, queue, sampling.stop, state.tokenizer))
+                choices.append(Choice(index, i, req, queue, body.stop, state.tokenizer))
     except (QueueFull, ValueError) as exc:
         for c in choices:
             loop.cancel(c.request)

@@ -15,7 +15,6 @@ from pydantic import Field
 from gateway.serving.choices import (
     ApiError,
     Choice,
-    Sampling,
     check_model,
     deadline_of,
     decode,
@@ -106,9 +105,7 @@ async def _complete(state: GatewayState, body: CompletionRequest, headers: Mappi
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options: only allowed with stream=true")
         ids = encode_prompts(state, prompts_of(body.prompt))
-        sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.n, body.seed, body.penalties,
-                            body.logprobs, body.stop)
-        choices, trace_id = start_choices(state, ids, sampling, headers)
+        choices, trace_id = start_choices(state, ids, body, body.max_tokens, body.logprobs, headers)
         echo = await _echo(state, body, ids)
         created, deadline = int(time.time()), deadline_of(state)
         if body.stream:

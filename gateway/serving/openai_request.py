@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from gateway.model.sampling import Penalties
+from gateway.serving.sampling_params import SamplingParams
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
 # OpenAI completions parameters expertmesh refuses, and why (each is named in the 400); best_of 1 is the default.
@@ -65,6 +66,9 @@ class OpenAIRequest(BaseModel):
     def _refuse_unsupported(cls, data: Any) -> Any:
         return refuse_unsupported(data, cls.unsupported)
 
-    @property
-    def penalties(self) -> Penalties:
-        return Penalties(self.presence_penalty, self.frequency_penalty, self.repetition_penalty)
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """How each choice is sampled (ValueError naming the field if the engine's limits refuse it)."""
+        return SamplingParams(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=self.seed, logprobs=logprobs,
+                              penalties=Penalties(self.presence_penalty, self.frequency_penalty,
+                                                  self.repetition_penalty))
