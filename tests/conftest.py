@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,18 @@ def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05) -> object:
+    """Poll `predicate` until it returns something true (returned), or raise TimeoutError naming `what` after
+    `timeout_s`. Tests wait for a condition, never for a fixed time: on a shared 2-core machine any fixed sleep is
+    either too short or wasted."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := predicate()):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"waited {timeout_s:g}s for {what}")
+        time.sleep(interval_s)
+    return result
+
+
 class Traffic:
     """Generates `prompts` greedily, over and over, on a thread while the test changes the deployment; collects
     the results and any failure (`with Traffic(engine, prompts) as traffic: ...`)."""
@@ -120,6 +134,11 @@ class Traffic:
             except Exception as exc:  # any failure fails the test that reads `failures`
                 self.failures.append(exc)
 
+    def wait_for_results(self, count: int, timeout_s: float = 120.0) -> None:
+        """Wait until `count` generations have finished in all (or one failed: the test reads `failures`)."""
+        wait_until(lambda: len(self.results) >= count or self.failures, timeout_s,
+                   f"{count} finished generations of the background traffic")
+
     def __enter__(self) -> Traffic:
         self._thread.start()
         return self
@@ -127,6 +146,17 @@ class Traffic:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def expected_tokens(request: pytest.FixtureRequest, model_dirs: dict[str, Path]) -> list[list[int]]:
+    """What every deployment must answer: the in-process engine's greedy tokens for the test module's `PROMPTS`
+    (tiny-v3, `MAX_NEW_TOKENS` each, no stop at EOS), generated together as one batch."""
+    from gateway import Engine
+
+    prompts, max_new_tokens = request.module.PROMPTS, request.module.MAX_NEW_TOKENS
+    with Engine.from_pretrained(model_dirs["tiny-v3"]) as engine:
+        return engine.generate(prompts, max_new_tokens=max_new_tokens, stop_at_eos=False)
 
 
 @pytest.fixture(scope="session")

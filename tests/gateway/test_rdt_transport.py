@@ -4,8 +4,6 @@ Logit and token parity with the in-process engine (V2 and V3, 1/2/4 groups) is i
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -13,9 +11,10 @@ from gateway import Engine
 from gateway.config import DeploymentConfig, DeploymentConfigError, RpcConfig
 from gateway.dispatch.transports import ExpertCall
 from gateway.dispatch.transports.rdt import pick_tensor_transport
-from tests.conftest import Traffic, random_prompts
+from tests.conftest import Traffic, random_prompts, wait_until
 
 PROMPTS = random_prompts(272, [6, 10, 4], seed=21)
+MAX_NEW_TOKENS = 12  # what `expected_tokens` (conftest) generates for PROMPTS
 
 
 def test_auto_picks_the_transport_from_where_tensors_live():
@@ -49,14 +48,8 @@ def test_the_tensor_transport_setting_is_checked_where_it_is_read(tmp_path):
     assert cfg.backend == "ray-rdt" and cfg.rpc.tensor_transport == "nccl"
 
 
-@pytest.fixture(scope="module")
-def expected(model_dirs):
-    with Engine.from_pretrained(model_dirs["tiny-v3"]) as engine:
-        return [engine.generate([p], max_new_tokens=12, stop_at_eos=False)[0] for p in PROMPTS]
-
-
 def run_with(engine: Engine, on_token=None, run: int = 0) -> list:
-    requests = [engine.submit(p, max_new_tokens=12, stop_at_eos=False, request_id=f"run{run}-r{i}",
+    requests = [engine.submit(p, max_new_tokens=MAX_NEW_TOKENS, stop_at_eos=False, request_id=f"run{run}-r{i}",
                               on_token=on_token) for i, p in enumerate(PROMPTS)]
     while engine.has_work():
         engine.step()
@@ -72,7 +65,7 @@ def assert_relay_idle(transport) -> dict:
 
 @pytest.mark.slow
 def test_an_expert_actor_killed_mid_request_is_retried_and_the_tokens_are_unchanged(model_dirs, ray_cluster,
-                                                                                     expected):
+                                                                                     expected_tokens):
     """The next transfer to the dying actor fails, so Ray kills it for good together with the relay: the gateway
     starts a new relay, the pool replaces the dead replica, and the layer is sent again."""
     with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray-rdt", devices=2) as engine:
@@ -84,10 +77,10 @@ def test_an_expert_actor_killed_mid_request_is_retried_and_the_tokens_are_unchan
             if len(request.output) == 5 and request.request_id == "run0-r0":
                 ray_cluster.kill(victim.actor, no_restart=False)
 
-        assert run_with(engine, kill_on_fifth_token) == expected
+        assert run_with(engine, kill_on_fifth_token) == expected_tokens
         assert transport.retries >= 1
         assert victim not in pool.live(1) or pool.restarts >= 1  # replaced after Ray's kill, or restarted
-        assert run_with(engine, run=1) == expected
+        assert run_with(engine, run=1) == expected_tokens
         counters = assert_relay_idle(transport)
         assert counters["members"] == sorted(r.name for d in (0, 1) for r in pool.live(d))
         assert set(pool.inflight().values()) == {0}
@@ -95,25 +88,27 @@ def test_an_expert_actor_killed_mid_request_is_retried_and_the_tokens_are_unchan
 
 @pytest.mark.slow
 def test_an_expert_actor_that_restarted_while_idle_rejoins_the_group_without_any_failure(model_dirs, ray_cluster,
-                                                                                         expected, record_property):
+                                                                                         expected_tokens,
+                                                                                         record_property):
     """Its pending watch call tells the relay it died, so the relay rebuilds the group (the restarted actor in it)
     before the next transfer. In about one run in eight on this machine the first transfer over the rebuilt group
     still fails and Ray kills the relay (cause not found yet): then the gateway's retry path takes over, and the
     requests still complete with the same tokens. Which path ran is reported, not asserted."""
     with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray-rdt", devices=2) as engine:
         transport, pool = engine.backend.transport, engine.backend.pool
-        assert run_with(engine) == expected
+        assert run_with(engine) == expected_tokens
         victim = pool.live(0)[0]
         started = ray_cluster.get(victim.actor.describe.remote())["started_at"]
         ray_cluster.kill(victim.actor, no_restart=False)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # wait until Ray has restarted it
+
+        def restarted() -> bool:
             try:
-                if ray_cluster.get(victim.actor.describe.remote(), timeout=5)["started_at"] != started:
-                    break
+                return ray_cluster.get(victim.actor.describe.remote(), timeout=5)["started_at"] != started
             except Exception:  # noqa: BLE001 - still restarting
-                time.sleep(0.1)
-        assert run_with(engine, run=1) == expected
+                return False
+
+        wait_until(restarted, 60, "Ray to restart the killed expert actor", interval_s=0.1)
+        assert run_with(engine, run=1) == expected_tokens
         counters = assert_relay_idle(transport)
         if counters["relay_starts"] == 1:  # the watch path: one rebuild, nothing failed
             assert counters["builds"] == 2 and transport.retries == 0 and victim.name in counters["members"]
@@ -124,22 +119,20 @@ def test_an_expert_actor_that_restarted_while_idle_rejoins_the_group_without_any
 
 @pytest.mark.slow
 def test_scaling_a_group_while_requests_flow_rebuilds_the_group_and_keeps_the_tokens(model_dirs, ray_cluster,
-                                                                                    expected):
+                                                                                    expected_tokens):
     with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray-rdt", devices=2) as engine:
-        with Traffic(engine, PROMPTS) as traffic:
-            time.sleep(0.5)
+        with Traffic(engine, PROMPTS, MAX_NEW_TOKENS) as traffic:
+            traffic.wait_for_results(1)  # requests flow
             assert len(engine.scale(0, 2)) == 2
             pool = engine.backend.pool
             new = max(pool.live(0), key=lambda r: r.index)
-            deadline = time.monotonic() + 60
-            while new.calls == 0 and time.monotonic() < deadline:  # the new replica takes traffic
-                time.sleep(0.1)
+            wait_until(lambda: new.calls > 0 or traffic.failures, 60, "the new replica of group 0 to take traffic")
             assert new.calls > 0
             assert len(engine.scale(0, 1)) == 1
-            time.sleep(0.5)
+            traffic.wait_for_results(len(traffic.results) + 1)  # and keep flowing after the scale-down
         assert traffic.failures == []
-        assert traffic.results and all(r == expected for r in traffic.results)
-        assert engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False) == expected
+        assert traffic.results and all(r == expected_tokens for r in traffic.results)
+        assert engine.generate(PROMPTS, max_new_tokens=MAX_NEW_TOKENS, stop_at_eos=False) == expected_tokens
         counters = assert_relay_idle(engine.backend.transport)
         assert counters["builds"] >= 3 and len(counters["members"]) == 2  # joined, then left
 

@@ -3,8 +3,6 @@ steps, and the old weights are freed; requests keep flowing and every answer sta
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -13,9 +11,10 @@ from gateway import Engine
 from model_core.spec import ModelSpec
 from router_service.eplb import plan_placement
 from router_service.placement import Placement
-from tests.conftest import Traffic, random_prompts
+from tests.conftest import Traffic, random_prompts, wait_until
 
 PROMPTS = random_prompts(272, [14, 9, 20], seed=31)
+MAX_NEW_TOKENS = 12  # what `expected_tokens` (conftest) generates for PROMPTS
 
 
 def test_a_group_serves_each_call_from_the_placement_version_it_names(model_dirs):
@@ -45,12 +44,6 @@ def test_a_group_serves_each_call_from_the_placement_version_it_names(model_dirs
     assert group.run(layer, hidden, ids, weights).tokens_per_expert.tolist() == [3, 2, 3]  # None: the current version
 
 
-@pytest.fixture(scope="module")
-def expected(model_dirs):
-    with Engine.from_pretrained(model_dirs["tiny-v3"]) as engine:
-        return engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False)
-
-
 def planned(engine: Engine, redundant: int, version: int) -> Placement:
     """A plan from the engine's own routing so far (copies of its hot experts), as the next version."""
     spec = engine.spec
@@ -73,23 +66,20 @@ def moved(placement: Placement, spec: ModelSpec, version: int) -> Placement:
     "local", pytest.param("ray", marks=pytest.mark.slow), pytest.param("grpc", marks=pytest.mark.slow),
     pytest.param("ray-rdt", marks=pytest.mark.slow)])
 def test_two_rearrangements_under_continuous_traffic_fail_nothing_and_change_no_answer(backend, model_dirs,
-                                                                                      expected, request):
+                                                                                      expected_tokens, request):
     if backend != "local":
         request.getfixturevalue("ray_cluster")
     with Engine.from_pretrained(model_dirs["tiny-v3"], backend=backend, devices=4) as engine:
         spec = engine.spec
-        assert engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False) == expected
-        with Traffic(engine, PROMPTS) as traffic:
+        assert engine.generate(PROMPTS, max_new_tokens=MAX_NEW_TOKENS, stop_at_eos=False) == expected_tokens
+        with Traffic(engine, PROMPTS, MAX_NEW_TOKENS) as traffic:
             first = planned(engine, redundant=4, version=1)
             engine.apply_placement(first)
-            while len(traffic.results) < 2 and not traffic.failures:  # traffic on the first new placement
-                time.sleep(0.05)
+            traffic.wait_for_results(2)  # traffic on the first new placement
             engine.apply_placement(moved(first, spec, version=2))
-            done = len(traffic.results)
-            while len(traffic.results) < done + 2 and not traffic.failures:
-                time.sleep(0.05)
+            traffic.wait_for_results(len(traffic.results) + 2)
         assert traffic.failures == []
-        assert traffic.results and all(r == expected for r in traffic.results)
+        assert traffic.results and all(r == expected_tokens for r in traffic.results)
         backend_ = engine.backend
         assert backend_.placement.version == 2 and backend_.placements_switched == 2
         if backend == "local":
@@ -109,7 +99,7 @@ def test_two_rearrangements_under_continuous_traffic_fail_nothing_and_change_no_
 
 @pytest.mark.slow
 def test_replicas_started_or_restarted_after_a_rearrangement_serve_the_current_placement(model_dirs, ray_cluster,
-                                                                                       expected):
+                                                                                       expected_tokens):
     with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray", devices=2) as engine:
         spec = engine.spec
         engine.generate(PROMPTS, max_new_tokens=2, stop_at_eos=False)
@@ -118,17 +108,15 @@ def test_replicas_started_or_restarted_after_a_rearrangement_serve_the_current_p
         engine.scale(0, 2)  # the new replica loads version 1 from the start
         victim = pool.live(1)[0]
         ray_cluster.kill(victim.actor, no_restart=False)  # Ray restarts it with its creation-time placement (0)
-        assert engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False) == expected
-        deadline = time.monotonic() + 60
-        while (pool.restarts < 1 or victim.down_since is not None) and time.monotonic() < deadline:
-            pool.poll()
-            time.sleep(0.05)
+        assert engine.generate(PROMPTS, max_new_tokens=MAX_NEW_TOKENS, stop_at_eos=False) == expected_tokens
+        wait_until(lambda: pool.poll() or (pool.restarts >= 1 and victim.down_since is None), 60,
+                   "the pool to see the killed replica restarted and up")
         infos = ray_cluster.get([r.actor.describe.remote() for d in (0, 1) for r in pool.live(d)])
         assert [i["versions"] for i in infos] == [[1], [1], [1]]
         for info in infos:
             d = info["device"]
             assert all(info["layer_experts"][layer] == pool.placement.experts_on(d, layer) for layer in spec.moe_layers)
-        assert engine.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False) == expected
+        assert engine.generate(PROMPTS, max_new_tokens=MAX_NEW_TOKENS, stop_at_eos=False) == expected_tokens
 
 
 def test_a_placement_that_does_not_fit_is_refused_before_anything_loads(model_dirs):

@@ -16,6 +16,7 @@ from gateway.dispatch.replica_pool import ExpertGroupPool
 from gateway.dispatch.transports import DispatchError, ExpertCall, GrpcTransport, LocalTransport, RayTransport
 from model_core.spec import ModelSpec
 from router_service.placement import Placement
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +89,8 @@ def test_a_failed_call_releases_every_in_flight_count_of_its_layer(transport, mo
 
 
 class SlowOnDemand(ExpertGroupActor):
-    """An expert actor whose next forward can be made slow; it counts its forward calls."""
+    """An expert actor whose next forward can be made slow (its sleep is the scenario: a replica still computing
+    a call the gateway has given up on); it counts its forward calls."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -117,7 +119,7 @@ def test_a_timed_out_call_is_never_sent_again_to_the_replica_still_computing_it(
     try:
         pool = dispatcher.pool
         slow = pool.live(0)[0]
-        ray_cluster.get(slow.actor.slow_next.remote(4.0))
+        ray_cluster.get(slow.actor.slow_next.remote(6.0))
         if replicas == 1:
             with pytest.raises(DispatchError, match=r"did not answer within rpc.timeout_s=1.0s.*no other replica"):
                 dispatcher.dispatch(*batch).wait()
@@ -125,16 +127,22 @@ def test_a_timed_out_call_is_never_sent_again_to_the_replica_still_computing_it(
             for _ in range(2):
                 assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
             assert dispatcher.transport.retries == 1
+        assert pool.inflight()[(0, slow.index)] == 1  # the timed-out call still counts while the replica computes it
+        # The actor runs one call at a time: this answers once the slow forward has ended.
         assert ray_cluster.get(slow.actor.forward_calls.remote()) == 1  # the original only, never a duplicate
-        time.sleep(4.0)
-        assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
-        assert set(pool.inflight().values()) == {0}  # the timed-out call was counted until it really ended
+
+        def answered_and_released() -> bool:  # the next dispatch's sweep releases the ended call
+            assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
+            return set(pool.inflight().values()) == {0}
+
+        wait_until(answered_and_released, 30, "the timed-out call's in-flight count to be released once it ended")
     finally:
         dispatcher.close()
 
 
 class SlowRestart(ExpertGroupActor):
-    """After Ray restarts it, the actor takes 12 s to come back (a big checkpoint loading)."""
+    """After Ray restarts it, the actor takes 12 s to come back (a big checkpoint loading): the sleep is the
+    scenario (dispatches must not wait for it), not a wait for a condition."""
 
     def __init__(self, *args, **kwargs) -> None:
         import ray
@@ -163,10 +171,8 @@ def test_a_restarting_replica_never_blocks_the_step_while_another_replica_serves
         # Every dispatch was answered while the victim was still restarting: nobody waited for it.
         pool.poll()
         assert pool.restarts == 0 and victim.down_since is not None
-        deadline = time.monotonic() + 30
-        while pool.restarts < 1 and time.monotonic() < deadline:  # the probe sees the restart, in the background
-            pool.poll()
-            time.sleep(0.05)
+        # The probe sees the restart in the background; polling applies what it found.
+        wait_until(lambda: pool.poll() or pool.restarts >= 1, 30, "the pool to see the slow replica restarted")
         assert pool.restarts == 1 and victim.restarts == 1 and victim.down_since is None
         assert len(pool.live(0)) == 2 and set(pool.inflight().values()) == {0}
     finally:
@@ -182,13 +188,12 @@ def test_a_replica_that_stays_dead_is_evicted_and_replaced(model_dirs, ray_clust
         want = expected(reference, batch)
         victim = pool.live(1)[0]
         ray_cluster.kill(victim.actor, no_restart=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def replaced() -> bool:  # every dispatch is answered meanwhile
             assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
-            live = pool.live(1)
-            if victim not in live and len(live) == 2:
-                break
-            time.sleep(0.1)
+            return victim not in pool.live(1) and len(pool.live(1)) == 2
+
+        wait_until(replaced, 60, "the dead replica of group 1 to be evicted and replaced", interval_s=0.1)
         assert pool.evicted == 1 and victim not in pool.live(1) and len(pool.live(1)) == 2
         assert all(r.down_since is None for r in pool.live(1))
         assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
@@ -207,9 +212,12 @@ def test_grpc_keeps_one_channel_per_replica_across_restarts(model_dirs, ray_clus
             victim = pool.live(1)[0]
             ports.add(victim.grpc_address)
             ray_cluster.kill(victim.actor, no_restart=False)
-            deadline = time.monotonic() + 60
-            while victim.grpc_address in ports and time.monotonic() < deadline:
+
+            def on_a_new_port(victim=victim) -> bool:  # answered dispatches let the pool see its new address
                 assert torch.allclose(dispatcher.dispatch(*batch).wait(), want, atol=1e-6)
+                return victim.grpc_address not in ports
+
+            wait_until(on_a_new_port, 60, "the restarted replica's gRPC server on a new port", interval_s=0)
         assert len(ports) == 3  # it really came back on new ports
         assert dispatcher.transport.channels == DEVICES
     finally:
@@ -272,10 +280,16 @@ def test_calls_read_the_layer_batch_from_shared_memory_and_give_the_same_output(
         assert t.shared_puts == 3 and t.shared_calls == 3 * DEVICES
         t.node_id = node
         retries = t.retries
-        ray_cluster.kill(dispatcher.pool.live(0)[0].actor, no_restart=False)
-        for _ in range(4):  # calls to the killed replica go again, to the other one, reading the same batch
+        ray_cluster.kill(dispatcher.pool.live(0)[0].actor, no_restart=False)  # returns before the actor is dead
+        sent = []
+
+        def resent() -> bool:  # calls to the killed replica go again, to the other one, reading the same batch
             assert torch.equal(dispatcher.dispatch(*batch).wait(), unshared)
-        assert t.retries > retries and t.shared_puts == 7
+            sent.append(1)
+            return t.retries > retries and len(sent) >= 4
+
+        wait_until(resent, 60, "a call to the killed replica of group 0 to be sent again", interval_s=0)
+        assert t.shared_puts == 3 + len(sent)  # one batch put per layer, retries included
         assert set(dispatcher.pool.inflight().values()) == {0}
         if transport == "grpc":
             assert t._writer.files == 1  # one file served every layer: each was free again after its layer
