@@ -24,6 +24,7 @@ class Routing:
     counts: RoutingCounts | None = None  # tokens per expert / sequence / device (see accounting.count_routing)
     change: RoutingChange | None = None  # set only when serving could change the routing (top-M, live bias)
     devices: torch.Tensor | None = None  # [T, M] the devices top-M routing chose per token (None without top-M)
+    served: torch.Tensor | None = None  # [T, K] the device that computed each pair (set by the gateway's dispatch)
 
     def changed_tokens(self) -> int:
         """Tokens whose expert set differs from the model's own routing (0 when no limit was applied)."""
@@ -181,7 +182,7 @@ def concat_routings(parts: list[Routing]) -> Routing:
         ch = [p.change for p in parts]
         change = RoutingChange(torch.cat([x.by_top_m for x in ch]), torch.cat([x.by_bias for x in ch]),
                                sum(x.tokens for x in ch), sum(x.slots for x in ch))
-    return Routing(cat("ids"), cat("weights"), cat("scores"), counts, change, cat("devices"))
+    return Routing(cat("ids"), cat("weights"), cat("scores"), counts, change, cat("devices"), cat("served"))
 
 
 def route_tokens(

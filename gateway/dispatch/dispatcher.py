@@ -299,14 +299,6 @@ class Dispatcher:
         """Every group frees the placement versions other than the current one."""
         self.transport.release_placements(self.placement.version)
 
-    def devices_for(self, layer: int, ids: torch.Tensor, token_devices: torch.Tensor | None = None) -> torch.Tensor:
-        """[T, K] int64 the device serving each (token, expert) pair of ids [T, K] at `layer` by the current
-        placement: the layer's own layout where it has one, else the base map. With copies, the copy a dispatch of
-        exactly these tokens picks (token_devices: [T, M] as for `dispatch`); a step that ran in micro-batches
-        picked per micro-batch, which may differ (`PendingCombine.served_devices` has what each dispatch chose)."""
-        placement, expert_device, hosts = self._view
-        return pair_devices(ids, hosts.get(layer, expert_device), token_devices)
-
     def set_tracer(self, tracer) -> None:
         """Trace dispatches (None: off). In-process groups record their server spans with the same tracer."""
         self.tracer = tracer

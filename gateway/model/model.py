@@ -123,7 +123,7 @@ class GatewayModel:
         shared = swiglu(u, *layer.shared) if layer.shared is not None else None  # overlaps the dispatch
         device_rows = pending.tokens_per_device(self.n_devices)  # the plan knows which copy served each token
         routing = self._account(routing, layer, bias, seq_index, n_seqs, device_rows)  # so does the accounting
-        return pending, shared, routing
+        return pending, shared, dataclasses.replace(routing, served=pending.served_devices())  # and the trace
 
     def _account(
         self, routing: Routing, layer: LayerWeights, bias: torch.Tensor | None, seq_index: torch.Tensor, n_seqs: int,

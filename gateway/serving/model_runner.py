@@ -147,8 +147,7 @@ class ModelRunner:
             hidden, routings = self.model.forward(tokens, step, cache, new_tokens=new,
                                                   micro_batches=self.micro_batches)
         self.routing_summary.add(routings)
-        self.traces.record_step(traces, step.starts, step.offsets, step.lengths, new, routings,
-                                self.model.backend.devices_for)
+        self.traces.record_step(traces, step.starts, step.offsets, step.lengths, new, routings)
         if self.balance is not None:
             self.balance.observe(routings, step)
         return hidden, step

@@ -7,7 +7,6 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +19,6 @@ logger = logging.getLogger(__name__)
 
 # Shape legend: P = token positions routed so far, L = MoE layers, K = experts per token, N = a step's tokens,
 # M = devices top-M routing chose per token.
-
-# (layer, ids [N, K], token_devices [N, M] or None) -> [N, K] the device serving each (token, expert) pair at that
-# layer: the Dispatcher's `devices_for` (per-layer layouts and copies included).
-DevicesFor = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def _own(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -240,12 +235,12 @@ class RoutingTraceStore:
 
     def record_step(
         self, traces: list[RequestTrace], starts: list[int], offsets: list[int], lengths: list[int],
-        tokens: list[list[int]], routings: dict[int, Routing], devices_for: DevicesFor,
+        tokens: list[list[int]], routings: dict[int, Routing],
     ) -> None:
         """Append one forward step's routing to the traces of the sequences in it. Sequence i's rows are its
         positions starts[i]...; positions a trace already holds (recomputed after a preemption) are not added
         again, and positions before starts[i] that it lacks (taken from the prefix cache) are added as cached.
-        devices_for names the device that served each (token, expert) pair at each layer (see DevicesFor)."""
+        Each pair's device is the one its dispatch sent it to (`Routing.served`: per-layer layouts and copies)."""
         layers = sorted(routings)
         if not layers:
             with self._lock:
@@ -257,8 +252,7 @@ class RoutingTraceStore:
         flags = [routings[layer].change_flags() for layer in layers]
         by_limit = torch.stack([f[0] for f in flags], dim=1)  # [N, L]
         by_bias = torch.stack([f[1] for f in flags], dim=1)
-        devices = torch.stack([devices_for(layer, routings[layer].ids, routings[layer].devices) for layer in layers],
-                              dim=1).to(torch.int32)  # [N, L, K]
+        devices = torch.stack([routings[layer].served for layer in layers], dim=1).to(torch.int32)  # [N, L, K]
         ids, weights, devices, by_limit, by_bias = (t.cpu() for t in (ids, weights, devices, by_limit, by_bias))
         with self._lock:
             for trace, start, off, n, toks in zip(traces, starts, offsets, lengths, tokens, strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from gateway import Engine
@@ -26,14 +27,17 @@ def layouts(n_experts: int) -> tuple[list[list[int]], list[list[int]], list[list
     return base, rotated, copied
 
 
-def test_a_layer_with_its_own_layout_or_copies_names_its_own_devices_in_the_routing_trace(model_dirs, tmp_path):
+@pytest.mark.parametrize("micro_batches", [1, 2])  # with 2, each half's dispatch picks its own copies
+def test_a_layer_with_its_own_layout_or_copies_names_its_own_devices_in_the_routing_trace(model_dirs, tmp_path,
+                                                                                          micro_batches):
     spec = ModelSpec.from_dir(model_dirs["tiny-v3"])
     moved, copied_layer = spec.moe_layers[0], spec.moe_layers[-1]
     assert moved != copied_layer
     base, rotated, copied = layouts(spec.n_routed_experts)
     path = tmp_path / "placement.json"
     path.write_text(json.dumps({"devices": base, "layers": {moved: rotated, copied_layer: copied}}))
-    with Engine.from_pretrained(model_dirs["tiny-v3"], devices=DEVICES, placement=str(path)) as engine:
+    with Engine.from_pretrained(model_dirs["tiny-v3"], devices=DEVICES, placement=str(path),
+                                **{"scheduler.micro_batches": micro_batches}) as engine:
         engine.generate(random_prompts(spec.vocab_size, [9, 14, 5], seed=2), 6, stop_at_eos=False)
         placement = engine.backend.placement
         base_device = placement.device_tensor()
@@ -58,9 +62,13 @@ def test_a_layer_with_its_own_layout_or_copies_names_its_own_devices_in_the_rout
 
 
 class ZeroTransport(Transport):
-    """Answers every call with zeros at once (the plan is what this test reads)."""
+    """Answers every call with zeros at once, and keeps the calls (which device got which pairs)."""
+
+    def __init__(self) -> None:
+        self.calls: list[ExpertCall] = []
 
     def send(self, call: ExpertCall) -> ExpertReply:
+        self.calls.append(call)
         return ExpertReply(torch.zeros(call.n_rows, call.hidden.shape[1]), 0.0)
 
     def flush(self) -> None:
@@ -73,21 +81,30 @@ class ZeroTransport(Transport):
         pass
 
 
-def test_devices_for_names_the_copy_each_pair_was_dispatched_to():
+def test_served_devices_name_the_call_each_pair_was_sent_in():
     n_experts, top_k, tokens = 16, 4, 64
     base, rotated, copied = layouts(n_experts)
     placement = Placement.from_device_lists(base, n_experts, {1: rotated, 2: copied})
-    dispatcher = Dispatcher(placement, ZeroTransport())
+    transport = ZeroTransport()
+    dispatcher = Dispatcher(placement, transport)
     gen = torch.Generator().manual_seed(0)
     ids = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(tokens)])  # [T, K]
     weights = torch.rand(tokens, top_k, generator=gen)
     token_devices = torch.stack([torch.randperm(DEVICES, generator=gen)[:2] for _ in range(tokens)])  # [T, 2]
+    by_layer = {}
     for layer in (0, 1, 2):
         for chosen in (None, token_devices):
+            transport.calls.clear()
             pending = dispatcher.dispatch(layer, torch.randn(tokens, 8, generator=gen), ids, weights, chosen)
             served = pending.served_devices()
-            assert torch.equal(dispatcher.devices_for(layer, ids, chosen), served) and bool((served >= 0).all())
+            sent = torch.full((tokens, top_k), -1, dtype=torch.long)
+            for call in transport.calls:  # a pair travels in exactly one call
+                here = call.ids >= 0
+                assert not bool((sent[call.rows][here] >= 0).any())
+                sent[call.rows] = torch.where(here, call.device, sent[call.rows])
+            assert torch.equal(served, sent) and bool((served >= 0).all())
             pending.wait()
-    assert torch.equal(dispatcher.devices_for(0, ids), placement.device_tensor()[ids])
-    assert not torch.equal(dispatcher.devices_for(1, ids), placement.device_tensor()[ids])
+            by_layer[layer] = served
+    assert torch.equal(by_layer[0], placement.device_tensor()[ids])  # the base map
+    assert not torch.equal(by_layer[1], placement.device_tensor()[ids])  # its own layout
     assert dispatcher.stats.calls > 0 and dispatcher.stats.bytes_sent > 0

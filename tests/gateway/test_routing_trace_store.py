@@ -17,23 +17,21 @@ LAYERS, K, E = [1, 2, 3], 2, 8
 EXPERT_DEVICE = torch.arange(E) // 4  # two devices
 
 
-def base_devices(layer: int, ids: torch.Tensor, token_devices: torch.Tensor | None) -> torch.Tensor:
-    """Every layer on the base map (the Dispatcher's devices_for without per-layer layouts)."""
-    return EXPERT_DEVICE[ids]
-
-
 def step_routings(n_tokens: int, seed: int = 0) -> dict[int, Routing]:
     gen = torch.Generator().manual_seed(seed)
-    return {layer: Routing(ids=torch.randint(0, E, (n_tokens, K), generator=gen),
-                           weights=torch.rand(n_tokens, K, generator=gen),
-                           scores=torch.rand(n_tokens, E, generator=gen)) for layer in LAYERS}
+    routings = {}
+    for layer in LAYERS:
+        ids = torch.randint(0, E, (n_tokens, K), generator=gen)
+        routings[layer] = Routing(ids=ids, weights=torch.rand(n_tokens, K, generator=gen),
+                                  scores=torch.rand(n_tokens, E, generator=gen), served=EXPERT_DEVICE[ids])
+    return routings
 
 
 def record(store: RoutingTraceStore, traces, lengths: list[int], seed: int = 0) -> dict[int, Routing]:
     offsets = [sum(lengths[:i]) for i in range(len(lengths))]
     routings = step_routings(sum(lengths), seed)
     starts = [len(t.tokens) for t in traces]  # each trace continues where it stands
-    store.record_step(traces, starts, offsets, lengths, [[7] * n for n in lengths], routings, base_devices)
+    store.record_step(traces, starts, offsets, lengths, [[7] * n for n in lengths], routings)
     return routings
 
 
@@ -41,14 +39,14 @@ def test_prefix_cached_positions_are_marked_and_recomputed_positions_are_not_rec
     store = RoutingTraceStore(capacity=4)
     trace = store.start("r", LAYERS, K, [11, 12, 13, 14, 15, 16])
     routings = step_routings(2)
-    store.record_step([trace], [4], [0], [2], [[15, 16]], routings, base_devices)  # positions 0-3 came cached
+    store.record_step([trace], [4], [0], [2], [[15, 16]], routings)  # positions 0-3 came cached
     assert trace.tokens == [11, 12, 13, 14, 15, 16] and (trace.ids[:4] == -1).all()
     assert (trace.devices[:4] == -1).all() and (trace.weights[:4] == 0).all()
     assert torch.equal(trace.ids[4:], torch.stack([routings[layer].ids for layer in LAYERS], 1).int())
     assert trace.expert_counts(E).sum() == 2 * len(LAYERS) * K  # cached positions are not counted
     # Preempted and recomputed from position 0 (prompt + one generated token): only the new position is added.
     again = step_routings(7, seed=3)
-    store.record_step([trace], [0], [0], [7], [[11, 12, 13, 14, 15, 16, 9]], again, base_devices)
+    store.record_step([trace], [0], [0], [7], [[11, 12, 13, 14, 15, 16, 9]], again)
     assert trace.tokens == [11, 12, 13, 14, 15, 16, 9] and trace.ids.shape[0] == 7
     assert torch.equal(trace.ids[6], torch.stack([again[layer].ids[6] for layer in LAYERS]).int())
 
