@@ -45,6 +45,20 @@ def select_rows(batch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return batch.index_select(0, rows.long())
 
 
+def _check_distinct(ids: torch.Tensor) -> None:
+    """ExpertRequestError naming the first token row of ids [T, K] that names an expert twice (a token is routed
+    to K distinct experts; -1, an expert elsewhere, may repeat)."""
+    if ids.shape[1] < 2:
+        return
+    s = ids.sort(dim=1).values
+    twice = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)  # [T, K-1]
+    if bool(twice.any()):
+        row = int(twice.any(dim=1).nonzero()[0])
+        expert = int(s[row, 1:][twice[row]][0])
+        raise ExpertRequestError(f"expert_ids[{row}]: expert {expert} appears more than once, expected distinct ids "
+                                 f"per token (-1 may repeat)")
+
+
 @dataclass(frozen=True)
 class ExpertResult:
     output: torch.Tensor  # [T, H] in hidden's dtype
@@ -233,6 +247,9 @@ class ExpertGroup:
         t = hidden.shape[0]
         if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
             raise ExpertRequestError(f"expert_ids.shape={list(topk_ids.shape)}: expected [T={t}, K] to match hidden")
+        if topk_ids.shape[1] > self.spec.top_k:  # bounds the pairs (T x K) one call can make the group sort
+            raise ExpertRequestError(f"expert_ids.shape={list(topk_ids.shape)}: expected K <= {self.spec.top_k} "
+                                     f"(the model's num_experts_per_tok)")
         if topk_ids.dtype not in (torch.int32, torch.int64):
             raise ExpertRequestError(f"expert_ids.dtype={topk_ids.dtype}: expected int32 or int64")
         if topk_weights.shape != topk_ids.shape:
@@ -247,6 +264,7 @@ class ExpertGroup:
         out_of_range = ids[(ids < -1) | (ids >= n)]
         if out_of_range.numel():
             raise ExpertRequestError(f"expert_ids: {out_of_range[:5].tolist()} outside [-1, {n})")
+        _check_distinct(ids)
         wanted = ids[ids >= 0]
         foreign = torch.unique(wanted[local_index[wanted] < 0])
         if foreign.numel():

@@ -9,8 +9,10 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -82,6 +84,24 @@ def _rejecter(method: str, reason: str):
     return reject
 
 
+@dataclass(frozen=True)
+class Malformed:
+    """What `_lenient` hands a method for bytes that do not parse as its request message."""
+
+    message: str
+
+
+def _lenient(message_type):
+    """A request deserializer that returns Malformed, naming the message and the parse error, instead of raising."""
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Malformed(f"{message_type.DESCRIPTOR.full_name}: not a valid protobuf message ({exc})")
+
+    return parse
+
+
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
     """ExpertService over one ExpertGroup; bad requests become INVALID_ARGUMENT, bugs INTERNAL.
 
@@ -98,7 +118,22 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's methods. Requests that are not protobuf are answered INVALID_ARGUMENT naming the message
+        (grpc's own deserializer would end them UNKNOWN); ForwardFramed takes and returns bytes."""
+        def method(fn, request_type, response_type):
+            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=_lenient(request_type),
+                                                       response_serializer=response_type.SerializeToString)
+
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Forward": method(self.Forward, pb.ForwardRequest, pb.ForwardResponse),
+            "Describe": method(self.Describe, pb.DescribeRequest, pb.DescribeReply),
+            "ForwardFramed": grpc.unary_unary_rpc_method_handler(self.ForwardFramed),  # bytes in, bytes out
+        })
+
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return await self._serve(self._forward, request, context)
 
     async def ForwardFramed(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -127,6 +162,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         await context.abort(code, message)
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeReply:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         g = self.group
         return pb.DescribeReply(
             device=g.device,
@@ -271,10 +308,7 @@ class ExpertServer:
         sec = self.security
         interceptors = [TokenInterceptor(sec.token)] if sec.token else []
         self._server = grpc.aio.server(options=self.options, interceptors=interceptors)
-        pb_grpc.add_ExpertServiceServicer_to_server(self._servicer, self._server)
-        framed = grpc.unary_unary_rpc_method_handler(self._servicer.ForwardFramed)  # bytes in, bytes out
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"ForwardFramed": framed}),))
+        self._server.add_generic_rpc_handlers((self._servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         where = host_port(self.bind_host, 0)
         if sec.tls:

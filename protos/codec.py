@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -23,6 +24,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
+MAX_DIMS = 8  # the wire's tensors have 1 or 2; numpy stops at 64
+MAX_BYTES = 2**40  # no tensor's shape may describe more (its bytes must come in a message or a shared file)
 
 
 class CodecError(ValueError):
@@ -49,11 +52,18 @@ def wire_layout(msg: pb.Tensor, field: str) -> tuple[torch.dtype, np.dtype, tupl
     if msg.dtype not in DTYPES:
         raise CodecError(f"{field}.dtype={msg.dtype!r}: expected one of {sorted(DTYPES)}")
     shape = tuple(msg.shape)
+    if len(shape) > MAX_DIMS:
+        raise CodecError(f"{field}.shape has {len(shape)} dimensions, expected at most {MAX_DIMS}")
     if any(d < 0 for d in shape):
         raise CodecError(f"{field}.shape={list(shape)}: dimensions must be >= 0")
     dtype = DTYPES[msg.dtype]
     np_dtype = np.dtype(np.int16) if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
-    return dtype, np_dtype, shape, int(np.prod(shape, dtype=np.int64))
+    # counted exactly (Python ints: no int64 wrap-around); zero dimensions aside, so that numpy can still lay
+    # out an empty tensor's strides
+    if math.prod(max(d, 1) for d in shape) * np_dtype.itemsize > MAX_BYTES:
+        raise CodecError(f"{field}.shape={list(shape)}: over 2**40 bytes of {msg.dtype} (0 dimensions counted as "
+                         f"1), expected at most 2**40")
+    return dtype, np_dtype, shape, math.prod(shape)
 
 
 def proto_to_tensor(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:

@@ -4,10 +4,12 @@ rows through gRPC's bytes and the loopback socket."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
 import re
+import stat
 import threading
 import uuid
 import weakref
@@ -126,45 +128,64 @@ class BatchWriter:
 class BatchReader:
     """The expert server's side: maps named batch files read-only (the last `keep` stay mapped: the gateway
     reuses a few) and returns the batch the request describes, checked. A file the gateway removed (it closed or
-    restarted) is unmapped when the next new name arrives, so it does not hold its memory."""
+    restarted) is unmapped when the next new name arrives, so it does not hold its memory.
+
+    Every call opens the name again (never following a symlink, never blocking on a FIFO) and checks what it is
+    before any mapped byte is read: a regular file of this user's, readable by it alone, holding the bytes the
+    batch needs. A file replaced under the same name (another inode) is mapped afresh; a file that shrank is
+    refused by its size, so no read touches a page past its end (SIGBUS). Only the file's owner, this user,
+    could still shrink it between that check and the read."""
 
     def __init__(self, directory: Path = SHM_DIR, keep: int = 8) -> None:
         self.directory, self.keep = directory, keep
-        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self._maps: OrderedDict[str, tuple[tuple[int, int], mmap.mmap]] = OrderedDict()  # name -> ((dev, ino), map)
         self._lock = threading.Lock()
 
     def batch(self, shared: pb.SharedBatch) -> torch.Tensor:
         """The whole batch [T, H] (read-only view); CodecError naming the field when the request is malformed,
-        SharedBatchUnreadable when the file cannot be opened here."""
+        SharedBatchUnreadable naming the file when it cannot be read here (absent, not a regular file, a
+        symlink, another user's, readable by others, shorter than the batch)."""
         if not NAME.fullmatch(shared.name):
             raise CodecError(f"shared.name={shared.name[:80]!r}: expected {PREFIX}<32 hex digits>")
         dtype, np_dtype, shape, count = wire_layout(shared.batch, "shared.batch")
         if len(shape) != 2:
             raise CodecError(f"shared.batch.shape={list(shape)}: expected [T, H]")
-        data = self._map(shared.name)
-        if count * np_dtype.itemsize > len(data):
-            raise CodecError(f"shared.batch: {shared.batch.dtype}{list(shape)} needs {count * np_dtype.itemsize} "
-                             f"bytes, the file has {len(data)}")
+        need = count * np_dtype.itemsize
+        data = self._map(shared.name, need, f"{shared.batch.dtype}{list(shape)}")
+        if data is None:  # an empty batch: nothing to read
+            return numpy_to_tensor(np.empty(shape, dtype=np_dtype), dtype)
         return numpy_to_tensor(np.frombuffer(data, dtype=np_dtype, count=count).reshape(shape), dtype)
 
-    def _map(self, name: str) -> mmap.mmap:
-        with self._lock:
-            if name in self._maps:
-                self._maps.move_to_end(name)
-                return self._maps[name]
+    def _map(self, name: str, need: int, what: str) -> mmap.mmap | None:
+        """The mapping of the file `name` now is (None when `need` is 0), at least `need` bytes long."""
+        path = self.directory / name
         try:
-            fd = os.open(self.directory / name, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            raise SharedBatchUnreadable(f"shared.name={name}: cannot open it in {self.directory} ({exc.strerror})"
-                                        ) from None
+            why = "a symbolic link: not followed" if exc.errno == errno.ELOOP else exc.strerror
+            raise SharedBatchUnreadable(f"shared.name={name}: cannot open it in {self.directory} ({why})") from None
         try:
-            data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            st = os.fstat(fd)
+            _check_file(path, st)
+            if st.st_size < need:
+                raise SharedBatchUnreadable(f"shared.batch: {what} needs {need} bytes, the file has {st.st_size} "
+                                            f"(shared.name={path})")
+            if need == 0:
+                return None
+            key = (st.st_dev, st.st_ino)
+            with self._lock:
+                cached = self._maps.get(name)
+                if cached is not None and cached[0] == key and len(cached[1]) >= need:
+                    self._maps.move_to_end(name)
+                    return cached[1]
+            data = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
         with self._lock:
             for gone in [n for n in self._maps if not (self.directory / n).exists()]:
                 del self._maps[gone]  # unmapped once no view of it is left
-            self._maps[name] = data
+            self._maps[name] = (key, data)  # a replaced file's old mapping goes the same way
+            self._maps.move_to_end(name)
             while len(self._maps) > self.keep:
                 self._maps.popitem(last=False)
         return data
@@ -173,3 +194,21 @@ class BatchReader:
     def mapped(self) -> list[str]:
         with self._lock:
             return list(self._maps)
+
+
+def _check_file(path: Path, st: os.stat_result) -> None:
+    """SharedBatchUnreadable naming `path` unless it is a regular file of this user's that only this user can read
+    (what BatchFile makes): not a FIFO or a device (reading could block or never end), not anyone else's."""
+    if not stat.S_ISREG(st.st_mode):
+        raise SharedBatchUnreadable(f"shared.name={path.name}: {path} is not a regular file "
+                                    f"({_KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')})")
+    if st.st_uid != os.geteuid():
+        raise SharedBatchUnreadable(f"shared.name={path.name}: {path} is owned by uid {st.st_uid}, expected this "
+                                    f"server's uid {os.geteuid()}")
+    if st.st_mode & 0o077:
+        raise SharedBatchUnreadable(f"shared.name={path.name}: {path} has mode {oct(stat.S_IMODE(st.st_mode))}, "
+                                    f"expected 0o600 (its owner's alone)")
+
+
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}

@@ -70,7 +70,9 @@ def test_bad_names_layouts_and_missing_files_are_refused_by_name(tmp_path):
         reader.batch(describe("../etc/passwd", batch))
     with pytest.raises(CodecError, match=r"shared.batch.shape=\[48\]: expected \[T, H\]"):
         reader.batch(describe(file.name, batch.view(-1)))
-    with pytest.raises(CodecError, match=r"shared.batch: float32\[1024, 1024\] needs 4194304 bytes, the file has"):
+    # the file's state, not the request: the gateway sends the rows instead (FAILED_PRECONDITION)
+    with pytest.raises(SharedBatchUnreadable, match=r"shared.batch: float32\[1024, 1024\] needs 4194304 bytes, "
+                                                    r"the file has 1048576 \(shared.name=.*expertmesh-batch-"):
         reader.batch(describe(file.name, torch.empty(1024, 1024)))
     with pytest.raises(SharedBatchUnreadable, match=r"cannot open it in"):
         reader.batch(describe(PREFIX + "0" * 32, batch))
