@@ -122,7 +122,7 @@ class ExpertGroup:
             raise ValueError(f"kernel='triton' on {self.torch_device}: needs CUDA, or TRITON_INTERPRET=1 on CPU")
         # The weight stacks' dtype: the model's, or float32 on a CPU without its half-precision instructions.
         self.matmul_dtype = dtype if self.kernel == "triton" else matmul_dtype(dtype, self.torch_device, half_matmul)
-        self.reader = CheckpointReader(model_dir, self.spec.fp8_block)
+        self.reader = CheckpointReader.for_model(model_dir, self.spec)  # refuses a checkpoint the config does not fit
         self._lock = threading.Lock()  # guards _layouts and version (a background stage adds to them)
         self._layouts: dict[int, ExpertLayout] = {}
         self.version = version

@@ -1,4 +1,5 @@
-"""Model spec: a validated, typed view of a Hugging Face `deepseek_v2` / `deepseek_v3` config.json."""
+"""Model spec: a validated, typed view of a Hugging Face `deepseek_v2` / `deepseek_v3` config.json (every number
+checked for type, finiteness and the range the math needs, naming the field)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ TOPK_METHODS = {
     "deepseek_v3": ("noaux_tc",),
 }
 SCORING_FUNCS = {"deepseek_v2": "softmax", "deepseek_v3": "sigmoid"}
+MAX_SIZE = 2**31 - 1  # sizes and ids index int32 tensors (and larger ones would not fit in memory anyway)
 
 
 class ConfigError(ValueError):
@@ -93,6 +95,7 @@ class ModelSpec:
     rope: RopeSpec
     router: RouterSpec
     fp8_block: tuple[int, int] | None = None  # block-wise FP8 weights (DeepSeek-V3's release): scale block size
+    mtp_layers: int = 0  # num_nextn_predict_layers: multi-token-prediction layers stored after the model's, unused
 
     @property
     def qk_head_dim(self) -> int:
@@ -127,12 +130,16 @@ class ModelSpec:
     def from_dir(cls, path: str | Path) -> ModelSpec:
         """Read and validate `<path>/config.json`."""
         file = Path(path) / "config.json"
-        if not file.is_file():
+        if not file.exists():
             raise ConfigError(f"{file}: not found (a model directory needs config.json)")
+        if not file.is_file():
+            raise ConfigError(f"{file}: not a regular file")
         try:
             raw = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{file}: not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ConfigError(f"{file}: not valid JSON: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read ({exc})") from None
         try:
             return cls.from_dict(raw)
         except ConfigError as exc:
@@ -207,14 +214,12 @@ class ModelSpec:
         rope_dim = f.pos_int("qk_rope_head_dim")
         if rope_dim % 2:
             raise ConfigError(f"qk_rope_head_dim={rope_dim}: must be even")
-        eos = raw.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
+        vocab = f.pos_int("vocab_size")
         max_pos = f.pos_int("max_position_embeddings")
         fp8_block = _parse_quantization(raw.get("quantization_config"))
         return cls(
             model_type=model_type,
-            vocab_size=f.pos_int("vocab_size"),
+            vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=f.pos_int("intermediate_size"),
             moe_intermediate_size=f.pos_int("moe_intermediate_size"),
@@ -233,9 +238,9 @@ class ModelSpec:
             rope_interleave=f.bool_("rope_interleave", default=True) if model_type == "deepseek_v3" else True,
             attention_bias=f.bool_("attention_bias", default=False),
             tie_word_embeddings=f.bool_("tie_word_embeddings", default=False),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=eos,
-            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            bos_token_id=f.token_id("bos_token_id", vocab),
+            eos_token_id=f.token_id("eos_token_id", vocab),
+            torch_dtype=_torch_dtype(raw),
             rope=_parse_rope(raw, max_pos),
             router=RouterSpec(
                 scoring_func=scoring,
@@ -249,6 +254,7 @@ class ModelSpec:
                 has_correction_bias=topk_method == "noaux_tc",
             ),
             fp8_block=fp8_block,
+            mtp_layers=f.opt_int("num_nextn_predict_layers", default=0, minimum=0),
         )
 
 
@@ -272,52 +278,65 @@ def _parse_quantization(q: Any) -> tuple[int, int] | None:
 
 def _parse_rope(raw: dict[str, Any], max_pos: int) -> RopeSpec:
     """Accept the legacy `rope_theta` + `rope_scaling` pair and transformers-5 `rope_parameters`."""
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or theta <= 0:
-        raise ConfigError(f"rope_theta={theta!r}: expected a positive number")
+    section = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    params = raw.get(section) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{section}={params!r}: expected an object or null")
+    p = _Fields(params, prefix=f"{section}.")
+    theta = (p if "rope_theta" in params else _Fields(raw)).pos_float("rope_theta", default=10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
-        return RopeSpec(theta=float(theta))
+        return RopeSpec(theta=theta)
     if kind != "yarn":
         raise ConfigError(f"rope_scaling.type={kind!r}: expected 'yarn' or none")
-    factor = params.get("factor")
-    if not isinstance(factor, (int, float)) or factor <= 0:
-        raise ConfigError(f"rope_scaling.factor={factor!r}: expected a positive number")
-    orig = params.get("original_max_position_embeddings", max_pos)
-    if not isinstance(orig, int) or orig <= 0:
-        raise ConfigError(f"rope_scaling.original_max_position_embeddings={orig!r}: expected a positive int")
+    orig = p.opt_int("original_max_position_embeddings", default=max_pos)
+    if orig > MAX_SIZE:
+        raise ConfigError(f"{section}.original_max_position_embeddings={orig}: expected at most {MAX_SIZE}")
+    attention_factor = params.get("attention_factor")
+    truncate = params.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"{section}.truncate={truncate!r}: expected true or false")
     return RopeSpec(
-        theta=float(theta),
+        theta=theta,
         kind="yarn",
-        factor=float(factor),
+        factor=p.pos_float("factor", default=None),
         original_max_position_embeddings=orig,
-        beta_fast=float(params.get("beta_fast") or 32),
-        beta_slow=float(params.get("beta_slow") or 1),
-        mscale=float(params.get("mscale") or 0),
-        mscale_all_dim=float(params.get("mscale_all_dim") or 0),
-        attention_factor=params.get("attention_factor"),
-        truncate=bool(params.get("truncate", True)),
+        beta_fast=p.pos_float("beta_fast", default=32.0),
+        beta_slow=p.pos_float("beta_slow", default=1.0),
+        mscale=p.pos_float("mscale", default=0.0, zero=True),
+        mscale_all_dim=p.pos_float("mscale_all_dim", default=0.0, zero=True),
+        attention_factor=None if attention_factor is None else p.pos_float("attention_factor", default=None),
+        truncate=truncate,
     )
+
+
+def _torch_dtype(raw: dict[str, Any]) -> str:
+    value = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+    if not isinstance(value, str):
+        raise ConfigError(f"torch_dtype={value!r}: expected a dtype name such as 'bfloat16'")
+    return value
 
 
 class _Fields:
     """Typed accessors over a raw config dict that raise ConfigError naming the field."""
 
-    def __init__(self, raw: dict[str, Any]) -> None:
+    def __init__(self, raw: dict[str, Any], prefix: str = "") -> None:
+        """prefix: how errors name a nested section's fields ('rope_scaling.')."""
         if not isinstance(raw, dict):
             raise ConfigError(f"config: expected a JSON object, got {type(raw).__name__}")
-        self.raw = raw
+        self.raw, self.prefix = raw, prefix
 
     def _get(self, name: str) -> Any:
         if name not in self.raw or self.raw[name] is None:
-            raise ConfigError(f"{name}: missing")
+            raise ConfigError(f"{self.prefix}{name}: missing")
         return self.raw[name]
 
     def pos_int(self, name: str) -> int:
         value = self._get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name}={value!r}: expected a positive integer")
+            raise ConfigError(f"{self.prefix}{name}={value!r}: expected a positive integer")
+        if value > MAX_SIZE:
+            raise ConfigError(f"{self.prefix}{name}={value}: expected at most {MAX_SIZE}")
         return value
 
     def opt_int(self, name: str, default: int, minimum: int = 1) -> int:
@@ -325,21 +344,40 @@ class _Fields:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{name}={value!r}: expected an integer >= {minimum}")
+            raise ConfigError(f"{self.prefix}{name}={value!r}: expected an integer >= {minimum}")
+        if value > MAX_SIZE:
+            raise ConfigError(f"{self.prefix}{name}={value}: expected at most {MAX_SIZE}")
         return value
 
-    def pos_float(self, name: str, default: float) -> float:
-        value = self.raw.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"{name}={value!r}: expected a positive number")
+    def pos_float(self, name: str, default: float | None, zero: bool = False) -> float:
+        """A finite number > 0 (>= 0 with `zero`); default None: required. NaN and inf (JSON's NaN, Infinity)
+        pass a plain `<= 0` test, and would serve garbage."""
+        value = self._get(name) if default is None else self.raw.get(name, default)
+        if value is None:
+            value = default
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value < 0 or (value == 0 and not zero)):
+            expected = "a finite number >= 0" if zero else "a finite positive number"
+            raise ConfigError(f"{self.prefix}{name}={value!r}: expected {expected}")
         return float(value)
+
+    def token_id(self, name: str, vocab_size: int) -> int | None:
+        """A special token's id (or the first of a list, as transformers' eos lists), inside the vocabulary."""
+        value = self.raw.get(name)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+            raise ConfigError(f"{self.prefix}{name}={value!r}: expected a token id in [0, vocab_size={vocab_size})")
+        return value
 
     def bool_(self, name: str, default: bool) -> bool:
         value = self.raw.get(name, default)
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r}: expected true or false")
+            raise ConfigError(f"{self.prefix}{name}={value!r}: expected true or false")
         return value
 
     def choice(self, name: str, allowed: tuple[str, ...]) -> str:

@@ -66,7 +66,7 @@ class GatewayModel:
         self.top_m_devices = top_m_devices
         self.tracer = None  # an OpenTelemetry tracer when tracing is on: one span per MoE layer
         self.set_placement(backend.placement)
-        self.reader = CheckpointReader(model_dir, spec.fp8_block)
+        self.reader = CheckpointReader.for_model(model_dir, spec)  # refuses a checkpoint the config does not fit
         w = {}
         for name, shape in gateway_layout(spec).items():
             keep_fp32 = name.endswith("e_score_correction_bias")
