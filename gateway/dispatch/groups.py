@@ -37,7 +37,9 @@ def build_dispatcher(cfg: DeploymentConfig, spec: ModelSpec, placement: Placemen
             from gateway.dispatch.transports.rdt import RdtTransport, pick_tensor_transport
 
             over = pick_tensor_transport(cfg.rpc.tensor_transport, device, cfg.ray.device_resource == "gpu",
-                                         pool.cluster_gpus(), holds_ray_gpu=bool(ray.get_gpu_ids()))
+                                         pool.cluster_gpus(), holds_ray_gpu=bool(ray.get_gpu_ids()),
+                                         gpus_per_group=cfg.ray.gpus_per_group,
+                                         group_replicas=sum(cfg.replicas_of(d) for d in range(placement.n_devices)))
             transport = RdtTransport(pool, over, device, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s)
         else:
             transport = GrpcTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s,

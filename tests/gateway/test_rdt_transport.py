@@ -19,18 +19,50 @@ MAX_NEW_TOKENS = 12  # what `expected_tokens` (conftest) generates for PROMPTS
 
 def test_auto_picks_the_transport_from_where_tensors_live():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert pick_tensor_transport("auto", cpu, groups_on_gpu=False, cluster_gpus=0, holds_ray_gpu=False) == "gloo"
-    assert pick_tensor_transport("auto", gpu, groups_on_gpu=True, cluster_gpus=1, holds_ray_gpu=True) == "cuda_ipc"
-    assert pick_tensor_transport("auto", gpu, groups_on_gpu=True, cluster_gpus=8, holds_ray_gpu=True) == "nccl"
+    whole = {"gpus_per_group": 1.0, "group_replicas": 4}  # four replicas, a whole GPU each
+    assert pick_tensor_transport("auto", cpu, groups_on_gpu=False, cluster_gpus=0, holds_ray_gpu=False,
+                                 gpus_per_group=1.0, group_replicas=2) == "gloo"
+    assert pick_tensor_transport("auto", gpu, groups_on_gpu=True, cluster_gpus=1, holds_ray_gpu=True,
+                                 gpus_per_group=0.25, group_replicas=4) == "cuda_ipc"
+    assert pick_tensor_transport("auto", gpu, groups_on_gpu=True, cluster_gpus=8, holds_ray_gpu=True, **whole) == "nccl"
     # one GPU, a driver (no Ray GPU share): neither CUDA IPC nor NCCL can work; Gloo carries host copies
-    assert pick_tensor_transport("auto", gpu, groups_on_gpu=True, cluster_gpus=1, holds_ray_gpu=False) == "gloo"
-    assert pick_tensor_transport("gloo", gpu, groups_on_gpu=True, cluster_gpus=8, holds_ray_gpu=True) == "gloo"
+    assert pick_tensor_transport("auto", gpu, groups_on_gpu=True, cluster_gpus=1, holds_ray_gpu=False,
+                                 gpus_per_group=0.25, group_replicas=4) == "gloo"
+    assert pick_tensor_transport("gloo", gpu, groups_on_gpu=True, cluster_gpus=8, holds_ray_gpu=True, **whole) == "gloo"
     with pytest.raises(ValueError, match="rpc.tensor_transport='nccl': needs expert groups on GPUs"):
-        pick_tensor_transport("nccl", cpu, groups_on_gpu=False, cluster_gpus=0, holds_ray_gpu=False)
+        pick_tensor_transport("nccl", cpu, groups_on_gpu=False, cluster_gpus=0, holds_ray_gpu=False, **whole)
     with pytest.raises(ValueError, match="rpc.tensor_transport='cuda_ipc': .*a driver has none"):
-        pick_tensor_transport("cuda_ipc", gpu, groups_on_gpu=True, cluster_gpus=1, holds_ray_gpu=False)
+        pick_tensor_transport("cuda_ipc", gpu, groups_on_gpu=True, cluster_gpus=1, holds_ray_gpu=False,
+                              gpus_per_group=0.25, group_replicas=4)
     with pytest.raises(ValueError, match="rpc.tensor_transport='ib'"):
-        pick_tensor_transport("ib", cpu, groups_on_gpu=False, cluster_gpus=0, holds_ray_gpu=False)
+        pick_tensor_transport("ib", cpu, groups_on_gpu=False, cluster_gpus=0, holds_ray_gpu=False, **whole)
+
+
+@pytest.mark.parametrize("cluster_gpus, gpus_per_group, replicas, expected", [
+    (2, 0.5, 4, "gloo"),  # four half-GPU groups on two GPUs: two NCCL ranks per GPU
+    (2, 0.5, 2, "gloo"),  # two groups that Ray may still pack onto one GPU, and no GPU left for the relay
+    (8, 0.25, 4, "gloo"),  # fractional groups never get NCCL, however many GPUs are free
+    (2, 1.0, 2, "gloo"),  # whole GPUs, but none left for the relay (a rank of its own)
+    (2, 1.0, 1, "nccl"),  # one group on one GPU, the relay on the other (tests/gpu runs this on two GPUs)
+    (3, 1.0, 2, "nccl"),
+    (8, 2.0, 3, "nccl"),  # 6 GPUs for the replicas, one for the relay
+    (6, 2.0, 3, "gloo"),
+])
+def test_nccl_only_when_every_group_replica_has_whole_gpus_of_its_own_and_one_is_left(
+        cluster_gpus, gpus_per_group, replicas, expected):
+    """Fractional groups on several GPUs would put two NCCL ranks on one GPU (duplicate-GPU errors at the first
+    transfer): `auto` falls back to Gloo, and an explicit 'nccl' is refused naming the shares."""
+    gpu = torch.device("cuda", 0)
+    shares = {"gpus_per_group": gpus_per_group, "group_replicas": replicas}
+    assert pick_tensor_transport("auto", gpu, groups_on_gpu=True, cluster_gpus=cluster_gpus, holds_ray_gpu=True,
+                                 **shares) == expected
+    if expected == "nccl":
+        assert pick_tensor_transport("nccl", gpu, True, cluster_gpus, True, **shares) == "nccl"
+    else:
+        refused = (rf"ray.gpus_per_group >= 1, here {gpus_per_group:g}\).*{replicas} replicas x {gpus_per_group:g} "
+                   rf"\+ 1 GPUs; the cluster has {cluster_gpus:g}\)")
+        with pytest.raises(ValueError, match=refused):
+            pick_tensor_transport("nccl", gpu, True, cluster_gpus, True, **shares)
 
 
 def test_a_transport_that_cannot_carry_the_tensors_is_refused_at_start(model_dirs, ray_cluster):

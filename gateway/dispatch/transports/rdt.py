@@ -37,15 +37,17 @@ RESET_TIMEOUT_S = 10.0  # a member that cannot leave its old group in this time 
 
 
 def pick_tensor_transport(setting: str, gateway: torch.device, groups_on_gpu: bool, cluster_gpus: float,
-                          holds_ray_gpu: bool) -> str:
+                          holds_ray_gpu: bool, *, gpus_per_group: float, group_replicas: int) -> str:
     """`rpc.tensor_transport` resolved. 'auto': CUDA IPC when the gateway and every group share the cluster's one
-    GPU and Ray gave this process its share (Ray's CUDA IPC only sends from such a process); NCCL when the groups
-    are on GPUs and there are two or more (the relay needs its own: NCCL allows one rank per GPU); else Gloo,
-    which carries CPU tensors from any gateway to any group. An explicit choice is checked the same way."""
+    GPU and Ray gave this process its share (Ray's CUDA IPC only sends from such a process); NCCL when every
+    group replica has whole GPUs of its own and a GPU is left for the relay (see `nccl_fits`); else Gloo, which
+    carries CPU tensors from any gateway to any group. An explicit choice is checked the same way.
+
+    gpus_per_group: each replica's `ray.gpus_per_group`; group_replicas: the replicas of all groups together."""
     if setting not in ("auto", *TENSOR_TRANSPORTS):
         raise ValueError(f"rpc.tensor_transport={setting!r}: expected 'auto' or one of {list(TENSOR_TRANSPORTS)}")
     ipc_ok = gateway.type == "cuda" and groups_on_gpu and cluster_gpus <= 1 and holds_ray_gpu
-    nccl_ok = groups_on_gpu and cluster_gpus >= 2
+    nccl_ok = groups_on_gpu and nccl_fits(cluster_gpus, gpus_per_group, group_replicas)
     if setting == "auto":
         return "cuda_ipc" if ipc_ok else "nccl" if nccl_ok else "gloo"
     if setting == "cuda_ipc" and not ipc_ok:
@@ -53,9 +55,21 @@ def pick_tensor_transport(setting: str, gateway: torch.device, groups_on_gpu: bo
                          "group (ray.device_resource gpu) on the cluster's one GPU, and a gateway process Ray gave a "
                          "share of it (a Serve replica or actor with num_gpus; a driver has none)")
     if setting == "nccl" and not nccl_ok:
-        raise ValueError("rpc.tensor_transport='nccl': needs expert groups on GPUs (ray.device_resource gpu) and "
-                         "at least two GPUs (the relay actor takes a share of one the groups do not use)")
+        raise ValueError(f"rpc.tensor_transport='nccl': needs expert groups on GPUs (ray.device_resource gpu), each "
+                         f"replica on whole GPUs of its own (ray.gpus_per_group >= 1, here {gpus_per_group:g}) and "
+                         f"a GPU of its own for the relay ({group_replicas} replicas x {gpus_per_group:g} + 1 GPUs; "
+                         f"the cluster has {cluster_gpus:g})"
+                         if groups_on_gpu else "rpc.tensor_transport='nccl': needs expert groups on GPUs "
+                         "(ray.device_resource gpu)")
     return setting
+
+
+def nccl_fits(cluster_gpus: float, gpus_per_group: float, group_replicas: int) -> bool:
+    """NCCL allows one rank per GPU: every replica must hold whole GPUs (a fraction would let Ray put two groups,
+    two ranks, on one GPU: NCCL's duplicate-GPU error at the group's first transfer), and the relay, a rank too,
+    needs a GPU that no replica holds (its small share goes where whole-GPU replicas left room)."""
+    whole = gpus_per_group >= 1 and float(gpus_per_group).is_integer()
+    return whole and group_replicas >= 1 and cluster_gpus >= group_replicas * gpus_per_group + 1
 
 
 class MemberDown(RuntimeError):
