@@ -64,3 +64,16 @@ def test_rows_that_do_not_match_the_expert_ids_are_refused(actor):
     args = (layer, tensor_to_numpy(rows[:-1]), tensor_to_numpy(ids), tensor_to_numpy(weights), "float32", None, None)
     with pytest.raises(ExpertRequestError, match=r"expert_ids.shape=\[13, 4\]: expected \[T=12, K\]"):
         actor.forward_packed(args, tensor_to_numpy(batch))
+
+
+@pytest.mark.parametrize("ids, message", [
+    (np.zeros((2, 1 << 16), dtype=np.int64), r"expert_ids.shape=\[2, 65536\]: expected K <= 4"),
+    (np.array([[1, 2, -1, -1], [7, 0, 7, -1]]), r"expert_ids\[1\]: expert 7 appears more than once"),
+])
+def test_the_ray_call_refuses_more_ids_than_top_k_and_an_expert_twice_in_a_row(actor, ids, message):
+    """The Ray transport's server side goes through the same ExpertGroup check as gRPC's."""
+    layer, batch, _, _, _ = layer_batch(actor)
+    weights = np.random.default_rng(0).random(ids.shape, dtype=np.float32)
+    args = (layer, tensor_to_numpy(batch[:2]), ids, weights, "float32", None, None)
+    with pytest.raises(ExpertRequestError, match=message):
+        actor.forward_packed(args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from protos import expert_service_pb2 as pb
 from protos import frame
@@ -59,3 +61,39 @@ def test_malformed_frames_name_what_is_wrong():
     bad = pb.Tensor(dtype="complex64", shape=[1])
     with pytest.raises(CodecError, match="hidden.dtype='complex64'"):
         frame.Payload(memoryview(bytes(8))).take(bad, "hidden")
+
+
+VALID = framed({"hidden": torch.randn(3, 6), "expert_ids": torch.tensor([[0, 1], [2, -1], [5, 4]]),
+                "weights": torch.rand(3, 2)})
+# a header whose hidden.shape has 2**64 elements: 0 in int64, as an unchecked product wraps
+WRAPPING = frame.encode(pb.ForwardRequest(hidden=pb.Tensor(dtype="float32", shape=[2**62, 4])), [])
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None, print_blob=False)
+@given(st.one_of(
+    st.binary(max_size=256),  # any bytes
+    st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=4).map(
+        lambda writes: _overwrite(VALID, writes)),  # a valid frame with a few bytes overwritten
+    st.integers(0, len(VALID) - 1).map(lambda n: VALID[:n]),  # cut short
+    st.binary(min_size=1, max_size=64).map(lambda tail: VALID + tail),  # with bytes after it
+))
+@example(WRAPPING)
+def test_the_decoder_refuses_any_bad_frame_with_a_codec_error_only(data):
+    """Whatever the bytes, decoding a frame and taking its tensors either works or raises CodecError (the server's
+    INVALID_ARGUMENT), never another exception; every tensor it hands out lies within the frame."""
+    try:
+        header, view = frame.decode(data, pb.ForwardRequest)
+        payload = frame.Payload(view)
+        for name in ("hidden", "expert_ids", "weights"):
+            t = payload.take(getattr(header, name), name)
+            assert t.numel() * t.element_size() <= len(view)
+        payload.finish()
+    except CodecError:
+        pass
+
+
+def _overwrite(data: bytes, writes: list[tuple[int, int]]) -> bytes:
+    out = bytearray(data)
+    for at, value in writes:
+        out[at] = value
+    return bytes(out)
