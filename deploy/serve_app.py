@@ -40,7 +40,7 @@ class GatewayDeployment:
         from gateway import Engine
         from gateway.serving.engine_loop import EngineLoop
         from model_core.chat_template import ChatTemplate
-        from model_core.tokenizer import load_tokenizer
+        from model_core.tokenizer import load_tokenizer_or_none
 
         config = DeploymentConfig.from_dict(deployment)
         # build() resolves the keys where the driver runs (its files and environment); else this process's
@@ -49,14 +49,7 @@ class GatewayDeployment:
             admin_key if admin_key is not None else config.server.resolved_admin_key(),
             config.server.max_request_bytes)
         engine = Engine.from_config(config)
-        try:
-            tokenizer = load_tokenizer(config.model)
-        except FileNotFoundError:
-            logger.info("%s has no tokenizer: prompts must be token ids", config.model)
-            tokenizer = None
-        except ValueError:
-            logger.warning("%s: tokenizer unreadable, prompts must be token ids", config.model, exc_info=True)
-            tokenizer = None
+        tokenizer = load_tokenizer_or_none(config.model)  # unusable: one warning naming it; token ids still serve
         try:
             chat_template = ChatTemplate.from_dir(config.model)
         except (ValueError, OSError):  # unreadable or unparsable: chat answers 400 naming it, completions serve on

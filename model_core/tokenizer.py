@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
+
+
+class TokenizerError(ValueError):
+    """tokenizer.json is there but unusable (not a regular file, not JSON, not a tokenizer); the message names the
+    file and the cause."""
 
 
 @lru_cache(maxsize=1)
@@ -121,11 +130,16 @@ class ByteTokenizer:
         file = Path(directory, "tokenizer.json")
         if not file.is_file():
             raise FileNotFoundError(f"{file}: not found; pass token ids instead of text")
-        data = json.loads(file.read_text())
+        return cls.from_json(json.loads(file.read_text()))
+
+    @classmethod
+    def from_json(cls, data: Any) -> ByteTokenizer:
+        """From a parsed tokenizer.json; ValueError (or KeyError, TypeError) when it is not a plain byte-level
+        vocabulary."""
         model = data.get("model", {})
         if model.get("type") != "BPE" or model.get("merges"):
             raise ValueError(
-                f"{file}: model.type={model.get('type')!r} with merges is not a plain byte-level "
+                f"model.type={model.get('type')!r} with merges is not a plain byte-level "
                 "vocabulary; only tokenizers written by `expertmesh make-model` are supported"
             )
         vocab: dict[str, int] = model["vocab"]
@@ -153,9 +167,35 @@ class HFTokenizer:
 def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
     """The model's tokenizer: the byte-level one `make-model` writes, else any tokenizer.json via `tokenizers`.
 
-    Raises FileNotFoundError when there is no tokenizer.json (callers then take token ids only).
+    Raises FileNotFoundError when there is no tokenizer.json (callers then take token ids only), TokenizerError
+    naming the file and the cause when it is unusable.
     """
+    file = Path(directory, "tokenizer.json")
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: not found; pass token ids instead of text")
+    if not file.is_file():  # a FIFO would block the read
+        raise TokenizerError(f"{file}: not a regular file")
     try:
-        return ByteTokenizer.from_dir(directory)
-    except ValueError:
-        return HFTokenizer(Path(directory, "tokenizer.json"))
+        data = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON or UTF-8
+        raise TokenizerError(f"{file}: unusable tokenizer ({exc})") from None
+    try:
+        return ByteTokenizer.from_json(data)
+    except (ValueError, KeyError, TypeError, AttributeError):  # not make-model's vocabulary: `tokenizers` decides
+        pass
+    try:
+        return HFTokenizer(file)
+    except Exception as exc:  # `tokenizers` raises a bare Exception for a file it cannot read
+        raise TokenizerError(f"{file}: unusable tokenizer ({exc})") from None
+
+
+def load_tokenizer_or_none(directory: str | Path) -> ByteTokenizer | HFTokenizer | None:
+    """The model's tokenizer, or None (prompts must then be token ids): logged once, as a warning naming the file
+    and the cause when tokenizer.json is unusable, so a server still starts and serves token ids."""
+    try:
+        return load_tokenizer(directory)
+    except FileNotFoundError:
+        logger.info("%s has no tokenizer.json: prompts must be token ids", directory)
+    except TokenizerError as exc:
+        logger.warning("%s; prompts must be token ids", exc)
+    return None

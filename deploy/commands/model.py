@@ -92,19 +92,14 @@ def deployment_from_args(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from gateway import Engine
-    from model_core.tokenizer import load_tokenizer
+    from model_core.tokenizer import load_tokenizer, load_tokenizer_or_none
 
     config = deployment_from_args(args)
-    tokenizer = None
     if args.prompt is not None:
-        tokenizer = load_tokenizer(config.model)
+        tokenizer = load_tokenizer(config.model)  # missing or unusable: the error names tokenizer.json
         prompt = tokenizer.encode(args.prompt)
-    else:
-        prompt = args.prompt_ids
-        try:
-            tokenizer = load_tokenizer(config.model)
-        except (FileNotFoundError, ValueError):
-            tokenizer = None
+    else:  # token ids serve without a tokenizer; an unusable one is a warning naming it
+        prompt, tokenizer = args.prompt_ids, load_tokenizer_or_none(config.model)
     with Engine.from_config(config) as engine:
         tokens = engine.generate(
             [prompt],

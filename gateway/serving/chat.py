@@ -80,7 +80,8 @@ def render(state: GatewayState, body: ChatRequest) -> list[int]:
         raise ApiError(400, f"messages: model {state.model_name!r} has no chat template (tokenizer_config.json "
                             "chat_template or chat_template.jinja); use /v1/completions")
     if state.tokenizer is None:
-        raise ApiError(400, f"messages: model {state.model_name!r} has no tokenizer.json")
+        raise ApiError(400, f"messages: model {state.model_name!r} has no usable tokenizer.json (the server log "
+                            "says why)")
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
     try:
         text = state.chat_template.render(messages, add_generation_prompt=True)

@@ -63,7 +63,8 @@ def encode_prompts(state: GatewayState, prompts: list[str | list[int]]) -> list[
         if isinstance(p, str):
             if state.tokenizer is None:
                 where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-                raise ApiError(400, f"{where}: this model has no tokenizer.json; send token ids")
+                raise ApiError(400, f"{where}: this model has no usable tokenizer.json (the server log says why); "
+                                    "send token ids")
             p = state.tokenizer.encode(p)
         ids.append(list(p))
     return ids
