@@ -54,7 +54,12 @@ class ChatTemplate:
         (a string, or a list of {name, template} where 'default' is used); None when it has none."""
         directory = Path(directory)
         config_file = directory / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        try:
+            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        except (ValueError, RecursionError) as exc:  # ValueError: JSON or UTF-8
+            raise ChatTemplateError(f"{config_file}: not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise ChatTemplateError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
         jinja_file = directory / "chat_template.jinja"
         source = jinja_file.read_text() if jinja_file.is_file() else config.get("chat_template")
         if isinstance(source, list):

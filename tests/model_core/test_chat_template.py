@@ -54,3 +54,11 @@ def test_byte_tokenizer_reads_special_tokens_in_text():
     assert tok.encode("a<|eos|>b", add_bos=False) == [tok.byte_ids[97], tok.eos_id, tok.byte_ids[98]]
     assert tok.encode("<|bos|><|pad|>", add_bos=False) == [tok.bos_id, tok.specials["<|pad|>"]]
     assert tok.decode(tok.encode("plain <|eos text", add_bos=False)) == "plain <|eos text"
+
+
+def test_an_unusable_tokenizer_config_is_a_chat_template_error_naming_it(tmp_path):
+    file = tmp_path / "tokenizer_config.json"
+    for content, why in (("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, got list")):
+        file.write_text(content)
+        with pytest.raises(ChatTemplateError, match=f"{file}: {why}"):
+            ChatTemplate.from_dir(tmp_path)
