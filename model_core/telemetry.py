@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from model_core.settings import check_settings, setting
+
 logger = logging.getLogger(__name__)
 
 EXPORTERS = ("none", "console", "otlp", "otlp-http", "jsonl")
@@ -25,24 +27,18 @@ class TracingConfig:
     sampled at the gateway is recorded by every expert group it reaches.
     """
 
-    exporter: str | None = None
+    exporter: str | None = setting(None, choices=EXPORTERS)
     endpoint: str | None = None
     jsonl_dir: str = "traces"
-    sample_ratio: float | None = None
-    routing_trace_capacity: int = 1024  # finished requests whose routing trace the gateway keeps (oldest evicted)
-    routing_trace_max_mb: float = 256.0  # and at most this many MB of them (running requests are never evicted)
+    sample_ratio: float | None = setting(None, ge=0, le=1)
+    # finished requests whose routing trace the gateway keeps (oldest evicted)
+    routing_trace_capacity: int = setting(1024, ge=1)
+    # and at most this many MB of them (running requests are never evicted)
+    routing_trace_max_mb: float = setting(256.0, gt=0)
     routing_trace_dir: str | None = None  # also write each request's routing trace there (for `expertmesh trace`)
 
     def __post_init__(self) -> None:
-        if self.exporter is not None and self.exporter not in EXPORTERS:
-            raise ValueError(f"tracing.exporter={self.exporter!r}: expected one of {list(EXPORTERS)}")
-        if self.sample_ratio is not None and not 0 <= self.sample_ratio <= 1:
-            raise ValueError(f"tracing.sample_ratio={self.sample_ratio}: expected 0..1")
-        if not isinstance(self.routing_trace_capacity, int) or self.routing_trace_capacity < 1:
-            raise ValueError(f"tracing.routing_trace_capacity={self.routing_trace_capacity!r}: expected an int >= 1")
-        mb = self.routing_trace_max_mb
-        if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
-            raise ValueError(f"tracing.routing_trace_max_mb={mb!r}: expected a number > 0")
+        check_settings(self, "tracing")
 
     @property
     def resolved_exporter(self) -> str:

@@ -20,8 +20,16 @@ def read_yaml_mapping(path: str | Path, what: str, error: type[Exception] = Valu
     except OSError as exc:
         raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise error(f"{path}: cannot read {what} (not valid YAML: {exc})") from None
+        raise error(f"{path}: cannot read {what} (not valid YAML: {_one_line(exc)})") from None
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
         raise error(f"{path}: expected {what} to hold a mapping of settings, got {got}")
     return data
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: where it is and what is wrong (PyYAML's own message spans several lines)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"

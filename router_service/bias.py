@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model_core.settings import check_settings, setting
+
 MODES = ("off", "observe", "adapt", "eplb", "eplb+bias")
 BIAS_MODES = ("adapt", "eplb+bias")  # the live bias changes routing
 EPLB_MODES = ("eplb", "eplb+bias")  # the router service proposes placements with redundant experts
@@ -17,46 +19,29 @@ class BalanceConfig:
     (re-place experts with redundant copies; answers unchanged) | eplb+bias (placement first; the bias takes
     the rest while the share of changed expert slots stays within max_changed_slots)."""
 
-    mode: str = "off"
-    gamma: float = 0.01  # bias step per window
-    gamma_decay_windows: float | None = None  # None: constant γ (DeepSeek-V3); τ: step w uses γ / (1 + w/τ)
-    max_bias: float = 0.5  # bound on the live adjustment, |b - b_model| <= max_bias
-    window_tokens: int = 4096  # tokens per MoE layer that close a window
-    service: str = "auto"  # where the router service runs: auto (Ray when the backend uses Ray) | local | ray
+    mode: str = setting("off", choices=MODES)
+    gamma: float = setting(0.01, gt=0)  # bias step per window
+    # None: constant γ (DeepSeek-V3); τ: step w uses γ / (1 + w/τ)
+    gamma_decay_windows: float | None = setting(None, gt=0)
+    max_bias: float = setting(0.5, gt=0)  # bound on the live adjustment, |b - b_model| <= max_bias
+    window_tokens: int = setting(4096, ge=1)  # tokens per MoE layer that close a window
+    # where the router service runs: auto (Ray when the backend uses Ray) | local | ray
+    service: str = setting("auto", choices=("auto", "local", "ray"))
     name: str = "router-service"  # the named Ray actor; engines naming the same service share one bias
     checkpoint: str | None = None  # file the service saves its state to after every update (survives restarts)
-    push_every_steps: int = 1  # gateway steps between pushes of load counts
-    max_pending_pushes: int = 8  # unanswered pushes before a gateway holds its counts back (keeps memory bounded)
-    history_windows: int = 100  # closed windows' reports the service keeps (and checkpoints)
-    redundant_slots: int = 0  # eplb: extra expert copies per MoE layer (physical slots = experts + this)
-    rebalance_every_windows: int = 4  # eplb: closed windows between proposals (their loads are what is planned)
-    min_gain: float = 0.05  # eplb: propose only when predicted device max/mean drops by more than this
-    max_changed_slots: float = 0.05  # eplb+bias: the bias holds still while a window's changed slots exceed this
+    push_every_steps: int = setting(1, ge=1)  # gateway steps between pushes of load counts
+    # unanswered pushes before a gateway holds its counts back (keeps memory bounded)
+    max_pending_pushes: int = setting(8, ge=1)
+    history_windows: int = setting(100, ge=1)  # closed windows' reports the service keeps (and checkpoints)
+    redundant_slots: int = setting(0, ge=0)  # eplb: extra expert copies per MoE layer (physical slots = experts + this)
+    # eplb: closed windows between proposals (their loads are what is planned)
+    rebalance_every_windows: int = setting(4, ge=1)
+    min_gain: float = setting(0.05, ge=0)  # eplb: propose only when predicted device max/mean drops by more than this
+    # eplb+bias: the bias holds still while a window's changed slots exceed this
+    max_changed_slots: float = setting(0.05, ge=0, le=1)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"balancing.mode={self.mode!r}: expected one of {list(MODES)}")
-        if not self.gamma > 0:
-            raise ValueError(f"balancing.gamma={self.gamma}: expected > 0")
-        if self.gamma_decay_windows is not None and not self.gamma_decay_windows > 0:
-            raise ValueError(f"balancing.gamma_decay_windows={self.gamma_decay_windows}: expected > 0 or null")
-        if not self.max_bias > 0:
-            raise ValueError(f"balancing.max_bias={self.max_bias}: expected > 0")
-        if isinstance(self.window_tokens, bool) or not isinstance(self.window_tokens, int) or self.window_tokens < 1:
-            raise ValueError(f"balancing.window_tokens={self.window_tokens!r}: expected an integer >= 1")
-        if self.service not in ("auto", "local", "ray"):
-            raise ValueError(f"balancing.service={self.service!r}: expected 'auto', 'local' or 'ray'")
-        if isinstance(self.redundant_slots, bool) or not isinstance(self.redundant_slots, int) \
-                or self.redundant_slots < 0:
-            raise ValueError(f"balancing.redundant_slots={self.redundant_slots!r}: expected an integer >= 0")
-        if not self.min_gain >= 0:
-            raise ValueError(f"balancing.min_gain={self.min_gain}: expected >= 0")
-        if not 0 <= self.max_changed_slots <= 1:
-            raise ValueError(f"balancing.max_changed_slots={self.max_changed_slots}: expected a share in [0, 1]")
-        for name in ("push_every_steps", "max_pending_pushes", "history_windows", "rebalance_every_windows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"balancing.{name}={value!r}: expected an integer >= 1")
+        check_settings(self, "balancing")
 
 
 def bias_step(delta: torch.Tensor, load: torch.Tensor, gamma: float, max_bias: float) -> torch.Tensor:

@@ -14,17 +14,17 @@ from typing import Any
 import torch
 
 from gateway.config.endpoints import RpcConfig, ServerConfig
-from gateway.config.errors import DeploymentConfigError, check_choice
+from gateway.config.errors import DeploymentConfigError
 from gateway.config.sections import CacheConfig, RayConfig, SchedulerConfig
 from model_core.compute_choices import KERNELS, MODEL_DTYPES
 from model_core.half_matmul import MODES as HALF_MATMUL_MODES
+from model_core.settings import check_settings, setting
 from model_core.telemetry import TracingConfig
 from model_core.yaml_file import read_yaml_mapping
 from protos.codec import DTYPES
 from router_service.bias import BalanceConfig
 
 BACKENDS = ("local", "ray", "ray-dag", "ray-rdt", "grpc")
-DEVICE_RESOURCES = ("cpu", "gpu")
 GATEWAY_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -32,15 +32,17 @@ GATEWAY_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 class DeploymentConfig:
     """One deployment: the model, how experts are placed, and how the gateway reaches them."""
 
-    model: str
-    dtype: str = "float32"
-    backend: str = "local"
-    devices: int = 1
+    model: str  # the checkpoint directory
+    dtype: str = setting("float32", choices=MODEL_DTYPES)
+    backend: str = setting("local", choices=BACKENDS)
+    devices: int = setting(1, ge=1, le=4096)  # expert groups
     placement: str = "contiguous"  # or a YAML/JSON file {devices: [[expert ids], ...]}
-    replicas: int | list[int] = 1  # actors per device group: one number for all, or one per group
-    top_m_devices: int | None = None  # None = the model's exact routing
-    expert_kernel: str = "auto"  # auto: Triton on GPU, torch on CPU; 'triton' on CPU needs TRITON_INTERPRET=1
-    half_matmul: str = "auto"  # bf16/fp16 on CPU: native | float32 (widened weights) | auto (float32 if not native)
+    replicas: int | list[int] = setting(1, ge=1, le=1024)  # actors per device group: one for all, or one per group
+    top_m_devices: int | None = setting(None, ge=1)  # None = the model's exact routing
+    # auto: Triton on GPU, torch on CPU; 'triton' on CPU needs TRITON_INTERPRET=1
+    expert_kernel: str = setting("auto", choices=KERNELS)
+    # bf16/fp16 on CPU: native | float32 (widened weights) | auto (float32 if not native)
+    half_matmul: str = setting("auto", choices=HALF_MATMUL_MODES)
     gateway_device: str = "auto"  # where the gateway's per-token path runs: auto | cpu | cuda | cuda:N
     ray: RayConfig = field(default_factory=RayConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
@@ -48,36 +50,23 @@ class DeploymentConfig:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    attention_kernel: str = "auto"  # decode attention: auto (Triton on CUDA, torch on CPU) | triton | torch
+    # decode attention: auto (Triton on CUDA, torch on CPU) | triton | torch
+    attention_kernel: str = setting("auto", choices=KERNELS)
     server: ServerConfig = field(default_factory=ServerConfig)  # the HTTP API's key
 
     def __post_init__(self) -> None:
-        check_choice("dtype", self.dtype, MODEL_DTYPES)
-        check_choice("backend", self.backend, BACKENDS)
-        check_choice("ray.device_resource", self.ray.device_resource, DEVICE_RESOURCES)
-        check_choice("expert_kernel", self.expert_kernel, KERNELS)
-        check_choice("half_matmul", self.half_matmul, HALF_MATMUL_MODES)
-        check_choice("attention_kernel", self.attention_kernel, KERNELS)
-        if not isinstance(self.gateway_device, str) or not GATEWAY_DEVICE.fullmatch(self.gateway_device):
+        check_settings(self, "", DeploymentConfigError)
+        for name, kind in _sections().items():
+            if not isinstance(getattr(self, name), kind):
+                got = type(getattr(self, name)).__name__
+                raise DeploymentConfigError(f"{name}: expected a {kind.__name__}, got {got}")
+        if not self.model:
+            raise DeploymentConfigError("model='': expected a checkpoint directory")
+        if not GATEWAY_DEVICE.fullmatch(self.gateway_device):
             raise DeploymentConfigError(
                 f"gateway_device={self.gateway_device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index)")
-        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
-            raise DeploymentConfigError(f"devices={self.devices!r}: expected an integer >= 1")
-        if self.top_m_devices is not None and (
-            isinstance(self.top_m_devices, bool) or not isinstance(self.top_m_devices, int) or self.top_m_devices < 1
-        ):
-            raise DeploymentConfigError(f"top_m_devices={self.top_m_devices!r}: expected null or an integer >= 1")
-        if not self.ray.cpus_per_group > 0:
-            raise DeploymentConfigError(f"ray.cpus_per_group={self.ray.cpus_per_group}: expected > 0")
-        gpus = self.ray.gpus_per_group
-        if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not (
-                0 < gpus <= 1 or (gpus >= 1 and float(gpus).is_integer())):
-            # Ray schedules fractions of one GPU, or whole GPUs: 1.5 GPUs cannot be granted.
-            raise DeploymentConfigError(f"ray.gpus_per_group={gpus!r}: expected a share of one GPU (0 < x <= 1) "
-                                        "or a whole number of GPUs")
-        per_group = self.replicas if isinstance(self.replicas, list) else [self.replicas] * self.devices
-        if len(per_group) != self.devices or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
-                                                 for r in per_group):
+        per_group = self.replicas if isinstance(self.replicas, list) else [self.replicas]
+        if isinstance(self.replicas, list) and len(self.replicas) != self.devices:
             raise DeploymentConfigError(
                 f"replicas={self.replicas!r}: expected an integer >= 1 or a list of {self.devices} such integers")
         if self.backend == "ray-dag" and self.scheduler.micro_batches != 1:
@@ -87,12 +76,6 @@ class DeploymentConfig:
         if self.backend == "ray-dag" and any(r != 1 for r in per_group):
             raise DeploymentConfigError(f"replicas={self.replicas!r}: backend 'ray-dag' (a compiled graph) runs "
                                         "exactly one replica per group; use backend 'ray' for replicas")
-        if not self.rpc.replica_deadline_s > 0:
-            raise DeploymentConfigError(f"rpc.replica_deadline_s={self.rpc.replica_deadline_s}: expected > 0")
-        if not self.rpc.timeout_s > 0:
-            raise DeploymentConfigError(f"rpc.timeout_s={self.rpc.timeout_s}: expected > 0")
-        if not isinstance(self.rpc.max_message_mb, int) or self.rpc.max_message_mb < 1:
-            raise DeploymentConfigError(f"rpc.max_message_mb={self.rpc.max_message_mb!r}: expected an integer >= 1")
 
     def embedded_ray_cpus(self) -> int:
         """Logical CPUs for an embedded Ray: room for every replica twice over (so groups can scale up), plus
@@ -139,8 +122,8 @@ class DeploymentConfig:
         raw = dict(raw)
         nested = {}
         for name, kind in _sections().items():
-            value = raw.pop(name, None) or {}
-            nested[name] = kind(**_known(name, value, kind))
+            value = raw.pop(name, None)  # a section is a mapping, or absent / null for its defaults
+            nested[name] = kind(**_known(name, {} if value is None else value, kind))
         top = _known("deployment", raw, cls, skip=set(nested))
         if "model" not in top:
             raise DeploymentConfigError("model: missing (a checkpoint directory)")
@@ -186,9 +169,9 @@ def _sections() -> dict[str, type]:
 
 def _known(section: str, raw: Any, kind: type, skip: set[str] = frozenset()) -> dict[str, Any]:
     if not isinstance(raw, dict):
-        raise DeploymentConfigError(f"{section}: expected a mapping, got {raw!r}")
+        raise DeploymentConfigError(f"{section}: expected a mapping of settings, got {raw!r}")
     names = {f.name for f in dataclasses.fields(kind)} - skip
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names, key=str)
     if unknown:
         prefix = "" if section == "deployment" else f"{section}."
         raise DeploymentConfigError(f"{prefix}{unknown[0]}: unknown setting (expected one of {sorted(names)})")

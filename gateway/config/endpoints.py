@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config.errors import DeploymentConfigError, check_choice
+from gateway.config.errors import DeploymentConfigError
+from model_core.settings import check_settings, setting
 from protos.channel import RpcSecurity
 
 TENSOR_TRANSPORTS = ("gloo", "nccl", "cuda_ipc")  # backend ray-rdt: how tensors travel (Ray Direct Transport)
@@ -22,9 +23,10 @@ class RpcConfig:
     no copies. Errors name the field, never a token or a key.
     """
 
-    timeout_s: float = 30.0  # deadline on every dispatch call
-    replica_deadline_s: float = 60.0  # how long a group may have no answering replica before its calls fail
-    max_message_mb: int = 256  # gRPC send/receive limit, both sides
+    timeout_s: float = setting(30.0, gt=0, unit="seconds")  # deadline on every dispatch call
+    # how long a group may have no answering replica before its calls fail
+    replica_deadline_s: float = setting(60.0, gt=0, unit="seconds")
+    max_message_mb: int = setting(256, ge=1, le=2047, why="gRPC's message limit is under 2 GiB")  # both sides
     bind: str | None = None  # None: the node's IP when joining a Ray cluster, else 127.0.0.1; "0.0.0.0" / "::": all
     tls_cert: str | None = None  # PEM server certificate (chain); with tls_key and tls_ca, gRPC runs over TLS
     tls_key: str | None = None  # PEM private key of tls_cert
@@ -32,26 +34,24 @@ class RpcConfig:
     tls_server_name: str | None = None  # the name tls_cert was issued to, when it does not list the node IPs
     token: str | None = field(default=None, repr=False)  # shared secret every ExpertService call must carry
     token_file: str | None = None  # or a file holding it (surrounding whitespace ignored); not both
-    tensor_transport: str = "auto"  # backend ray-rdt: auto | gloo | nccl | cuda_ipc (auto: from where tensors live)
+    # backend ray-rdt: auto | gloo | nccl | cuda_ipc (auto: from where tensors live)
+    tensor_transport: str = setting("auto", choices=("auto", *TENSOR_TRANSPORTS))
 
     def __post_init__(self) -> None:
-        check_choice("rpc.tensor_transport", self.tensor_transport, ("auto", *TENSOR_TRANSPORTS))
-        if self.bind is not None and (not isinstance(self.bind, str) or not self.bind.strip()
-                                      or any(c.isspace() for c in self.bind) or _has_port(self.bind)):
+        check_settings(self, "rpc", DeploymentConfigError)
+        if self.bind is not None and (not self.bind.strip() or any(c.isspace() for c in self.bind)
+                                      or _has_port(self.bind)):
             raise DeploymentConfigError(f"rpc.bind={self.bind!r}: expected null, an IP address or a host name "
                                         "(no port; '0.0.0.0' or '::' binds every interface)")
         tls = {"rpc.tls_cert": self.tls_cert, "rpc.tls_key": self.tls_key, "rpc.tls_ca": self.tls_ca}
         missing = [name for name, value in tls.items() if value is None]
         if 0 < len(missing) < len(tls):
             raise DeploymentConfigError(f"{missing[0]}: missing (TLS needs rpc.tls_cert, rpc.tls_key and rpc.tls_ca)")
-        if self.tls_server_name is not None and (missing or not isinstance(self.tls_server_name, str)
-                                                 or not self.tls_server_name):
+        if self.tls_server_name is not None and (missing or not self.tls_server_name):
             raise DeploymentConfigError(f"rpc.tls_server_name={self.tls_server_name!r}: expected a name, and only "
                                         "with rpc.tls_cert, rpc.tls_key and rpc.tls_ca")
         if self.token is not None and self.token_file is not None:
             raise DeploymentConfigError("rpc.token, rpc.token_file: set one, not both")
-        if self.token is not None and not isinstance(self.token, str):
-            raise DeploymentConfigError(f"rpc.token: expected a string, got {type(self.token).__name__}")
         self.security()  # the files exist, are readable and hold what they should
 
     def security(self) -> RpcSecurity:
@@ -87,19 +87,14 @@ class ServerConfig:
     api_key_file: str | None = None
     admin_key: str | None = field(default=None, repr=False)
     admin_key_file: str | None = None
-    max_request_bytes: int = 4 << 20  # a larger body gets 413 before it is parsed
+    max_request_bytes: int = setting(4 << 20, ge=1024)  # a larger body gets 413 before it is parsed
 
     def __post_init__(self) -> None:
+        check_settings(self, "server", DeploymentConfigError)
         for kind in ("api_key", "admin_key"):
-            inline, path = getattr(self, kind), getattr(self, f"{kind}_file")
-            if inline is not None and path is not None:
+            if getattr(self, kind) is not None and getattr(self, f"{kind}_file") is not None:
                 raise DeploymentConfigError(f"server.{kind}, server.{kind}_file: set one, not both")
-            if inline is not None and not isinstance(inline, str):
-                raise DeploymentConfigError(f"server.{kind}: expected a string, got {type(inline).__name__}")
             self._resolve(kind, environ={})  # the file exists and holds a usable key
-        limit = self.max_request_bytes
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1024:
-            raise DeploymentConfigError(f"server.max_request_bytes={limit!r}: expected an integer >= 1024")
 
     def resolved_api_key(self, environ: Any = None) -> str | None:
         """The key in force: server.api_key, else server.api_key_file's content, else EXPERTMESH_API_KEY (from

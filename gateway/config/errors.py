@@ -1,14 +1,9 @@
-"""The config's error, which names the setting and its value, and the one-of-these check the sections share."""
+"""The config's error, which names the setting and its value."""
 
 from __future__ import annotations
 
-from typing import Any
+from model_core.settings import SettingError
 
 
-class DeploymentConfigError(ValueError):
-    """A deployment setting is unknown or out of range; the message names it."""
-
-
-def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise DeploymentConfigError(f"{name}={value!r}: expected one of {list(allowed)}")
+class DeploymentConfigError(SettingError):
+    """A deployment setting is unknown, of the wrong type or out of range; the message names it."""

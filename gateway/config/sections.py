@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from gateway.config.errors import DeploymentConfigError
+from model_core.settings import check_settings, setting
+
+DEVICE_RESOURCES = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -15,56 +18,47 @@ class RayConfig:
     """Where expert groups run. address None = start Ray embedded in this process (or use RAY_ADDRESS)."""
 
     address: str | None = None
-    device_resource: str = "cpu"  # "gpu": one {"GPU": gpus_per_group} bundle per expert group
-    cpus_per_group: float = 1.0
-    gpus_per_group: float = 1.0  # with device_resource 'gpu': a share of one GPU (0.25: four groups per GPU) or N
+    device_resource: str = setting("cpu", choices=DEVICE_RESOURCES)  # "gpu": a {"GPU": gpus_per_group} bundle each
+    cpus_per_group: float = setting(1.0, gt=0, le=1024)
+    gpus_per_group: float = setting(1.0, gt=0, le=1024)  # device_resource 'gpu': a share of one GPU (0.25) or N
     namespace: str = "expertmesh"
+
+    def __post_init__(self) -> None:
+        check_settings(self, "ray", DeploymentConfigError)
+        gpus = self.gpus_per_group
+        if not (gpus <= 1 or float(gpus).is_integer()):
+            # Ray schedules fractions of one GPU, or whole GPUs: 1.5 GPUs cannot be granted.
+            raise DeploymentConfigError(f"ray.gpus_per_group={gpus!r}: expected a share of one GPU (0 < x <= 1) "
+                                        "or a whole number of GPUs")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The `scheduler:` section: the budgets continuous batching schedules each step under."""
 
-    max_batch_tokens: int = 8192  # tokens per forward step (one per decoding sequence + prefill chunks)
-    max_prefill_tokens: int = 512  # prompt tokens prefilled per step: longer prompts are chunked across steps
-    max_running: int = 64  # sequences decoding at once
-    max_waiting: int = 256  # queued requests before new ones are refused
-    request_timeout_s: float = 600.0  # an HTTP request still unanswered after this is cancelled (504)
-    micro_batches: int | str = 1  # 2: ping-pong (one half's expert hop overlaps the other's attention); 'auto'
+    max_batch_tokens: int = setting(8192, ge=1)  # tokens per forward step (one per decoding sequence + prefills)
+    max_prefill_tokens: int = setting(512, ge=1)  # prompt tokens prefilled per step: longer prompts are chunked
+    max_running: int = setting(64, ge=1)  # sequences decoding at once
+    max_waiting: int = setting(256, ge=1)  # queued requests before new ones are refused
+    request_timeout_s: float = setting(600.0, gt=0, unit="seconds")  # still unanswered after this: cancelled (504)
+    # 2: ping-pong (one half's expert hop overlaps the other's attention); 'auto'
+    micro_batches: int | str = setting(1, choices=(1, 2, "auto"))
 
     def __post_init__(self) -> None:
-        if self.micro_batches not in (1, 2, "auto") or isinstance(self.micro_batches, bool):
-            raise DeploymentConfigError(f"scheduler.micro_batches={self.micro_batches!r}: expected 1, 2 or 'auto'")
-        for name in ("max_batch_tokens", "max_prefill_tokens", "max_running", "max_waiting"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DeploymentConfigError(f"scheduler.{name}={value!r}: expected an integer >= 1")
-        timeout = self.request_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise DeploymentConfigError(f"scheduler.request_timeout_s={timeout!r}: expected a number of seconds > 0")
+        check_settings(self, "scheduler", DeploymentConfigError)
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """The `cache:` section: how big the latent-cache pool is and how it is cut into blocks."""
 
-    block_size: int = 16  # tokens per block (every layer's c_kv + k_pe for those tokens)
-    max_tokens: int | None = None  # pool size in tokens; None: memory_fraction of the device's free memory
-    memory_fraction: float = 0.1  # used when max_tokens is None: the share of free memory at startup
+    block_size: int = setting(16, ge=1)  # tokens per block (every layer's c_kv + k_pe for those tokens)
+    max_tokens: int | None = setting(None, ge=1)  # pool size in tokens; None: memory_fraction of free memory
+    memory_fraction: float = setting(0.1, gt=0, le=0.95)  # used when max_tokens is None: share of free memory
     prefix_caching: bool = True  # reuse full blocks of an identical prefix (hash-chained) across requests
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_tokens"):
-            value = getattr(self, name)
-            if value is None and name == "max_tokens":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DeploymentConfigError(f"cache.{name}={value!r}: expected an integer >= 1")
-        fraction = self.memory_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.95:
-            raise DeploymentConfigError(f"cache.memory_fraction={fraction!r}: expected a number in (0, 0.95]")
-        if not isinstance(self.prefix_caching, bool):
-            raise DeploymentConfigError(f"cache.prefix_caching={self.prefix_caching!r}: expected true or false")
+        check_settings(self, "cache", DeploymentConfigError)
 
     def pool_tokens(self, bytes_per_token: int, device: torch.device, most_useful: int) -> int:
         """Tokens the pool holds: max_tokens, else memory_fraction of the device's free memory, capped at
