@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from gateway.serving.balancing import balance_table, start_balancing
 from gateway.serving.engine_metrics import EngineMetrics
 from gateway.serving.model_runner import ModelRunner, gateway_device, latent_cache, load_model, traced
 from gateway.serving.placement_switch import PlacementSwitch, initial_placement
+from gateway.serving.request_checks import check_prompts, new_request_id, request_ids_for
 from gateway.serving.routing_summary import RoutingSummary
 from gateway.serving.routing_trace import RequestTrace, RoutingTraceStore
 from gateway.serving.sampling_params import SamplingParams
@@ -65,8 +65,10 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self._traces_of: dict[str, RequestTrace] = {}  # a running request's routing trace
         self._cancelled: dict[str, str] = {}  # request id -> the finish_reason it ends with
+        self._dequeued: list[Request] = []  # cancelled while waiting: out of the queue, to retire at the next step
         self._seq_ids = itertools.count()  # for one-shot scoring (logits); the scheduler numbers requests
         self.last_request_ids: list[str] = []  # one per prompt of the latest generate() / logits() call
+        self.last_batch_size = 0  # requests the latest step() forwarded (0: it had nothing to run)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **settings: Any) -> Engine:
@@ -110,8 +112,8 @@ class Engine:
         raises fails this request alone (finish_reason 'error', the error names the callback).
         """
         params = SamplingParams.of(params, **sampling)
-        self._check_prompts([prompt], params, single=True)
-        return self._enqueue(prompt, params, request_id or uuid.uuid4().hex[:16], on_token, on_finish, trace_context)
+        check_prompts(self.spec, self.cache, [prompt], params, single=True)
+        return self._enqueue(prompt, params, request_id or new_request_id(), on_token, on_finish, trace_context)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int | None = None, *,
                  params: SamplingParams | None = None, request_ids: list[str] | None = None,
@@ -125,8 +127,8 @@ class Engine:
         the routing it received. Raises DispatchError when a request failed.
         """
         params = SamplingParams.of(params, max_new_tokens=max_new_tokens, **sampling)
-        self._check_prompts(prompts, params)
-        ids = self._request_ids(prompts, request_ids)
+        check_prompts(self.spec, self.cache, prompts, params)
+        ids = self.last_request_ids = request_ids_for(prompts, request_ids)
         with traced(self.telemetry.tracer, "generate", prompts=len(prompts), max_new_tokens=params.max_new_tokens):
             requests = [self._enqueue(p, params.for_choice(i), ids[i], None, None, None)
                         for i, p in enumerate(prompts)]
@@ -139,18 +141,24 @@ class Engine:
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> None:
         """Stop a request at the next step, finishing with `reason`: 'cancelled' (its client went away) or 'stop'
-        (the caller found a stop string in its text)."""
+        (the caller found a stop string in its text). One still waiting leaves the queue at once (it no longer
+        counts against scheduler.max_waiting); it retires, calling on_finish, at the next step."""
         if reason not in ("cancelled", "stop"):
             raise ValueError(f"reason={reason!r}: expected 'cancelled' or 'stop'")
         with self._queue_lock:
             self._cancelled.setdefault(request_id, reason)
+            waiting = self.scheduler.waiting
+            queued = next((r for r in waiting if r.request_id == request_id), None)
+            if queued is not None:
+                waiting.remove(queued)
+                self._dequeued.append(queued)
 
     @torch.inference_mode()
     def logits(self, prompts: list[list[int]], request_ids: list[str] | None = None) -> list[torch.Tensor]:
         """Full-sequence logits of a ragged batch: one float32 host tensor [len_i, vocab] per prompt (one forward,
         no cache: nothing is kept afterwards but the routing traces)."""
-        self._check_prompts(prompts)
-        ids = self._request_ids(prompts, request_ids)
+        check_prompts(self.spec, self.cache, prompts)
+        ids = self.last_request_ids = request_ids_for(prompts, request_ids)
         with self._step_lock:
             traces = [self.traces.start(r, self.spec.moe_layers, self.spec.top_k, list(p))
                       for r, p in zip(ids, prompts, strict=True)]
@@ -169,40 +177,6 @@ class Engine:
             return [(None, [])]
         chosen, tops = token_logprobs(logits[:-1], torch.tensor(prompt[1:]), top)
         return [(None, [])] + list(zip(chosen, tops, strict=True))
-
-    def _check_prompts(self, prompts: list[list[int]], params: SamplingParams | None = None,
-                       single: bool = False) -> None:
-        """What no SamplingParams can know alone: the prompts' ids and lengths against this model and its cache, a
-        logprobs count against its vocabulary. Errors name the prompt: `prompts[i]`, or `prompt` for `submit`."""
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompts: expected a non-empty list of token-id lists")
-        vocab, limit = self.spec.vocab_size, self.spec.max_position_embeddings
-        if params is not None and params.logprobs is not None and params.logprobs > vocab:
-            raise ValueError(f"logprobs={params.logprobs}: expected at most vocab_size={vocab}")
-        new = params.max_new_tokens if params is not None else 0
-        for i, p in enumerate(prompts):
-            field = "prompt" if single else f"prompts[{i}]"
-            if not isinstance(p, (list, tuple)) or not p:
-                raise ValueError(f"{field}: expected a non-empty list of token ids")
-            bad = [t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"{field}: token ids {bad[:5]} are outside [0, vocab_size={vocab})")
-            if len(p) + new > limit:
-                raise ValueError(f"{field}: {len(p)} tokens + max_new_tokens={new} exceeds "
-                                 f"max_position_embeddings={limit}")
-            if new and self.cache.blocks_for(len(p) + new) > self.cache.n_blocks:
-                raise ValueError(
-                    f"{field}: {len(p)} tokens + max_new_tokens={new} can never fit the latent cache "
-                    f"({self.cache.capacity_tokens} tokens: cache.max_tokens / cache.memory_fraction)")
-
-    def _request_ids(self, prompts: list[list[int]], request_ids: list[str] | None) -> list[str]:
-        """One distinct id per prompt (given, or generated); they become `last_request_ids`."""
-        if request_ids is None:
-            request_ids = [uuid.uuid4().hex[:16] for _ in prompts]
-        elif len(request_ids) != len(prompts) or len(set(request_ids)) != len(request_ids):
-            raise ValueError(f"request_ids: expected {len(prompts)} distinct ids, one per prompt")
-        self.last_request_ids = list(request_ids)
-        return self.last_request_ids
 
     def _enqueue(self, prompt: list[int], params: SamplingParams, request_id: str, on_token, on_finish,
                  trace_context: Any) -> Request:
@@ -229,16 +203,17 @@ class Engine:
 
     # -- stepping ------------------------------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._dequeued)
 
     @torch.inference_mode()
     def step(self) -> list[Request]:
         """One continuous-batching step: every running sequence decodes a token, prompts are prefilled (in chunks
         under scheduler.max_prefill_tokens), all in one forward. Returns the requests that finished."""
         with self._step_lock:
-            retired = self._retire(self._take_cancelled())
+            retired = self._retire(self._take_cancelled() + self._take_stalled())
             with self._queue_lock:
                 batch = self.scheduler.schedule()
+            self.last_batch_size = len(batch)
             if not batch:
                 return retired
             try:
@@ -250,8 +225,16 @@ class Engine:
                 return retired + self._retire(batch)
             if not sampling:
                 return retired
-            for r, token in zip(sampling, self.runner.sample(sampling, logits), strict=True):
-                self._emit(r, token)
+            try:  # a request that cannot be sampled fails alone (None); raising here is a bug in sampling itself
+                tokens = self.runner.sample(sampling, logits)
+            except Exception as exc:
+                logger.exception("sampling failed for %d requests", len(sampling))
+                tokens = [None] * len(sampling)
+                for r in sampling:
+                    r.fail(f"sampling raised {type(exc).__name__}: {exc}")
+            for r, token in zip(sampling, tokens, strict=True):
+                if token is not None:
+                    self._emit(r, token)
             return retired + self._retire([r for r in sampling if r.done])
 
     def _emit(self, r: Request, token: int) -> None:
@@ -281,11 +264,21 @@ class Engine:
                 return []
             waiting, running = self.scheduler.waiting, self.scheduler.running
             cancelled, self._cancelled = self._cancelled, {}
-            gone = [r for r in [*waiting, *running] if r.request_id in cancelled]
+            gone = self._dequeued + [r for r in [*waiting, *running] if r.request_id in cancelled]
+            self._dequeued = []
             self.scheduler.waiting = type(waiting)(r for r in waiting if r.request_id not in cancelled)
         for r in gone:
-            r.finish_reason = cancelled[r.request_id]
+            r.finish_reason = cancelled.get(r.request_id, "cancelled")
         return gone
+
+    def _take_stalled(self) -> list[Request]:
+        """Running requests never given a token for their last forward (a bug) fail: no request waits forever."""
+        with self._queue_lock:
+            stalled = self.scheduler.stalled()
+        for r in stalled:
+            logger.error("request %s: its forwarded tokens were never sampled; failing it", r.request_id)
+            r.fail("internal error: the engine stopped generating for this request")
+        return stalled
 
     def _retire(self, finished: list[Request]) -> list[Request]:
         """Take finished requests out of the batch, free their cache and trace, then call their on_finish."""

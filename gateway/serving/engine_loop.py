@@ -13,6 +13,7 @@ from gateway.serving.engine import Engine
 from gateway.serving.scheduler import Request
 
 logger = logging.getLogger(__name__)
+IDLE_STEP_WAIT_S = 0.01  # after a step that ran nothing (or raised), before the next: no busy loop
 
 
 @dataclass
@@ -87,12 +88,17 @@ class EngineLoop:
                 self._wake.clear()
                 continue
             start = time.perf_counter()
+            idle = False
             try:
-                self.engine.step()
+                idle = not self.engine.step() and self.engine.last_batch_size == 0
             except Exception:  # step() fails its own requests; this is a bug in it: log it, keep serving
                 logger.exception("engine step raised")
+                idle = True
             self.stats.steps += 1
             self.stats.step_seconds += time.perf_counter() - start
+            if idle:  # work is queued but nothing could run: wait for a change (or a moment) instead of spinning
+                self._wake.wait(timeout=IDLE_STEP_WAIT_S)
+                self._wake.clear()
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Ask the loop thread to end and wait up to timeout_s; returns whether it ended (False: a step still

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,18 +18,29 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.serving.engine_loop import EngineLoop
+from gateway.serving.request_checks import REQUEST_ID_LENGTH, REQUEST_ID_SHAPE
 
+logger = logging.getLogger(__name__)
 TRACE_ID_HEADER = "x-trace-id"
 
 
+MAX_ERROR_CHARS = 2000  # an error message longer than this is cut (it may quote what the client sent)
+NAMED_PROBLEM = re.compile(r"([A-Za-z_][\w.<>]*): ")  # a whole-body check's message: "<field>: <problem>"
+ERROR_TYPES = {401: "invalid_request_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-          headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """An error in OpenAI's shape: {"error": {"message", "type", "code"?}}."""
-    body: dict[str, Any] = {"message": message, "type": kind}
-    if code is not None:
-        body["code"] = code
+          headers: Mapping[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. The message is cut at
+    MAX_ERROR_CHARS and any text that is not valid UTF-8 (a lone surrogate) is escaped, so an error can always be
+    sent whatever it quotes."""
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + f"... ({len(message) - MAX_ERROR_CHARS} more characters)"
+    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    body = {"message": safe, "type": kind, "param": param, "code": code}
     return JSONResponse(status_code=status, content={"error": body}, headers=headers)
 
 
@@ -138,11 +151,45 @@ def create_app(access: Callable[[], Access] | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                             for e in exc.errors())
-        return error(400, problems)
+        problems = [(_field_of(e), _problem_of(e)) for e in exc.errors()]
+        return error(400, "; ".join(f"{f}: {p}" for f, p in problems), param=problems[0][0] if problems else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405, ...
+        kind = ERROR_TYPES.get(exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error")
+        return error(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:  # a bug: logged, answered in OpenAI's shape
+        logger.error("unhandled %s in an HTTP handler", type(exc).__name__, exc_info=exc)
+        return error(500, f"internal error ({type(exc).__name__}); see the gateway log", "server_error")
 
     return app
+
+
+def _field_of(problem: dict) -> str:
+    """A validation problem's field, as a request writes it: messages.0.content, prompt, body (the whole); a
+    whole-body check names its field first ("best_of: not supported ...")."""
+    where = ".".join(str(p) for p in problem["loc"] if p != "body")
+    if problem["type"] == "json_invalid":
+        return "body"
+    if not where and problem["type"] == "value_error":
+        named = NAMED_PROBLEM.match(problem["msg"].removeprefix("Value error, "))
+        return named.group(1) if named else "body"
+    return where or "body"
+
+
+def _problem_of(problem: dict) -> str:
+    """What is wrong, in words (pydantic's, or a check's message without the field it starts with)."""
+    kind, where = problem["type"], [p for p in problem["loc"] if p != "body"]
+    if kind == "json_invalid":
+        position = problem["loc"][-1] if len(problem["loc"]) > 1 else "?"
+        return f"not valid JSON ({problem.get('ctx', {}).get('error', 'JSON decode error')} at character {position})"
+    if not where and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return "expected a JSON object (sent with Content-Type: application/json)"
+    message = problem["msg"].removeprefix("Value error, ")
+    named = NAMED_PROBLEM.match(message) if not where and kind == "value_error" else None
+    return message[named.end():] if named else message
 
 
 def ready(state: GatewayState | None) -> JSONResponse:
@@ -156,11 +203,15 @@ def models(state: GatewayState) -> dict:
 
 
 def routing(state: GatewayState, request_id: str) -> Any:
-    """GET /v1/routing/{request_id}: the request's routing trace."""
+    """GET /v1/routing/{request_id}: the request's routing trace. An id not of the shape the engine issues is
+    answered 404 without being echoed (it can be any length)."""
+    if not REQUEST_ID_SHAPE.fullmatch(request_id):
+        return error(404, f"request_id: not a request id of this server (expected {REQUEST_ID_LENGTH} lowercase hex "
+                          "digits: a completion's id is cmpl-<request id>)", "not_found_error", param="request_id")
     try:
         return state.engine_loop.engine.routing_trace(request_id).to_json()
     except KeyError as exc:
-        return error(404, str(exc.args[0]), "not_found_error")
+        return error(404, str(exc.args[0]), "not_found_error", param="request_id")
 
 
 class ScaleRequest(BaseModel):

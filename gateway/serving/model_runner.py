@@ -12,7 +12,7 @@ from gateway.config import DeploymentConfig, DeploymentConfigError
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.model.kv_cache import PagedLatentCache
 from gateway.model.model import GatewayModel
-from gateway.model.sampling import apply_penalties, sample, token_logprobs
+from gateway.model.sampling import NOT_SAMPLED, apply_penalties, sample, token_logprobs
 from gateway.model.step import StepBatch
 from gateway.serving.balancing import BalanceClient
 from gateway.serving.micro_batching import MicroBatchChooser
@@ -152,18 +152,38 @@ class ModelRunner:
             self.balance.observe(routings, step)
         return hidden, step
 
-    def sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+    def sample(self, requests: list[Request], logits: torch.Tensor) -> list[int | None]:
         """One token per request from its logits row [V] (penalties, temperature, top-p, its generator), sampled on
         the device; the ids are the one thing a step copies to the host (in one transfer), with the logprobs of the
-        requests that asked for them (booked in `request.token_logprobs`)."""
-        sampled = torch.cat([
-            sample((apply_penalties(row, r.prompt, r.output, r.penalties) if r.penalties.active else row)[None],
-                   r.temperature, r.top_p, r.generator)
-            for r, row in zip(requests, logits, strict=True)])
+        requests that asked for them (booked in `request.token_logprobs`).
+
+        A request whose row cannot be sampled (its distribution is not finite, or sampling it raised) gets None and
+        is failed, naming why; the others sample exactly as they would without it."""
+        rows, failed = [], {}
+        for i, (r, row) in enumerate(zip(requests, logits, strict=True)):
+            try:
+                scored = apply_penalties(row, r.prompt, r.output, r.penalties) if r.penalties.active else row
+                rows.append(sample(scored[None], r.temperature, r.top_p, r.generator))
+            except Exception as exc:  # this request's settings or state: it fails alone
+                logger.exception("request %s: sampling raised", r.request_id)
+                failed[i] = f"sampling raised {type(exc).__name__}: {exc}"
+                rows.append(torch.full((1,), NOT_SAMPLED, dtype=torch.long, device=logits.device))
+        sampled = torch.cat(rows)  # [S]
         wanting = [i for i, r in enumerate(requests) if r.logprobs is not None]
+        tops: list = []
         if wanting:
             index = torch.tensor(wanting, device=logits.device)
-            chosen, tops = token_logprobs(logits[index], sampled[index], max(requests[i].logprobs for i in wanting))
-            for i, lp, top in zip(wanting, chosen, tops, strict=True):
+            tops = list(zip(wanting, *token_logprobs(logits[index], sampled[index].clamp(min=0),
+                                                     max(requests[i].logprobs for i in wanting)), strict=True))
+        tokens: list[int | None] = sampled.tolist()
+        for i, token in enumerate(tokens):
+            if token == NOT_SAMPLED:
+                failed.setdefault(i, "sampling: the next-token distribution is not finite (NaN or inf logits after "
+                                     "penalties and temperature)")
+        for i, lp, top in tops:
+            if i not in failed:
                 requests[i].token_logprobs.append((lp, top[: requests[i].logprobs]))
-        return sampled.tolist()
+        for i, why in failed.items():
+            requests[i].fail(why)
+            tokens[i] = None
+        return tokens

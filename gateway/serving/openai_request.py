@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gateway.model.sampling import Penalties
+from gateway.model.sampling import MAX_REPETITION, MIN_REPETITION, Penalties
 from gateway.serving.sampling_params import SamplingParams
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
@@ -21,6 +21,26 @@ def refuse_unsupported(data: Any, unsupported: dict[str, str]) -> Any:
             value = data.get(name)
             if value not in (None, [], {}, "") and not (name == "best_of" and value == 1):
                 raise ValueError(f"{name}: not supported ({why})")
+    return data
+
+
+def refuse_lone_surrogates(data: Any, path: str = "") -> Any:
+    """A request body's check (pydantic, before fields): every string in it, keys included, must be valid Unicode.
+    JSON's \\ud800 escapes can carry half a UTF-16 pair, which no tokenizer can encode: refused, naming where
+    (messages.0.content)."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{path or 'body'}: contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                             "escape): not valid Unicode text") from None
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            refuse_lone_surrogates(key, f"{path}.<key>" if path else "<key>")
+            refuse_lone_surrogates(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            refuse_lone_surrogates(value, f"{path}.{i}")
     return data
 
 
@@ -55,16 +75,23 @@ class OpenAIRequest(BaseModel):
     stop: StopStrings = Field(None, validate_default=True)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # vLLM's extension
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION, le=MAX_REPETITION)  # vLLM's extension
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = None  # OpenAI's: a signed 64-bit integer
     user: str | None = None  # accepted and ignored, as OpenAI's end-user id
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_64_bits(cls, value: int | None) -> int | None:
+        if value is not None and not -(2**63) <= value < 2**63:
+            raise ValueError("expected null or an integer in [-2**63, 2**63 - 1] (a 64-bit seed)")
+        return value
 
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
-        return refuse_unsupported(data, cls.unsupported)
+        return refuse_unsupported(refuse_lone_surrogates(data), cls.unsupported)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """How each choice is sampled (ValueError naming the field if the engine's limits refuse it)."""

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from gateway.model.sampling import Penalties
+from gateway.model.sampling import Penalties, is_number
 from gateway.serving.scheduler import Request
 
 MAX_LOGPROBS = 20  # top tokens a request may ask logprobs for (vLLM's default limit; OpenAI's completions allow 5)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes (a negative seed wraps around)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """max_new_tokens: tokens to generate at most; temperature 0 is greedy, else top_p nucleus sampling; seed: a
-    per-request generator (None: the global one); stop_at_eos: end after the model's eos token (kept in the output);
-    penalties: presence / frequency / repetition (gateway.model.sampling); logprobs: book the model's logprob of each
-    sampled token and of the `logprobs` most likely ones (0 to MAX_LOGPROBS) in `request.token_logprobs`.
+    """max_new_tokens: tokens to generate at most; temperature 0 (or below 1e-5, as in vLLM) is greedy, else top_p
+    nucleus sampling; seed: a per-request generator (None: the global one), an integer in SEED_RANGE; stop_at_eos:
+    end after the model's eos token (kept in the output); penalties: presence / frequency / repetition
+    (gateway.model.sampling); logprobs: book the model's logprob of each sampled token and of the `logprobs` most
+    likely ones (0 to MAX_LOGPROBS) in `request.token_logprobs`.
 
     Errors name the field and its value.
     """
@@ -36,12 +39,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: expected a positive integer")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature!r}: expected a number >= 0")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature={self.temperature!r}: expected a finite number >= 0")
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r}: expected 0 < top_p <= 1")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed={self.seed!r}: expected null or an integer")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed={self.seed!r}: expected null or an integer in [-2**63, 2**64 - 1]")
         if not isinstance(self.stop_at_eos, bool):
             raise ValueError(f"stop_at_eos={self.stop_at_eos!r}: expected true or false")
         if not isinstance(self.penalties, Penalties):
@@ -76,13 +79,15 @@ class SamplingParams:
             on_token=on_token, on_finish=on_finish, penalties=self.penalties, logprobs=self.logprobs)
 
     def for_choice(self, index: int) -> SamplingParams:
-        """The params of the index-th request of a batch: seeded ones sample with seed + index."""
-        return self if self.seed is None else dataclasses.replace(self, seed=self.seed + index)
+        """The params of the index-th request of a batch: seeded ones sample with seed + index (a ValueError naming
+        seed when that leaves SEED_RANGE)."""
+        if self.seed is None or index == 0:
+            return self
+        if self.seed + index > SEED_RANGE[1]:
+            raise ValueError(f"seed={self.seed}: choice {index} samples with seed + {index}, past the largest seed "
+                             "2**64 - 1")
+        return dataclasses.replace(self, seed=self.seed + index)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -96,6 +96,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def stalled(self) -> list[Request]:
+        """Running requests with no position left to compute: ones forwarded but never given a token (after a
+        failure in between). `schedule()` would never pick them again."""
+        return [r for r in self.running if len(r.prompt) + len(r.output) <= r.computed]
+
     def schedule(self) -> list[Request]:
         """The requests in the next step, each with `scheduled` positions to compute; their cache is reserved.
         Admitted requests move from waiting to running."""
