@@ -18,7 +18,7 @@ from gateway.config.errors import DeploymentConfigError
 from gateway.config.sections import CacheConfig, RayConfig, SchedulerConfig
 from model_core.compute_choices import KERNELS, MODEL_DTYPES
 from model_core.half_matmul import MODES as HALF_MATMUL_MODES
-from model_core.settings import check_settings, setting
+from model_core.settings import SettingError, check_settings, setting
 from model_core.telemetry import TracingConfig
 from model_core.yaml_file import read_yaml_mapping
 from protos.codec import DTYPES
@@ -121,9 +121,12 @@ class DeploymentConfig:
             raise DeploymentConfigError(f"deployment: expected a mapping, got {type(raw).__name__}")
         raw = dict(raw)
         nested = {}
-        for name, kind in _sections().items():
-            value = raw.pop(name, None)  # a section is a mapping, or absent / null for its defaults
-            nested[name] = kind(**_known(name, {} if value is None else value, kind))
+        try:
+            for name, kind in _sections().items():
+                value = raw.pop(name, None)  # a section is a mapping, or absent / null for its defaults
+                nested[name] = kind(**_known(name, {} if value is None else value, kind))
+        except SettingError as exc:  # the tracing and balancing sections (below the gateway) raise their own
+            raise exc if isinstance(exc, DeploymentConfigError) else DeploymentConfigError(str(exc)) from None
         top = _known("deployment", raw, cls, skip=set(nested))
         if "model" not in top:
             raise DeploymentConfigError("model: missing (a checkpoint directory)")

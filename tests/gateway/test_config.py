@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,26 @@ def test_ray_address_comes_from_the_environment_when_not_configured(monkeypatch)
         ("- just\n- a list\n", "bad.yaml: expected deployment file to hold a mapping of settings, got a list"),
         ("", "bad.yaml: expected deployment file to hold a mapping of settings, got an empty file"),
         ("model: [unclosed\n", "bad.yaml: cannot read deployment file \\(not valid YAML"),
+        # issue 23: wrong types and non-finite numbers were TypeError / OverflowError tracebacks, 2048 MB crashed
+        # the expert actor, `ray: 0` was read as no section
+        ("model: m\nray: {cpus_per_group: x}\n", r"ray\.cpus_per_group='x': expected a number in \(0, 1024\]"),
+        ("model: m\nrpc: {timeout_s: 30s}\n", r"rpc\.timeout_s='30s': expected a number of seconds > 0"),
+        ("model: 123\n", "model=123: expected a string"),
+        ("model: m\nray: {cpus_per_group: .inf}\n", r"ray\.cpus_per_group=inf: expected a finite number in \(0, "),
+        ("model: m\nrpc: {timeout_s: .nan}\n", r"rpc\.timeout_s=nan: expected a finite number of seconds > 0"),
+        ("model: m\nrpc: {max_message_mb: 2048}\n",
+         r"rpc\.max_message_mb=2048: expected an integer in \[1, 2047\] \(gRPC's message limit is under 2 GiB\)"),
+        ("model: m\nray: 0\n", "ray: expected a mapping of settings, got 0"),
+        ("model: m\nscheduler: []\n", r"scheduler: expected a mapping of settings, got \[\]"),
+        ("model: m\ndevices: true\n", r"devices=True: expected an integer in \[1, 4096\]"),
+        ("model: m\ncache: {memory_fraction: true}\n", r"cache\.memory_fraction=True: expected a number"),
+        ("model: m\nreplicas: [1, 2.0]\n", r"replicas=\[1, 2\.0\]: expected an integer in \[1, 1024\] or a list"),
+        ("model: m\ntop_m_devices: 18446744073709551616\n", "top_m_devices=18446744073709551616: expected an integer"),
+        ("model: m\ntracing: {sample_ratio: .inf}\n", r"tracing\.sample_ratio=inf: expected a finite number in \[0, "),
+        ("model: m\nbalancing: {gamma: '0.1'}\n", r"balancing\.gamma='0\.1': expected a number > 0"),
+        ("model: m\nscheduler: {micro_batches: true}\n", r"scheduler\.micro_batches=True: expected one of \[1, 2"),
+        ("model: m\n1: x\nz: y\n", "1: unknown setting"),
+        ("model: m\nx: [1\n", r"bad\.yaml: cannot read deployment file \(not valid YAML: line 3, column 1: expected"),
     ],
 )
 def test_bad_files_name_the_setting(tmp_path, text, message):
@@ -133,3 +155,46 @@ def test_the_deployment_file_parses_every_section_into_its_dataclass(tmp_path):
     assert cfg.cache == CacheConfig(block_size=4, prefix_caching=False)
     assert cfg.server == ServerConfig(max_request_bytes=4096)
 
+
+
+def _settings() -> list[tuple[str, type, dataclasses.Field]]:
+    """(the setting's dotted name, the dataclass declaring it, its field) for every setting of a deployment file."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(DeploymentConfig)
+                if dataclasses.is_dataclass(f.default_factory)}
+    out = [(f.name, DeploymentConfig, f) for f in dataclasses.fields(DeploymentConfig) if f.name not in sections]
+    out += [(f"{name}.{f.name}", kind, f) for name, kind in sections.items() for f in dataclasses.fields(kind)]
+    return out
+
+
+def _raw(dotted: str, value: object) -> dict:
+    section, _, name = dotted.rpartition(".")
+    return {"model": "m", **({section: {name: value}} if section else {name: value})}
+
+
+SETTINGS = _settings()
+
+
+@pytest.mark.parametrize("dotted, kind, field", SETTINGS, ids=[s[0] for s in SETTINGS])
+def test_every_setting_refuses_a_wrong_type_naming_itself_and_what_it_expects(dotted, kind, field):
+    """A mapping is no setting's type: every field is checked where the file is parsed (no TypeError later)."""
+    with pytest.raises(DeploymentConfigError, match=rf"^{dotted}(={{'x': 1}})?: expected ") as info:
+        DeploymentConfig.from_dict(_raw(dotted, {"x": 1}))
+    if not field.repr:  # a secret: named, never shown
+        assert "'x'" not in str(info.value)
+
+
+NUMBERS = [(dotted, hint) for dotted, kind, f in SETTINGS
+           for hint in [typing.get_type_hints(kind)[f.name]] if set(typing.get_args(hint) or (hint,)) & {int, float}]
+
+
+@pytest.mark.parametrize("dotted, hint", NUMBERS, ids=[n[0] for n in NUMBERS])
+def test_every_number_refuses_infinity_nan_bools_and_ints_beyond_64_bits(dotted, hint):
+    too_big = 2**64 if int in (typing.get_args(hint) or (hint,)) else 10**400  # beyond int64 / beyond a float
+    for bad in (math.inf, -math.inf, math.nan, True, too_big):
+        with pytest.raises(DeploymentConfigError, match=rf"^{dotted}=.*: expected "):
+            DeploymentConfig.from_dict(_raw(dotted, bad))
+    assert len(NUMBERS) > 25  # the numbers of every section are here
+
+
+def test_a_section_may_be_null_for_its_defaults():
+    assert DeploymentConfig.from_dict({"model": "m", "ray": None, "rpc": None}).ray == RayConfig()
