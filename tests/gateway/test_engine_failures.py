@@ -1,6 +1,7 @@
-"""Failure paths of the engine: a raising callback fails only its request, a failed step is logged with its
-traceback, closing never races a step that is still running, and a metrics scrape never acts on a failed replica
-(the engine loop does)."""
+"""Failure paths of the engine: a raising callback or a request that cannot be sampled fails only its request, a
+failed step is logged with its traceback, no request is left forwarded but never sampled, a request cancelled while
+waiting leaves the queue at once, the loop never spins on steps that run nothing, closing never races a step that
+is still running, and a metrics scrape never acts on a failed replica (the engine loop does)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from gateway import Engine
 from gateway.dispatch.transports import DispatchError
+from gateway.model.sampling import Penalties
 from gateway.serving.engine_loop import EngineLoop, LoopStats
 from gateway.serving.http_api import prometheus_text
-from tests.conftest import random_prompts
+from tests.conftest import random_prompts, wait_until
 
 
 @pytest.fixture()
@@ -84,6 +87,95 @@ def test_a_failed_step_fails_its_requests_and_is_logged_with_the_traceback(engin
     (record,) = [rec for rec in caplog.records if "step failed" in rec.getMessage()]
     assert record.exc_info is not None and record.exc_info[0] is DispatchError
     assert engine.cache.is_empty() and not engine.has_work()
+
+
+def unchecked_penalties(repetition: float) -> Penalties:
+    """Penalties past validation (repetition_penalty below 0.01 is refused): 1e-300 is 0 in float32, so a seen
+    token's positive logit becomes inf and the distribution NaN."""
+    penalties = object.__new__(Penalties)
+    for name, value in (("presence", 0.0), ("frequency", 0.0), ("repetition", repetition)):
+        object.__setattr__(penalties, name, value)
+    return penalties
+
+
+@pytest.mark.parametrize("poison", ["non-finite distribution", "sampling raises"])
+def test_a_request_that_cannot_be_sampled_fails_alone_and_its_batch_keeps_generating(engine, poison, caplog):
+    prompts = random_prompts(engine.spec.vocab_size, [5, 9, 4], seed=3)
+    alone = [engine.generate([p], max_new_tokens=6, stop_at_eos=False)[0] for p in prompts]
+    bad_prompt = random_prompts(engine.spec.vocab_size, [40], seed=5)[0]  # many seen tokens: some logit > 0
+    requests = [engine.submit(p, max_new_tokens=6, stop_at_eos=False, request_id=f"r{i}", logprobs=2)
+                for i, p in enumerate(prompts)]
+    bad = engine.submit(bad_prompt, max_new_tokens=6, stop_at_eos=False, request_id="bad", logprobs=2)
+    if poison == "non-finite distribution":
+        bad.penalties, bad.temperature = unchecked_penalties(1e-300), 1.0
+    else:
+        bad.temperature = 1.0  # with a generator not on the logits' device (a stand-in): sample() raises
+        bad.generator = SimpleNamespace(device=torch.device("cuda"))
+    with caplog.at_level(logging.ERROR, logger="gateway.serving"):
+        run_all(engine)
+    assert [r.output for r in requests] == alone and all(r.finish_reason == "length" for r in requests)
+    assert all(len(r.token_logprobs) == 6 for r in requests)
+    assert bad.finish_reason == "error" and bad.output == [] and bad.token_logprobs == []
+    if poison == "non-finite distribution":
+        assert "sampling: the next-token distribution is not finite" in bad.error
+    else:
+        assert "sampling raised ValueError: generator.device=cuda" in bad.error
+        assert any(r.exc_info and "bad" in r.getMessage() for r in caplog.records)
+    assert engine.cache.is_empty() and engine.scheduler.running == [] and engine._traces_of == {}
+
+
+def test_a_failure_of_sampling_as_a_whole_fails_its_requests_instead_of_stranding_them(engine, monkeypatch):
+    prompts = random_prompts(engine.spec.vocab_size, [5, 9], seed=4)
+    requests = [engine.submit(p, max_new_tokens=4, stop_at_eos=False) for p in prompts]
+    real = engine.runner.sample
+    calls = []
+
+    def fails_once(batch, logits):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("a bug in sampling")
+        return real(batch, logits)
+
+    monkeypatch.setattr(engine.runner, "sample", fails_once)
+    run_all(engine)  # before: forwarded but never sampled, they were never scheduled again (200 empty steps)
+    assert all(r.finish_reason == "error" and "RuntimeError: a bug in sampling" in r.error for r in requests)
+    assert all(len(r.output) == 1 for r in requests) and engine.cache.is_empty()
+
+
+def test_a_request_forwarded_but_never_sampled_fails_instead_of_waiting_forever(engine, caplog):
+    r = engine.submit([4, 5, 6], max_new_tokens=4, request_id="stranded")
+    engine.step()  # prefill and first token
+    r.computed += 1  # as if its next token had been forwarded and then lost
+    with caplog.at_level(logging.ERROR, logger="gateway.serving"):
+        assert engine.step() == [r]
+    assert r.finish_reason == "error" and "stopped generating" in r.error
+    assert engine.cache.is_empty() and not engine.has_work()
+    assert any("stranded" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_request_cancelled_while_waiting_leaves_the_queue_at_once(engine):
+    finished = []
+    queued = [engine.submit([4, 5, 6], max_new_tokens=2, request_id=f"q{i}", on_finish=finished.append)
+              for i in range(3)]
+    engine.cancel("q1")
+    assert [r.request_id for r in engine.scheduler.waiting] == ["q0", "q2"] and engine.metrics().queue_depth == 2
+    assert finished == [] and not queued[1].done  # it retires, calling on_finish, at the next step
+    engine.step()
+    assert finished == [queued[1]] and queued[1].finish_reason == "cancelled" and queued[1].output == []
+    run_all(engine)
+    assert [r.finish_reason for r in queued] == ["length", "cancelled", "length"] and engine.cache.is_empty()
+
+
+def test_the_engine_loop_waits_instead_of_spinning_while_nothing_can_run(engine, monkeypatch):
+    monkeypatch.setattr(engine.scheduler, "schedule", lambda: [])  # a queued request that can never be admitted
+    engine.submit([4, 5, 6], max_new_tokens=2)
+    loop = EngineLoop(engine)
+    try:
+        wait_until(lambda: loop.stats.steps > 0, 10, "a first step")
+        time.sleep(0.5)  # the scenario: time passes with work queued that cannot run
+        assert loop.stats.steps < 200, f"{loop.stats.steps} steps in 0.5 s: the loop spins"  # spinning: ~100k
+    finally:
+        assert loop.stop(timeout_s=30)
 
 
 class SlowStep:
