@@ -177,50 +177,9 @@ def install_bundle(bundle: Path, manifest: dict, site: Path, log) -> None:
     log(f"installed {len(wheels)} wheels into {site} in {time.monotonic() - started:.1f}s")
 
 
-PROBE = r"""
-import importlib, json, platform, shutil, subprocess, sys
-info = {"python": sys.version.split()[0], "executable": sys.executable, "machine": platform.machine()}
-def where(name):
-    try:
-        module = importlib.import_module(name)
-        return {"version": getattr(module, "__version__", None), "file": getattr(module, "__file__", None)}
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"}
-for name in ("torch", "triton", "ray", "grpc", "google.protobuf", "jsonschema"):  # imported: where from, too
-    info[name] = where(name)
-import importlib.metadata as md
-info["installed"] = {}
-for dist in ("numpy", "transformers", "pytest", "hypothesis", "cupy-cuda13x", "cupy-cuda12x", "grpcio", "protobuf"):
-    try:
-        info["installed"][dist] = md.version(dist)  # the first found on sys.path
-    except md.PackageNotFoundError:
-        pass
-try:
-    import torch
-    info["cuda_available"] = torch.cuda.is_available()
-    info["torch_cuda"] = torch.version.cuda
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": p.total_memory / 2**30,
-                       "multiprocessors": p.multi_processor_count, "count": torch.cuda.device_count()}
-except Exception as exc:
-    info["cuda_available"] = False
-    info["torch_error"] = f"{type(exc).__name__}: {exc}"
-try:  # the generated stubs check the protobuf runtime and grpcio versions when imported
-    import protos.expert_service_pb2, protos.expert_service_pb2_grpc
-    info["stubs"] = "ok"
-except Exception as exc:
-    info["stubs"] = f"{type(exc).__name__}: {exc}"
-if shutil.which("nvidia-smi"):
-    info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,memory.used",
-                                         "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-print("PROBE " + json.dumps(info))
-"""
-
-
 def probe(env: dict[str, str], log) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_probe.py")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
     line = next((x for x in done.stdout.splitlines() if x.startswith("PROBE ")), None)
     if line is None:
         log(done.stdout + done.stderr)
