@@ -37,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
-        print(f"expertmesh {args.command}: error: {exc}", file=sys.stderr)
+    except (ConfigError, CheckpointError, ValueError, OSError, KeyError, RuntimeError) as exc:
+        # bad input, a missing or unreadable file, an unreachable cluster (ConnectionError, TimeoutError are OSErrors)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"expertmesh {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

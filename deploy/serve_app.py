@@ -8,7 +8,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
-from gateway.config import DeploymentConfig, read_deployment_yaml
+from gateway.config import DeploymentConfig, DeploymentConfigError, read_deployment_yaml
 from gateway.serving import chat as chat_api
 from gateway.serving import completions as completions_api
 from gateway.serving import http_api
@@ -108,9 +108,37 @@ def build(args: dict[str, Any]) -> serve.Application:
         deployment.update(read_deployment_yaml(args["config"]))
     deployment.update(args.get("deployment", {}))
     config = DeploymentConfig.from_dict(deployment)  # fail here, with the field named, not inside a replica
+    check_deployable(config)
     # The driver's files and EXPERTMESH_API_KEY / EXPERTMESH_ADMIN_KEY: the replica may lack them.
     keys = config.server.resolved_api_key(), config.server.resolved_admin_key()
     return GatewayDeployment.options(ray_actor_options=gateway_actor_options(config)).bind(deployment, *keys)
+
+
+def check_deployable(config: DeploymentConfig) -> None:
+    """Refuse here, naming the path or setting, what the replica would otherwise fail on after it started (or wait
+    for forever): the model's config.json, its weight files and their tensor names (headers only), the placement
+    file against the model, and the gateway's GPU. The checkpoint sits at the same path on every node
+    (docs/cluster.md), so the driver can read it too."""
+    from gateway.serving.placement_switch import initial_placement
+    from model_core.checkpoint import CheckpointReader
+    from model_core.spec import ModelSpec
+
+    spec = ModelSpec.from_dir(config.model)
+    CheckpointReader.for_model(config.model, spec)  # the files exist and hold what config.json implies
+    initial_placement(config, spec)
+    device = config.gateway_torch_device
+    if device.type != "cuda":
+        return
+    if device.index not in (None, 0):
+        raise DeploymentConfigError(f"gateway_device={config.gateway_device!r}: the gateway replica is granted one "
+                                    "GPU, which it sees as cuda:0; use 'cuda'")
+    import ray
+
+    if ray.is_initialized() and config.ray_address is None and not ray.cluster_resources().get("GPU"):
+        # An embedded Ray's resources are fixed: the replica would wait for a GPU forever. (A cluster joined by
+        # address may still add GPU nodes.)
+        raise DeploymentConfigError(f"gateway_device={config.gateway_device!r}: the embedded Ray has no GPU for the "
+                                    "gateway replica (use 'auto' or 'cpu', or join a cluster with GPUs)")
 
 
 def gateway_actor_options(config: DeploymentConfig) -> dict[str, Any]:

@@ -20,6 +20,16 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     from model_core.make_model import PRESETS
 
@@ -28,7 +38,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     mk.add_argument("--preset", required=True, choices=sorted(PRESETS))
     mk.add_argument("--out", required=True, type=Path)
     mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--shard-mb", type=int, default=None, help="split safetensors into shards of this size")
+    mk.add_argument("--shard-mb", type=_positive, default=None, help="split safetensors into shards of this size")
 
     gen = sub.add_parser("generate", help="generate tokens for one prompt")
     gen.set_defaults(handler=cmd_generate)

@@ -27,18 +27,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from deploy.serve_app import build
-    from gateway.config import DeploymentConfig, read_deployment_yaml
+    from deploy.serve_app import build, check_deployable
+    from gateway.config import DeploymentConfig, DeploymentConfigError, read_deployment_yaml
     from gateway.dispatch.ray_runtime import connect_ray
 
     raw = read_deployment_yaml(args.config)
-    config = DeploymentConfig.from_dict(raw)
+    try:
+        config = DeploymentConfig.from_dict(raw)
+    except ValueError as exc:
+        raise DeploymentConfigError(f"{args.config}: {exc}") from None
     if args.address:
         raw = {**raw, "ray": {**(raw.get("ray") or {}), "address": args.address}}
-        config = DeploymentConfig.from_dict(raw)
+        config = config.with_overrides(**{"ray.address": args.address})
+    check_deployable(config)  # the model, its weights, the placement: refused before Ray starts
     connect_ray(config, log_to_driver=True)  # a foreground server shows its replicas' logs
+    app = build({"deployment": raw})  # checks again, and the gateway's GPU now that Ray is up
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build({"deployment": raw}), name="expertmesh", route_prefix="/")
+    serve.run(app, name="expertmesh", route_prefix="/")
     print(f"expertmesh serving {config.model} on http://{args.host}:{args.port} (backend={config.backend}, "
           f"devices={config.devices}); Ctrl-C stops", flush=True)
     try:

@@ -20,11 +20,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_trace(args: argparse.Namespace) -> int:
     from gateway.serving.routing_trace import RequestTrace
 
+    if not args.request_id or "/" in args.request_id or args.request_id.startswith("."):
+        raise ValueError(f"request_id {args.request_id!r}: expected a request id, not a path")
     file = args.dir / f"{args.request_id}.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no routing trace for request {args.request_id!r} (wrong id, wrong --dir, "
                                 "or evicted: the directory keeps tracing.routing_trace_capacity requests)")
-    trace = RequestTrace.from_json(json.loads(file.read_text()))
+    try:
+        trace = RequestTrace.from_json(json.loads(file.read_text()))
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, RecursionError) as exc:  # JSON, shapes, ...
+        raise ValueError(f"{file}: not a routing trace written by the gateway ({type(exc).__name__}: {exc})") from None
     if args.json:
         print(json.dumps(trace.to_json()))
     else:

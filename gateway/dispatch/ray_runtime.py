@@ -11,7 +11,7 @@ from gateway.config import DeploymentConfig
 
 
 def connect_ray(cfg: DeploymentConfig, log_to_driver: bool = False) -> bool:
-    """Join cfg.ray_address (cfg.ray.address, else RAY_ADDRESS), or start Ray embedded here with
+    """Join cfg.ray_address (cfg.ray.address, else RAY_ADDRESS), or start a new Ray embedded here with
     cfg.embedded_ray_cpus() logical CPUs, in cfg.ray.namespace. Returns whether this call connected (False: Ray
     was already up in this process, and is used as it is). log_to_driver: print the workers' logs here (a
     foreground server wants them; a library call does not)."""
@@ -23,6 +23,8 @@ def connect_ray(cfg: DeploymentConfig, log_to_driver: bool = False) -> bool:
     if address:
         ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=cfg.embedded_ray_cpus(), namespace=cfg.ray.namespace, include_dashboard=False,
-                 log_to_driver=log_to_driver)
+        # "local": a new Ray of its own, even where `ray start` left a record of another cluster on this machine
+        # (/tmp/ray/ray_current_cluster), which a plain ray.init() would join (refusing num_cpus there).
+        ray.init(address="local", num_cpus=cfg.embedded_ray_cpus(), namespace=cfg.ray.namespace,
+                 include_dashboard=False, log_to_driver=log_to_driver)
     return True

@@ -209,3 +209,19 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(server):
     assert 'expertmesh_requests_total{status="cancelled"} 1' in metrics
     assert "expertmesh_running_sequences 0" in metrics
     assert complete(server, prompt=[4, 5], max_tokens=2, temperature=0).status_code == 200
+
+
+def test_the_serve_builder_refuses_a_gateway_gpu_the_embedded_ray_does_not_have(model_dirs, ray_cluster, monkeypatch):
+    """Issue 23: `gateway_device: cuda` on an embedded Ray without GPUs left the replica waiting for a GPU forever;
+    the builder (what `expertmesh serve` and `serve run deploy.serve_app:build` call) now refuses it, naming it."""
+    from deploy.serve_app import build
+    from gateway.config import DeploymentConfigError
+
+    if ray_cluster.cluster_resources().get("GPU"):
+        pytest.skip("this Ray has a GPU: the replica would get it")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    deployment = {"model": str(model_dirs["tiny-v3"]), "gateway_device": "cuda"}
+    with pytest.raises(DeploymentConfigError, match="gateway_device='cuda': the embedded Ray has no GPU for the "
+                                                    "gateway replica"):
+        build({"deployment": deployment})
+    assert build({"deployment": {**deployment, "gateway_device": "cpu"}}) is not None
