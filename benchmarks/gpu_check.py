@@ -190,6 +190,10 @@ def probe(env: dict[str, str], log) -> dict:
     return info
 
 
+def gpu_count(info: dict) -> int:
+    return int(info.get("gpu", {}).get("count", 0))
+
+
 def bundle_mismatches(info: dict, manifest: dict | None) -> list[str]:
     """Packages the bundle carries that were imported at another version (shadowed by the image's)."""
     if manifest is None:
@@ -360,6 +364,9 @@ def main() -> None:
         check.summary["bundle"] = None if manifest is None else {
             "installed_in": str(site) if site else None,
             "wheels": {w["name"]: w["version"] for w in manifest["wheels"]}, "mismatches": mismatches}
+        if gpu_count(info) and info.get("ray_gpus") != gpu_count(info):
+            check.log(f"WARNING: Ray detects {info.get('ray_gpus')} GPUs, torch {gpu_count(info)}: the Ray step "
+                      "needs Ray to see the GPU (NVML)")
         if info.get("stubs") != "ok":
             check.log(f"WARNING: the generated protobuf stubs do not import: {info.get('stubs')}")
         gpu = bool(info.get("cuda_available"))

@@ -45,6 +45,16 @@ def cuda(info: dict) -> None:
         info["torch_error"] = f"{type(exc).__name__}: {exc}"
 
 
+def ray_gpus() -> int | str:
+    """The GPUs Ray will see (through NVML, as its resource detection does), without starting Ray."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        return get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 def stubs() -> str:
     """The generated stubs check the protobuf runtime's and grpcio's versions when imported."""
     try:
@@ -65,6 +75,7 @@ def main() -> None:
         except importlib.metadata.PackageNotFoundError:
             pass
     cuda(info)
+    info["ray_gpus"] = ray_gpus()
     info["stubs"] = stubs()
     if shutil.which("nvidia-smi"):
         info["nvidia_smi"] = subprocess.run(
