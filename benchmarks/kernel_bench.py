@@ -3,8 +3,11 @@
 On a GPU it measures the device's two ceilings first (device-to-device copy bandwidth, bf16 matmul rate),
 then for DeepSeek-V2-Lite (64 experts, H 2048, I 1408, top-6) and V3 (256 experts, H 7168, I 2048, top-8)
 shapes times decode (1-64 tokens) and prefill (512-8192 tokens) batches with triton.testing.do_bench
-(median), checks every output against a float64 reference, and prints time ÷ floor. With --interpret it
-runs Triton's CPU interpreter on tiny shapes: a smoke test of the same script, not a measurement.
+(median), checks every output against a float64 reference (built one expert at a time with plain matmuls, so
+only a hit expert's weights are ever widened), and prints time ÷ floor. Weights are made once per shape and dtype,
+on the device; V3's take ~23 GB in bf16 (benchmarks/gpu_check.py runs V2-Lite on an H100, V3 in its h200 suite).
+With --interpret it runs Triton's CPU interpreter on tiny shapes: a smoke test of the same script, not a
+measurement.
 
     python benchmarks/kernel_bench.py                 # on a CUDA machine
     python benchmarks/kernel_bench.py --interpret     # CPU smoke run
