@@ -290,6 +290,8 @@ class Check:
                 result.detail, result.failures = pytest_detail(log_path)
             else:
                 result.detail = tail(log_path, 1)
+            if step.writes and not (self.out / step.writes).is_file():
+                result.detail += f" (wrote no {step.writes})"
             print(f"{result.status.upper():<7} {step.name} in {seconds:.1f}s: {result.detail}", flush=True)
         self.write_summary()
         return result
