@@ -7,13 +7,19 @@ import os
 from pathlib import Path
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a TCP port, 1 to 65535")
+    return int(text)
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve")
     sv.set_defaults(handler=cmd_serve)
     sv.add_argument("--config", required=True, type=Path, help="deployment YAML (deploy/configs/*.yaml)")
     sv.add_argument("--address", help="Ray cluster to join (default: the config's, RAY_ADDRESS, else embedded)")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000)
 
     sc = sub.add_parser("scale", help="change an expert group's replica count on a running service")
     sc.set_defaults(handler=cmd_scale)

@@ -62,6 +62,8 @@ class DeploymentConfig:
                 raise DeploymentConfigError(f"{name}: expected a {kind.__name__}, got {got}")
         if not self.model:
             raise DeploymentConfigError("model='': expected a checkpoint directory")
+        if not self.placement:
+            raise DeploymentConfigError("placement='': expected 'contiguous' or a placement file")
         if not GATEWAY_DEVICE.fullmatch(self.gateway_device):
             raise DeploymentConfigError(
                 f"gateway_device={self.gateway_device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index)")

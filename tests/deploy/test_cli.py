@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.cli import build_parser
 from gateway import Engine
 from model_core.tokenizer import ByteTokenizer
 
@@ -103,6 +104,14 @@ def test_serve_refuses_a_bad_deployment_before_starting_ray_naming_the_path_or_f
     served = run_cli("serve", "--config", str(config), "--port", "1")
     assert_refused(served, "serve", message.format(tmp=tmp_path))
     assert "Started a local Ray instance" not in served.stderr  # refused before any Ray
+
+
+def test_serve_refuses_a_port_outside_tcps_range_as_a_usage_error(capsys):
+    for port in ("0", "65536", "-1", "80x"):
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args(["serve", "--config", "d.yaml", "--port", port])
+        assert info.value.code == 2 and f"--port: {port!r}: expected a TCP port, 1 to 65535" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--config", "d.yaml", "--port", "65535"]).port == 65535
 
 
 def test_trace_and_make_model_refuse_bad_input_in_one_line(tmp_path):

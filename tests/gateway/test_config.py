@@ -73,6 +73,7 @@ def test_ray_address_comes_from_the_environment_when_not_configured(monkeypatch)
         ("model: m\nray: {cpus_per_group: x}\n", r"ray\.cpus_per_group='x': expected a number in \(0, 1024\]"),
         ("model: m\nrpc: {timeout_s: 30s}\n", r"rpc\.timeout_s='30s': expected a number of seconds > 0"),
         ("model: 123\n", "model=123: expected a string"),
+        ("model: m\nplacement: ''\n", "placement='': expected 'contiguous' or a placement file"),
         ("model: m\nray: {cpus_per_group: .inf}\n", r"ray\.cpus_per_group=inf: expected a finite number in \(0, "),
         ("model: m\nrpc: {timeout_s: .nan}\n", r"rpc\.timeout_s=nan: expected a finite number of seconds > 0"),
         ("model: m\nrpc: {max_message_mb: 2048}\n",
