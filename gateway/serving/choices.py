@@ -208,6 +208,11 @@ def timeout_message(state: GatewayState, choices: list[Choice]) -> str:
             f"({made} tokens generated); cancelled")
 
 
+def error_event(message: str, kind: str) -> str:
+    """A server-sent event carrying an error in OpenAI's shape (a stream cannot change its 200 any more)."""
+    return f"data: {json.dumps({'error': {'message': message, 'type': kind, 'param': None, 'code': None}})}\n\n"
+
+
 async def sse_stream(state: GatewayState, choices: list[Choice], deadline: float, opening: list[str],
                      on_token: Callable[[Choice, int], str], closing: Callable[[Choice], str],
                      usage: Callable[[], str | None]):
@@ -224,13 +229,12 @@ async def sse_stream(state: GatewayState, choices: list[Choice], deadline: float
         except asyncio.TimeoutError:
             for c in choices:
                 loop.expire(c.request)
-            event = {"error": {"message": timeout_message(state, choices), "type": "timeout_error"}}
-            yield f"data: {json.dumps(event)}\n\n"
+            yield error_event(timeout_message(state, choices), "timeout_error")
             yield "data: [DONE]\n\n"
             return
         failed = next((c.request for c in choices if c.request.error), None)
         if failed is not None:
-            yield f"data: {json.dumps({'error': {'message': failed.error, 'type': 'server_error'}})}\n\n"
+            yield error_event(f"request {failed.request_id} failed: {failed.error}", "server_error")
         else:
             for c in choices:
                 yield closing(c)

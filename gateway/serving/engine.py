@@ -210,7 +210,8 @@ class Engine:
         """One continuous-batching step: every running sequence decodes a token, prompts are prefilled (in chunks
         under scheduler.max_prefill_tokens), all in one forward. Returns the requests that finished."""
         with self._step_lock:
-            retired = self._retire(self._take_cancelled() + self._take_stalled())
+            retired = self._retire(self._take_cancelled())
+            retired += self._retire(self._take_stalled())  # after: a cancelled request has left `running`
             with self._queue_lock:
                 batch = self.scheduler.schedule()
             self.last_batch_size = len(batch)
