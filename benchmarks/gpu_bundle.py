@@ -63,10 +63,10 @@ def wheel_name_version(path: Path) -> tuple[str, str]:
     return canonical(name), version
 
 
-def download(requirements: list[str], into: Path) -> None:
+def download(requirements: list[str], into: Path, python_version: str) -> None:
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--python-version", PYTHON_VERSION, "--implementation", "cp", *platforms, "-d", str(into),
+                    "--python-version", python_version, "--implementation", "cp", *platforms, "-d", str(into),
                     *requirements], check=True)
 
 
@@ -108,7 +108,7 @@ def tree_bytes(root: Path) -> int:
     return sum((root / name.decode()).stat().st_size for name in listed if name and (root / name.decode()).is_file())
 
 
-def build(out: Path, constraints: Path, raw: Path) -> dict:
+def build(out: Path, constraints: Path, raw: Path, python_version: str = PYTHON_VERSION) -> dict:
     pins = pinned_versions(constraints)
     missing = [p for p in PACKAGES if canonical(p) not in pins]
     if missing:
@@ -119,7 +119,7 @@ def build(out: Path, constraints: Path, raw: Path) -> dict:
     needed = [f"{p}=={pins[canonical(p)]}" for p in PACKAGES if (canonical(p), pins[canonical(p)]) not in have]
     if needed:
         print(f"downloading {len(needed)} wheels for cp312: {' '.join(needed)}", flush=True)
-        download(needed, raw)
+        download(needed, raw, python_version)
     wanted = {(canonical(p), pins[canonical(p)]) for p in PACKAGES}
     for stale in [*out.glob("*.whl"), *raw.glob("*.whl")]:  # other versions would make pip refuse the install
         if wheel_name_version(stale) not in wanted:
@@ -140,7 +140,7 @@ def build(out: Path, constraints: Path, raw: Path) -> dict:
                        "sha256": sha256(dst), **extra})
     bundle = sum(w["bytes"] for w in wheels)
     tree = tree_bytes(ROOT)
-    manifest = {"python_version": PYTHON_VERSION, "platforms": PLATFORMS, "wheels": wheels, "bundle_bytes": bundle,
+    manifest = {"python_version": python_version, "platforms": PLATFORMS, "wheels": wheels, "bundle_bytes": bundle,
                 "tree_bytes": tree, "limit_bytes": LIMIT_BYTES,
                 "install": "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "
                            "--target SITE *.whl"}
@@ -152,10 +152,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".gpu-bundle", help="bundle folder (default .gpu-bundle)")
     parser.add_argument("--constraints", type=Path, default=ROOT / "constraints.txt")
-    parser.add_argument("--download", type=Path, default=ROOT / "build" / "gpu-bundle-download",
-                        help="the downloaded wheels, Ray unstripped (default build/gpu-bundle-download: not carried)")
+    parser.add_argument("--download", type=Path,
+                        help="the downloaded wheels, Ray unstripped (default build/gpu-bundle-download-pyX.Y: "
+                             "not carried)")
+    parser.add_argument("--python-version", default=PYTHON_VERSION,
+                        help=f"the GPU machine's Python (default {PYTHON_VERSION}, the lent image's)")
     args = parser.parse_args()
-    manifest = build(args.out, args.constraints, args.download)
+    download = args.download or ROOT / "build" / f"gpu-bundle-download-py{args.python_version}"
+    manifest = build(args.out, args.constraints, download, args.python_version)
     mib = 1 << 20
     for w in manifest["wheels"]:
         note = f" (stripped from {w['original_bytes'] / mib:.1f} MiB)" if "original_bytes" in w else ""
