@@ -42,28 +42,27 @@ class CheckpointReader:
 
     Nothing is read until `get` is called; `loaded` records every name read so a process can
     prove which tensors it touched (the gateway never reads routed experts). Every tensor read is checked on the
-    way: a floating-point dtype (float8 only with its scales), and with `check_finite` no NaN or inf, in the
-    dtype it is returned in (each process scans exactly the tensors it serves).
+    way: a floating-point dtype (float8 only with its scales), and no NaN or inf in the dtype it is returned in
+    (each process scans exactly the tensors it serves; one min/max pass, a few percent of a load: no opt-out).
     """
 
-    def __init__(self, path: str | Path, fp8_block: tuple[int, int] | None = None, check_finite: bool = True) -> None:
+    def __init__(self, path: str | Path, fp8_block: tuple[int, int] | None = None) -> None:
         """fp8_block: the scale block of block-wise FP8 weights (ModelSpec.fp8_block); float8 tensors are then
         dequantized on read with their `<name>_scale_inv`, and refused without one."""
         self.path = Path(path)
         self.fp8_block = fp8_block
-        self.check_finite = check_finite
         self._roots = self._allowed_roots()
         self._handles: dict[str, object] = {}
         self.file_of: dict[str, str] = self._map_names()
         self.loaded: set[str] = set()
 
     @classmethod
-    def for_model(cls, path: str | Path, spec: ModelSpec, check_finite: bool = True) -> CheckpointReader:
+    def for_model(cls, path: str | Path, spec: ModelSpec) -> CheckpointReader:
         """The reader of a process serving `spec`: refused unless the checkpoint holds exactly the tensors its
         config.json implies (see check_names)."""
         from model_core.layout import checkpoint_layout  # layout builds on this module's expert names
 
-        reader = cls(path, spec.fp8_block, check_finite)
+        reader = cls(path, spec.fp8_block)
         reader.check_names(checkpoint_layout(spec), spec)
         return reader
 
@@ -179,7 +178,7 @@ class CheckpointReader:
         stored = tensor
         if dtype is not None:
             tensor = tensor.to(dtype)
-        if self.check_finite and not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             self._refuse_non_finite(name, file, stored, tensor)
         self.loaded.add(name)
         return tensor
@@ -220,6 +219,15 @@ class CheckpointReader:
         self.loaded.add(scale_name)
         full = scale.repeat_interleave(bo, 0)[:out].repeat_interleave(bi, 1)[:, :inp]
         return weight.float() * full
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or inf, by one min/max reduction (both propagate NaN, and an inf is one of
+    them): on a CPU 20-60x faster than torch.isfinite(tensor).all(), which is not vectorized for bfloat16."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def expert_shapes(spec: ModelSpec) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -187,7 +188,7 @@ def preset_config(name: str) -> dict[str, Any]:
         "initializer_range": 0.02,
         "num_nextn_predict_layers": 0,
         "use_cache": True,
-        **PRESETS[name],
+        **copy.deepcopy(PRESETS[name]),  # callers (transformers' config classes) may change nested dicts in place
     }
     if cfg["vocab_size"] < tok.size:
         raise ValueError(f"preset {name}: vocab_size={cfg['vocab_size']} is smaller than the tokenizer ({tok.size})")
