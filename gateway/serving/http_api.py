@@ -155,9 +155,15 @@ def create_app(access: Callable[[], Access] | None = None) -> FastAPI:
         return error(400, "; ".join(f"{f}: {p}" for f, p in problems), param=problems[0][0] if problems else None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405, ...
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405, ...
         kind = ERROR_TYPES.get(exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error")
-        return error(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+        message = str(exc.detail)
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow", "?")
+            message = f"method {request.method}: not allowed on this route (allowed: {allowed})"
+        elif exc.status_code == 404 and message == "Not Found":
+            message = "not found: no route at this path (the API is under /v1/: completions, chat/completions, models)"
+        return error(exc.status_code, message, kind, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:  # a bug: logged, answered in OpenAI's shape

@@ -160,9 +160,9 @@ def test_a_refused_n_times_prompts_request_frees_its_queue_places_at_once(served
 
 
 @pytest.mark.parametrize("method, path, kwargs, status, words", [
-    ("GET", "/v1/completions", {}, 405, ["Method Not Allowed"]),
-    ("DELETE", "/v1/chat/completions", {}, 405, ["Method Not Allowed"]),
-    ("GET", "/v1/nothing-here", {}, 404, ["Not Found"]),
+    ("GET", "/v1/completions", {}, 405, ["method GET: not allowed", "allowed: POST"]),
+    ("DELETE", "/v1/chat/completions", {}, 405, ["method DELETE: not allowed", "allowed: POST"]),
+    ("GET", "/v1/nothing-here", {}, 404, ["no route at this path"]),
     ("POST", "/v1/completions", {"content": b"{bad", "headers": {"content-type": "application/json"}}, 400,
      ["body", "not valid JSON"]),
     ("POST", "/v1/completions", {"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 400,
