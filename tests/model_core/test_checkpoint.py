@@ -86,3 +86,16 @@ def test_engine_reports_a_checkpoint_tensor_with_the_wrong_shape(tmp_path):
 def test_routed_expert_names_are_recognised():
     assert is_routed_expert_tensor("model.layers.3.mlp.experts.7.up_proj.weight")
     assert not is_routed_expert_tensor("model.layers.3.mlp.shared_experts.up_proj.weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_one_nan_or_inf_anywhere(dtype):
+    from model_core.checkpoint import all_finite
+
+    clean = torch.randn(37, 129).to(dtype)  # odd sizes: the value may sit in a vector loop's tail
+    assert all_finite(clean) and all_finite(clean[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for at in ((0, 0), (36, 128), (17, 64)):
+            poisoned = clean.clone()
+            poisoned[at] = bad
+            assert not all_finite(poisoned) and not all_finite(poisoned.t()), (bad, at)
