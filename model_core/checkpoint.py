@@ -196,7 +196,7 @@ class CheckpointReader:
 
     def _refuse_non_finite(self, name: str, file: str, stored: torch.Tensor, served: torch.Tensor) -> None:
         bad = int((~torch.isfinite(served)).sum())
-        where = "" if served is stored or not bool(torch.isfinite(stored).all()) else (
+        where = "" if served is stored or not all_finite(stored) else (
             f" once cast to {str(served.dtype).removeprefix('torch.')}, the serving dtype (values beyond its range)")
         raise CheckpointError(f"{self.path / file}: tensor {name!r} has {bad} non-finite value{'s' * (bad != 1)} "
                               f"(NaN or inf) of {served.numel()}{where}")
