@@ -88,7 +88,7 @@ class Placement:
         data = read_yaml_mapping(path, "placement file", PlacementError)
         if not isinstance(data.get("devices"), list):
             raise PlacementError(f"{path}: expected a mapping with a 'devices' list of expert-id lists")
-        unknown = sorted(set(data) - {"devices", "layers", "version"})
+        unknown = sorted(set(data) - {"devices", "layers", "version"}, key=str)
         if unknown:
             raise PlacementError(f"{path}: unknown keys {unknown} (expected devices, layers, version)")
         layers = data.get("layers") or {}

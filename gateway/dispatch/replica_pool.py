@@ -135,6 +135,12 @@ class ExpertGroupPool:
                 f"expert groups {devices}: replicas did not become ready within {READY_TIMEOUT_S:.0f}s; does the "
                 f"cluster have room for bundles of {bundle}? (resources: {ray.cluster_resources()})"
             ) from None
+        except ray.exceptions.RayActorError as exc:  # its __init__ raised (a refused checkpoint, a bad device, ...)
+            for r in started:
+                self._stop(r)
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise RuntimeError(f"expert groups {devices}: a replica failed to start: "
+                               f"{lines[-1] if lines else type(exc).__name__}") from None
         with self._lock:
             for r, info in zip(started, infos, strict=True):
                 r.grpc_address, r.started_at = info["grpc_address"], info["started_at"]

@@ -67,6 +67,19 @@ def test_an_infinite_expert_weight_is_refused_by_its_expert_group(tmp_path):
         Engine.from_pretrained(with_tensor(tmp_path / "m", EXPERT_TENSOR, w))
 
 
+@pytest.mark.slow
+def test_an_expert_actor_that_refuses_its_weights_ends_the_cli_with_one_line_naming_the_tensor(tmp_path):
+    w = torch.randn(64, 32)
+    w[5, 5] = float("nan")
+    model = with_tensor(tmp_path / "m", EXPERT_TENSOR, w)
+    result = run_cli("generate", "--model", str(model), "--backend", "ray", "--devices", "2", "--prompt-ids", "5,6",
+                     "--max-new-tokens", "2", timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "a replica failed to start" in result.stderr
+    assert f"tensor {EXPERT_TENSOR!r} has 1 non-finite" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_value_that_overflows_the_serving_dtype_is_refused(tmp_path):
     w = torch.randn(40, 64)
     w[1, 1] = 1e6  # finite in float32, inf in float16

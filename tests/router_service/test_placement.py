@@ -46,3 +46,10 @@ def test_bad_files_and_sizes_are_reported(tmp_path):
         Placement.from_file(tmp_path / "missing.yaml", 4)
     with pytest.raises(PlacementError, match="devices=5: expected 1..n_routed_experts=4"):
         Placement.contiguous(4, 5)
+
+
+def test_unknown_keys_of_mixed_types_are_named_not_a_type_error(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("devices: [[0, 1], [2, 3]]\n1: x\nextra: y\n")  # YAML reads `1` as an int key beside str keys
+    with pytest.raises(PlacementError, match=r"unknown keys \[1, 'extra'\]"):
+        Placement.from_file(f, 4)
