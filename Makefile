@@ -11,8 +11,9 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Installs take every version from constraints.txt (the tested set): `make test CONSTRAINTS=` takes the newest that
-# pyproject.toml allows instead, and `make lock` rewrites constraints.txt from such a fresh install.
+# Installs take every version from constraints.txt (the tested set): `make clean test CONSTRAINTS=` takes the newest
+# that pyproject.toml allows instead (an existing .venv is not reinstalled), and `make lock` rewrites
+# constraints.txt from such a fresh install.
 # torch is pinned first: on these machines 2.13.0 is a local CPU build; a looser pin pulls a CUDA build.
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))

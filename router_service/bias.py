@@ -41,6 +41,8 @@ class BalanceConfig:
     max_changed_slots: float = setting(0.05, ge=0, le=1)
 
     def __post_init__(self) -> None:
+        if self.mode is False:  # YAML 1.1 reads an unquoted `mode: off` as false
+            object.__setattr__(self, "mode", "off")
         check_settings(self, "balancing")
 
 

@@ -199,3 +199,9 @@ def test_every_number_refuses_infinity_nan_bools_and_ints_beyond_64_bits(dotted,
 
 def test_a_section_may_be_null_for_its_defaults():
     assert DeploymentConfig.from_dict({"model": "m", "ray": None, "rpc": None}).ray == RayConfig()
+
+
+def test_an_unquoted_balancing_mode_off_reads_as_off(tmp_path):
+    f = tmp_path / "d.yaml"
+    f.write_text("model: models/tiny-v3\nbalancing:\n  mode: off\n")  # YAML 1.1: off is false
+    assert DeploymentConfig.from_yaml(f).balancing.mode == "off"
