@@ -17,12 +17,9 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from expert_workers.expert_group import ExpertGroup
-from expert_workers.grpc_server import ExpertServer
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos import frame
-from protos.channel import channel_options
 from protos.codec import DTYPES, proto_to_tensor, tensor_to_proto
 from protos.shared_batch import PREFIX, SHM_DIR, BatchWriter
 from tests.expert_workers.test_grpc_server import HOSTED, TIMEOUT, assert_good_request_works
@@ -48,15 +45,8 @@ class Field:
         return pb.Tensor(dtype=self.dtype, shape=self.shape, data=self.data if with_data else b"")
 
 
-@pytest.fixture(scope="module")
-def group(model_dirs) -> ExpertGroup:
-    return ExpertGroup(model_dirs["tiny-v3"], HOSTED, device=0)
 
 
-@pytest.fixture(scope="module")
-def channel(group: ExpertGroup) -> Iterator[grpc.Channel]:
-    with ExpertServer(group) as srv, grpc.insecure_channel(srv.address, options=channel_options()) as ch:
-        yield ch
 
 
 @pytest.fixture(scope="module")

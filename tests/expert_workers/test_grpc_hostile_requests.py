@@ -4,30 +4,16 @@ element count overflows is refused naming the field. The server keeps answering 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import grpc
 import pytest
 import torch
 
-from expert_workers.expert_group import ExpertGroup, ExpertRequestError
-from expert_workers.grpc_server import SERVICE_NAME, ExpertServer
+from expert_workers.expert_group import ExpertRequestError
+from expert_workers.grpc_server import SERVICE_NAME
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos import frame
-from protos.channel import channel_options
-from tests.expert_workers.test_grpc_server import HOSTED, TIMEOUT, assert_good_request_works, request, routing
-
-
-@pytest.fixture(scope="module")
-def group(model_dirs) -> ExpertGroup:
-    return ExpertGroup(model_dirs["tiny-v3"], HOSTED, device=0)
-
-
-@pytest.fixture(scope="module")
-def channel(group: ExpertGroup) -> Iterator[grpc.Channel]:
-    with ExpertServer(group) as srv, grpc.insecure_channel(srv.address, options=channel_options()) as ch:
-        yield ch
+from tests.expert_workers.test_grpc_server import TIMEOUT, assert_good_request_works, request, routing
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from expert_workers.expert_group import ExpertGroup
 from expert_workers.grpc_server import SERVICE_NAME, ExpertServer, bind_and_advertise, host_port
 from gateway import Engine
 from gateway.config import DeploymentConfig, RpcConfig
@@ -27,7 +26,7 @@ from protos import expert_service_pb2_grpc as pb_grpc
 from protos.channel import RpcSecurity, channel_options
 from protos.codec import proto_to_tensor
 from tests.conftest import random_prompts
-from tests.expert_workers.test_grpc_server import HOSTED, TIMEOUT, request, routing
+from tests.expert_workers.test_grpc_server import TIMEOUT, request, routing
 
 TOKEN = "s3cret-token-4-tests"
 # no proxy, whatever the environment says: the tests dial this host's own addresses
@@ -90,9 +89,6 @@ def secure_stub(address: str, sec: RpcSecurity) -> tuple[grpc.Channel, pb_grpc.E
     return channel, pb_grpc.ExpertServiceStub(channel)
 
 
-@pytest.fixture(scope="module")
-def group(model_dirs) -> ExpertGroup:
-    return ExpertGroup(model_dirs["tiny-v3"], HOSTED, device=0)
 
 
 @pytest.fixture(scope="module")

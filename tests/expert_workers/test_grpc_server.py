@@ -16,15 +16,12 @@ from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos.channel import channel_options
 from protos.codec import proto_to_tensor, tensor_to_proto
+from tests.expert_workers.conftest import HOSTED
 
-HOSTED = [0, 1, 2, 3, 4, 5, 6, 7]
 H, K = 64, 4
 TIMEOUT = 10.0
 
 
-@pytest.fixture(scope="module")
-def group(model_dirs) -> ExpertGroup:
-    return ExpertGroup(model_dirs["tiny-v3"], HOSTED, device=0)
 
 
 @pytest.fixture(scope="module")

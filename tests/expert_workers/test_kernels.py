@@ -18,6 +18,7 @@ from expert_workers.kernels import KernelInputError, fused_moe
 from expert_workers.kernels.align import align_pairs
 from expert_workers.kernels.launcher import CONFIG_DIR, launch_config
 from model_core.kernel_runtime import interpreting, poisoned_workspaces
+from tests.conftest import SkippedKernel
 
 E, H, I, K = 8, 40, 24, 3  # H and I are not multiples of any block size
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}  # max |Δ| relative to the output's scale
@@ -41,11 +42,6 @@ def poisoned_workspace():
         yield
 
 
-class SkippedKernel:
-    """Stands in for a Triton kernel that writes nothing: its launch does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
 
 
 def make_case(t: int, dtype: torch.dtype, seed: int, device: str = "cpu"):

@@ -16,7 +16,6 @@ import grpc
 import pytest
 import torch
 
-from expert_workers.grpc_server import ExpertServer
 from protos import expert_service_pb2 as pb
 from protos import frame
 from protos.channel import channel_options
@@ -46,17 +45,8 @@ def output_of(reply: bytes) -> torch.Tensor:
     return out
 
 
-@pytest.fixture(scope="module")
-def group(model_dirs):
-    from expert_workers.expert_group import ExpertGroup
-
-    return ExpertGroup(model_dirs["tiny-v3"], HOSTED, device=0)
 
 
-@pytest.fixture(scope="module")
-def channel(group) -> Iterator[grpc.Channel]:
-    with ExpertServer(group) as srv, grpc.insecure_channel(srv.address, options=channel_options()) as ch:
-        yield ch
 
 
 @pytest.fixture

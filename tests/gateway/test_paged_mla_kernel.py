@@ -20,6 +20,7 @@ from gateway.model.paged_mla_kernel import (  # noqa: E402
     paged_mla_decode_reference,
 )
 from model_core.kernel_runtime import interpreting, poisoned_workspaces  # noqa: E402
+from tests.conftest import SkippedKernel  # noqa: E402
 
 # Shape legend: B = sequences, h = heads, r = kv_lora_rank, p = rope dim, bs = block_size, M = max blocks.
 H = 4
@@ -40,11 +41,6 @@ def poisoned_workspace():
         yield
 
 
-class SkippedKernel:
-    """Stands in for a Triton kernel that writes nothing: its launch does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
 
 
 def lengths(block_size: int) -> list[int]:
