@@ -13,10 +13,11 @@ import torch
 from expert_workers.expert_pairs import ExpertPairs, sort_by_expert
 from expert_workers.grouped_ffn import grouped_expert_ffn
 from expert_workers.kernels import fused_moe
-from model_core.checkpoint import CheckpointReader, expert_shapes, expert_weight_names
+from model_core.checkpoint import CheckpointReader
 from model_core.compute_choices import KERNELS
 from model_core.half_matmul import matmul_dtype
 from model_core.kernel_runtime import triton_available
+from model_core.layout import expert_shapes, expert_weight_names
 from model_core.spec import ModelSpec
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from model_core.layout import checkpoint_layout
 from model_core.spec import ModelSpec
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -25,12 +26,6 @@ SHOWN_NAMES = 5  # how many offending tensor names an error lists
 class CheckpointError(ValueError):
     """A checkpoint file or tensor is missing, unreadable, misplaced or has the wrong shape, dtype or values; the
     message names it."""
-
-
-def expert_weight_names(layer: int, expert: int) -> tuple[str, str, str]:
-    """On-disk names of one routed expert's (gate, up, down) projections."""
-    prefix = f"model.layers.{layer}.mlp.experts.{expert}"
-    return f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight", f"{prefix}.down_proj.weight"
 
 
 def is_routed_expert_tensor(name: str) -> bool:
@@ -60,8 +55,6 @@ class CheckpointReader:
     def for_model(cls, path: str | Path, spec: ModelSpec) -> CheckpointReader:
         """The reader of a process serving `spec`: refused unless the checkpoint holds exactly the tensors its
         config.json implies (see check_names)."""
-        from model_core.layout import checkpoint_layout  # layout builds on this module's expert names
-
         reader = cls(path, spec.fp8_block)
         reader.check_names(checkpoint_layout(spec), spec)
         return reader
@@ -228,12 +221,6 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
-def expert_shapes(spec: ModelSpec) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """Shapes of one routed expert's (gate, up, down) weights: [I, H], [I, H], [H, I]."""
-    h, i = spec.hidden_size, spec.moe_intermediate_size
-    return (i, h), (i, h), (h, i)
 
 
 def _first(names: list[str]) -> list[str]:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from model_core.checkpoint import expert_shapes, expert_weight_names
 from model_core.spec import ModelSpec
 
 Shape = tuple[int, ...]
+
+
+def expert_weight_names(layer: int, expert: int) -> tuple[str, str, str]:
+    """On-disk names of one routed expert's (gate, up, down) projections."""
+    prefix = f"model.layers.{layer}.mlp.experts.{expert}"
+    return f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight", f"{prefix}.down_proj.weight"
+
+
+def expert_shapes(spec: ModelSpec) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Shapes of one routed expert's (gate, up, down) weights: [I, H], [I, H], [H, I]."""
+    h, i = spec.hidden_size, spec.moe_intermediate_size
+    return (i, h), (i, h), (h, i)
 
 
 def attention_layout(spec: ModelSpec, layer: int) -> dict[str, Shape]:

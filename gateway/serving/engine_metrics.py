@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from gateway.dispatch.replica_pool import PoolSnapshot
 
-if TYPE_CHECKING:
-    from gateway.serving.engine import Engine
+
+class MetricsSource(Protocol):
+    """What a scrape reads of an engine (the Engine is one): read-only attributes, no calls that change state."""
+
+    scheduler: Any  # Scheduler: waiting, running, preemptions
+    cache: Any  # PagedLatentCache: stats()
+    routing_summary: Any  # RoutingSummary: tokens_per_expert
+    backend: Any  # Dispatcher: stats, placement, pool, transport
+    spec: Any  # ModelSpec: moe_layers
+    balance: Any  # BalanceClient or None
+    rearrangements: int
+    rearrangement_failures: int
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,7 @@ class EngineMetrics:
     balance: dict | None  # BalanceClient.metrics(); None: balancing off
 
     @classmethod
-    def of(cls, engine: Engine) -> EngineMetrics:
+    def of(cls, engine: MetricsSource) -> EngineMetrics:
         scheduler, dispatch, placement = engine.scheduler, engine.backend.stats, engine.backend.placement
         pool = engine.backend.pool
         return cls(

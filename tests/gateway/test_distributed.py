@@ -7,7 +7,7 @@ import torch
 
 from gateway import Engine
 from gateway.model.step import StepBatch
-from model_core.checkpoint import expert_weight_names
+from model_core.layout import expert_weight_names
 from tests.conftest import random_prompts
 
 pytestmark = pytest.mark.slow
