@@ -75,12 +75,15 @@ def test_cli_reports_a_bad_gateway_device_by_name(tmp_path, capsys):
 @pytest.mark.parametrize(("device", "cuda_visible", "gpus"), [
     ("cuda", False, 1), ("cuda:0", True, 1), ("cpu", True, 0), ("auto", True, 1), ("auto", False, 0),
 ])
-def test_serve_build_asks_ray_for_a_gpu_only_for_a_cuda_gateway(device, cuda_visible, gpus, monkeypatch):
-    from deploy.serve_app import build
+def test_serve_build_asks_ray_for_a_gpu_only_for_a_cuda_gateway(device, cuda_visible, gpus, monkeypatch, model_dirs):
+    from deploy.serve_app import build, gateway_actor_options
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_visible)
-    app = build({"deployment": {"model": "m", "gateway_device": device}})  # binds only: Serve is not started
-    assert app._bound_deployment.ray_actor_options == {"num_cpus": 0, "num_gpus": gpus}
+    config = DeploymentConfig.from_dict({"model": str(model_dirs["tiny-v3"]), "gateway_device": device})
+    assert gateway_actor_options(config) == {"num_cpus": 0, "num_gpus": gpus}
+    if gpus == 0:  # build() checks a CUDA gateway against the Ray it runs in (test_serve.py); these bind as is
+        app = build({"deployment": {"model": str(model_dirs["tiny-v3"]), "gateway_device": device}})  # binds only
+        assert app._bound_deployment.ray_actor_options == {"num_cpus": 0, "num_gpus": 0}
 
 
 def test_expert_group_actors_ask_for_their_gpu_share(monkeypatch):
