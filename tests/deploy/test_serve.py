@@ -217,11 +217,12 @@ def test_the_serve_builder_refuses_a_gateway_gpu_the_embedded_ray_does_not_have(
     from deploy.serve_app import build
     from gateway.config import DeploymentConfigError
 
-    if ray_cluster.cluster_resources().get("GPU"):
-        pytest.skip("this Ray has a GPU: the replica would get it")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     deployment = {"model": str(model_dirs["tiny-v3"]), "gateway_device": "cuda"}
-    with pytest.raises(DeploymentConfigError, match="gateway_device='cuda': the embedded Ray has no GPU for the "
-                                                    "gateway replica"):
-        build({"deployment": deployment})
+    if ray_cluster.cluster_resources().get("GPU"):  # a Ray with a GPU grants it: the builder binds one
+        assert build({"deployment": deployment})._bound_deployment.ray_actor_options["num_gpus"] == 1
+    else:
+        with pytest.raises(DeploymentConfigError, match="gateway_device='cuda': the embedded Ray has no GPU for "
+                                                        "the gateway replica"):
+            build({"deployment": deployment})
     assert build({"deployment": {**deployment, "gateway_device": "cpu"}}) is not None
