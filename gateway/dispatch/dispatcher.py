@@ -52,7 +52,12 @@ def plan_dispatch(
     padded, see `choose_copies`); token_devices: [T, M] the devices top-M routing chose per token, or None ->
     batches in device order.
     """
-    device_of = pair_devices(ids, hosts, token_devices)  # [T, K]
+    return split_by_device(ids, weights, pair_devices(ids, hosts, token_devices), n_devices)
+
+
+def split_by_device(ids: torch.Tensor, weights: torch.Tensor, device_of: torch.Tensor,
+                    n_devices: int) -> list[DeviceBatch]:
+    """The device batches of a plan whose pairs go to device_of [T, K] (see plan_dispatch)."""
     batches = []
     for d in range(n_devices):
         here = device_of == d  # [T, K]
@@ -102,15 +107,6 @@ def choose_copies(ids: torch.Tensor, hosts: torch.Tensor, token_devices: torch.T
     pick = rank.view_as(ids) % usable.sum(dim=-1)  # [T, K]: which usable copy
     chosen = usable & (usable.cumsum(dim=-1) == (pick + 1)[..., None])  # exactly one per pair
     return candidates.masked_fill(~chosen, 0).sum(dim=-1)
-
-
-def served_devices(batches: list[DeviceBatch], n_tokens: int, top_k: int,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """[T, K] int64: the device that computed each (token, expert) pair of a dispatch plan (the copy it chose)."""
-    out = torch.full((n_tokens, top_k), -1, dtype=torch.long, device=device)
-    for b in batches:
-        out[b.rows] = torch.where(b.ids >= 0, b.device, out[b.rows])
-    return out
 
 
 def combine(n_tokens: int, hidden_size: int, batches: list[DeviceBatch], partials: list[torch.Tensor],
@@ -204,11 +200,11 @@ class PendingCombine:
     calls[i] is batches[i] as sent, handles[i] what the transport returned for it, nbytes[i] its (out, back)."""
 
     def __init__(self, transport: Transport, layer: int, batches: list[DeviceBatch], calls: list[ExpertCall],
-                 handles: list[Any], nbytes: list[tuple[int, int]], ids_shape: tuple[int, int], hidden: torch.Tensor,
+                 handles: list[Any], nbytes: list[tuple[int, int]], device_of: torch.Tensor, hidden: torch.Tensor,
                  spans: list | None, stats: DispatchStats, started: float) -> None:
         self.transport, self.layer, self.batches, self.calls, self.handles = transport, layer, batches, calls, handles
         self.nbytes, self.spans, self.stats, self.started = nbytes, spans, stats, started
-        self.ids_shape = ids_shape  # (T, K)
+        self.device_of = device_of  # [T, K] the device each pair was sent to
         self.shape, self.dtype, self.device = tuple(hidden.shape), hidden.dtype, hidden.device  # (T, H)
         self.replies: list[ExpertReply] = []
 
@@ -222,7 +218,7 @@ class PendingCombine:
 
     def served_devices(self) -> torch.Tensor:
         """[T, K] int64 the device that computed each (token, expert) pair (the copy the plan chose)."""
-        return served_devices(self.batches, *self.ids_shape, device=self.device)
+        return self.device_of
 
     def wait(self) -> torch.Tensor:
         """The summed routed-expert output, [T, H] in token order."""
@@ -312,8 +308,8 @@ class Dispatcher:
         the devices top-M routing chose (copies on them are preferred), or None."""
         started = time.perf_counter()
         placement, expert_device, hosts = self._view
-        batches = plan_dispatch(topk_ids, topk_weights, hosts.get(layer, expert_device), placement.n_devices,
-                                token_devices)
+        device_of = pair_devices(topk_ids, hosts.get(layer, expert_device), token_devices)  # [T, K]
+        batches = split_by_device(topk_ids, topk_weights, device_of, placement.n_devices)
         calls = [ExpertCall(b.device, layer, hidden, b.ids, b.weights, b.rows, None, placement.version)
                  for b in batches]
         nbytes = [b.nbytes(hidden.shape[1], hidden.element_size()) for b in batches]  # for the stats and spans
@@ -324,7 +320,7 @@ class Dispatcher:
             calls, handles, spans = self._send_traced(calls, batches, nbytes)
         self.transport.flush()
         self.stats.record(layer, batches, nbytes)
-        return PendingCombine(self.transport, layer, batches, calls, handles, nbytes, tuple(topk_ids.shape), hidden,
+        return PendingCombine(self.transport, layer, batches, calls, handles, nbytes, device_of, hidden,
                               spans, self.stats, started)
 
     def _send_traced(self, calls: list[ExpertCall], batches: list[DeviceBatch],
