@@ -94,11 +94,8 @@ def strip_wheel(src: Path, dst: Path, prefixes: tuple[str, ...]) -> dict:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()  # Python 3.11+: the dev VMs and the GPU image
 
 
 def tree_bytes(root: Path) -> int:
