@@ -15,7 +15,7 @@ import torch
 
 from gateway.config.endpoints import RpcConfig, ServerConfig
 from gateway.config.errors import DeploymentConfigError
-from gateway.config.sections import CacheConfig, RayConfig, SchedulerConfig
+from gateway.config.sections import CacheConfig, MeshConfig, RayConfig, SchedulerConfig
 from model_core.compute_choices import KERNELS, MODEL_DTYPES
 from model_core.half_matmul import MODES as HALF_MATMUL_MODES
 from model_core.settings import SettingError, check_settings, setting
@@ -45,6 +45,7 @@ class DeploymentConfig:
     half_matmul: str = setting("auto", choices=HALF_MATMUL_MODES)
     gateway_device: str = "auto"  # where the gateway's per-token path runs: auto | cpu | cuda | cuda:N
     ray: RayConfig = field(default_factory=RayConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
     balancing: BalanceConfig = field(default_factory=BalanceConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
@@ -75,6 +76,9 @@ class DeploymentConfig:
             raise DeploymentConfigError(f"scheduler.micro_batches={self.scheduler.micro_batches}: backend 'ray-dag' "
                                         "runs one layer's compiled graph at a time; use backend 'ray' for ping-pong "
                                         "micro-batches")
+        if self.backend == "ray-dag" and self.mesh.name is not None:
+            raise DeploymentConfigError(f"mesh.name={self.mesh.name!r}: backend 'ray-dag' (one compiled graph over "
+                                        "the groups) cannot share a mesh; use backend 'ray', 'ray-rdt' or 'grpc'")
         if self.backend == "ray-dag" and any(r != 1 for r in per_group):
             raise DeploymentConfigError(f"replicas={self.replicas!r}: backend 'ray-dag' (a compiled graph) runs "
                                         "exactly one replica per group; use backend 'ray' for replicas")

@@ -1,8 +1,10 @@
-"""The plain sections of a deployment: `ray:` (where expert groups run), `scheduler:` and `cache:`."""
+"""The plain sections of a deployment: `ray:` (where expert groups run), `mesh:` (the expert mesh gateways attach
+to), `scheduler:` and `cache:`."""
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +13,7 @@ from gateway.config.errors import DeploymentConfigError
 from model_core.settings import check_settings, setting
 
 DEVICE_RESOURCES = ("cpu", "gpu")
+MESH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,26 @@ class RayConfig:
             # Ray schedules fractions of one GPU, or whole GPUs: 1.5 GPUs cannot be granted.
             raise DeploymentConfigError(f"ray.gpus_per_group={gpus!r}: expected a share of one GPU (0 < x <= 1) "
                                         "or a whole number of GPUs")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """The `mesh:` section: the expert mesh (groups, replicas, placement, router) that gateways attach to, for the
+    ray, ray-rdt and grpc backends. A named mesh is a long-lived service of its own: the first gateway (or
+    `expertmesh mesh up`) starts it, every gateway naming it attaches, and `expertmesh mesh down` stops it. With no
+    name, a gateway starts a private mesh and stops it when it closes (the embedded default)."""
+
+    name: str | None = None  # the control actor's name in ray.namespace
+    start: bool = True  # start the named mesh when it is not running (False: attaching to a missing one is an error)
+    merge: bool = True  # a replica merges calls for one layer that wait together (several gateways) into one pass
+    gateway_timeout_s: float = setting(15.0, gt=0, le=3600, unit="seconds")  # silent this long: detached
+    attach_timeout_s: float = setting(300.0, gt=0, unit="seconds")  # waiting for the mesh's groups to load
+
+    def __post_init__(self) -> None:
+        check_settings(self, "mesh", DeploymentConfigError)
+        if self.name is not None and not MESH_NAME.fullmatch(self.name):
+            raise DeploymentConfigError(f"mesh.name={self.name!r}: expected 1-64 letters, digits, '-', '_' or '.', "
+                                        "starting with a letter or digit")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""Starting a deployment's expert groups (in-process, or replicated Ray actors) behind one Dispatcher."""
+"""A deployment's expert groups behind one Dispatcher: in-process, an expert mesh the gateway attaches to, or (ray-dag)
+replicas of its own."""
 
 from __future__ import annotations
 
 from expert_workers.expert_group import ExpertGroup
 from gateway.config import DeploymentConfig
 from gateway.dispatch.dispatcher import Dispatcher
+from gateway.dispatch.mesh.attach import attach_mesh
 from gateway.dispatch.replica_pool import ExpertGroupPool
 from gateway.dispatch.transports import GrpcTransport, LocalTransport, RayDagTransport, RayTransport
 from model_core.spec import ModelSpec
@@ -25,7 +27,9 @@ def build_dispatcher(cfg: DeploymentConfig, spec: ModelSpec, placement: Placemen
             for d in range(placement.n_devices)
         ]
         return Dispatcher(placement, LocalTransport(groups), device=device)
-    pool = ExpertGroupPool(cfg, placement)
+    # ray-dag owns its replicas (one compiled graph over fixed actors); the others attach to a mesh.
+    pool = ExpertGroupPool(cfg, placement) if cfg.backend == "ray-dag" else attach_mesh(cfg)
+    placement = pool.placement  # a mesh's current placement, which may have moved on from the config's
     try:
         if cfg.backend == "ray":
             transport = RayTransport(pool, cfg.rpc.timeout_s, cfg.rpc.replica_deadline_s)

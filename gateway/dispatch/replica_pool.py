@@ -1,4 +1,5 @@
-"""Expert-group replicas on Ray: R actors per device group, each in its own placement group, scalable at run time."""
+"""Expert-group replicas on Ray that one owner starts, scales, re-places and replaces: R actors per device group,
+each in its own placement group (the mesh's control actor owns one; a `ray-dag` gateway owns its own)."""
 
 from __future__ import annotations
 
@@ -8,89 +9,90 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
 
 from expert_workers.actor import ExpertGroupActor
 from gateway.config import DeploymentConfig
 from gateway.dispatch.ray_runtime import connect_ray
+from gateway.dispatch.replica_choice import NoLiveReplica, PoolSnapshot, Replica, ReplicaChooser
 from router_service.placement import Placement
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0
-PROBE_BACKOFF_S = 0.2  # between probes of a replica that stays down
+ACTOR_CONCURRENCY = 16  # calls a replica runs at once: several gateways' calls meet there and merge into one pass
+__all__ = ["ExpertGroupPool", "NoLiveReplica", "PoolSnapshot", "Replica"]
 
 
-class NoLiveReplica(RuntimeError):
-    """A device group has no replica that can take traffic."""
-
-
-@dataclass
-class Replica:
-    """One ExpertGroupActor serving one device group's experts. Fields change only under the pool's lock."""
-
-    device: int
-    index: int
-    actor: Any  # ray ActorHandle
-    placement_group: Any
-    name: str
-    grpc_address: str = ""
-    started_at: float = 0.0  # the actor's start time: a new value means Ray restarted it
-    node_id: str | None = None  # the Ray node it runs on (a restart may move it)
-    inflight: int = 0
-    calls: int = 0
-    draining: bool = False
-    failures: int = 0
-    restarts: int = 0
-    down_since: float | None = None  # when it first failed since it last answered
-    unconfirmed: bool = False  # it failed, and no probe has since read its start time and gRPC address
-    probe: Any = None  # a pending describe() call: answers once the (restarted) actor serves again
-    probe_after: float = 0.0  # no new probe before this monotonic time
-
-
-@dataclass(frozen=True)
-class PoolSnapshot:
-    """The pool's counters at one moment, as plain data."""
-
-    live: dict[int, int]  # group -> live replicas
-    inflight: dict[tuple[int, int], int]  # (group, replica index) -> calls in flight, draining replicas included
-    restarts: int  # restarts Ray made, seen by probes
-    evicted: int  # replicas removed because they stayed down
-
-
-class ExpertGroupPool:
+class ExpertGroupPool(ReplicaChooser):
     """`replicas[d]` live ExpertGroupActors per device group d. New replicas load their weights (and answer
     `describe`) before they join; removed ones stop taking traffic and drain their in-flight calls first.
 
     Actors restart on failure (`max_restarts=-1`); the transports retry a failed call on a live replica. A failed
     replica is probed without blocking anyone (`describe` answers once Ray has restarted it, with its new gRPC
     address); one that stays down for `rpc.replica_deadline_s` is evicted and a fresh replica replaces it.
+
+    name: what replica names end with (unique per pool); detached: the replicas (and their placement groups) outlive
+    this process (the mesh's: its control actor may die and come back); adopt: [(device, index, name)] of live
+    replicas to take over instead of starting new ones (a restarted control actor); drained(victims): whether no
+    caller has calls in flight on these replicas (default: this pool's own counts).
     """
 
-    def __init__(self, cfg: DeploymentConfig, placement: Placement, actor_class: type = ExpertGroupActor) -> None:
-        import ray
-
-        self._ray = ray
-        self.cfg, self.placement, self.actor_class = cfg, placement, actor_class
-        self.evict_after_s = cfg.rpc.replica_deadline_s
+    def __init__(self, cfg: DeploymentConfig, placement: Placement, actor_class: type = ExpertGroupActor, *,
+                 name: str | None = None, detached: bool = False,
+                 adopt: list[tuple[int, int, str]] | None = None,
+                 drained: Callable[[list[Replica]], bool] | None = None) -> None:
+        super().__init__(placement, cfg.rpc.replica_deadline_s)
+        self.cfg, self.actor_class = cfg, actor_class
         self.started_ray = connect_ray(cfg)
-        self.deployment_id = uuid.uuid4().hex[:8]
-        self.groups: dict[int, list[Replica]] = {d: [] for d in range(placement.n_devices)}
-        self._lock = threading.Lock()
+        self.deployment_id = name or uuid.uuid4().hex[:8]
+        self.detached = detached
+        self._drained = drained or (lambda victims: not any(v.inflight for v in victims))
         self._next_index = 0
-        self._rr: dict[int, int] = {}  # per group: round-robin among equally loaded replicas
         self._closed = False
         self.placement_lock = threading.RLock()  # held from staging a placement to switching to it (no _add then)
         self._background: list[threading.Thread] = []
-        self.restarts = 0  # restarts Ray made, seen by probes
-        self.evicted = 0  # replicas removed because they stayed down
         try:
-            self._add([d for d in range(placement.n_devices) for _ in range(cfg.replicas_of(d))])
+            if adopt is not None:
+                self._adopt(adopt)
+            else:
+                self._add([d for d in range(placement.n_devices) for _ in range(cfg.replicas_of(d))])
         except Exception:
             self.shutdown()
             raise
+
+    def _adopt(self, entries: list[tuple[int, int, str]]) -> None:
+        """Take over live replicas by name (their placement groups too); one that does not answer is replaced."""
+        ray = self._ray
+        from ray.util import get_placement_group
+
+        namespace = self.cfg.ray.namespace
+        found, missing = [], []
+        for device, index, name in entries:
+            self._next_index = max(self._next_index, index + 1)
+            try:
+                actor = ray.get_actor(name, namespace=namespace)
+                pg = get_placement_group(name)
+            except ValueError:
+                missing.append(device)
+                continue
+            found.append(Replica(device, index, actor, pg, name))
+        infos = []
+        for r in found:
+            try:
+                infos.append(ray.get(r.actor.describe.remote(), timeout=READY_TIMEOUT_S))
+            except ray.exceptions.RayError as exc:
+                logger.warning("replica %s: not adopted (%s); starting a new one", r.name, type(exc).__name__)
+                infos.append(None)
+        with self._lock:
+            for r, info in zip(found, infos, strict=True):
+                if info is None:
+                    missing.append(r.device)
+                    continue
+                r.grpc_address, r.started_at, r.node_id = info["grpc_address"], info["started_at"], info.get("node_id")
+                self.groups[r.device].append(r)
+        if missing:
+            self._add(missing)
 
     # -- starting and stopping replicas -----------------------------------------------------------------
     def _add(self, devices: list[int]) -> list[Replica]:
@@ -107,16 +109,17 @@ class ExpertGroupPool:
         cpus, gpu = cfg.ray.cpus_per_group, cfg.ray.device_resource == "gpu"
         gpus = cfg.ray.gpus_per_group if gpu else 0  # a fraction lets several groups share one GPU
         bundle = {"CPU": cpus, "GPU": gpus} if gpu else {"CPU": cpus}
+        lifetime = {"lifetime": "detached"} if self.detached else {}
         started = []
         for d in devices:
-            pg = placement_group([dict(bundle)])
             with self._lock:
                 index = self._next_index
                 self._next_index += 1
             name = f"expert-group-{d}-r{index}-{self.deployment_id}"
+            pg = placement_group([dict(bundle)], name=name, **lifetime)
             actor = ray.remote(concurrency_groups={"watch": 1})(self.actor_class).options(
                 name=name, namespace=cfg.ray.namespace, num_cpus=cpus, num_gpus=gpus,
-                max_restarts=-1, max_task_retries=0,
+                max_restarts=-1, max_task_retries=0, max_concurrency=ACTOR_CONCURRENCY, **lifetime,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
             ).remote(cfg.model, self.placement.experts_on(d), cfg.dtype, d, serve_grpc=True,
                      max_message_bytes=cfg.rpc.max_message_mb << 20, threads=max(1, math.floor(cpus)),
@@ -124,7 +127,7 @@ class ExpertGroupPool:
                      tracing=cfg.tracing,
                      grpc_bind=cfg.rpc.bind, joined_cluster=cfg.ray_address is not None,
                      security=cfg.rpc.security(), layer_experts=self.placement.layer_overrides(d),
-                     version=self.placement.version)
+                     version=self.placement.version, merge=cfg.mesh.merge)
             started.append(Replica(d, index, actor, pg, name))
         try:
             infos = ray.get([r.actor.describe.remote() for r in started], timeout=READY_TIMEOUT_S)
@@ -224,9 +227,8 @@ class ExpertGroupPool:
                     v.draining = True  # no new calls go there
             deadline = time.monotonic() + drain_timeout_s
             while time.monotonic() < deadline:
-                with self._lock:
-                    if not any(v.inflight for v in victims):
-                        break
+                if self._drained(victims):
+                    break
                 time.sleep(0.01)
             else:
                 logger.warning("group %d: replicas %s still had calls in flight after %.0fs; stopping them",
@@ -252,130 +254,18 @@ class ExpertGroupPool:
             self._ray.shutdown()
             self.started_ray = False
 
-    # -- choosing replicas --------------------------------------------------------------------------------
-    def live(self, device: int) -> list[Replica]:
-        with self._lock:
-            return [r for r in self.groups[device] if not r.draining]
+    # -- what probes find (ReplicaChooser's hooks) ------------------------------------------------------------
+    def _back_up_locked(self, replica: Replica, info: dict) -> bool:
+        """A restarted replica comes back with the placement it was created with: it loads the current one first."""
+        if info.get("version", self.placement.version) == self.placement.version:
+            return True
+        v, d = self.placement.version, replica.device
+        replica.probe = replica.actor.adopt_layout.remote(v, self.placement.experts_on(d),
+                                                          self.placement.layer_overrides(d))
+        return False
 
-    def pick(self, device: int, avoid: Collection[Replica] = (), strict: bool = False) -> Replica:
-        """The live replica with the fewest calls in flight (round-robin among equals), preferring replicas that
-        are not known to be down. Replicas in `avoid` are taken only as the last choice, and never when `strict`."""
-        with self._lock:
-            self._poll_probes_locked()
-            live = [r for r in self.groups[device] if not r.draining]
-            choices = [r for r in live if all(r is not a for a in avoid)]
-            if not strict and not choices:
-                choices = live
-            if not choices:
-                others = " other than " + ", ".join(a.name for a in avoid) if avoid else ""
-                raise NoLiveReplica(f"group {device}: no live replica{others}")
-            choices = [r for r in choices if r.down_since is None] or choices
-            rr = self._rr[device] = self._rr.get(device, 0) + 1
-            n = len(choices)
-            best = min(enumerate(choices), key=lambda ir: (ir[1].inflight, (ir[0] - rr) % n))[1]
-            best.inflight += 1
-            best.calls += 1
-            return best
-
-    def release(self, replica: Replica) -> None:
-        with self._lock:
-            replica.inflight -= 1
-
-    def answered(self, replica: Replica) -> None:
-        """A call on `replica` returned: it is up."""
-        if replica.down_since is not None:
-            with self._lock:
-                replica.down_since = None
-
-    def failed(self, replica: Replica) -> None:
-        """A call on `replica` failed because the actor died or restarts: probe it (without waiting)."""
-        with self._lock:
-            replica.failures += 1
-            replica.unconfirmed = True
-            if replica.down_since is None:
-                replica.down_since = time.monotonic()
-            self._probe_locked(replica)
-
-    def poll(self) -> None:
-        """Apply what finished probes found (restarts, new gRPC addresses), start due ones, evict the long dead.
-        Every pick does this; the engine loop calls it while no traffic flows (a metrics scrape never does)."""
-        with self._lock:
-            self._poll_probes_locked()
-
-    def inflight(self) -> dict[tuple[int, int], int]:
-        """(group, replica index) -> calls in flight, draining replicas included."""
-        with self._lock:
-            return {(d, r.index): r.inflight for d, replicas in sorted(self.groups.items()) for r in replicas}
-
-    def snapshot(self) -> PoolSnapshot:
-        """What metrics report, read as it stands: no probe is polled, no replica evicted or started."""
-        with self._lock:
-            return PoolSnapshot(
-                live={d: sum(not r.draining for r in replicas) for d, replicas in sorted(self.groups.items())},
-                inflight={(d, r.index): r.inflight for d, replicas in sorted(self.groups.items()) for r in replicas},
-                restarts=self.restarts, evicted=self.evicted)
-
-    def actors(self, device: int | None = None) -> list:
-        devices = [device] if device is not None else sorted(self.groups)
-        return [r.actor for d in devices for r in self.live(d)]
-
-    # -- probing failed replicas (never blocks: ray.wait with timeout 0) -----------------------------------
-    def _probe_locked(self, replica: Replica) -> None:
-        if replica.probe is None and time.monotonic() >= replica.probe_after:
-            replica.probe = replica.actor.describe.remote()
-
-    def _poll_probes_locked(self) -> None:
-        ray = self._ray
-        watched = [r for replicas in self.groups.values() for r in replicas if r.unconfirmed]
-        if not watched:
-            return
-        pending = [r.probe for r in watched if r.probe is not None]
-        done = set(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) if pending else set()
-        now = time.monotonic()
-        for r in watched:
-            if r.probe is not None and r.probe in done:
-                ref, r.probe = r.probe, None
-                try:
-                    info = ray.get(ref)
-                except ray.exceptions.RayError as exc:  # still down (or gone for good)
-                    logger.info("replica %s: probe failed (%s)", r.name, type(exc).__name__)
-                    r.probe_after = now + PROBE_BACKOFF_S
-                    if isinstance(exc, ray.exceptions.ActorDiedError) and self._dead_for_good(r):
-                        self._evict_locked(r)  # no restart will come (e.g. Ray killed it after a failed transfer)
-                        continue
-                else:
-                    if info["started_at"] != r.started_at:
-                        r.started_at = info["started_at"]
-                        r.restarts += 1
-                        self.restarts += 1
-                    if info.get("version", self.placement.version) != self.placement.version:
-                        # Restarted with the placement it was created with: load the current one, then serve.
-                        v, d = self.placement.version, r.device
-                        r.probe = r.actor.adopt_layout.remote(v, self.placement.experts_on(d),
-                                                              self.placement.layer_overrides(d))
-                        continue
-                    r.grpc_address = info["grpc_address"] or r.grpc_address
-                    r.node_id = info.get("node_id", r.node_id)
-                    r.down_since, r.unconfirmed = None, False
-                    continue
-            if r.down_since is not None and now - r.down_since > self.evict_after_s:
-                self._evict_locked(r)
-            else:
-                self._probe_locked(r)
-
-    def cluster_gpus(self) -> float:
-        """GPUs in the Ray cluster (all nodes)."""
-        return float(self._ray.cluster_resources().get("GPU", 0))
-
-    def _dead_for_good(self, replica: Replica) -> bool:
-        """Ray's own record says the actor is DEAD (not RESTARTING): waiting for it is pointless."""
-        from ray._private.state import state  # the GCS actor table; the public state API needs the dashboard
-
-        try:
-            return state.actor_table(replica.actor._actor_id.hex()).get("State") == "DEAD"
-        except Exception as exc:  # no answer: fall back to the deadline
-            logger.info("replica %s: actor state unknown (%s)", replica.name, type(exc).__name__)
-            return False
+    def _gone_locked(self, replica: Replica) -> None:
+        self._evict_locked(replica)
 
     def _evict_locked(self, replica: Replica) -> None:
         """Drop a replica that stayed down past the deadline and start a fresh one in its place (in background)."""

@@ -14,13 +14,14 @@ import torch
 
 from gateway.config import DeploymentConfig
 from gateway.dispatch.dispatcher import Dispatcher
+from gateway.dispatch.first_placement import initial_placement
 from gateway.dispatch.groups import build_dispatcher
 from gateway.dispatch.transports import DispatchError
 from gateway.model.sampling import token_logprobs
 from gateway.serving.balancing import balance_table, start_balancing
 from gateway.serving.engine_metrics import EngineMetrics
 from gateway.serving.model_runner import ModelRunner, gateway_device, latent_cache, load_model, traced
-from gateway.serving.placement_switch import PlacementSwitch, initial_placement
+from gateway.serving.placement_switch import PlacementSwitch
 from gateway.serving.request_checks import check_prompts, new_request_id, request_ids_for
 from gateway.serving.routing_summary import RoutingSummary
 from gateway.serving.routing_trace import RequestTrace, RoutingTraceStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.dispatch.replica_pool import PoolSnapshot
+from gateway.dispatch.replica_choice import PoolSnapshot
 
 
 class MetricsSource(Protocol):

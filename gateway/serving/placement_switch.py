@@ -6,29 +6,12 @@ import contextlib
 import logging
 import threading
 
-from gateway.config import DeploymentConfig
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.model.model import GatewayModel
 from model_core.spec import ModelSpec
 from router_service.placement import Placement
 
 logger = logging.getLogger(__name__)
-
-
-def initial_placement(config: DeploymentConfig, spec: ModelSpec) -> Placement:
-    """The placement a deployment starts with: `placement` ('contiguous' or a file) over `devices` groups, checked
-    against the model's top_k and `top_m_devices`."""
-    n = spec.n_routed_experts
-    if config.placement == "contiguous":
-        placement = Placement.contiguous(n, config.devices)
-    else:
-        placement = Placement.from_file(config.placement, n, spec.moe_layers)
-    if placement.n_devices != config.devices:
-        raise ValueError(
-            f"placement {config.placement}: has {placement.n_devices} devices, but devices={config.devices}"
-        )
-    placement.check_top_m(spec.top_k, config.top_m_devices)
-    return placement
 
 
 class PlacementSwitch:
@@ -44,6 +27,8 @@ class PlacementSwitch:
         self.switched = 0  # placements switched to while serving
         self.failures = 0  # proposals that failed to apply (the old placement kept serving)
         self._background: threading.Thread | None = None
+        if hasattr(backend.pool, "on_placement"):  # a mesh: follow the placements it offers
+            backend.pool.on_placement = self.follow
 
     def in_use(self) -> dict:
         """The placement serving now, as the router service reads it."""
@@ -51,15 +36,23 @@ class PlacementSwitch:
 
     def apply(self, placement: Placement) -> None:
         """Switch to `placement` (version above the current one); blocks until done. Call it from any thread but
-        the one stepping the engine."""
+        the one stepping the engine. With a mesh, every attached gateway follows (see `follow`)."""
         placement.check_top_m(self.spec.top_k, self.top_m_devices)
         pool = self.backend.pool
         # No replica starts (scaling, replacement) between staging and the switch: it would load the old placement.
         with pool.placement_change() if pool is not None else contextlib.nullcontext():
             self.backend.stage(placement)
-            with self.between_steps:
-                self.backend.switch(placement)
-                self.model.set_placement(placement)
+            self.follow(placement)
+
+    def follow(self, placement: Placement) -> None:
+        """Dispatch with `placement` (staged on every group) from the next step on, then free what is no longer
+        needed. The mesh's heartbeat calls this when another gateway's change offers a newer placement."""
+        with self.between_steps:
+            if self.backend.placement.version >= placement.version:
+                return  # already switched (this gateway asked for it, and the offer came back)
+            placement.check_top_m(self.spec.top_k, self.top_m_devices)
+            self.backend.switch(placement)
+            self.model.set_placement(placement)
         self.backend.release()
         self.switched += 1
         logger.info("placement version %d in use (%d redundant slots in the first MoE layer)", placement.version,
@@ -71,6 +64,8 @@ class PlacementSwitch:
             return
         new = Placement.from_device_lists(placement["devices"], self.spec.n_routed_experts, placement.get("layers"),
                                           self.spec.moe_layers, placement.get("version", 0))
+        if new.version <= self.backend.placement.version:
+            return  # another gateway of the mesh applied it already, and this one follows
 
         def run() -> None:
             try:

@@ -244,6 +244,7 @@ class RdtTransport(RayCallTransport):
         if transport not in TENSOR_TRANSPORTS:
             raise ValueError(f"transport={transport!r}: expected one of {list(TENSOR_TRANSPORTS)}")
         super().__init__(pool, timeout_s, deadline_s)
+        self.pool_at_start = pool  # close() clears self.pool
         self.transport, self.device, self.relay_concurrency = transport, device, relay_concurrency
         self._relay: Any = None
         self._relay_lock = threading.Lock()
@@ -254,14 +255,18 @@ class RdtTransport(RayCallTransport):
 
     # -- the relay and the member list it builds its group over --------------------------------------------
     def relay(self) -> Any:
+        """The mesh's relay (one for all its gateways), or this gateway's own when its pool has no mesh."""
         with self._relay_lock:
             if self._relay is None:
-                gpu = self.transport == "nccl"  # NCCL sends from the relay's own GPU
-                self._relay = ray.remote(RdtRelay).options(
-                    max_concurrency=self.relay_concurrency, num_cpus=0, num_gpus=0.01 if gpu else 0,
-                    max_restarts=0, namespace=self.pool.cfg.ray.namespace,
-                    name=f"rdt-relay-{self.pool.deployment_id}-{self.relay_starts}",
-                ).remote(self.transport, self.timeout_s, "cuda" if gpu else "cpu")
+                if hasattr(self.pool, "relay"):
+                    self._relay = self.pool.relay(self.transport, self.timeout_s)
+                else:
+                    gpu = self.transport == "nccl"  # NCCL sends from the relay's own GPU
+                    self._relay = ray.remote(RdtRelay).options(
+                        max_concurrency=self.relay_concurrency, num_cpus=0, num_gpus=0.01 if gpu else 0,
+                        max_restarts=0, namespace=self.pool.cfg.ray.namespace,
+                        name=f"rdt-relay-{self.pool.deployment_id}-{self.relay_starts}",
+                    ).remote(self.transport, self.timeout_s, "cuda" if gpu else "cpu")
                 self.relay_starts += 1
             return self._relay
 
@@ -270,14 +275,23 @@ class RdtTransport(RayCallTransport):
             if self._relay is relay:
                 logger.warning("the RDT relay died (Ray kills both ends of a failed transfer); starting a new one")
                 self._relay = None
+                if hasattr(self.pool, "relay_lost"):
+                    self.pool.relay_lost(relay)
 
     def _members(self) -> Any:
-        """(version, {name: handle}) of the replicas that answer, in the object store (one copy per change)."""
-        live = [(r.name, r.actor) for d in sorted(self.pool.groups) for r in self.pool.live(d)
-                if r.down_since is None]
-        key = tuple(name for name, _ in live)
+        """(version, {name: handle}) of the replicas to build the relay's group over, in the object store (one copy
+        per change). With a mesh: every replica its directory lists as serving, versioned by the directory's epoch,
+        so that all gateways sharing the relay name the same members; else the pool's replicas that answer."""
+        if hasattr(self.pool, "epoch"):
+            live = [(r.name, r.actor) for d in sorted(self.pool.groups) for r in self.pool.live(d)]
+            version = self.pool.epoch
+        else:
+            live = [(r.name, r.actor) for d in sorted(self.pool.groups) for r in self.pool.live(d)
+                    if r.down_since is None]
+            version = None
+        key = (version, *(name for name, _ in live))
         if key != self._members_key or self._members_ref is None:
-            self._version += 1
+            self._version = version if version is not None else self._version + 1
             self._members_key, self._members_ref = key, ray.put((self._version, dict(live)))
         return self._members_ref
 
@@ -322,5 +336,5 @@ class RdtTransport(RayCallTransport):
         with self._relay_lock:
             relay, self._relay = self._relay, None
         super().close()
-        if relay is not None:
+        if relay is not None and not hasattr(self.pool_at_start, "relay"):  # a mesh's relay serves its other gateways
             ray.kill(relay, no_restart=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gateway.dispatch.replica_pool import NoLiveReplica
+from gateway.dispatch.replica_choice import NoLiveReplica
 from gateway.dispatch.transports.interface import DispatchError, ExpertCall, ExpertReply, Transport, describe_error
 
 logger = logging.getLogger(__name__)
