@@ -1,7 +1,8 @@
-"""The `expertmesh` command line: make-model, generate, serve, scale, trace, stats, rebalance, plan.
+"""The `expertmesh` command line: make-model, generate, serve, scale, mesh, trace, stats, rebalance, plan.
 
 Each subcommand's arguments and handler live together: deploy/commands/model.py (make-model, generate),
-serve.py (serve, scale), trace.py (trace), balance.py (stats, rebalance) and deploy/planning/command.py (plan).
+serve.py (serve, scale), mesh.py (mesh up | status | down | scale), trace.py (trace), balance.py (stats,
+rebalance) and deploy/planning/command.py (plan).
 Here they are assembled, and errors become one line on stderr with status 2.
 """
 
@@ -11,12 +12,12 @@ import argparse
 import logging
 import sys
 
-from deploy.commands import balance, model, serve, trace
+from deploy.commands import balance, mesh, model, serve, trace
 from deploy.planning import command as plan_command
 from model_core.checkpoint import CheckpointError
 from model_core.spec import ConfigError
 
-SUBCOMMANDS = (model, serve, trace, balance, plan_command)  # in the order --help lists them
+SUBCOMMANDS = (model, serve, mesh, trace, balance, plan_command)  # in the order --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -231,3 +231,27 @@ def test_mesh_up_status_down_and_refusals(model_dirs, ray_cluster):
         Engine.from_config(no_start)
     time.sleep(0)  # nothing left behind: the names are free again
     assert not [a for a in ray_cluster.util.list_named_actors(all_namespaces=True) if "lifecycle" in a["name"]]
+
+
+def test_the_mesh_commands_start_show_scale_and_stop_a_mesh(model_dirs, ray_cluster, tmp_path, capsys):
+    import json
+
+    from deploy.cli import main
+
+    config = tmp_path / "mesh.yaml"
+    config.write_text(f"model: {model_dirs['tiny-v3']}\nbackend: ray\ndevices: 2\nmesh:\n  name: from-the-cli\n")
+    address = ["--config", str(config), "--address", ray_cluster.get_runtime_context().gcs_address]
+    assert main(["mesh", "up", *address]) == 0
+    assert "mesh 'from-the-cli'" in capsys.readouterr().out
+    assert main(["mesh", "scale", "--group", "1", "--replicas", "2", *address]) == 0
+    assert "group 1: 2 replicas" in capsys.readouterr().out
+    assert main(["mesh", "status", "--json", *address]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [r["group"] for r in status["replicas"]] == [0, 1, 1] and status["gateways"] == {}
+    assert all(r["load"]["calls"] == 0 for r in status["replicas"])
+    assert main(["mesh", "scale", "--group", "2", "--replicas", "2", *address]) == 2
+    assert "--group 2: expected 0..1" in capsys.readouterr().err
+    assert main(["mesh", "down", *address]) == 0
+    assert "stopped (3 replicas" in capsys.readouterr().out
+    assert main(["mesh", "status", *address]) == 2
+    assert "no such mesh" in capsys.readouterr().err
