@@ -13,6 +13,7 @@ import torch
 
 from expert_workers.collective import leave_collective_groups
 from expert_workers.expert_group import ExpertGroup, select_rows
+from expert_workers.merging import CallMerger
 from expert_workers.spans import traced_run
 from model_core.telemetry import Telemetry, TracingConfig
 from protos.channel import RpcSecurity
@@ -24,7 +25,10 @@ logger = logging.getLogger(__name__)
 class ExpertGroupActor:
     """Plain class (testable without Ray); `ray.remote(ExpertGroupActor)` makes the actor.
 
-    Ray calls and the gRPC server reach the same `ExpertGroup.run`, so both transports compute one function.
+    Ray calls (forward, forward_packed, the RDT methods, forward_dag) and the gRPC server reach the same
+    CallMerger over the group, so every transport computes one function, and calls for the same layer and placement
+    version from several gateways are computed in one pass when they wait together. Safe to run threaded (Ray's
+    `max_concurrency`, which sizes the default concurrency group beside `watch`): calls then meet in the merger.
     """
 
     def __init__(
@@ -45,17 +49,21 @@ class ExpertGroupActor:
         security: RpcSecurity | None = None,
         layer_experts: dict[int, list[int]] | None = None,
         version: int = 0,
+        merge: bool = True,
     ) -> None:
         """grpc_bind, joined_cluster: where the gRPC server binds and what it advertises (`bind_and_advertise`);
         security: its TLS material and shared token (values, not paths: this actor may run on another host);
         layer_experts: {MoE layer: expert ids} for layers whose placement differs from expert_ids (copies);
-        version: the placement version they belong to."""
+        version: the placement version they belong to; merge: compute waiting calls of the same layer and version
+        in one pass (False: one call per pass, still counted by `merge_stats`)."""
         torch.set_num_threads(max(1, threads))
         self.started_at = time.time()  # a restarted actor reports a new start time
         self.telemetry = Telemetry(tracing or TracingConfig(exporter="none"), f"expert-group-{device}")
         self.group = ExpertGroup(Path(model_dir), expert_ids, dtype=DTYPES[dtype], device=device, kernel=kernel,
                                  torch_device=torch_device, layer_experts=layer_experts, version=version,
                                  half_matmul=half_matmul)
+        self.merger = CallMerger(self.group, enabled=merge)
+        self._stage_lock = threading.Lock()  # guards _staging and _stage_errors (calls may run on several threads)
         self._staging: dict[int, threading.Thread] = {}
         self._stage_errors: dict[int, str] = {}
         self.server = None
@@ -66,7 +74,8 @@ class ExpertGroupActor:
 
             bind_host, advertised = bind_and_advertise(grpc_bind, joined_cluster, ray.util.get_node_ip_address())
             self.server = ExpertServer(self.group, max_message_bytes=max_message_bytes, tracer=self.telemetry.tracer,
-                                       bind_host=bind_host, advertised_host=advertised, security=security)
+                                       bind_host=bind_host, advertised_host=advertised, security=security,
+                                       merger=self.merger)
             self.server.start()
         logger.info("expert group %d ready: %d experts, %d weight bytes", device, len(expert_ids),
                     self.group.weight_bytes)
@@ -86,7 +95,8 @@ class ExpertGroupActor:
         if rows is not None:
             h = select_rows(h, readonly_tensor(rows))
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
-        result = traced_run(self.group, self.telemetry.tracer, carrier, "ray", layer, h, ids, w, version=version)
+        result = traced_run(self.group, self.telemetry.tracer, carrier, "ray", layer, h, ids, w, version=version,
+                            merger=self.merger)
         return tensor_to_numpy(result.output), result.compute_ms
 
     def forward_packed(self, args: tuple, batch: np.ndarray | None = None) -> tuple[np.ndarray, float]:
@@ -107,7 +117,8 @@ class ExpertGroupActor:
         output leaves as one, on this group's device (or `out_device`: Gloo carries CPU tensors only)."""
         h = hidden.to(self.group.torch_device)
         ids, w = readonly_tensor(expert_ids), readonly_tensor(weights)
-        result = traced_run(self.group, self.telemetry.tracer, carrier, "rdt", layer, h, ids, w, version=version)
+        result = traced_run(self.group, self.telemetry.tracer, carrier, "rdt", layer, h, ids, w, version=version,
+                            merger=self.merger)
         out = result.output if out_device is None else result.output.to(out_device)
         return out, result.compute_ms
 
@@ -128,30 +139,33 @@ class ExpertGroupActor:
     def stage_layout(self, version: int, expert_ids: list[int], layer_experts: dict[int, list[int]]) -> None:
         """Start loading placement `version` in a background thread (forward calls keep running); poll
         `layout_ready`."""
-        if version in self.group.versions or version in self._staging:
-            return
-        self._stage_errors.pop(version, None)
-
         def load() -> None:
             try:
                 self.group.stage(version, expert_ids, layer_experts)
             except Exception as exc:  # reported by layout_ready, whole
                 logger.exception("expert group %d: loading placement version %d failed", self.group.device, version)
-                self._stage_errors[version] = f"{type(exc).__name__}: {exc}"
+                with self._stage_lock:
+                    self._stage_errors[version] = f"{type(exc).__name__}: {exc}"
 
-        thread = threading.Thread(target=load, name=f"stage-v{version}", daemon=True)
-        self._staging[version] = thread
-        thread.start()
+        with self._stage_lock:
+            if version in self.group.versions or version in self._staging:
+                return
+            self._stage_errors.pop(version, None)
+            thread = threading.Thread(target=load, name=f"stage-v{version}", daemon=True)
+            self._staging[version] = thread
+            thread.start()
 
     def layout_ready(self, version: int) -> bool:
         """Whether placement `version` is loaded; raises RuntimeError if loading it failed."""
-        thread = self._staging.get(version)
-        if thread is not None and not thread.is_alive():
-            self._staging.pop(version, None)
-        if version in self._stage_errors:
-            raise RuntimeError(f"expert group {self.group.device}: placement version {version}: "
-                               f"{self._stage_errors[version]}")
-        return version in self.group.versions and version not in self._staging
+        with self._stage_lock:
+            thread = self._staging.get(version)
+            if thread is not None and not thread.is_alive():
+                self._staging.pop(version, None)
+            error = self._stage_errors.get(version)
+            staging = version in self._staging
+        if error is not None:
+            raise RuntimeError(f"expert group {self.group.device}: placement version {version}: {error}")
+        return version in self.group.versions and not staging
 
     def release_layouts(self, keep: int) -> int:
         """Keep only placement `keep` (the gateway switched to it and no call names another); weight bytes left."""
@@ -180,6 +194,13 @@ class ExpertGroupActor:
         """The same forward as a Ray Compiled Graph node: args is forward's arguments, or None (no tokens here)."""
         return None if args is None else self.forward_packed(args)
 
+    def merge_stats(self) -> dict:
+        """How this replica's calls met: `CallMerger.stats` (calls, passes, rows per pass, merged share, ...)."""
+        return self.merger.stats()
+
+    def reset_merge_stats(self) -> None:
+        self.merger.reset_stats()
+
     def describe(self) -> dict:
         g = self.group
         return {
@@ -197,6 +218,7 @@ class ExpertGroupActor:
             "started_at": self.started_at,
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "torch_device": str(g.torch_device),
+            "merge": self.merger.stats(),
         }
 
     def shutdown(self) -> None:

@@ -66,6 +66,7 @@ class ExpertResult:
     tokens_per_expert: torch.Tensor  # [E_local] on the group's device, in `experts_in(layer)` order: the counts of
     # the one sort by expert the FFN used, for the server span; not sent (the gateway counts its routing itself)
     compute_ms: float
+    merged_calls: int = 1  # the calls computed in the same pass (expert_workers/merging.py), this one included
 
 
 @dataclass

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from expert_workers.expert_group import ExpertGroup, PlacementVersionMissing, select_rows
+from expert_workers.merging import CallMerger
 from expert_workers.spans import traced_run
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
@@ -31,6 +32,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name  # "exp
 START_TIMEOUT_S = 30.0
 LOOPBACK = "127.0.0.1"
 ALL_INTERFACES = ("0.0.0.0", "::")
+CALL_THREADS = 16  # calls decoded and waiting in the CallMerger at once (as many as a Ray actor's max_concurrency)
 
 
 def bind_and_advertise(bind: str | None, joined_cluster: bool, node_ip: str) -> tuple[str, str]:
@@ -105,14 +107,16 @@ def _lenient(message_type):
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
     """ExpertService over one ExpertGroup; bad requests become INVALID_ARGUMENT, bugs INTERNAL.
 
-    The expert math runs on a single worker thread: calls are serialized and the event loop stays free
-    (health checks answer while a batch computes).
+    Each call is decoded and computed on a worker thread, never on the event loop: the loop stays free (health
+    checks answer while a batch computes), and calls from several gateways meet in `merger`, which computes those
+    for the same layer and placement version in one pass.
     """
 
-    def __init__(self, group: ExpertGroup, tracer=None) -> None:
+    def __init__(self, group: ExpertGroup, tracer=None, merger: CallMerger | None = None) -> None:
         self.group = group
         self.tracer = tracer  # an OpenTelemetry tracer, or None when tracing is off
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-math")
+        self.merger = merger if merger is not None else CallMerger(group)
+        self._executor = ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix="expert-call")
         self._batches = BatchReader()  # layer batches a gateway on this host left in /dev/shm
 
     def close(self) -> None:
@@ -141,7 +145,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         return await self._serve(self._forward_framed, data, context)
 
     async def _serve(self, fn, request, context: grpc.aio.ServicerContext):
-        """Run fn(request, carrier, arrived) on the expert-math thread; errors become status codes."""
+        """Run fn(request, carrier, arrived) on a worker thread; errors become status codes."""
         loop = asyncio.get_running_loop()
         carrier = None
         if self.tracer is not None:
@@ -217,10 +221,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 raise ValueError(f"{field}: missing from ForwardRequest")
 
     def _run(self, request: pb.ForwardRequest, hidden, ids, weights, carrier: dict | None, arrived: float):
-        queue_ms = (time.perf_counter() - arrived) * 1e3 if arrived else 0.0  # waiting for the expert-math thread
+        queue_ms = (time.perf_counter() - arrived) * 1e3 if arrived else 0.0  # waiting for a worker thread
         version = request.placement_version if request.HasField("placement_version") else None
         return traced_run(self.group, self.tracer, carrier, "grpc", request.layer, hidden, ids, weights, queue_ms,
-                          version)
+                          version, merger=self.merger)
 
 
 class ExpertServer:
@@ -228,17 +232,19 @@ class ExpertServer:
 
     `address` is what clients dial: `advertised_host` (see `bind_and_advertise`) and the port. With
     `security` it serves TLS and/or demands the shared token. It runs its own event loop in a background
-    thread, so synchronous code and Ray actors can start it.
+    thread, so synchronous code and Ray actors can start it. `merger`: the replica's CallMerger (the one its Ray
+    calls go through too); a new one over `group` when None.
     """
 
     def __init__(self, group: ExpertGroup, max_message_bytes: int = MAX_MESSAGE_BYTES, tracer=None,
                  bind_host: str = LOOPBACK, advertised_host: str | None = None,
-                 security: RpcSecurity | None = None) -> None:
+                 security: RpcSecurity | None = None, merger: CallMerger | None = None) -> None:
         if advertised_host in ALL_INTERFACES or (advertised_host is None and bind_host in ALL_INTERFACES):
             raise ValueError(f"advertised_host={advertised_host!r}: clients cannot dial a wildcard address; "
                              f"pass the node's IP (bind_host={bind_host!r})")
         self.group = group
         self.tracer = tracer
+        self.merger = merger if merger is not None else CallMerger(group)
         self.options = channel_options(max_message_bytes)
         self.bind_host = bind_host
         self.advertised_host = advertised_host or bind_host
@@ -301,7 +307,7 @@ class ExpertServer:
             loop.close()
 
     async def _serve(self) -> int:
-        self._servicer = ExpertServicer(self.group, self.tracer)
+        self._servicer = ExpertServicer(self.group, self.tracer, self.merger)
         self._health = health_aio.HealthServicer()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
