@@ -1,14 +1,18 @@
-"""The Ray Serve application: one gateway replica running the Engine behind the OpenAI-compatible HTTP API."""
+"""The Ray Serve application: gateway replicas (server.replicas, or Serve's autoscaling), each running its own Engine
+behind the OpenAI-compatible HTTP API, each response naming the gateway that answered."""
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from gateway.config import DeploymentConfig, DeploymentConfigError, read_deployment_yaml
+from gateway.config.endpoints import ServerConfig
 from gateway.serving import chat as chat_api
 from gateway.serving import completions as completions_api
 from gateway.serving import http_api
@@ -18,6 +22,7 @@ from gateway.serving.http_api import GatewayState, ScaleRequest
 
 logger = logging.getLogger(__name__)
 
+GATEWAY_HEADER = "x-expertmesh-gateway"
 
 
 def _replica_access() -> http_api.Access:
@@ -26,11 +31,60 @@ def _replica_access() -> http_api.Access:
     return serve.get_replica_context().servable_object.access
 
 
+def _serve_replica_id() -> str | None:
+    """This Serve replica's id, '<app>#expertmesh-gateway#<unique id>'; None where the class is built outside Serve."""
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except RayServeException:
+        return None
+
+
+def _replica_name() -> str | None:
+    """The Serve replica id of the gateway serving this request; None where its object has none (a class built
+    outside Serve, the tests' in-process stand-in)."""
+    return getattr(serve.get_replica_context().servable_object, "gateway_name", None)
+
+
+class GatewayHeader:
+    """ASGI middleware: every response carries `x-expertmesh-gateway: <replica id>`, so a client of N gateways sees
+    which one answered (whose scheduler, caches, metrics and routing traces it met). Pure ASGI, like RequestGuard:
+    streamed bodies and client disconnects pass through untouched."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], name: Callable[[], str | None]) -> None:
+        self.app, self.name = app, name
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        name = self.name() if scope["type"] == "http" else None
+        if name is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (GATEWAY_HEADER.encode(),
+                                                                                 name.encode("latin-1"))]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
 app = http_api.create_app(access=_replica_access)
+app.add_middleware(GatewayHeader, name=_replica_name)  # outermost: 401s and 413s name the gateway too
+_internal_error = app.exception_handlers[Exception]
 
 
-@serve.deployment(name="expertmesh-gateway", num_replicas=1, max_ongoing_requests=1024,
-                  ray_actor_options={"num_cpus": 0})
+@app.exception_handler(Exception)
+async def _named_internal_error(request: Request, exc: Exception) -> Response:
+    """A bug's 500 is written outside every middleware (by Starlette's ServerErrorMiddleware): name the gateway."""
+    response = await _internal_error(request, exc)
+    name = _replica_name()
+    if name is not None:
+        response.headers[GATEWAY_HEADER] = name
+    return response
+
+
+# Replicas (num_replicas or autoscaling_config) and resources come from the config, in build().
+@serve.deployment(name="expertmesh-gateway", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class GatewayDeployment:
     """Starts the engine (and through it the expert-group actors and the router service) in its replica;
@@ -42,6 +96,7 @@ class GatewayDeployment:
         from model_core.chat_template import ChatTemplate
         from model_core.tokenizer import load_tokenizer_or_none
 
+        self.gateway_name = _serve_replica_id()  # x-expertmesh-gateway
         config = DeploymentConfig.from_dict(deployment)
         # build() resolves the keys where the driver runs (its files and environment); else this process's
         self.access = http_api.Access(
@@ -56,8 +111,9 @@ class GatewayDeployment:
             logger.warning("%s: chat template unusable, /v1/chat/completions is off", config.model, exc_info=True)
             chat_template = None
         self.state = GatewayState(EngineLoop(engine), Path(config.model).name, tokenizer, chat_template)
-        logger.info("expertmesh gateway ready: %s, backend=%s, devices=%d, api key %s, admin API %s", config.model,
-                    config.backend, config.devices, "required" if self.access.api_key is not None else "off",
+        logger.info("expertmesh gateway %s ready: %s, backend=%s, devices=%d, api key %s, admin API %s",
+                    self.gateway_name, config.model, config.backend, config.devices,
+                    "required" if self.access.api_key is not None else "off",
                     "on" if self.access.admin_key is not None else "off")
 
     @app.get("/health")
@@ -101,17 +157,31 @@ class GatewayDeployment:
 def build(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run deploy.serve_app:build config=...` and Serve config files.
 
-    args: {"config": "path/to/deployment.yaml"} and/or {"deployment": {...inline settings...}}.
+    args: {"config": "path/to/deployment.yaml"} and/or {"deployment": {...inline settings...}}; an inline section
+    (`server: {replicas: 2}`) changes the file's section key by key.
     """
-    deployment: dict[str, Any] = {}
-    if "config" in args:
-        deployment.update(read_deployment_yaml(args["config"]))
-    deployment.update(args.get("deployment", {}))
+    deployment: dict[str, Any] = read_deployment_yaml(args["config"]) if "config" in args else {}
+    for name, value in (args.get("deployment") or {}).items():
+        section = deployment.get(name)
+        both = isinstance(section, dict) and isinstance(value, dict)
+        deployment[name] = {**section, **value} if both else value
     config = DeploymentConfig.from_dict(deployment)  # fail here, with the field named, not inside a replica
     check_deployable(config)
     # The driver's files and EXPERTMESH_API_KEY / EXPERTMESH_ADMIN_KEY: the replica may lack them.
     keys = config.server.resolved_api_key(), config.server.resolved_admin_key()
-    return GatewayDeployment.options(ray_actor_options=gateway_actor_options(config)).bind(deployment, *keys)
+    return GatewayDeployment.options(ray_actor_options=gateway_actor_options(config),
+                                     **gateway_replicas(config.server)).bind(deployment, *keys)
+
+
+def gateway_replicas(server: ServerConfig) -> dict[str, Any]:
+    """The gateway deployment's replica options: num_replicas=server.replicas, or Serve's autoscaling_config when
+    server.max_replicas is set."""
+    if not server.autoscaled:
+        return {"num_replicas": server.replicas}
+    autoscaling = {"min_replicas": server.fewest_gateways, "max_replicas": server.max_replicas}
+    if server.target_ongoing_requests is not None:
+        autoscaling["target_ongoing_requests"] = server.target_ongoing_requests
+    return {"autoscaling_config": autoscaling}
 
 
 def check_deployable(config: DeploymentConfig) -> None:
@@ -119,7 +189,7 @@ def check_deployable(config: DeploymentConfig) -> None:
     for forever): the model's config.json, its weight files and their tensor names (headers only), the placement
     file against the model, and the gateway's GPU. The checkpoint sits at the same path on every node
     (docs/cluster.md), so the driver can read it too."""
-    from gateway.serving.placement_switch import initial_placement
+    from gateway.dispatch.first_placement import initial_placement
     from model_core.checkpoint import CheckpointReader
     from model_core.spec import ModelSpec
 
@@ -134,18 +204,29 @@ def check_deployable(config: DeploymentConfig) -> None:
                                     "GPU, which it sees as cuda:0; use 'cuda'")
     import ray
 
-    if ray.is_initialized() and config.ray_address is None and not ray.cluster_resources().get("GPU"):
-        # An embedded Ray's resources are fixed: the replica would wait for a GPU forever. (A cluster joined by
-        # address may still add GPU nodes.)
+    if not ray.is_initialized() or config.ray_address is not None:
+        return  # a cluster joined by address may still add GPU nodes
+    # An embedded Ray's resources are fixed: a gateway without a GPU would wait for one forever.
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if not gpus:
         raise DeploymentConfigError(f"gateway_device={config.gateway_device!r}: the embedded Ray has no GPU for the "
                                     "gateway replica (use 'auto' or 'cpu', or join a cluster with GPUs)")
+    server = config.server
+    per_gpu = int(1 / server.gpus_per_gateway + 1e-9)  # Ray packs fractions GPU by GPU, never across two
+    if server.fewest_gateways > gpus * per_gpu:
+        count = (f"server.min_replicas={server.fewest_gateways}" if server.autoscaled
+                 else f"server.replicas={server.replicas}")
+        raise DeploymentConfigError(f"{count}: the embedded Ray's {gpus} GPU(s) hold {gpus * per_gpu} gateways of "
+                                    f"server.gpus_per_gateway={server.gpus_per_gateway:g} (use fewer gateways or "
+                                    "a smaller gpus_per_gateway)")
 
 
 def gateway_actor_options(config: DeploymentConfig) -> dict[str, Any]:
-    """The gateway replica's Ray resources: one GPU when its device resolves to CUDA, none otherwise.
+    """Each gateway replica's Ray resources: server.gpus_per_gateway of a GPU (default one whole GPU) when its device
+    resolves to CUDA, none otherwise.
 
     Ray sets the replica's CUDA_VISIBLE_DEVICES to the GPU it grants, which the replica sees as 'cuda' (cuda:0).
     'auto' resolves where build() runs: a driver that sees no GPU asks for none, and the replica, seeing none
     either, stays on the CPU; name 'cuda' to get a GPU replica from a GPU-less driver."""
-    gpus = 1 if config.gateway_torch_device.type == "cuda" else 0
+    gpus = config.server.gpus_per_gateway if config.gateway_torch_device.type == "cuda" else 0
     return {"num_cpus": 0, "num_gpus": gpus}

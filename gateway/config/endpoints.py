@@ -1,5 +1,6 @@
 """The network sections: `rpc:` (how the gateway calls expert groups: deadlines, TLS, token) and `server:` (the HTTP
-API's keys and body limit). Files they name are read and checked where the config is built."""
+API's keys and body limit, and how many gateway replicas serve it). Files they name are read and checked where the
+config is built."""
 
 from __future__ import annotations
 
@@ -76,11 +77,16 @@ ADMIN_KEY_ENV = "EXPERTMESH_ADMIN_KEY"
 @dataclass(frozen=True)
 class ServerConfig:
     """The HTTP server: the API key every /v1/* request must send as `Authorization: Bearer <key>`, the admin key
-    that /admin/* needs (no admin key: /admin/* is off), and the largest request body it reads.
+    that /admin/* needs (no admin key: /admin/* is off), the largest request body it reads, and its gateways.
 
     Each key inline or in a file (read where the gateway starts, surrounding whitespace ignored), not both;
     neither: its environment variable (EXPERTMESH_API_KEY, EXPERTMESH_ADMIN_KEY); none: the API is open, the
     admin routes are off. Errors name the field, never the key.
+
+    Gateways: `replicas` Serve replicas of the gateway, each its own engine (scheduler, latent cache, prefix cache);
+    or, with max_replicas set, Serve's autoscaling between min_replicas and max_replicas, aiming at
+    target_ongoing_requests HTTP requests in flight per gateway. A gateway on CUDA asks Ray for `gpus_per_gateway`
+    of a GPU: a fraction lets several gateways share one.
     """
 
     api_key: str | None = field(default=None, repr=False)
@@ -88,13 +94,41 @@ class ServerConfig:
     admin_key: str | None = field(default=None, repr=False)
     admin_key_file: str | None = None
     max_request_bytes: int = setting(4 << 20, ge=1024)  # a larger body gets 413 before it is parsed
+    replicas: int = setting(1, ge=1, le=1024)  # gateway replicas (Ray Serve's num_replicas)
+    # Serve's autoscaling of the gateways instead (its autoscaling_config): on while max_replicas is set
+    max_replicas: int | None = setting(None, ge=1, le=1024)
+    min_replicas: int | None = setting(None, ge=1, le=1024,  # null: 1
+                                       why="from zero, a request would wait for a gateway to start its engine")
+    target_ongoing_requests: float | None = setting(None, gt=0)  # null: Serve's default, 2
+    gpus_per_gateway: float = setting(1.0, gt=0, le=1, why="a gateway runs on one GPU, which it sees as cuda:0")
 
     def __post_init__(self) -> None:
         check_settings(self, "server", DeploymentConfigError)
+        if self.replicas > 1 and self.autoscaled:
+            raise DeploymentConfigError(f"server.replicas={self.replicas}, server.max_replicas={self.max_replicas}: "
+                                        "set one, not both (a fixed number of gateways, or autoscaling between "
+                                        "min_replicas and max_replicas)")
+        if not self.autoscaled and (self.min_replicas is not None or self.target_ongoing_requests is not None):
+            named = "min_replicas" if self.min_replicas is not None else "target_ongoing_requests"
+            raise DeploymentConfigError(f"server.max_replicas: missing (server.{named} is an autoscaling setting; "
+                                        "autoscaling runs between min_replicas and max_replicas)")
+        if self.autoscaled and self.max_replicas < self.fewest_gateways:
+            raise DeploymentConfigError(f"server.max_replicas={self.max_replicas}: expected an integer >= "
+                                        f"server.min_replicas={self.min_replicas}")
         for kind in ("api_key", "admin_key"):
             if getattr(self, kind) is not None and getattr(self, f"{kind}_file") is not None:
                 raise DeploymentConfigError(f"server.{kind}, server.{kind}_file: set one, not both")
             self._resolve(kind, environ={})  # the file exists and holds a usable key
+
+    @property
+    def autoscaled(self) -> bool:
+        """Serve scales the gateways (max_replicas is set) instead of running `replicas` of them."""
+        return self.max_replicas is not None
+
+    @property
+    def fewest_gateways(self) -> int:
+        """The gateways that run at the least: replicas, or min_replicas (default 1) when autoscaled."""
+        return (self.min_replicas or 1) if self.autoscaled else self.replicas
 
     def resolved_api_key(self, environ: Any = None) -> str | None:
         """The key in force: server.api_key, else server.api_key_file's content, else EXPERTMESH_API_KEY (from
