@@ -133,13 +133,13 @@ def test_the_cli_offers_exactly_the_configs_backends_dtypes_kernels_and_half_mat
 
 def test_overrides_reach_every_section_and_an_unknown_section_is_named():
     sections = {f.name for f in dataclasses.fields(DeploymentConfig) if dataclasses.is_dataclass(f.default_factory)}
-    assert sections == {"ray", "rpc", "balancing", "tracing", "scheduler", "cache", "server"}
+    assert sections == {"ray", "mesh", "rpc", "balancing", "tracing", "scheduler", "cache", "server"}
     cfg = DeploymentConfig(model="m").with_overrides(**{
         "ray.namespace": "ns", "rpc.timeout_s": 5.0, "balancing.gamma": 0.5, "tracing.routing_trace_dir": "/t",
-        "scheduler.max_running": 2, "cache.block_size": 8, "server.max_request_bytes": 2048})
+        "scheduler.max_running": 2, "cache.block_size": 8, "server.max_request_bytes": 2048, "mesh.name": "m1"})
     assert (cfg.ray.namespace, cfg.rpc.timeout_s, cfg.balancing.gamma, cfg.tracing.routing_trace_dir,
-            cfg.scheduler.max_running, cfg.cache.block_size, cfg.server.max_request_bytes) == (
-        "ns", 5.0, 0.5, "/t", 2, 8, 2048)
+            cfg.scheduler.max_running, cfg.cache.block_size, cfg.server.max_request_bytes, cfg.mesh.name) == (
+        "ns", 5.0, 0.5, "/t", 2, 8, 2048, "m1")
     assert (cfg.ray, cfg.scheduler, cfg.cache, cfg.server) == (
         RayConfig(namespace="ns"), SchedulerConfig(max_running=2), CacheConfig(block_size=8),
         ServerConfig(max_request_bytes=2048))
@@ -205,3 +205,18 @@ def test_an_unquoted_balancing_mode_off_reads_as_off(tmp_path):
     f = tmp_path / "d.yaml"
     f.write_text("model: models/tiny-v3\nbalancing:\n  mode: off\n")  # YAML 1.1: off is false
     assert DeploymentConfig.from_yaml(f).balancing.mode == "off"
+
+
+def test_the_mesh_section_is_checked_by_field():
+    assert DeploymentConfig.from_dict({"model": "m", "mesh": {"name": "prod.mesh-1"}}).mesh.name == "prod.mesh-1"
+    for raw, message in (
+            ({"name": "two words"}, r"mesh.name='two words': expected 1-64 letters"),
+            ({"name": "-lead"}, r"mesh.name='-lead'"),
+            ({"name": "x" * 65}, r"mesh.name='x{65}'"),
+            ({"gateway_timeout_s": 0}, r"mesh.gateway_timeout_s=0"),
+            ({"merge": "yes"}, r"mesh.merge"),
+            ({"nme": "a"}, r"mesh.nme: unknown setting")):
+        with pytest.raises(DeploymentConfigError, match=message):
+            DeploymentConfig.from_dict({"model": "m", "mesh": raw})
+    with pytest.raises(DeploymentConfigError, match=r"mesh.name='m': backend 'ray-dag' .* cannot share a mesh"):
+        DeploymentConfig.from_dict({"model": "m", "backend": "ray-dag", "mesh": {"name": "m"}})

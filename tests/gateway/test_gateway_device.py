@@ -106,7 +106,7 @@ def test_expert_group_actors_ask_for_their_gpu_share(monkeypatch):
         get=lambda refs, timeout: [{"grpc_address": "", "started_at": 0.0} for _ in refs],
         exceptions=types.SimpleNamespace(GetTimeoutError=TimeoutError))
     pg_module = importlib.import_module("ray.util.placement_group")  # ray.util.placement_group is also a function
-    monkeypatch.setattr(pg_module, "placement_group", lambda b: bundles.append(b) or object())
+    monkeypatch.setattr(pg_module, "placement_group", lambda b, **named: bundles.append(b) or object())
     monkeypatch.setattr("ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy",
                         lambda pg, placement_group_bundle_index: None)
     for resource, share, want in (("gpu", 0.25, 0.25), ("gpu", 2, 2), ("cpu", 0.25, 0)):
@@ -115,7 +115,7 @@ def test_expert_group_actors_ask_for_their_gpu_share(monkeypatch):
                                                                gpus_per_group=share))
         pool = ExpertGroupPool.__new__(ExpertGroupPool)
         pool._ray, pool.cfg, pool.placement, pool.actor_class = fake_ray, cfg, Placement.contiguous(4, 2), object
-        pool.groups, pool._next_index, pool.deployment_id = {0: [], 1: []}, 0, "t"
+        pool.groups, pool._next_index, pool.deployment_id, pool.detached = {0: [], 1: []}, 0, "t", False
         pool._lock, pool.placement_lock = threading.Lock(), threading.RLock()
         bundles.clear()
         actor_options.clear()

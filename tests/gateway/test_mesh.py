@@ -183,7 +183,8 @@ def test_a_replacement_and_scaling_are_decided_once_and_every_gateway_follows(mo
         t.start()
     try:
         wait_until(lambda: len(results) >= 2 or failures, 120, "traffic on both gateways")
-        # Re-place (experts move between groups): gateway 0 asks, the mesh stages once, gateway 1 follows at its own step boundary.
+        # Re-place (experts move between groups): gateway 0 asks, the mesh stages once, gateway 1 follows at its
+        # own step boundary.
         moved = Placement.from_device_lists([[0, 1, 2, 3, 4, 5, 6, 8, 9], [7, 10, 11, 12, 13, 14, 15]], 16, version=1)
         ray_cluster.get(procs[0].apply_placement.remote(moved))
         wait_until(lambda: ray_cluster.get([g.placement_version.remote() for g in procs]) == [1, 1], 30,

@@ -86,21 +86,28 @@ def test_ray_dag_rebuilds_its_compiled_graph_after_an_actor_dies(model_dirs, ray
 
 
 class SlowLoading(ExpertGroupActor):
-    """A replica that takes 6 s to load (a big checkpoint): the sleep is the scenario (requests must fail, not
-    wait, while a group has no replica), not a wait for a condition."""
+    """A replacement replica that takes 6 s to load (a big checkpoint): the sleep is the scenario (requests must
+    fail, not wait, while a group has no replica), not a wait for a condition. The mesh's first replicas (r0, r1)
+    load at once."""
 
     def __init__(self, *args, **kwargs) -> None:
-        time.sleep(6.0)
+        import ray
+
+        if int(ray.get_runtime_context().get_actor_name().split("-r")[1].split("-")[0]) >= 2:
+            time.sleep(6.0)
         super().__init__(*args, **kwargs)
 
 
 def test_a_group_without_replicas_fails_its_requests_and_serving_resumes_when_it_returns(model_dirs, ray_cluster,
                                                                                           expected_tokens):
+    from gateway.config import MeshConfig
+    from gateway.dispatch.mesh.attach import mesh_down, start_mesh
+
     cfg = DeploymentConfig(model=str(model_dirs["tiny-v3"]), backend="ray", devices=2,
-                           rpc=RpcConfig(timeout_s=10, replica_deadline_s=1.5))
+                           rpc=RpcConfig(timeout_s=10, replica_deadline_s=1.5), mesh=MeshConfig(name="slow-replacing"))
+    start_mesh(cfg, cfg.mesh.name, actor_class=SlowLoading)  # the replacement the mesh starts (Ray killed one) is slow
     with Engine.from_config(cfg) as engine:
         pool = engine.backend.pool
-        pool.actor_class = SlowLoading  # the replacement the pool starts at once (Ray killed it for good) is slow
         victim = pool.live(1)[0]
 
         def kill_for_good(request, token):
@@ -122,3 +129,4 @@ def test_a_group_without_replicas_fails_its_requests_and_serving_resumes_when_it
         wait_until(replaced, 60, "group 1's dead replica to be evicted and a fresh one started", interval_s=0.1)
         assert pool.evicted == 1 and victim not in pool.groups[1]
         assert engine.generate(PROMPTS, max_new_tokens=MAX_NEW_TOKENS, stop_at_eos=False) == expected_tokens
+    mesh_down(cfg)
