@@ -2,6 +2,7 @@
 behind the OpenAI-compatible HTTP API, each response naming the gateway that answered."""
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from gateway.config import DeploymentConfig, DeploymentConfigError, read_deployment_yaml
+from gateway.config import MESH_BACKENDS, DeploymentConfig, DeploymentConfigError, read_deployment_yaml
 from gateway.config.endpoints import ServerConfig
 from gateway.serving import chat as chat_api
 from gateway.serving import completions as completions_api
@@ -166,6 +167,11 @@ def build(args: dict[str, Any]) -> serve.Application:
         both = isinstance(section, dict) and isinstance(value, dict)
         deployment[name] = {**section, **value} if both else value
     config = DeploymentConfig.from_dict(deployment)  # fail here, with the field named, not inside a replica
+    if config.backend in MESH_BACKENDS and config.mesh.name is None:
+        # Every gateway replica (and one Serve restarts) attaches to one mesh; it goes when the app's gateways go.
+        deployment["mesh"] = {**(deployment.get("mesh") or {}), "name": f"serve-{uuid.uuid4().hex[:8]}",
+                              "stop_with_last_gateway": True}
+        config = DeploymentConfig.from_dict(deployment)
     check_deployable(config)
     # The driver's files and EXPERTMESH_API_KEY / EXPERTMESH_ADMIN_KEY: the replica may lack them.
     keys = config.server.resolved_api_key(), config.server.resolved_admin_key()

@@ -5,7 +5,7 @@ gateway (it imports nothing from the gateway above it).
 `endpoints` the rpc/server sections (files, TLS, keys), `errors` the error that names a setting.
 """
 
-from gateway.config.deployment import BACKENDS, DeploymentConfig, read_deployment_yaml
+from gateway.config.deployment import BACKENDS, MESH_BACKENDS, DeploymentConfig, read_deployment_yaml
 from gateway.config.endpoints import ADMIN_KEY_ENV, API_KEY_ENV, TENSOR_TRANSPORTS, RpcConfig, ServerConfig
 from gateway.config.errors import DeploymentConfigError
 from gateway.config.sections import CacheConfig, MeshConfig, RayConfig, SchedulerConfig
@@ -16,6 +16,7 @@ __all__ = [
     "ADMIN_KEY_ENV",
     "API_KEY_ENV",
     "BACKENDS",
+    "MESH_BACKENDS",
     "TENSOR_TRANSPORTS",
     "BalanceConfig",
     "CacheConfig",

@@ -25,6 +25,7 @@ from protos.codec import DTYPES
 from router_service.bias import BalanceConfig
 
 BACKENDS = ("local", "ray", "ray-dag", "ray-rdt", "grpc")
+MESH_BACKENDS = ("ray", "ray-rdt", "grpc")  # the backends whose gateways attach to an expert mesh
 GATEWAY_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 

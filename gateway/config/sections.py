@@ -45,6 +45,9 @@ class MeshConfig:
     name: str | None = None  # the control actor's name in ray.namespace
     start: bool = True  # start the named mesh when it is not running (False: attaching to a missing one is an error)
     merge: bool = True  # a replica merges calls for one layer that wait together (several gateways) into one pass
+    # stop the mesh when its last gateway detaches (a closed gateway, not a dead one): `expertmesh serve` sets it for
+    # the mesh it names itself, so that removing the app removes its experts
+    stop_with_last_gateway: bool = False
     gateway_timeout_s: float = setting(15.0, gt=0, le=3600, unit="seconds")  # silent this long: detached
     attach_timeout_s: float = setting(300.0, gt=0, unit="seconds")  # waiting for the mesh's groups to load
 

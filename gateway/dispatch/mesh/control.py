@@ -122,10 +122,22 @@ class MeshControl:
         return self._release_if_moved()
 
     def detach(self, gateway: str) -> None:
+        """`gateway` closed. The last one to go stops the mesh when mesh.stop_with_last_gateway is set."""
         with self._cond:
             self.gateways.pop(gateway, None)
+            last = not self.gateways
         logger.info("mesh %s: gateway %s detached", self.name, gateway)
+        if last and self.cfg.mesh.stop_with_last_gateway:
+            threading.Thread(target=self._stop_self, name="mesh-stop", daemon=True).start()
+            return
         self._release_if_moved()
+
+    def _stop_self(self) -> None:
+        import ray
+
+        logger.info("mesh %s: its last gateway detached; stopping (mesh.stop_with_last_gateway)", self.name)
+        self.shutdown()
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def report_down(self, replica: str) -> None:
         """A gateway's call on `replica` failed as if it died: probe it (and replace it if it stays down)."""
