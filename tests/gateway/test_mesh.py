@@ -34,6 +34,11 @@ class Gateway:
     def placement_version(self) -> int:
         return self.engine.backend.placement.version
 
+    def rearranged(self) -> tuple[int, int, int]:
+        """(placement version, placements switched to, re-placements that failed), once none is in progress."""
+        self.engine.wait_rearranged()
+        return self.engine.backend.placement.version, self.engine.rearrangements, self.engine.rearrangement_failures
+
     def apply_placement(self, placement) -> None:
         self.engine.apply_placement(placement)
 
@@ -256,3 +261,36 @@ def test_the_mesh_commands_start_show_scale_and_stop_a_mesh(model_dirs, ray_clus
     assert "stopped (3 replicas" in capsys.readouterr().out
     assert main(["mesh", "status", *address]) == 2
     assert "no such mesh" in capsys.readouterr().err
+
+
+def test_an_eplb_proposal_from_the_gateways_joint_load_is_staged_once_and_both_gateways_follow(model_dirs,
+                                                                                               ray_cluster):
+    from gateway.config import BalanceConfig
+
+    model = str(model_dirs["tiny-v3"])
+    stamp = time.monotonic_ns()
+    cfg = DeploymentConfig(model=model, backend="ray", devices=4, mesh=MeshConfig(name=f"eplb-{stamp}"),
+                           balancing=BalanceConfig(mode="eplb", window_tokens=60, redundant_slots=4,
+                                                   rebalance_every_windows=1, min_gain=0.0, name=f"router-{stamp}"))
+    prompts = random_prompts(272, [24, 9, 17, 30], seed=41)
+    with Engine.from_pretrained(model) as local:
+        want = local.generate(prompts, max_new_tokens=MAX_NEW_TOKENS, stop_at_eos=False)
+    procs = start_gateways(ray_cluster, cfg, 2)
+    try:
+        for _ in range(4):  # windows close on both gateways' load; the service proposes; the mesh stages it once
+            assert ray_cluster.get([g.generate.remote(prompts) for g in procs]) == [want, want]
+            ray_cluster.get([g.rearranged.remote() for g in procs])
+        wait_until(lambda: len({ray_cluster.get(g.placement_version.remote()) for g in procs}) == 1, 30,
+                   "both gateways on one placement version")
+        (v0, switched0, failed0), (v1, switched1, failed1) = ray_cluster.get([g.rearranged.remote() for g in procs])
+        assert v0 == v1 >= 1 and failed0 == failed1 == 0 and switched0 >= 1 and switched1 >= 1
+        wait_until(lambda: mesh_status(cfg, load=False)["released"], 30, "the old copies to be released")
+        status = mesh_status(cfg, load=False)
+        assert status["placement_version"] == v0
+        infos = ray_cluster.get([ray_cluster.get_actor(r["name"], namespace=cfg.ray.namespace).describe.remote()
+                                 for r in status["replicas"]])
+        assert all(i["versions"] == [v0] for i in infos)
+        assert ray_cluster.get([g.generate.remote(prompts) for g in procs]) == [want, want]
+    finally:
+        ray_cluster.get([g.close.remote() for g in procs])
+        mesh_down(cfg)
