@@ -5,7 +5,8 @@ Calibrates first (each transport's per-call and per-MB cost, an expert group's c
 and top-M in {none, 1, 2} (M < D) over `ray` and `grpc`, logs each MoE layer's dispatch (DispatchStats.keep_layers:
 rows, pairs, experts hit, bytes per device call, wall time from plan to combine) and prices the same calls with
 `deploy.planning.cost_model.local_layer_seconds`. Prints predicted against measured per-layer dispatch time
-(medians over the logged layers) and writes JSON.
+(medians over the logged layers) and writes JSON. The whole decode step (gateway included, 1-3 gateways on one
+mesh) is checked by benchmarks/plan_step.py.
 
     python benchmarks/plan_check.py [--model models/small-v3] [--steps 24] [--hardware calibrated.yaml]
 """
@@ -87,9 +88,9 @@ def main() -> None:
 
         from deploy.planning.calibrate import calibrate_local
 
-        rates, experts = calibrate_local(str(args.model), args.dtype, backends)
+        rates = calibrate_local(str(args.model), args.dtype, backends, gateway=False)
         hw = dataclasses.replace(Hardware.from_yaml(ROOT / "deploy" / "hardware" / "h100.yaml"), name="this-machine",
-                                 transports=rates, experts=experts)
+                                 transports=rates.transports, experts=rates.experts)
     # The groups share the machine with the gateway, which keeps one core busy (attention, shared experts, the
     # plan and the combine) while they compute.
     cores = max(1, (os.cpu_count() or 1) - 1)

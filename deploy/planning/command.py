@@ -11,6 +11,7 @@ from model_core.compute_choices import MODEL_DTYPES
 
 if TYPE_CHECKING:  # the handlers import the planner when they run: `expertmesh --help` stays light
     from deploy.planning.hardware import Hardware
+    from deploy.planning.local_step import LocalPricing
 
 
 def _ints(flag: str, minimum: int):
@@ -71,6 +72,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="measure this machine's matmul rate, memory bandwidth, each --transports backend's per-call "
                          "and per-MB cost and the expert groups' compute (a one-group deployment of --model), and "
                          "write a hardware file to OUT (link rates are copied from --hardware)")
+    pl.add_argument("--transport", default="auto",
+                    help="how the hop and the gateway are priced: 'links' (link rates and GPU rooflines), a backend "
+                         "the hardware file has calibrated (its round trips, calibrated expert and gateway compute, "
+                         "on this machine's shared cores: docs/planning.md), or 'auto' (default: 'ray' or the first "
+                         "calibrated backend when the file has any, else 'links')")
+    pl.add_argument("--cores", type=float, help="with calibrated pricing: the cores every gateway and group share "
+                                                "(default: the file's calibrated cores, else this machine's count)")
     pl.add_argument("--transports", default="ray,grpc",
                     help="with --calibrate: backends to measure (comma-separated; 'none' for none)")
 
@@ -106,8 +114,9 @@ def _plan(args: argparse.Namespace, hardware: Hardware) -> int:
     else:
         raise ValueError("--traces DIR or --synthetic zipf:S: one is required")
     work = Workload(args.batch, args.gateways, args.context, {"float32": 4}.get(args.dtype, 2))
-    rows = plan(spec, source, hardware, args.devices, args.top_m, args.redundant, work)
-    title = describe(args.model, spec, source, hardware, work)
+    pricing = local_pricing(hardware, args.transport, args.cores)
+    rows = plan(spec, source, hardware, args.devices, args.top_m, args.redundant, work, pricing)
+    title = describe(args.model, spec, source, hardware, work, pricing)
     print(title)
     print(format_table(rows))
     if args.json_out is not None:
@@ -116,6 +125,25 @@ def _plan(args: argparse.Namespace, hardware: Hardware) -> int:
     if args.png is not None:
         print(f"wrote {write_png(rows, args.png, title)}")
     return 0
+
+
+def local_pricing(hardware: Hardware, transport: str, cores: float | None) -> LocalPricing | None:
+    """`--transport` and `--cores` as the planner's pricing: None for link rates, else the calibrated backend on
+    `cores` (default: the file's calibrated cores, else this machine's count)."""
+    import os
+
+    from deploy.planning.local_step import LocalPricing
+
+    if transport == "auto":
+        transport = "ray" if "ray" in hardware.transports else next(iter(hardware.transports), "links")
+    if transport == "links":
+        return None
+    if transport not in hardware.transports:
+        raise ValueError(f"--transport {transport!r}: {hardware.name} has no calibrated rate for it (calibrated: "
+                         f"{sorted(hardware.transports) or 'none'}; 'links' prices at link rates)")
+    if cores is None:
+        cores = hardware.cores if hardware.cores is not None else os.cpu_count() or 1
+    return LocalPricing(transport, cores)
 
 
 def _calibrate(args: argparse.Namespace, hardware: Hardware) -> int:
@@ -130,13 +158,19 @@ def _calibrate(args: argparse.Namespace, hardware: Hardware) -> int:
     if transports:
         if args.model is None:
             raise ValueError("--model: required to calibrate transports (a checkpoint directory to deploy)")
-        rates, experts = calibrate_local(str(args.model), args.dtype, transports)
-        measured = dataclasses.replace(measured, transports=rates, experts=experts)
+        rates = calibrate_local(str(args.model), args.dtype, transports)
+        measured = dataclasses.replace(measured, transports=rates.transports, experts=rates.experts,
+                                       gateway=rates.gateway, cores=rates.cores)
         where["transports"] = f"measured: one-group {args.model} deployments, round trips of 1-1024 rows"
         where["experts"] = f"measured: the group's compute of {args.model}'s experts, 1-64 rows per expert"
+        where["gateway"] = (f"measured: {args.model} decode steps of a local deployment, 1-32 sequences, minus its "
+                            "groups' compute")
+        where["cores"] = "measured: Ray workers spinning together over one alone, at calibration time"
     args.calibrate.write_text(hardware_yaml(measured, where))
     print(f"wrote {args.calibrate}: matmul {measured.matmul_tflops:g} TFLOP/s, memory "
           f"{measured.hbm_gbytes_per_s:g} GB/s" + "".join(
               f", {t}: {r.call_us:g} us per call + {r.us_per_mb:g} us per MB"
-              for t, r in measured.transports.items()) + f"; link rates copied from {args.hardware}")
+              for t, r in measured.transports.items())
+          + (f", gateway step: {measured.gateway.base_us:g} us + {measured.gateway.per_token_us:g} us per token"
+             if measured.gateway is not None else "") + f"; link rates copied from {args.hardware}")
     return 0

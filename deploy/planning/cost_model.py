@@ -98,18 +98,20 @@ class LayerCost:
 
 @dataclass(frozen=True)
 class StepCost:
-    """One decode step: its MoE layers and the rest of the gateway's work (dense layers, LM head)."""
+    """One decode step: its MoE layers and the rest of the gateway's work (dense layers, LM head); `floor_s` the
+    least it can last whatever the layers (local_step.py: every process's CPU work over the machine's cores)."""
 
     layers: tuple[LayerCost, ...]
     other_s: float
+    floor_s: float = 0.0
 
     @property
     def serial_s(self) -> float:
-        return self.other_s + sum(c.serial_s for c in self.layers)
+        return max(self.floor_s, self.other_s + sum(c.serial_s for c in self.layers))
 
     @property
     def overlapped_s(self) -> float:
-        return self.other_s + sum(c.overlapped_s for c in self.layers)
+        return max(self.floor_s, self.other_s + sum(c.overlapped_s for c in self.layers))
 
 
 def roofline_seconds(flops: float, nbytes: float, hw: Hardware) -> float:

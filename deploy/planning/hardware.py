@@ -1,6 +1,6 @@
-"""Hardware rates for the planner: a GPU's and its links' nominal rates (deploy/hardware/*.yaml), and the transport
-and expert-compute rates `expertmesh plan --calibrate` measures on the machine at hand. Read and written as YAML,
-validated once here; errors name the field."""
+"""Hardware rates for the planner: a GPU's and its links' nominal rates (deploy/hardware/*.yaml), and the transport,
+expert-compute and gateway-step rates `expertmesh plan --calibrate` measures on the machine at hand. Read and written
+as YAML, validated once here; errors name the field."""
 
 from __future__ import annotations
 
@@ -50,6 +50,20 @@ class ExpertRate:
         return (self.base_us + experts_hit * self.expert_us(pairs / experts_hit)) * 1e-6
 
 
+@dataclass(frozen=True)
+class GatewayRate:
+    """A gateway's own decode step measured on this machine, everything but the routed experts (attention, dense
+    layers, shared experts, router, dispatch plan and combine, sampling, scheduler): `base_us + per_token_us` per
+    token in the step, with `threads` torch threads."""
+
+    base_us: float
+    per_token_us: float
+    threads: int
+
+    def seconds(self, tokens: int) -> float:
+        return (self.base_us + self.per_token_us * tokens) * 1e-6
+
+
 class HardwareError(ValueError):
     """A hardware file is missing a rate, has an unknown key or a value out of range; the message names it."""
 
@@ -64,7 +78,7 @@ _UNITS = {
 }
 
 
-OPTIONAL = ("transports", "experts")  # Hardware fields only a calibrated file has
+OPTIONAL = ("transports", "experts", "gateway", "cores")  # Hardware fields only a calibrated file has
 
 
 def _is_number(value: Any) -> bool:
@@ -96,6 +110,8 @@ class Hardware:
     # Measured on the machine at hand by `expertmesh plan --calibrate` (absent from the nominal files):
     transports: dict[str, TransportRate] = field(default_factory=dict)  # backend -> per-call and per-MB cost
     experts: ExpertRate | None = None  # an expert group's compute on this machine (its CPU kernels)
+    gateway: GatewayRate | None = None  # a gateway's own step on this machine (None: priced at the roofline)
+    cores: float | None = None  # cores' worth of work this machine's Ray workers got at once when calibrated
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -108,6 +124,8 @@ class Hardware:
                 raise HardwareError(f"{name}={value!r}: expected a number {'>= 0' if zero_ok else '> 0'} ({unit})")
         if isinstance(self.gpus_per_node, bool) or not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:
             raise HardwareError(f"gpus_per_node={self.gpus_per_node!r}: expected an integer >= 1")
+        if self.cores is not None and (not _is_number(self.cores) or self.cores <= 0):
+            raise HardwareError(f"cores={self.cores!r}: expected a number > 0 (cores' worth of work at once)")
         if not isinstance(self.transports, dict) or not all(isinstance(t, TransportRate)
                                                             for t in self.transports.values()):
             raise HardwareError(f"transports={self.transports!r}: expected {{backend: {{call_us, us_per_mb}}}}")
@@ -136,6 +154,11 @@ class Hardware:
                         for p in points):
                     raise HardwareError(f"experts.per_expert_us={points!r}: expected [[rows, us], ...] numbers >= 0")
                 raw["experts"] = ExpertRate(e["base_us"], tuple((float(r), float(t)) for r, t in points))
+            if raw.get("gateway") is not None:
+                g = _numbers("gateway", raw["gateway"], ("base_us", "per_token_us", "threads"))
+                if isinstance(g["threads"], float) or g["threads"] < 1:
+                    raise HardwareError(f"gateway.threads={g['threads']!r}: expected an integer >= 1")
+                raw["gateway"] = GatewayRate(float(g["base_us"]), float(g["per_token_us"]), g["threads"])
             return cls(**raw)
         except HardwareError as exc:
             raise HardwareError(f"{source}: {exc}") from None
@@ -149,6 +172,11 @@ class Hardware:
         if self.experts is not None:
             out["experts"]["per_expert_us"] = [list(p) for p in self.experts.per_expert_us]
         return out
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether `expertmesh plan --calibrate` measured any rate of this file (the nominal files: no)."""
+        return bool(self.transports) or self.experts is not None or self.gateway is not None or self.cores is not None
 
     @property
     def flops(self) -> float:

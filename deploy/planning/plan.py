@@ -11,6 +11,7 @@ from pathlib import Path
 
 from deploy.planning.cost_model import Workload, gateway_moe_seconds, step_cost, tokens_per_s_per_gpu
 from deploy.planning.hardware import Hardware
+from deploy.planning.local_step import LocalPricing, gateway_step_seconds, local_step_cost, pricing_label
 from deploy.planning.replay import Replay, build_placement, replay
 from deploy.planning.routing_sources import RoutingSource, expert_loads
 from model_core.spec import ModelSpec
@@ -34,22 +35,31 @@ class PlanRow:
     inter_node_bytes_per_token: float = 0.0  # dispatch + combine over InfiniBand
     expert_us: float = 0.0  # per layer: the slowest device's routed-expert time
     comm_us: float = 0.0  # per layer: dispatch + combine
-    gateway_us: float = 0.0  # per layer: attention + router + shared experts on a gateway
+    gateway_us: float = 0.0  # per layer: attention + router + shared experts on a gateway (roofline pricing)
+    gateway_step_ms: float = 0.0  # a gateway's own step, all but the routed experts (calibrated or roofline)
     step_ms_serial: float = 0.0
     step_ms_overlapped: float = 0.0
     tokens_per_s_per_gpu_serial: float = 0.0
     tokens_per_s_per_gpu_overlapped: float = 0.0
     changed_by_top_m: float = 0.0  # share of (token, layer) pairs whose experts the device limit changed
     exact: dict | None = None  # totals over every replayed token: tokens per device per layer, bytes, calls
+    pricing: str = ""  # how the step was priced (local_step.pricing_label)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def price(spec: ModelSpec, hw: Hardware, work: Workload, row: PlanRow, result: Replay) -> PlanRow:
-    """Fill a row's predictions from a replay."""
+def price(spec: ModelSpec, hw: Hardware, work: Workload, row: PlanRow, result: Replay,
+          pricing: LocalPricing | None = None) -> PlanRow:
+    """Fill a row's predictions from a replay: at link rates and rooflines, or with `pricing`, from the hardware
+    file's calibrated rates on the machine at hand (local_step.py)."""
     n_layers, n_steps = len(result.steps[0]), len(result.steps)
-    costs = [step_cost(step, spec, hw, work) for step in result.steps]
+    if pricing is None:
+        costs = [step_cost(step, spec, hw, work) for step in result.steps]
+        gateway_step_s = costs[0].other_s + sum(c.gateway_s for c in costs[0].layers)
+    else:
+        costs = [local_step_cost(step, spec, hw, work, pricing) for step in result.steps]
+        gateway_step_s = gateway_step_seconds(spec, hw, work)
     layer_costs = [c for cost in costs for c in cost.layers]
     traffic = [t for step in result.steps for t in step]
     per_layer_tokens = n_steps * n_layers * work.tokens_per_step
@@ -66,7 +76,8 @@ def price(spec: ModelSpec, hw: Hardware, work: Workload, row: PlanRow, result: R
         inter_node_bytes_per_token=sum(c.bytes_inter for c in layer_costs) / per_layer_tokens,
         expert_us=1e6 * sum(c.expert_s for c in layer_costs) / len(layer_costs),
         comm_us=1e6 * sum(c.dispatch_s + c.combine_s for c in layer_costs) / len(layer_costs),
-        gateway_us=1e6 * gateway_moe_seconds(spec, hw, work),
+        gateway_us=1e6 * gateway_moe_seconds(spec, hw, work) if pricing is None else 0.0,
+        gateway_step_ms=1e3 * gateway_step_s,
         step_ms_serial=1e3 * serial,
         step_ms_overlapped=1e3 * overlapped,
         tokens_per_s_per_gpu_serial=tokens_per_s_per_gpu(serial, work, row.devices),
@@ -74,12 +85,15 @@ def price(spec: ModelSpec, hw: Hardware, work: Workload, row: PlanRow, result: R
         changed_by_top_m=result.changed_tokens / (result.n_tokens * n_layers),
         exact={"layers": list(spec.moe_layers), "tokens_per_device": result.tokens_per_device.tolist(),
                "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received, "calls": result.calls},
+        pricing=pricing_label(hw, pricing),
     )
 
 
 def plan(spec: ModelSpec, source: RoutingSource, hw: Hardware, devices: list[int],
-         top_ms: list[int | None], redundants: list[int], work: Workload) -> list[PlanRow]:
-    """Every combination of D, top-M and R, in that order; impossible ones are rows with `skipped` set."""
+         top_ms: list[int | None], redundants: list[int], work: Workload,
+         pricing: LocalPricing | None = None) -> list[PlanRow]:
+    """Every combination of D, top-M and R, in that order; impossible ones are rows with `skipped` set. `pricing`:
+    as for `price`."""
     loads = expert_loads(source) if any(r > 0 for r in redundants) else None
     rows = []
     for n_devices in devices:
@@ -96,14 +110,14 @@ def plan(spec: ModelSpec, source: RoutingSource, hw: Hardware, devices: list[int
                 except ValueError as exc:
                     rows.append(dataclasses.replace(row, skipped=str(exc)))
                     continue
-                rows.append(price(spec, hw, work, row, replay(spec, source, placement, top_m, work)))
+                rows.append(price(spec, hw, work, row, replay(spec, source, placement, top_m, work), pricing))
     return rows
 
 
 def format_table(rows: list[PlanRow]) -> str:
     """The printed table: one line per combination (per-layer values are means over steps and MoE layers)."""
     head = (f"{'D':>4} {'M':>4} {'R':>3} {'GPUs':>4} {'tok/dev max':>11} {'mean':>6} {'KB/tok/layer':>12} "
-            f"{'intra':>6} {'inter':>6} {'expert us':>9} {'comm us':>8} {'gw us':>6} {'step ms':>8} "
+            f"{'intra':>6} {'inter':>6} {'expert us':>9} {'comm us':>8} {'gw us':>6} {'gw ms':>7} {'step ms':>8} "
             f"{'overlap':>8} {'tok/s/GPU':>9} {'overlap':>8} {'top-M chg':>9}")
     lines = [head]
     for r in rows:
@@ -111,22 +125,25 @@ def format_table(rows: list[PlanRow]) -> str:
         if r.skipped:
             lines.append(f"{r.devices:>4} {m:>4} {r.redundant:>3}  skipped: {r.skipped}")
             continue
+        gw_us = f"{r.gateway_us:.1f}" if r.gateway_us else "-"
         kb = (r.dispatch_bytes_per_token + r.combine_bytes_per_token) / 1e3
         lines.append(
             f"{r.devices:>4} {m:>4} {r.redundant:>3} {r.gpus:>4} {r.tokens_per_device_max:>11.1f} "
             f"{r.tokens_per_device_mean:>6.1f} {kb:>12.1f} {r.intra_node_bytes_per_token / 1e3:>6.1f} "
-            f"{r.inter_node_bytes_per_token / 1e3:>6.1f} {r.expert_us:>9.1f} {r.comm_us:>8.1f} {r.gateway_us:>6.1f} "
-            f"{r.step_ms_serial:>8.2f} {r.step_ms_overlapped:>8.2f} {r.tokens_per_s_per_gpu_serial:>9.1f} "
-            f"{r.tokens_per_s_per_gpu_overlapped:>8.1f} {100 * r.changed_by_top_m:>8.1f}%")
+            f"{r.inter_node_bytes_per_token / 1e3:>6.1f} {r.expert_us:>9.1f} {r.comm_us:>8.1f} {gw_us:>6} "
+            f"{r.gateway_step_ms:>7.2f} {r.step_ms_serial:>8.2f} {r.step_ms_overlapped:>8.2f} "
+            f"{r.tokens_per_s_per_gpu_serial:>9.1f} {r.tokens_per_s_per_gpu_overlapped:>8.1f} "
+            f"{100 * r.changed_by_top_m:>8.1f}%")
     return "\n".join(lines)
 
 
 def describe(model: str, spec: ModelSpec, source: RoutingSource, hw: Hardware,
-             work: Workload) -> str:
-    """The line printed above the table: what was replayed, on what, at what load."""
+             work: Workload, pricing: LocalPricing | None = None) -> str:
+    """The line printed above the table: what was replayed, on what, at what load, priced how."""
     return (f"plan {model}: {len(spec.moe_layers)} MoE layers, {spec.n_routed_experts} experts, top-{spec.top_k}; "
             f"{source.source}; hardware {hw.name} ({hw.gpus_per_node} GPUs/node); {work.gateways} gateway(s) x "
-            f"batch {work.batch}, context {work.context}, {work.dtype_bytes}-byte values")
+            f"batch {work.batch}, context {work.context}, {work.dtype_bytes}-byte values; priced by "
+            f"{pricing_label(hw, pricing)}")
 
 
 def report(model: str, source: RoutingSource, hw: Hardware, work: Workload,

@@ -1,15 +1,16 @@
-"""Calibration measures each transport and the expert compute through real deployments, and the dispatcher's
-layer log (what the planner's check prices) records every call exactly as the counters count it."""
+"""Calibration measures each transport, the expert compute and a gateway's own step through real deployments, and
+the dispatcher's layer log (what the planner's check prices) records every call exactly as the counters count it."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from deploy.planning.calibrate import calibrate_local, fit_least_squares
+from deploy.planning.calibrate import calibrate_local, fit_least_squares, nondecreasing
 from deploy.planning.cost_model import local_layer_seconds
 from deploy.planning.hardware import Hardware, hardware_yaml
 from gateway import Engine
@@ -44,16 +45,31 @@ def test_least_squares_recovers_a_linear_cost():
     assert fit_least_squares(points) == pytest.approx([300.0, 40.0])
 
 
+def test_per_expert_costs_are_made_non_decreasing_by_pooling_the_points_that_fall():
+    gen = torch.Generator().manual_seed(9)
+    rising = torch.rand(7, generator=gen).cumsum(0).tolist()
+    assert nondecreasing(rising) == pytest.approx(rising)  # already non-decreasing: unchanged
+    noisy = (torch.tensor(rising) + torch.randn(7, generator=gen)).tolist()
+    fixed = nondecreasing(noisy)
+    assert all(a <= b for a, b in zip(fixed, fixed[1:], strict=False))
+    assert sum(fixed) == pytest.approx(sum(noisy))  # pooling keeps each run's mean
+    assert nondecreasing([3.0, 1.0, 2.0, 5.0]) == pytest.approx([2.0, 2.0, 2.0, 5.0])
+
+
 @pytest.mark.slow
 def test_calibration_measures_every_transport_and_the_experts_through_real_deployments(model_dirs, ray_cluster,
                                                                                       tmp_path):
-    rates, experts = calibrate_local(str(model_dirs["tiny-v3"]), "float32", ("ray", "grpc"))
+    measured_rates = calibrate_local(str(model_dirs["tiny-v3"]), "float32", ("ray", "grpc"))
+    rates, experts, gateway = measured_rates.transports, measured_rates.experts, measured_rates.gateway
     assert set(rates) == {"ray", "grpc"}
+    assert gateway is not None and gateway.threads == 1 and gateway.base_us + 16 * gateway.per_token_us > 0
+    assert measured_rates.cores is not None and 0 < measured_rates.cores <= (os.cpu_count() or 1)
     assert all(r.call_us > 0 and r.us_per_mb >= 0 for r in rates.values())
     assert experts is not None and [r for r, _ in experts.per_expert_us] == [1, 2, 4, 8, 16, 32, 64]
     assert experts.base_us >= 0 and all(t >= 0 for _, t in experts.per_expert_us)
     base = Hardware.from_yaml(Path(__file__).resolve().parents[3] / "deploy" / "hardware" / "h100.yaml")
-    measured = dataclasses.replace(base, name="here", transports=rates, experts=experts)
+    measured = dataclasses.replace(base, name="here", transports=rates, experts=experts, gateway=gateway,
+                                   cores=measured_rates.cores)
     path = tmp_path / "here.yaml"
     path.write_text(hardware_yaml(measured, {"transports": "measured"}))
     loaded = Hardware.from_yaml(path)

@@ -7,8 +7,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
-from deploy.planning.hardware import ExpertRate, Hardware, HardwareError, TransportRate, hardware_yaml
+from deploy.planning.hardware import ExpertRate, GatewayRate, Hardware, HardwareError, TransportRate, hardware_yaml
 
 HARDWARE = Path(__file__).parents[3] / "deploy" / "hardware"
 
@@ -22,6 +23,8 @@ def test_the_nominal_files_load():
     assert (h100.matmul_tflops, h100.hbm_gbytes_per_s, h100.gpus_per_node) == (989, 3350, 8)
     assert (h200.hbm_gbytes_per_s, h200.inter_node_gbytes_per_s) == (4800, 50)
     assert h100.flops == 989e12 and h100.hbm == 3350e9
+    for name in ("h100.yaml", "h200.yaml"):  # labelled until a GPU run checks their predicted steps
+        assert "# UNVALIDATED:" in (HARDWARE / name).read_text()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -64,7 +67,8 @@ def test_expert_rate_interpolates_rows_per_expert_and_extends_the_last_segment()
 
 def test_calibrated_sections_round_trip_through_the_hardware_file(tmp_path):
     base = Hardware.from_yaml(HARDWARE / "h100.yaml")
-    assert base.transports == {} and base.experts is None  # nominal files have none
+    assert base.transports == {} and base.experts is None and base.gateway is None  # nominal files have none
+    assert not base.calibrated
     measured = dataclasses.replace(base, transports={"ray": TransportRate(3000.0, 1500.0)},
                                    experts=ExpertRate(10.0, ((1.0, 500.0), (8.0, 1100.0))))
     path = tmp_path / "here.yaml"
@@ -75,3 +79,26 @@ def test_calibrated_sections_round_trip_through_the_hardware_file(tmp_path):
         Hardware.from_dict({**raw, "transports": {"grpc": {"call_us": -1, "us_per_mb": 2}}})
     with pytest.raises(HardwareError, match="experts.per_expert_us"):
         Hardware.from_dict({**raw, "experts": {"base_us": 1, "per_expert_us": [[1, "x"]]}})
+
+
+def test_a_calibrated_gateway_step_round_trips_and_bad_values_are_named(tmp_path):
+    gen = torch.Generator().manual_seed(11)
+    base_us, per_token_us = (float(v) for v in torch.rand(2, generator=gen) * 1000)
+    gateway = GatewayRate(base_us=base_us, per_token_us=per_token_us, threads=2)
+    measured = dataclasses.replace(Hardware.from_yaml(HARDWARE / "h100.yaml"), gateway=gateway)
+    path = tmp_path / "here.yaml"
+    path.write_text(hardware_yaml(measured, {"gateway": "measured"}))
+    loaded = Hardware.from_yaml(path)
+    assert loaded == measured and loaded.calibrated
+    assert loaded.gateway.seconds(16) == pytest.approx((base_us + 16 * per_token_us) * 1e-6)
+    raw = measured.to_dict()
+    with pytest.raises(HardwareError, match="gateway.base_us=-1"):
+        Hardware.from_dict({**raw, "gateway": {"base_us": -1, "per_token_us": 2, "threads": 1}})
+    with pytest.raises(HardwareError, match="gateway.threads=1.5"):
+        Hardware.from_dict({**raw, "gateway": {"base_us": 1, "per_token_us": 2, "threads": 1.5}})
+    with pytest.raises(HardwareError, match="gateway=.*per_token_us"):
+        Hardware.from_dict({**raw, "gateway": {"base_us": 1}})
+    cores = float(torch.rand((), generator=gen)) * 4 + 0.5
+    assert Hardware.from_dict({**raw, "cores": cores}).cores == cores
+    with pytest.raises(HardwareError, match="cores=0: expected a number > 0"):
+        Hardware.from_dict({**raw, "cores": 0})

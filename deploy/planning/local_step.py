@@ -1,0 +1,114 @@
+"""The decode step of a deployment on the machine at hand, priced from the rates `expertmesh plan --calibrate`
+measured there (hardware.py: TransportRate, ExpertRate, GatewayRate) instead of link rates and GPU rooflines.
+
+What one decode step is, as modelled here (every assumption the numbers rest on):
+
+- G gateways, each a process running `batch` sequences, share D expert groups (one replica each). Every gateway
+  steps in lockstep with the others: its step is its own work (the calibrated gateway step at `batch` tokens) plus,
+  per MoE layer, its slowest call.
+- A call costs the transport's round trip for the bytes it moves (out + back: call_us + us_per_mb · MB) plus the
+  compute of the pass that serves it. Calls of the G gateways for the same layer and device meet at the replica and
+  are merged into one pass (the expert mesh's merging), so a device's pass computes every gateway's pairs at once:
+  the calibrated expert compute of the step's pairs on that device over the distinct experts they hit. That assumes
+  the gateways' calls overlap fully; a gateway that runs ahead pays a pass of its own rows instead, and waits less.
+- The machine's cores are shared by every process (gateways, groups, Ray's workers). A step cannot be shorter than
+  all the CPU work of one step of every gateway divided over `cores`: the G gateways' own steps, every pass's
+  compute, and every round trip (on one machine a round trip is CPU work on both ends: the codec, Ray's or gRPC's
+  workers). The step is the longer of that bound and the lockstep path above. Scheduling delays, cache effects of
+  processes sharing a core, memory bandwidth shared between them and Ray's own background work are not modelled.
+- Without a calibrated gateway the gateway's step is its GPU roofline (cost_model.py), labelled as such; without a
+  calibrated expert rate, a device's compute is its roofline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deploy.planning.cost_model import (
+    LayerCost,
+    LayerTraffic,
+    StepCost,
+    Workload,
+    expert_seconds,
+    gateway_moe_seconds,
+    other_step_seconds,
+)
+from deploy.planning.hardware import Hardware
+from model_core.spec import ModelSpec
+
+# Shape legend: D = expert devices (groups), G = gateways.
+
+
+@dataclass(frozen=True)
+class LocalPricing:
+    """Price steps from a hardware file's calibrated rates: `transport` (a key of Hardware.transports) for the hop,
+    on a machine whose every gateway and group share `cores` cores' worth of work at once."""
+
+    transport: str
+    cores: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cores, bool) or not isinstance(self.cores, (int, float)) or not self.cores > 0:
+            raise ValueError(f"cores={self.cores!r}: expected a number > 0")
+
+
+def pricing_label(hw: Hardware, pricing: LocalPricing | None) -> str:
+    """How a step is priced, for the table's title and the JSON report."""
+    if pricing is None:
+        nominal = "" if hw.calibrated else ", nominal rates (unvalidated)"
+        return f"link rates and GPU rooflines{nominal}"
+    gateway = "calibrated" if hw.gateway is not None else "GPU roofline (no calibrated gateway)"
+    experts = "calibrated" if hw.experts is not None else "GPU roofline (no calibrated experts)"
+    return (f"calibrated {pricing.transport} round trips on {pricing.cores:g} shared core(s); gateway step: {gateway}; "
+            f"expert compute: {experts}")
+
+
+def gateway_step_seconds(spec: ModelSpec, hw: Hardware, work: Workload) -> float:
+    """One gateway's own step (all but the routed experts): calibrated when the file has it, else the roofline of
+    its MoE layers' gateway side, its dense layers and its LM head."""
+    if hw.gateway is not None:
+        return hw.gateway.seconds(work.batch)
+    return other_step_seconds(spec, hw, work) + len(spec.moe_layers) * gateway_moe_seconds(spec, hw, work)
+
+
+def device_compute_seconds(traffic: LayerTraffic, spec: ModelSpec, hw: Hardware, work: Workload) -> torch.Tensor:
+    """[D] seconds of each device's merged pass: every gateway's pairs on that device, its distinct experts hit."""
+    if hw.experts is None:
+        return expert_seconds(traffic, spec, hw, work.dtype_bytes)
+    return torch.tensor([hw.experts.seconds(int(p), int(h))
+                         for p, h in zip(traffic.pairs.tolist(), traffic.experts_hit.tolist(), strict=True)],
+                        dtype=torch.float64)
+
+
+def local_layer_cost(traffic: LayerTraffic, spec: ModelSpec, hw: Hardware, work: Workload,
+                     pricing: LocalPricing) -> tuple[LayerCost, float]:
+    """One MoE layer: (its cost on the slowest gateway's path, the CPU seconds it takes on the machine). The path is
+    the slowest call: round trip of its bytes (dispatch_s) + its device's merged pass (expert_s); combine_s is 0,
+    the round trip holds both ways."""
+    rate = hw.transports[pricing.transport]
+    moved = (traffic.bytes_out + traffic.bytes_back).double()  # [G, D]
+    sent = traffic.bytes_out > 0  # [G, D] one call each
+    trips = torch.where(sent, (rate.call_us + rate.us_per_mb * moved / 1e6) * 1e-6, 0.0)  # [G, D]
+    compute = device_compute_seconds(traffic, spec, hw, work)  # [D]
+    path = torch.where(sent, trips + compute[None, :], 0.0)  # [G, D]
+    g, d = divmod(int(path.argmax()), path.shape[1])
+    cost = LayerCost(gateway_s=0.0, dispatch_s=float(trips[g, d]), expert_s=float(compute[d]) if sent[g, d] else 0.0,
+                     combine_s=0.0, bytes_intra=int(moved.sum()), bytes_inter=0)
+    cpu = float(trips.sum()) + float(compute[sent.any(dim=0)].sum())
+    return cost, cpu
+
+
+def local_step_cost(step: list[LayerTraffic], spec: ModelSpec, hw: Hardware, work: Workload,
+                    pricing: LocalPricing) -> StepCost:
+    """Price one decode step of every gateway on this machine from its MoE layers' traffic (in layer order): the
+    gateway's own step plus each layer's slowest call, or all the step's CPU work over the cores, whichever is
+    longer (`StepCost.floor_s`). Every byte moves inside the machine (bytes_intra)."""
+    if pricing.transport not in hw.transports:
+        raise ValueError(f"transport {pricing.transport!r}: {hw.name} has no calibrated rate for it "
+                         f"(calibrated: {sorted(hw.transports) or 'none'})")
+    gateway_s = gateway_step_seconds(spec, hw, work)
+    priced = [local_layer_cost(t, spec, hw, work, pricing) for t in step]
+    cpu = work.gateways * gateway_s + sum(c for _, c in priced)
+    return StepCost(tuple(cost for cost, _ in priced), gateway_s, floor_s=cpu / pricing.cores)
