@@ -1,9 +1,10 @@
 """The Ray Serve application: gateway replicas (server.replicas, or Serve's autoscaling), each running its own Engine
-behind the OpenAI-compatible HTTP API, each response naming the gateway that answered."""
+behind the OpenAI-compatible HTTP API, each response naming the gateway that answered; the HTTP ingress is the front
+(deploy/serve_front.py), which relays every request to a gateway so that one dying ends only its own requests."""
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from deploy.serve_front import GATEWAY_HEADER, FrontDeployment, RelayRequest, ResponseStart, relay_asgi
 from gateway.config import MESH_BACKENDS, DeploymentConfig, DeploymentConfigError, read_deployment_yaml
 from gateway.config.endpoints import ServerConfig
 from gateway.serving import chat as chat_api
@@ -23,12 +25,12 @@ from gateway.serving.http_api import GatewayState, ScaleRequest
 
 logger = logging.getLogger(__name__)
 
-GATEWAY_HEADER = "x-expertmesh-gateway"
+__all__ = ["GATEWAY_HEADER", "GatewayDeployment", "app", "build", "check_deployable", "gateway_actor_options",
+           "gateway_of", "gateway_replicas"]
 
 
 def _replica_access() -> http_api.Access:
-    """The keys and body limit of the gateway replica serving this request (its ingress app is a copy of `app`,
-    so they live on the replica object, not on the app)."""
+    """The keys and body limit of the gateway replica serving this request (they live on the replica object)."""
     return serve.get_replica_context().servable_object.access
 
 
@@ -84,12 +86,56 @@ async def _named_internal_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+def _gateway() -> Any:
+    """The gateway replica serving this request (the routes run in its process, called by its `relay`)."""
+    return serve.get_replica_context().servable_object
+
+
+@app.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@app.get("/ready")
+async def ready() -> JSONResponse:
+    return http_api.ready(getattr(_gateway(), "state", None))
+
+
+@app.get("/v1/models")
+async def models() -> dict:
+    return http_api.models(_gateway().state)
+
+
+@app.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, response: Response) -> Any:
+    return await completions_api.completions(_gateway().state, body, request.headers, response)
+
+
+@app.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request, response: Response) -> Any:
+    return await chat_api.chat_completions(_gateway().state, body, request.headers, response)
+
+
+@app.get("/v1/routing/{request_id}")
+async def routing(request_id: str) -> Any:
+    return http_api.routing(_gateway().state, request_id)
+
+
+@app.post("/admin/scale")
+async def scale(body: ScaleRequest) -> Any:
+    return await http_api.scale(_gateway().state, body)
+
+
+@app.get("/metrics")
+async def metrics() -> PlainTextResponse:
+    return http_api.metrics(_gateway().state)
+
+
 # Replicas (num_replicas or autoscaling_config) and resources come from the config, in build().
 @serve.deployment(name="expertmesh-gateway", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
-@serve.ingress(app)
 class GatewayDeployment:
-    """Starts the engine (and through it the expert-group actors and the router service) in its replica;
-    the routes are thin methods over gateway.serving.http_api."""
+    """Starts the engine (and through it the expert-group actors and the router service) in its replica and
+    answers the front's relayed requests with `app` (routes: thin functions over gateway.serving.http_api)."""
 
     def __init__(self, deployment: dict[str, Any], api_key: str | None = None, admin_key: str | None = None) -> None:
         from gateway import Engine
@@ -117,37 +163,11 @@ class GatewayDeployment:
                     "required" if self.access.api_key is not None else "off",
                     "on" if self.access.admin_key is not None else "off")
 
-    @app.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready(self) -> JSONResponse:
-        return http_api.ready(getattr(self, "state", None))
-
-    @app.get("/v1/models")
-    async def models(self) -> dict:
-        return http_api.models(self.state)
-
-    @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request, response: Response) -> Any:
-        return await completions_api.completions(self.state, body, request.headers, response)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatRequest, request: Request, response: Response) -> Any:
-        return await chat_api.chat_completions(self.state, body, request.headers, response)
-
-    @app.get("/v1/routing/{request_id}")
-    async def routing(self, request_id: str) -> Any:
-        return http_api.routing(self.state, request_id)
-
-    @app.post("/admin/scale")
-    async def scale(self, body: ScaleRequest) -> Any:
-        return await http_api.scale(self.state, body)
-
-    @app.get("/metrics")
-    async def metrics(self) -> PlainTextResponse:
-        return http_api.metrics(self.state)
+    async def relay(self, request: RelayRequest) -> AsyncIterator[ResponseStart | bytes]:
+        """One HTTP request from the front, answered by this replica's app in process: the response's start, then
+        its body bytes (the front streams them to the client; it ends them with an error if this replica dies)."""
+        async for item in relay_asgi(app, request):
+            yield item
 
     def __del__(self) -> None:
         state = getattr(self, "state", None)
@@ -175,8 +195,16 @@ def build(args: dict[str, Any]) -> serve.Application:
     check_deployable(config)
     # The driver's files and EXPERTMESH_API_KEY / EXPERTMESH_ADMIN_KEY: the replica may lack them.
     keys = config.server.resolved_api_key(), config.server.resolved_admin_key()
-    return GatewayDeployment.options(ray_actor_options=gateway_actor_options(config),
-                                     **gateway_replicas(config.server)).bind(deployment, *keys)
+    gateways = GatewayDeployment.options(ray_actor_options=gateway_actor_options(config),
+                                         **gateway_replicas(config.server)).bind(deployment, *keys)
+    # As many fronts as gateways always run: a front only relays bytes, far less work than a gateway's.
+    return FrontDeployment.options(num_replicas=config.server.fewest_gateways).bind(
+        gateways, config.server.max_request_bytes)
+
+
+def gateway_of(application: serve.Application) -> Any:
+    """The gateway deployment (its replicas, resources and init args) of an application build() returned."""
+    return application._bound_deployment.init_args[0]._bound_deployment
 
 
 def gateway_replicas(server: ServerConfig) -> dict[str, Any]:

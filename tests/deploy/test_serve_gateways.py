@@ -77,33 +77,42 @@ def test_overrides_reach_the_gateway_settings_and_are_checked_again(tmp_path):
 
 
 def test_build_gives_the_deployment_server_replicas_or_serves_autoscaling(model_dirs):
-    from deploy.serve_app import build
+    """The gateway deployment gets server.replicas (or Serve's autoscaling); the front that relays to it (the HTTP
+    ingress) runs as many replicas as gateways always run, without GPUs."""
+    from deploy.serve_app import build, gateway_of
 
     model = str(model_dirs["tiny-v3"])
-    two = build({"deployment": {"model": model, "server": {"replicas": 2}}})._bound_deployment
-    assert two.num_replicas == 2 and two._deployment_config.autoscaling_config is None
-    assert build({"deployment": {"model": model}})._bound_deployment.num_replicas == 1
-    scaled = build({"deployment": {"model": model, "server": {
-        "min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 3}}})._bound_deployment
-    autoscaling = scaled._deployment_config.autoscaling_config
+    app = build({"deployment": {"model": model, "server": {"replicas": 2}}})
+    two = gateway_of(app)
+    assert two.name == "expertmesh-gateway" and two.num_replicas == 2
+    assert two._deployment_config.autoscaling_config is None
+    assert app._bound_deployment.name == "expertmesh-front" and app._bound_deployment.num_replicas == 2
+    assert app._bound_deployment.ray_actor_options == {"num_cpus": 0, "num_gpus": 0}
+    assert gateway_of(build({"deployment": {"model": model}})).num_replicas == 1
+    scaled_app = build({"deployment": {"model": model, "server": {
+        "min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 3}}})
+    autoscaling = gateway_of(scaled_app)._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (2, 5, 3)
+    assert scaled_app._bound_deployment.num_replicas == 2
     defaults = build({"deployment": {"model": model, "server": {"max_replicas": 3}}})
-    autoscaling = defaults._bound_deployment._deployment_config.autoscaling_config
+    autoscaling = gateway_of(defaults)._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
 
 
 def test_an_inline_server_section_changes_the_files_section_key_by_key(model_dirs, tmp_path):
     """A Serve config's `args: {config: file, deployment: {server: {replicas: 2}}}` keeps the file's other server
     keys (its API key, its body limit)."""
-    from deploy.serve_app import build
+    from deploy.serve_app import build, gateway_of
 
     path = tmp_path / "deployment.yaml"
     path.write_text(yaml.safe_dump({"model": str(model_dirs["tiny-v3"]),
                                     "server": {"max_request_bytes": 8192, "api_key": "sk-file-key"}}))
-    bound = build({"config": str(path), "deployment": {"server": {"replicas": 2}}})._bound_deployment
+    app = build({"config": str(path), "deployment": {"server": {"replicas": 2}}})
+    bound = gateway_of(app)
     deployment, api_key, _ = bound.init_args
     assert deployment["server"] == {"max_request_bytes": 8192, "api_key": "sk-file-key", "replicas": 2}
     assert api_key == "sk-file-key" and bound.num_replicas == 2
+    assert app._bound_deployment.init_args[1] == 8192  # the front cuts bodies past the gateways' limit
 
 
 def test_a_cuda_gateway_asks_for_gpus_per_gateway(model_dirs, monkeypatch):

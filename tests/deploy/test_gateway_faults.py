@@ -1,0 +1,295 @@
+"""A gateway replica that dies takes only its own requests (issue 27, item 5), over real HTTP on a real local Ray
+Serve with two gateway replicas attached to one expert mesh: a stream whose gateway is killed ends with a
+`gateway_lost` error event (never just stops), the other gateway's streams finish with the engine's greedy tokens;
+under a gateway kill every 30 s the surviving gateway fails no request, the restarted gateway serves again within
+30 s without any expert replica restarting, and in-flight counts return to 0; killing the mesh's control actor
+fails no request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import pytest
+import requests
+
+from gateway import Engine
+from gateway.config import DeploymentConfig
+from tests.conftest import random_prompts
+from tests.deploy.test_chaos import metric
+from tests.deploy.test_serve import free_port
+
+pytestmark = pytest.mark.slow
+logger = logging.getLogger(__name__)
+
+DURATION_S = float(os.environ.get("EXPERTMESH_GATEWAY_CHAOS_S", "120"))
+KILL_EVERY_S = 30.0
+RESTART_WITHIN_S = 30.0
+CLIENTS = 8
+REQUEST_TIMEOUT_S = 60.0
+LONG_TOKENS = 160  # the mid-stream kill: long enough to outlast finding and killing the gateway
+CHAOS_TOKENS = 32
+NAMESPACE = "gateway-faults"
+CANDIDATES = random_prompts(272, [5, 9, 3, 12, 7, 4, 6, 10, 8, 11, 5, 7, 9, 4, 6, 12, 3, 10, 8, 6], seed=57)
+
+
+@dataclass
+class Outcome:
+    """One streamed request as its client saw it."""
+
+    gateway: str | None
+    status: int
+    tokens: list[int]
+    error: dict | None  # the error event's (or body's) error object
+    done: bool  # the stream's last event was [DONE]
+    started: float
+    ended: float
+
+
+def stream_once(url: str, prompt: list[int], max_tokens: int, first_event: threading.Event | None = None) -> Outcome:
+    """Stream one greedy completion; raises when the server hangs past the client's timeout or the stream ends
+    without [DONE] (a stream that just stops)."""
+    started = time.monotonic()
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=REQUEST_TIMEOUT_S + 30) as r:
+        gateway = r.headers.get("x-expertmesh-gateway")
+        if r.status_code != 200:
+            return Outcome(gateway, r.status_code, [], r.json()["error"], False, started, time.monotonic())
+        events = []
+        for line in r.iter_lines(decode_unicode=True):
+            if line:
+                events.append(line.removeprefix("data: "))
+                if first_event is not None:
+                    first_event.set()
+    done = bool(events) and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    errors = [c["error"] for c in chunks if "error" in c]
+    tokens = [t for c in chunks if "choices" in c for t in c["choices"][0]["token_ids"]]
+    return Outcome(gateway, 200, tokens, errors[0] if errors else None, done, started, time.monotonic())
+
+
+@pytest.fixture(scope="module")
+def long_prompts(model_dirs) -> dict[tuple[int, ...], list[int]]:
+    """Prompts whose greedy completion runs LONG_TOKENS tokens without EOS, and those tokens."""
+    with Engine.from_pretrained(model_dirs["tiny-v3"]) as engine:
+        outputs = engine.generate(CANDIDATES, max_new_tokens=LONG_TOKENS, stop_at_eos=True)
+    long = {tuple(p): out for p, out in zip(CANDIDATES, outputs, strict=True) if len(out) == LONG_TOKENS}
+    assert len(long) >= CLIENTS, f"only {len(long)} of {len(CANDIDATES)} prompts run {LONG_TOKENS} tokens"
+    return dict(list(long.items())[:CLIENTS])
+
+
+@pytest.fixture(scope="module")
+def gateways(model_dirs, ray_cluster):
+    """(url, the deployment's DeploymentConfig): two gateway replicas on a mesh named here."""
+    from ray import serve
+
+    from deploy.serve_app import build
+    from gateway.dispatch.mesh.attach import find_mesh, mesh_down
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deployment = {"model": str(model_dirs["tiny-v3"]), "backend": "ray", "devices": 2, "ray": {"namespace": NAMESPACE},
+                  "mesh": {"name": f"faults-{uuid.uuid4().hex[:8]}", "stop_with_last_gateway": True},
+                  "rpc": {"timeout_s": 10, "replica_deadline_s": 20},
+                  "scheduler": {"max_batch_tokens": 512, "request_timeout_s": REQUEST_TIMEOUT_S},
+                  "server": {"replicas": 2}}
+    config = DeploymentConfig.from_dict(deployment)
+    try:
+        serve.run(build({"deployment": deployment}), name="expertmesh-faults", route_prefix="/")
+        yield f"http://127.0.0.1:{port}", config
+    finally:
+        serve.delete("expertmesh-faults")
+        serve.shutdown()
+        if find_mesh(config) is not None:
+            mesh_down(config)
+
+
+def gateway_actor(ray, name: str):
+    """The Serve replica actor of gateway `name` (an x-expertmesh-gateway value: the actor's name)."""
+    return ray.get_actor(name, namespace="serve")
+
+
+def live_gateways(ray) -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::") and "#expertmesh-gateway#" in a["name"]}
+
+
+def wait_for_gateways(url: str, count: int, timeout_s: float, after: float = 0.0) -> tuple[set[str], float]:
+    """Poll /ready until `count` distinct gateways answered it (since monotonic time `after`); (them, when)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = requests.get(f"{url}/ready", timeout=30)
+        if r.status_code == 200 and "x-expertmesh-gateway" in r.headers and time.monotonic() > after:
+            seen.add(r.headers["x-expertmesh-gateway"])
+            if len(seen) >= count:
+                return seen, time.monotonic()
+        time.sleep(0.1)
+    raise AssertionError(f"{len(seen)} of {count} gateways answered /ready within {timeout_s:g} s: {seen}")
+
+
+def expert_start_times(config: DeploymentConfig) -> dict[str, float]:
+    from gateway.dispatch.mesh.attach import mesh_status
+
+    return {r["name"]: r["started_at"] for r in mesh_status(config, load=False)["replicas"]}
+
+
+def wait_idle(url: str, gateways: set[str], timeout_s: float = 60.0) -> None:
+    """Every gateway in `gateways` reports no running sequence and no call in flight on any expert replica."""
+    idle: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while idle != gateways and time.monotonic() < deadline:
+        r = requests.get(f"{url}/metrics", timeout=30)
+        name = r.headers.get("x-expertmesh-gateway")
+        if metric(r.text, "running_sequences") == [0] and set(metric(r.text, "replica_inflight")) <= {0}:
+            idle.add(name)
+        else:
+            idle.discard(name)
+        time.sleep(0.1)
+    assert idle == gateways, f"still busy after {timeout_s:g} s: {gateways - idle}"
+
+
+def test_a_stream_whose_gateway_dies_ends_with_gateway_lost_and_the_others_finish(gateways, long_prompts, ray_cluster):
+    """Eight long streams over two gateways; once every stream has sent a token, one gateway replica is killed:
+    its streams end with the gateway_lost error event then [DONE] (their tokens so far a prefix of the
+    engine's), the other gateway's streams end with the engine's tokens."""
+    url, _ = gateways
+    wait_for_gateways(url, 2, 120)
+    prompts = list(long_prompts)
+    outcomes: dict[int, Outcome] = {}
+    failures: list[BaseException] = []
+    first = [threading.Event() for _ in prompts]
+
+    def client(i: int) -> None:
+        try:
+            outcomes[i] = stream_once(url, list(prompts[i]), LONG_TOKENS, first[i])
+        except BaseException as exc:  # a stream without [DONE], a hang: fails the test below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for event in first:
+        assert event.wait(REQUEST_TIMEOUT_S), "a stream sent nothing"
+    serving = live_gateways(ray_cluster)
+    assert len(serving) == 2, serving
+    killed_at = time.monotonic()
+    victim = sorted(serving)[0]
+    ray_cluster.kill(gateway_actor(ray_cluster, victim), no_restart=False)
+    for t in threads:
+        t.join(REQUEST_TIMEOUT_S + 60)
+    assert failures == [] and len(outcomes) == len(prompts), failures
+
+    by_gateway = {g: [i for i, o in outcomes.items() if o.gateway == g] for g in serving}
+    assert all(by_gateway.values()), f"a gateway served no stream: {by_gateway}"
+    for i, o in outcomes.items():
+        want = long_prompts[prompts[i]]
+        assert o.done and o.tokens == want[:len(o.tokens)], (i, o)
+        if o.gateway != victim:
+            assert o.error is None and o.tokens == want, (i, o.error, len(o.tokens))
+        elif o.error is not None:
+            assert o.error["code"] == "gateway_lost" and o.error["type"] == "server_error", o.error
+            assert victim in o.error["message"] and "stopped" in o.error["message"], o.error
+            assert o.ended - killed_at < REQUEST_TIMEOUT_S
+    lost = [i for i in by_gateway[victim] if outcomes[i].error is not None]
+    assert lost, f"no stream on {victim} was still running when it was killed"
+    assert all(len(outcomes[i].tokens) < LONG_TOKENS for i in lost)
+
+
+class Clients:
+    """CLIENTS threads streaming random long prompts (max_tokens tokens each) until stopped; each Outcome is kept
+    with its prompt."""
+
+    def __init__(self, url: str, prompts: list[tuple[int, ...]], max_tokens: int) -> None:
+        self.url, self.prompts, self.max_tokens = url, prompts, max_tokens
+        self.stop = threading.Event()
+        self.outcomes: list[tuple[tuple[int, ...], Outcome]] = []
+        self.failures: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(CLIENTS)]
+
+    def _run(self, i: int) -> None:
+        rng = random.Random(i)
+        try:
+            while not self.stop.is_set():
+                prompt = rng.choice(self.prompts)
+                self.outcomes.append((prompt, stream_once(self.url, list(prompt), self.max_tokens)))
+        except BaseException as exc:  # a stream that just stopped, a hang past the client timeout
+            self.failures.append(exc)
+
+    def __enter__(self) -> Clients:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(REQUEST_TIMEOUT_S + 60)
+        assert not any(t.is_alive() for t in self.threads), "a client hung"
+
+
+def test_killing_the_mesh_control_actor_fails_no_request(gateways, long_prompts, ray_cluster):
+    """The control actor (directory, heartbeats) is killed while eight clients stream: Ray restarts it, it adopts
+    the running expert replicas, and every request ends with the engine's tokens."""
+    url, config = gateways
+    wait_for_gateways(url, 2, 120)
+    before = expert_start_times(config)
+    with Clients(url, list(long_prompts), CHAOS_TOKENS) as clients:
+        time.sleep(5)
+        ray_cluster.kill(ray_cluster.get_actor(config.mesh.name, namespace=NAMESPACE), no_restart=False)
+        time.sleep(15)
+    assert clients.failures == []
+    wrong = [(o.status, o.error, len(o.tokens)) for p, o in clients.outcomes
+             if o.error is not None or o.tokens != long_prompts[p][:CHAOS_TOKENS]]
+    assert wrong == [] and len(clients.outcomes) >= CLIENTS, (wrong[:3], len(clients.outcomes))
+    assert expert_start_times(config) == before
+
+
+def test_gateway_chaos_kills_only_the_killed_gateways_requests(gateways, long_prompts, ray_cluster, record_property):
+    """The issue's test: eight streaming clients for DURATION_S (2 minutes; EXPERTMESH_GATEWAY_CHAOS_S shortens it)
+    through two gateways, one gateway replica killed every 30 s. A request fails only when its gateway was killed
+    while it ran, and then with gateway_lost, within its deadline; every other request ends with the engine's tokens;
+    the restarted gateway answers within 30 s, no expert replica restarted, and in-flight counts return to 0."""
+    url, config = gateways
+    wait_for_gateways(url, 2, 120)
+    before = expert_start_times(config)
+    rng = random.Random(3)
+    kills: list[tuple[str, float]] = []
+    back_after: list[float] = []
+    with Clients(url, list(long_prompts), CHAOS_TOKENS) as clients:
+        started = time.monotonic()
+        while (next_kill := started + KILL_EVERY_S / 2 + len(kills) * KILL_EVERY_S) < started + DURATION_S:
+            time.sleep(max(0.0, next_kill - time.monotonic()))
+            victim = rng.choice(sorted(live_gateways(ray_cluster)))
+            kills.append((victim, time.monotonic()))
+            ray_cluster.kill(gateway_actor(ray_cluster, victim), no_restart=False)
+            _, answered = wait_for_gateways(url, 2, RESTART_WITHIN_S, after=kills[-1][1])
+            back_after.append(answered - kills[-1][1])
+        time.sleep(max(0.0, started + DURATION_S - time.monotonic()))
+    assert clients.failures == []
+    assert len(kills) >= DURATION_S // KILL_EVERY_S
+
+    failed = []
+    for prompt, o in clients.outcomes:
+        assert o.ended - o.started < REQUEST_TIMEOUT_S + 15, o
+        if o.error is None:
+            assert o.status == 200 and o.tokens == long_prompts[prompt][:CHAOS_TOKENS], (o.gateway, o.tokens)
+            continue
+        failed.append(o)
+        assert o.status == 200 and o.error["code"] == "gateway_lost", o  # a stream that had started: its gateway's
+        assert any(name == o.gateway and o.started - 1 <= at <= o.ended + 1 for name, at in kills), (o, kills)
+        assert o.tokens == long_prompts[prompt][:len(o.tokens)]
+    ok = len(clients.outcomes) - len(failed)
+    assert ok >= 0.8 * len(clients.outcomes) and ok > CLIENTS, (ok, len(clients.outcomes))
+
+    assert expert_start_times(config) == before, "an expert replica restarted"
+    wait_idle(url, live_gateways(ray_cluster))
+    record_property("report", f"{len(clients.outcomes)} requests, {len(failed)} ended with gateway_lost, "
+                              f"{len(kills)} gateway kills, back to 2 gateways after "
+                              f"{', '.join(f'{s:.1f}' for s in back_after)} s")
