@@ -25,9 +25,6 @@ from gateway.serving.http_api import GatewayState, ScaleRequest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GATEWAY_HEADER", "GatewayDeployment", "app", "build", "check_deployable", "gateway_actor_options",
-           "gateway_of", "gateway_replicas"]
-
 
 def _replica_access() -> http_api.Access:
     """The keys and body limit of the gateway replica serving this request (they live on the replica object)."""

@@ -106,12 +106,12 @@ async def relay_asgi(app: Callable[..., Awaitable[None]], request: RelayRequest
 
     task = asyncio.create_task(run())
     try:
-        ended = False
+        ended = answered = False  # ended: no more body; answered: the app sent its last body message
         while not ended and (message := await queue.get()) is not None:
             if message["type"] == "http.response.start":
                 yield ResponseStart(message["status"], [(bytes(k), bytes(v)) for k, v in message.get("headers", [])])
                 continue
-            chunks, more = [message.get("body", b"")], message.get("more_body", False)
+            chunks, more, following = [message.get("body", b"")], message.get("more_body", False), message
             while more and not queue.empty():
                 following = queue.get_nowait()
                 if following is None:  # the app returned (or raised) mid-body: `await task` says which
@@ -119,11 +119,17 @@ async def relay_asgi(app: Callable[..., Awaitable[None]], request: RelayRequest
                     break
                 chunks.append(following.get("body", b""))
                 more = following.get("more_body", False)
-            ended = not more
+            ended, answered = not more, not more and following is not None
             body = b"".join(chunks)
             if body:
                 yield body
-        await task  # raises what the app raised
+        try:
+            await task
+        except Exception:  # noqa: BLE001
+            if not answered:
+                raise  # the front answers 500 (or ends the stream with an error event)
+            # Answered in full already (Starlette's error middleware sends its 500, then raises again for the log)
+            logger.exception("%s %s: the app raised after answering", request.method, request.path)
     finally:
         disconnected.set()
         if not task.done():
@@ -156,6 +162,8 @@ class Relay:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         body = await self._read_body(receive)
+        if body is None:
+            return
         request = RelayRequest.of(scope, body)
         for attempt in range(1, TRIES + 1):
             outcome = await self._try(request, send)
@@ -169,13 +177,14 @@ class Relay:
                                           f"answering ({_last_line(outcome)}); send it again", "gateway_lost")
         await _send_whole(send, start, data)
 
-    async def _read_body(self, receive: Callable) -> bytes:
-        """The body, cut at max_request_bytes + 1: enough for the gateway's guard to refuse it, naming the limit."""
+    async def _read_body(self, receive: Callable) -> bytes | None:
+        """The body, cut at max_request_bytes + 1: enough for the gateway's guard to refuse it, naming the limit;
+        None when the client went away first."""
         chunks, size, more = [], 0, True
         while more and size <= self.max_request_bytes:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError("the client went away")
+                return None
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
@@ -185,11 +194,32 @@ class Relay:
         """Relay one attempt. None: answered (or ended with an error event); else the error that lost the gateway
         before any byte reached the client (the caller may try another)."""
         answer = self.gateway.options(stream=True).relay.remote(request)
+        items = aiter(answer)
         start: ResponseStart | None = None
         held: list[bytes] = []
-        done = False
+        ended = False
         try:
-            async for item in answer:
+            while True:
+                try:
+                    item = await anext(items)
+                except StopAsyncIteration:
+                    ended = True
+                    break
+                except LOST as exc:
+                    ended = True
+                    if start is None or not start.event_stream:
+                        return exc
+                    logger.warning("%s %s: gateway %s lost mid-stream: %s", request.method, request.path,
+                                   start.gateway, _last_line(exc))
+                    await send({"type": "http.response.body", "body": lost_event(start.gateway, exc),
+                                "more_body": False})
+                    return None
+                except Exception as exc:  # noqa: BLE001 - the gateway's relay failed (a bug): still an end
+                    ended = True
+                    logger.exception("%s %s: the gateway's relay failed", request.method, request.path)
+                    await self._failed(send, start, exc)
+                    return None
+                # A send that fails (the client went away) raises out of here; the finally stops the gateway's work.
                 if isinstance(item, ResponseStart):
                     start = item
                     if start.event_stream:  # streamed through as it comes; anything else is sent whole
@@ -198,29 +228,8 @@ class Relay:
                     await send({"type": "http.response.body", "body": item, "more_body": True})
                 else:
                     held.append(item)
-            done = True
-        except LOST as exc:
-            done = True
-            if start is None or not start.event_stream:
-                return exc
-            logger.warning("%s %s: gateway %s lost mid-stream: %s", request.method, request.path, start.gateway,
-                           _last_line(exc))
-            await send({"type": "http.response.body", "body": lost_event(start.gateway, exc), "more_body": False})
-            return None
-        except Exception as exc:  # noqa: BLE001 - the gateway's relay failed (a bug): the client still gets an end
-            done = True
-            logger.exception("%s %s: the gateway's relay failed", request.method, request.path)
-            if start is not None and start.event_stream:
-                error = {"message": f"the gateway failed: {_last_line(exc)}", "type": "server_error", "param": None,
-                         "code": "gateway_error"}
-                await send({"type": "http.response.body", "more_body": False,
-                            "body": f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()})
-            else:
-                await _send_whole(send, *error_response(500, f"the gateway failed: {_last_line(exc)}",
-                                                        "gateway_error"))
-            return None
         finally:
-            if not done:  # cancelled: the client went away; stop the gateway's work too
+            if not ended:  # cancelled (the client went away) or the client's connection failed
                 answer.cancel()
         if start is None:
             return RuntimeError("the gateway ended its answer without a response")
@@ -229,6 +238,16 @@ class Relay:
         else:
             await _send_whole(send, start, b"".join(held))
         return None
+
+    @staticmethod
+    async def _failed(send: Callable, start: ResponseStart | None, exc: BaseException) -> None:
+        message = f"the gateway failed: {_last_line(exc)}"
+        if start is not None and start.event_stream:
+            error = {"message": message, "type": "server_error", "param": None, "code": "gateway_error"}
+            await send({"type": "http.response.body", "more_body": False,
+                        "body": f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()})
+        else:
+            await _send_whole(send, *error_response(500, message, "gateway_error"))
 
 
 async def _send_whole(send: Callable, start: ResponseStart, body: bytes) -> None:

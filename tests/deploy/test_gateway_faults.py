@@ -1,12 +1,14 @@
-"""A gateway replica that dies takes only its own requests (issue 27, item 5), over real HTTP on a real local Ray
-Serve with two gateway replicas attached to one expert mesh: a stream whose gateway is killed ends with a
-`gateway_lost` error event (never just stops), the other gateway's streams finish with the engine's greedy tokens;
-under a gateway kill every 30 s the surviving gateway fails no request, the restarted gateway serves again within
-30 s without any expert replica restarting, and in-flight counts return to 0; killing the mesh's control actor
-fails no request."""
+"""A gateway replica that dies takes only its own requests (issue 27, item 5). The front's relay on its own (a
+handle whose gateway dies before or while answering; the real gateway app answering in process through it), then
+over real HTTP on a real local Ray Serve with two gateway replicas attached to one expert mesh: a stream whose
+gateway is killed ends with a `gateway_lost` error event (never just stops), the other gateway's streams finish with
+the engine's greedy tokens; under a gateway kill every 30 s the surviving gateway fails no request, the restarted
+gateway serves again within 30 s without any expert replica restarting, and in-flight counts return to 0; killing
+the mesh's control actor fails no request."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -14,18 +16,20 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 import requests
+from ray.exceptions import ActorDiedError
 
+from deploy.serve_front import Relay, RelayRequest, ResponseStart, relay_asgi
 from gateway import Engine
 from gateway.config import DeploymentConfig
 from tests.conftest import random_prompts
 from tests.deploy.test_chaos import metric
 from tests.deploy.test_serve import free_port
 
-pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
 
 DURATION_S = float(os.environ.get("EXPERTMESH_GATEWAY_CHAOS_S", "120"))
@@ -50,6 +54,181 @@ class Outcome:
     done: bool  # the stream's last event was [DONE]
     started: float
     ended: float
+
+
+# --- the relay, without Serve -----------------------------------------------------------------------------------
+
+
+class Answer:
+    """A stand-in for a streaming handle call: yields `items`, raising any exception among them."""
+
+    def __init__(self, items: list | AsyncIterator) -> None:
+        self.items, self.cancelled = items, False
+
+    def __aiter__(self) -> AsyncIterator:
+        return aiter(self.items) if not isinstance(self.items, list) else self._listed()
+
+    async def _listed(self) -> AsyncIterator:
+        for item in self.items:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Gateways:
+    """A stand-in for the gateway deployment's handle: each call takes the next answer (a list of items, or a
+    function of the RelayRequest giving an async iterator)."""
+
+    def __init__(self, *answers) -> None:
+        self.answers, self.requests, self.given = list(answers), [], []
+
+    def options(self, stream: bool) -> Gateways:
+        assert stream
+        return self
+
+    @property
+    def relay(self) -> Gateways:
+        return self
+
+    def remote(self, request: RelayRequest) -> Answer:
+        self.requests.append(request)
+        answer = self.answers.pop(0)
+        self.given.append(Answer(answer(request) if callable(answer) else answer))
+        return self.given[-1]
+
+
+def call_front(relay: Relay, method: str, path: str, body: bytes = b"", headers: dict | None = None
+               ) -> tuple[int, dict[str, str], bytes]:
+    """Drive the front's ASGI call as Serve's proxy does: (status, headers, body) the client gets."""
+    sent: list[dict] = []
+    parts = [body[i:i + 1000] for i in range(0, len(body), 1000)] or [b""]
+    messages = [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)]
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()], "client": ("127.0.0.1", 5),
+             "server": ("127.0.0.1", 80), "scheme": "http", "http_version": "1.1", "root_path": ""}
+    asyncio.run(relay(scope, receive, send))
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert len(starts) == 1 and bodies and not bodies[-1].get("more_body", False), sent
+    assert all(m.get("more_body", False) for m in bodies[:-1]), sent
+    return (starts[0]["status"], {k.decode(): v.decode() for k, v in starts[0]["headers"]},
+            b"".join(m["body"] for m in bodies))
+
+
+SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"x-expertmesh-gateway", b"app#expertmesh-gateway#a1")]
+JSON = [(b"content-type", b"application/json"), (b"content-length", b"9")]  # {"ok": 1}
+
+
+def test_a_stream_cut_by_a_lost_gateway_ends_with_gateway_lost_then_done():
+    gateways = Gateways([ResponseStart(200, SSE), b'data: {"choices": []}\n\n', ActorDiedError()])
+    status, headers, body = call_front(Relay(gateways, 1024), "POST", "/v1/completions", b"{}")
+    events = [line.removeprefix("data: ") for line in body.decode().splitlines() if line]
+    assert status == 200 and headers["x-expertmesh-gateway"] == "app#expertmesh-gateway#a1"
+    assert events[0] == '{"choices": []}' and events[-1] == "[DONE]" and len(events) == 3
+    error = json.loads(events[1])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "gateway_lost"
+    assert "app#expertmesh-gateway#a1" in error["message"] and "stopped" in error["message"]
+    assert len(gateways.requests) == 1  # a started stream is never sent again
+
+
+@pytest.mark.parametrize("first", [[ActorDiedError()], [ResponseStart(200, JSON), b'{"ok": ', ActorDiedError()]])
+def test_a_completion_whose_gateway_died_before_a_byte_was_sent_is_answered_by_another(first):
+    """Nothing reached the client (no response, or a plain one held whole at the front): the same request goes to
+    another gateway, and the client gets that one's answer alone."""
+    gateways = Gateways(first, [ResponseStart(200, JSON), b'{"ok": 1', b"}"])
+    body = json.dumps({"prompt": [5, 7], "max_tokens": 3}).encode()
+    status, headers, answer = call_front(Relay(gateways, 1024), "POST", "/v1/completions", body)
+    assert (status, answer, headers["content-length"]) == (200, b'{"ok": 1}', "9")
+    assert [r.body for r in gateways.requests] == [body, body]
+
+
+def test_an_admin_change_is_not_sent_again_and_every_try_lost_answers_503():
+    status, _, body = call_front(Relay(Gateways([ActorDiedError()]), 1024), "POST", "/admin/scale", b"{}")
+    assert status == 503 and json.loads(body)["error"]["code"] == "gateway_lost"
+    lost = Gateways(*[[ActorDiedError()]] * 3)
+    status, _, body = call_front(Relay(lost, 1024), "GET", "/v1/models")
+    error = json.loads(body)["error"]
+    assert status == 503 and set(error) == {"message", "type", "param", "code"} and len(lost.requests) == 3
+    assert "no gateway answered" in error["message"]
+
+
+def test_the_front_forwards_a_body_cut_one_byte_past_the_limit():
+    gateways = Gateways([ResponseStart(413, JSON), b'{"ok": 1}'])
+    call_front(Relay(gateways, 2500), "POST", "/v1/completions", os.urandom(9000))
+    assert len(gateways.requests[0].body) == 2501
+
+
+def test_the_real_app_answers_through_the_front_as_it_does_directly(model_dirs):
+    """deploy.serve_app.app run by relay_asgi (as a gateway replica does) behind the front: a plain completion, a
+    stream, a 404 and a 413 from the gateway's guard equal the app's own answers, the gateway's header included."""
+    from ray import serve
+
+    from tests.deploy.in_process_app import client_of, in_process_app
+
+    name = "app#expertmesh-gateway#x7"
+    prompt = random_prompts(272, [9], seed=5)[0]
+    plain = json.dumps({"prompt": prompt, "max_tokens": 6, "temperature": 0}).encode()
+    streamed = json.dumps({"prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": True}).encode()
+    with in_process_app(model_dirs["tiny-v3"], **{"server.max_request_bytes": 2048}) as (app, _):
+        serve.get_replica_context().servable_object.gateway_name = name
+        asks = [("POST", "/v1/completions", plain), ("POST", "/v1/completions", streamed),
+                ("GET", "/v1/nothing-here", b""), ("POST", "/v1/completions", plain + b" " * 4096)]
+        gateways = Gateways(*[lambda r: relay_asgi(app, r)] * len(asks))
+        relay = Relay(gateways, 2048)
+        through = [call_front(relay, m, p, b, {"content-type": "application/json"}) for m, p, b in asks]
+        with client_of(app) as client:
+            direct = [client.request(m, p, content=b, headers={"content-type": "application/json"})
+                      for m, p, b in asks]
+    assert [t[0] for t in through] == [d.status_code for d in direct] == [200, 200, 404, 413]
+    assert all(t[1]["x-expertmesh-gateway"] == name for t in through)
+    plain_tokens = [json.loads(t[2])["choices"][0]["token_ids"] for t in (through[0],)] + [
+        direct[0].json()["choices"][0]["token_ids"]]
+    assert plain_tokens[0] == plain_tokens[1] and plain_tokens[0]
+    events = [e for e in through[1][2].decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and len(events) == len([e for e in direct[1].text.split("\n\n") if e])
+    assert json.loads(through[2][2]) == direct[2].json() and json.loads(through[3][2]) == direct[3].json()
+
+
+@pytest.mark.parametrize("fails", [None, "after the answer", "mid-body"])
+def test_the_gateway_side_joins_queued_body_chunks_and_raises_only_for_an_unfinished_answer(fails):
+    """Body messages the app queued before the relay read them go as one item; an app that raises once it has
+    answered (Starlette's error middleware sends its 500, then raises for the log) still answers, one that raises
+    mid-body raises to the front."""
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+
+    async def app(scope, receive, send) -> None:
+        assert (await receive())["body"] == b"ask"
+        await send(start)
+        for part in (b"ab", b"cd", b"ef"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        if fails == "mid-body":
+            raise RuntimeError("broken mid-body")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if fails is not None:
+            raise RuntimeError("broken after the answer")
+
+    async def relayed() -> list:
+        scope = {"method": "POST", "path": "/x", "headers": [], "client": None, "server": None}
+        return [item async for item in relay_asgi(app, RelayRequest.of(scope, b"ask"))]
+
+    if fails == "mid-body":
+        with pytest.raises(RuntimeError, match="broken mid-body"):
+            asyncio.run(relayed())
+    else:
+        assert asyncio.run(relayed()) == [ResponseStart(200, [(b"content-type", b"text/plain")]), b"abcdef"]
+
+
+# --- two gateways on a real local Ray Serve -----------------------------------------------------------------------
 
 
 def stream_once(url: str, prompt: list[int], max_tokens: int, first_event: threading.Event | None = None) -> Outcome:
@@ -155,6 +334,7 @@ def wait_idle(url: str, gateways: set[str], timeout_s: float = 60.0) -> None:
     assert idle == gateways, f"still busy after {timeout_s:g} s: {gateways - idle}"
 
 
+@pytest.mark.slow
 def test_a_stream_whose_gateway_dies_ends_with_gateway_lost_and_the_others_finish(gateways, long_prompts, ray_cluster):
     """Eight long streams over two gateways; once every stream has sent a token, one gateway replica is killed:
     its streams end with the gateway_lost error event then [DONE] (their tokens so far a prefix of the
@@ -234,6 +414,7 @@ class Clients:
         assert not any(t.is_alive() for t in self.threads), "a client hung"
 
 
+@pytest.mark.slow
 def test_killing_the_mesh_control_actor_fails_no_request(gateways, long_prompts, ray_cluster):
     """The control actor (directory, heartbeats) is killed while eight clients stream: Ray restarts it, it adopts
     the running expert replicas, and every request ends with the engine's tokens."""
@@ -251,6 +432,7 @@ def test_killing_the_mesh_control_actor_fails_no_request(gateways, long_prompts,
     assert expert_start_times(config) == before
 
 
+@pytest.mark.slow
 def test_gateway_chaos_kills_only_the_killed_gateways_requests(gateways, long_prompts, ray_cluster, record_property):
     """The issue's test: eight streaming clients for DURATION_S (2 minutes; EXPERTMESH_GATEWAY_CHAOS_S shortens it)
     through two gateways, one gateway replica killed every 30 s. A request fails only when its gateway was killed
