@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -380,6 +381,41 @@ def test_a_stream_whose_gateway_dies_ends_with_gateway_lost_and_the_others_finis
     lost = [i for i in by_gateway[victim] if outcomes[i].error is not None]
     assert lost, f"no stream on {victim} was still running when it was killed"
     assert all(len(outcomes[i].tokens) < LONG_TOKENS for i in lost)
+
+
+def gateway_metrics(url: str, name: str, timeout_s: float = 30.0) -> str:
+    """/metrics of gateway `name` (polled until the router sends one to it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = requests.get(f"{url}/metrics", timeout=30)
+        if r.headers.get("x-expertmesh-gateway") == name:
+            return r.text
+    raise AssertionError(f"{name} answered no /metrics within {timeout_s:g} s")
+
+
+@pytest.mark.slow
+def test_a_client_that_goes_away_cancels_its_request_on_the_gateway(gateways, long_prompts):
+    """A client closes its stream after two events while seven others stream: through the front the gateway learns
+    it and cancels the request (counted as cancelled, not run to its end)."""
+    url, _ = gateways
+    wait_for_gateways(url, 2, 120)
+    prompts = list(long_prompts)
+    with Clients(url, prompts[1:], LONG_TOKENS):
+        body = {"prompt": list(prompts[0]), "max_tokens": LONG_TOKENS, "temperature": 0, "stream": True}
+        with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=REQUEST_TIMEOUT_S) as r:
+            gateway = r.headers["x-expertmesh-gateway"]
+            before = _cancelled(gateway_metrics(url, gateway))
+            lines = r.iter_lines(decode_unicode=True)
+            events = [line for line in (next(lines) for _ in range(4)) if line]
+        assert len(events) >= 2 and "[DONE]" not in events
+        deadline = time.monotonic() + 30
+        while (cancelled := _cancelled(gateway_metrics(url, gateway))) <= before and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert cancelled > before, f"{gateway}: cancelled requests {before} -> {cancelled}"
+
+
+def _cancelled(text: str) -> float:
+    return sum(float(v) for v in re.findall(r'^expertmesh_requests_total{status="cancelled"} (\S+)$', text, re.M))
 
 
 class Clients:
