@@ -214,13 +214,13 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(server):
 def test_the_serve_builder_refuses_a_gateway_gpu_the_embedded_ray_does_not_have(model_dirs, ray_cluster, monkeypatch):
     """Issue 23: `gateway_device: cuda` on an embedded Ray without GPUs left the replica waiting for a GPU forever;
     the builder (what `expertmesh serve` and `serve run deploy.serve_app:build` call) now refuses it, naming it."""
-    from deploy.serve_app import build
+    from deploy.serve_app import build, gateway_of
     from gateway.config import DeploymentConfigError
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     deployment = {"model": str(model_dirs["tiny-v3"]), "gateway_device": "cuda"}
     if ray_cluster.cluster_resources().get("GPU"):  # a Ray with a GPU grants it: the builder binds one
-        assert build({"deployment": deployment})._bound_deployment.ray_actor_options["num_gpus"] == 1
+        assert gateway_of(build({"deployment": deployment})).ray_actor_options["num_gpus"] == 1
     else:
         with pytest.raises(DeploymentConfigError, match="gateway_device='cuda': the embedded Ray has no GPU for "
                                                         "the gateway replica"):
