@@ -16,6 +16,7 @@ into the output folder as it goes and its result into summary.json after each st
   h200 suite (the optional second command):
     kernel-bench-v3  kernel timings at DeepSeek-V3 shapes (kernel_bench_v3.json; its weights need ~23 GB)
     gpu-e2e          end-to-end tokens/s, in-process vs Ray deployments on the GPU (gpu_e2e.json)
+  mesh suite: mesh-gpu  1-3 gateways and 2 expert groups sharing the GPU, merging on/off (mesh_gpu.json)
 
 At most 8 files come back from the device tool's $OUT: setup.log, one log per step, the benchmarks' JSON and
 summary.json. --dry-run (make gpu-check-dry) runs every step's setup here (the bundle's hashes, the environment
@@ -24,7 +25,7 @@ a line saying so. Exit status: 0 when every step passed (dry run: every setup), 
 --dry-run.
 
     python3 benchmarks/gpu_check.py --out "$OUT"              # on the GPU machine (docs/gpu-check.md)
-    python3 benchmarks/gpu_check.py --suite h200 --out "$OUT"
+    python3 benchmarks/gpu_check.py --suite h200 --out "$OUT"     # or --suite mesh
     .venv/bin/python benchmarks/gpu_check.py --dry-run        # anywhere
 """
 
@@ -46,30 +47,17 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_suites beside this file
+from gpu_suites import Step, suites  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / ".gpu-bundle"
 SITE = Path(tempfile.gettempdir()) / "expertmesh-gpu-site"
 MAX_FILES_BACK = 8  # what the device tool brings back from $OUT
 # Seconds for a suite's steps together. main: under 8 minutes with setup; h200: inside one 10-minute device command.
-BUDGET_S = {"main": 450, "h200": 520}
+BUDGET_S = {"main": 450, "h200": 520, "mesh": 420}
 MIN_STEP_S = 20  # a step is not started with less than this left of the budget
 SETUP_TIMEOUT_S = 120  # a step's setup (dry run)
-PYTEST = ["-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider"]
-PARITY = "tests/gpu/test_cuda_parity.py"
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step: `command` (argv after the interpreter) runs on the GPU; `setup` runs in a dry run instead."""
-
-    name: str
-    measures: str
-    command: list[str]
-    timeout_s: int
-    setup: list[str]
-    writes: str | None = None  # a JSON file the step writes into the output folder
-
-
 @dataclass
 class Result:
     name: str
@@ -80,42 +68,6 @@ class Result:
     detail: str = ""
     failures: list[str] = field(default_factory=list)
     command: str = ""
-
-
-def suites(out: Path, scratch: Path) -> dict[str, list[Step]]:
-    """The steps of each suite, in order. JSON goes to `out`; dry-run smoke output to `scratch`."""
-    collect = [*PYTEST, "--collect-only"]
-    kernels = ["tests/expert_workers/test_kernels.py"]
-    mla = ["tests/gateway/test_paged_mla_kernel.py"]
-    in_process = [PARITY, "tests/gateway/test_gateway_device.py", "-m", "gpu", "-k",
-                  "not ray_groups_on_the_gpu and not two_micro_batches"]
-    on_ray = [PARITY, "-k", "ray_groups_on_the_gpu or two_micro_batches"]
-    bench = "benchmarks/kernel_bench.py"
-    bench_smoke = [bench, "--interpret", "--shapes", "tiny", "--tokens", "1", "--dtypes", "float32", "--json",
-                   str(scratch / "kernel_bench_smoke.json")]
-    return {
-        "main": [
-            Step("kernels", "Triton fused-MoE kernels vs the torch grouped FFN on CUDA",
-                 [*PYTEST, *kernels], 150, [*collect, *kernels]),
-            Step("paged-mla", "Triton paged MLA decode vs its torch reference on CUDA",
-                 [*PYTEST, *mla], 90, [*collect, *mla]),
-            Step("kernel-bench", "kernel ms, time/floor and float64-reference error at V2-Lite shapes",
-                 [bench, "--shapes", "v2-lite", "--json", str(out / "kernel_bench.json")], 120, bench_smoke,
-                 "kernel_bench.json"),
-            Step("gateway-cuda", "in-process engine on CUDA vs the CPU float32 reference (logits, tokens)",
-                 [*PYTEST, *in_process], 120, [*collect, *in_process]),
-            Step("ray-cuda-ipc", "Ray groups on the GPU (object store, CUDA IPC) vs the CPU reference",
-                 [*PYTEST, *on_ray], 180, [*collect, *on_ray]),
-        ],
-        "h200": [
-            Step("kernel-bench-v3", "kernel ms, time/floor and float64-reference error at V3 shapes",
-                 [bench, "--shapes", "v3", "--json", str(out / "kernel_bench_v3.json")], 300, bench_smoke,
-                 "kernel_bench_v3.json"),
-            Step("gpu-e2e", "end-to-end tokens/s: in-process engine vs Ray deployments on the GPU",
-                 ["benchmarks/gpu_e2e.py", "--json", str(out / "gpu_e2e.json")], 270,
-                 ["benchmarks/gpu_e2e.py", "--help"], "gpu_e2e.json"),
-        ],
-    }
 
 
 # -- setup --------------------------------------------------------------------------------------------------------
@@ -313,7 +265,7 @@ def main() -> None:
                                                          / "gpu-check"),
                         help="output folder: logs, benchmark JSON, summary.json (default $OUT, else "
                              "benchmarks/results/gpu-check)")
-    parser.add_argument("--suite", choices=["main", "h200"], default="main",
+    parser.add_argument("--suite", choices=sorted(BUDGET_S), default="main",
                         help="main: kernels, paged MLA, V2-Lite kernel bench, gateway on CUDA, Ray on the GPU; "
                              "h200: V3 kernel bench and the end-to-end benchmark")
     parser.add_argument("--dry-run", action="store_true",

@@ -13,7 +13,10 @@ off per (G, micro-batches): rows per pass (the issue's target at 2 gateways: >= 
 (target: falls >= 30 %), each printed as met or missed.
 
     python benchmarks/mesh.py [--model models/small-v3] [--gateways 1 2 3] [--micro-batches 1 2]
-                              [--new-tokens 24] [--rounds 3] [--quick] [--json benchmarks/results/mesh.json]
+                              [--new-tokens 24] [--rounds 3] [--quick] [--gpu] [--json benchmarks/results/mesh.json]
+
+--gpu puts every gateway (gateway_device cuda) and both expert groups on the machine's one GPU, each with a 0.1
+share (Ray's fractional GPUs): several gateways sharing one GPU. It has never run: no GPU was lent yet.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ SEQUENCES = 32  # decoding at once on each gateway
 ROWS_TARGET = 1.6  # merged / unmerged rows per pass at 2 gateways
 COMPUTE_TARGET = 0.30  # the share by which expert compute per token falls with merging at 2 gateways
 START_DELAY_S = 1.0  # gateways start decoding at a common wall-clock time this far ahead of the call
+GPU_SHARE = 0.1  # --gpu: each gateway's and each expert group's share of the one GPU
 
 
 class GatewayProcess:
@@ -87,8 +91,10 @@ class GatewayProcess:
 
 def deployment(args: argparse.Namespace, name: str, merge: bool, micro_batches: int) -> DeploymentConfig:
     room = SEQUENCES * (args.prompt_tokens + args.new_tokens + 32)  # every sequence's cache, never preempted
+    gpu = {"device_resource": "gpu", "gpus_per_group": GPU_SHARE} if args.gpu else {}
     return DeploymentConfig(model=str(args.model), dtype=args.dtype, backend="ray", devices=2, replicas=1,
-                            ray=RayConfig(cpus_per_group=1.0, namespace=NAMESPACE),
+                            gateway_device="cuda" if args.gpu else "cpu",
+                            ray=RayConfig(cpus_per_group=1.0, namespace=NAMESPACE, **gpu),
                             mesh=MeshConfig(name=name, merge=merge), cache=CacheConfig(max_tokens=room),
                             scheduler=SchedulerConfig(micro_batches=micro_batches))
 
@@ -120,7 +126,8 @@ def start_side(args: argparse.Namespace, gateways: int, merge: bool, micro_batch
     mesh_up(side.cfg)  # the replicas load once, before any gateway attaches
     side.replicas = [ray.get_actor(r["name"], namespace=NAMESPACE)
                      for r in mesh_status(side.cfg, load=False)["replicas"]]
-    process = ray.remote(GatewayProcess).options(num_cpus=0, max_restarts=0)
+    # --gpu: every gateway and both groups take a share of the one GPU (Ray's fractional GPUs)
+    process = ray.remote(GatewayProcess).options(num_cpus=0, num_gpus=GPU_SHARE if args.gpu else 0, max_restarts=0)
     side.gateways = [process.remote(side.cfg, args.gateway_threads) for _ in range(gateways)]
     ray.get([h.warm_up.remote(prompts_of(4, 8, vocab, seed=100 + g), 4) for g, h in enumerate(side.gateways)])
     return side
@@ -292,6 +299,8 @@ def main() -> None:
     parser.add_argument("--no-plan", action="store_true", help="skip the planner's predicted rows per pass")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smaller defaults, for a smoke run")
+    parser.add_argument("--gpu", action="store_true", help="gateways and expert groups share the one GPU (fractional "
+                                                           "Ray GPUs; make gpu-check runs this)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "mesh.json")
     args = parser.parse_args()
     args.gateways = args.gateways or ([1, 2] if args.quick else [1, 2, 3])
@@ -300,6 +309,8 @@ def main() -> None:
     args.rounds = args.rounds or (1 if args.quick else 3)
     if min(args.gateways) < 1 or args.new_tokens < 2 or args.rounds < 1:
         parser.error("--gateways, --rounds: integers >= 1; --new-tokens: >= 2 (one from prefill, the rest decoded)")
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu: no CUDA GPU visible (torch.cuda.is_available() is False)")
     if not (args.model / "config.json").is_file():
         from model_core.make_model import make_model
 

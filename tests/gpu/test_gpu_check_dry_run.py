@@ -107,3 +107,9 @@ def test_a_step_over_its_timeout_is_killed_with_its_children(tmp_path, gpu_check
     child = Path(f"/proc/{log.split('child ')[1].split()[0]}/stat")
     wait_until(lambda: not child.exists() or child.read_text().split(") ")[1].startswith("Z"), 10,
                "the step's own child process to be killed with it")
+
+
+def test_dry_run_of_the_mesh_suite(tmp_path):
+    out = tmp_path / "out"
+    done, _ = dry_run(out, "--suite", "mesh")
+    assert_dry(done, out, ["mesh-gpu"])
