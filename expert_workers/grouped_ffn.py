@@ -16,6 +16,30 @@ IMPLEMENTATIONS = ("auto", "grouped_mm", "loop", "padded_bmm")
 PADDED_MAX_ROWS = 64  # auto: padded_bmm on CPU while no expert has more rows than this (decode-sized steps)
 
 
+def auto_impl(hidden: torch.Tensor, counts: torch.Tensor) -> str:
+    """The implementation impl='auto' picks for hidden [T, H] (its device and dtype) whose pairs per local expert
+    are counts [E] (see grouped_expert_ffn)."""
+    if HAS_GROUPED_MM and hidden.is_cuda:
+        return "grouped_mm"
+    most = int(counts.max()) if counts.numel() else 0
+    if (not hidden.is_cuda and hidden.dtype == torch.float32 and 0 < most <= PADDED_MAX_ROWS
+            and 4 * int((counts > 0).sum()) >= 3 * counts.numel()):
+        return "padded_bmm"
+    return "loop"
+
+
+def pair_scales(topk_weights: torch.Tensor, pairs: ExpertPairs, dtype: torch.dtype) -> torch.Tensor:
+    """[P, 1] each pair's routing weight (topk_weights [T, K]) in the pairs' order, in the output's dtype."""
+    return topk_weights.reshape(-1)[pairs.pair_index][:, None].to(dtype)
+
+
+def scaled_expert(x: torch.Tensor, scale: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                  out: torch.Tensor) -> torch.Tensor:
+    """One expert's step of the loop: out = swiglu(x) * scale. x: [N, H] rows routed to the expert; scale: [N, 1];
+    w_gate_up: [2I, H]; w_down: [H, I]; out: [N, H]."""
+    return torch.mul(swiglu(x, w_gate_up, w_down), scale, out=out)
+
+
 def grouped_expert_ffn(
     hidden: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -48,16 +72,15 @@ def grouped_expert_ffn(
     pairs = sort_by_expert(topk_ids, n_experts) if pairs is None else pairs
     token = pairs.token  # [P]
     dtype, wide = hidden.dtype, w_gate_up.dtype  # wide == dtype unless the weights are held widened
-    scale = topk_weights.reshape(-1)[pairs.pair_index][:, None].to(dtype)  # [P, 1]
-    if impl == "grouped_mm" or (impl == "auto" and HAS_GROUPED_MM and hidden.is_cuda):
+    scale = pair_scales(topk_weights, pairs, dtype)  # [P, 1]
+    impl = auto_impl(hidden, pairs.counts) if impl == "auto" else impl
+    if impl == "grouped_mm":
         ends = pairs.offsets[1:].to(torch.int32)  # [E] cumulative row ends, as grouped_mm expects
         gate_up = F.grouped_mm(hidden[token], w_gate_up.transpose(1, 2), offs=ends)  # [P, 2I]
         y = F.grouped_mm(silu_and_mul(gate_up), w_down.transpose(1, 2), offs=ends)  # [P, H]
         return out.index_add_(0, token, y * scale)
-    counts = pairs.counts
-    most = int(counts.max()) if counts.numel() else 0
-    if impl == "padded_bmm" or (impl == "auto" and not hidden.is_cuda and hidden.dtype == torch.float32
-                                and 0 < most <= PADDED_MAX_ROWS and 4 * int((counts > 0).sum()) >= 3 * n_experts):
+    if impl == "padded_bmm":
+        most = int(pairs.counts.max())
         expert, row = pairs.expert, pairs.rank_in_expert()  # [P] each pair's place in the padded stack
         x = hidden.new_zeros(n_experts, most, hidden.shape[1], dtype=wide)  # [E, m, H]; padding rows stay zero
         x[expert, row] = hidden[token].to(wide)
@@ -71,5 +94,5 @@ def grouped_expert_ffn(
     for e in range(n_experts):
         start, end = bounds[e], bounds[e + 1]
         if start < end:
-            torch.mul(swiglu(x[start:end], w_gate_up[e], w_down[e]), scale[start:end], out=y[start:end])
+            scaled_expert(x[start:end], scale[start:end], w_gate_up[e], w_down[e], out=y[start:end])
     return out.index_add_(0, token, y)

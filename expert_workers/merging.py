@@ -6,11 +6,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from expert_workers.expert_group import ExpertGroup, ExpertLayout, ExpertRequestError, ExpertResult
+from expert_workers.joined_pass import Call, JoinedPass
 
 # Shape legend: T = one call's tokens, H = hidden, K = experts per token, E = the layer's local experts.
 
@@ -60,11 +62,20 @@ class CallMerger:
     wherever the device's kernels give a row the same bits in batches of any size (float32 on CPU: where its BLAS
     does; always for rows whose experts see no other call's rows). enabled=False: every pass computes one call
     (still counted).
+
+    Joining (join=True, where the pass runs the torch FFN's per-expert loop: the torch kernel on CPU, bfloat16, or
+    float32 steps the loop serves; expert_workers/joined_pass.py): a call of the running pass's key that arrives
+    while it computes joins it before its next expert, and the experts it missed are computed at the end of the
+    pass, so gateways whose calls alternate fall into step. Elsewhere (Triton, grouped_mm, padded_bmm) passes
+    merge whole calls only. A joined call counts as merged; the pass's rows and compute time include it.
+    `before_expert(e)`, when set, is called before each expert of a joinable pass (tests hold a pass there).
     """
 
-    def __init__(self, group: ExpertGroup, enabled: bool = True) -> None:
+    def __init__(self, group: ExpertGroup, enabled: bool = True, join: bool = True) -> None:
         self.group = group
         self.enabled = enabled
+        self.join = join
+        self.before_expert: Callable[[int], None] | None = None
         self._cond = threading.Condition()  # guards everything below
         self._waiting: deque[_Call] = deque()
         self._busy = False  # a pass is computing
@@ -156,7 +167,13 @@ class CallMerger:
         first, g = batch[0], self.group
         start = time.perf_counter()
         try:
-            if len(batch) == 1:
+            joined = self._joinable(batch)
+            if joined is not None:  # one expert at a time: calls of its key join it as they arrive
+                answers = joined.run(lambda e: self._join(batch, e))
+                outputs = [out for out, _ in answers]
+                for c, (_, counts) in zip(batch, answers, strict=True):
+                    c.tokens_per_expert = counts
+            elif len(batch) == 1:
                 result = g.run(first.layer, first.hidden, first.ids, first.weights, first.version)
                 outputs = [result.output]
                 first.tokens_per_expert = result.tokens_per_expert
@@ -178,6 +195,32 @@ class CallMerger:
             for c in batch:
                 c.error = exc
         return time.perf_counter() - start
+
+    def _joinable(self, batch: list[_Call]) -> JoinedPass | None:
+        """The batch as a JoinedPass where calls can join it (merging and joining on, the torch kernel on CPU, the
+        loop); a call computed at once is checked here first (ExpertRequestError: refused, as by the group's run)."""
+        g, first = self.group, batch[0]
+        if not (self.enabled and self.join and g.kernel == "torch" and g.torch_device.type == "cpu"):
+            return None
+        if first.layout is None:
+            first.layout = g.check(first.layer, first.hidden, first.ids, first.weights, first.version)
+            first.version = first.layout.version  # the pass's key: joiners name the version it resolved to
+        joined = JoinedPass(g, first.layout, first.layer)
+        for c in batch:
+            joined.add(c.hidden, c.ids, c.weights)
+        return joined if joined.uses_loop() else None
+
+    def _join(self, batch: list[_Call], expert: int) -> list[Call]:
+        """Before `expert` of a joined pass: take the waiting calls of the pass's key into it (and into `batch`)."""
+        if self.before_expert is not None:
+            self.before_expert(expert)
+        with self._cond:
+            key = batch[0].key
+            joiners = [c for c in self._waiting if c.key == key]
+            if joiners:
+                self._waiting = deque(c for c in self._waiting if c.key != key)
+                batch.extend(joiners)
+        return [(c.hidden, c.ids, c.weights) for c in joiners]
 
     def _record(self, batch: list[_Call], seconds: float) -> None:
         """Count the pass and mark its calls answered (under the lock); a pass cut short answers them with an error.
