@@ -74,6 +74,11 @@ class LayerTraffic:
     experts_hit: torch.Tensor  # [D] distinct experts whose weights each device read
     bytes_out: torch.Tensor  # [G, D] bytes gateway g sent device d (hidden rows, ids, weights); 0: no message
     bytes_back: torch.Tensor  # [G, D] bytes of partial sums device d returned to gateway g
+    # With several gateways, the first gateway's part and the others' (local_step.py: a replica computes the first
+    # call alone and merges the rest); None: not recorded (one merged pass is priced).
+    first_pairs: torch.Tensor | None = None  # [D] gateway 0's pairs on each device
+    first_hits: torch.Tensor | None = None  # [D] distinct experts gateway 0's pairs hit on each device
+    rest_hits: torch.Tensor | None = None  # [D] distinct experts the other gateways' pairs hit on each device
 
 
 @dataclass(frozen=True)

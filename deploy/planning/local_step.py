@@ -7,10 +7,11 @@ What one decode step is, as modelled here (every assumption the numbers rest on)
   steps in lockstep with the others: its step is its own work (the calibrated gateway step at `batch` tokens) plus,
   per MoE layer, its slowest call.
 - A call costs the transport's round trip for the bytes it moves (out + back: call_us + us_per_mb · MB) plus the
-  compute of the pass that serves it. Calls of the G gateways for the same layer and device meet at the replica and
-  are merged into one pass (the expert mesh's merging), so a device's pass computes every gateway's pairs at once:
-  the calibrated expert compute of the step's pairs on that device over the distinct experts they hit. That assumes
-  the gateways' calls overlap fully; a gateway that runs ahead pays a pass of its own rows instead, and waits less.
+  compute of the passes it waits for. A replica computes a call that finds it idle at once and merges the calls
+  that arrive meanwhile into its next pass (expert_workers/merging.py). With G gateways in near-lockstep the first
+  call (gateway 0's, by convention) is computed alone and the other G − 1 gateways' calls for that layer are merged
+  into a second pass, which they wait for after the first: the calibrated expert compute of each pass's pairs over
+  the distinct experts they hit. One gateway: one pass.
 - The machine's cores are shared by every process (gateways, groups, Ray's workers). A step cannot be shorter than
   all the CPU work of one step of every gateway divided over `cores`: the G gateways' own steps, every pass's
   compute, and every round trip (on one machine a round trip is CPU work on both ends: the codec, Ray's or gRPC's
@@ -22,6 +23,7 @@ What one decode step is, as modelled here (every assumption the numbers rest on)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -73,30 +75,45 @@ def gateway_step_seconds(spec: ModelSpec, hw: Hardware, work: Workload) -> float
     return other_step_seconds(spec, hw, work) + len(spec.moe_layers) * gateway_moe_seconds(spec, hw, work)
 
 
-def device_compute_seconds(traffic: LayerTraffic, spec: ModelSpec, hw: Hardware, work: Workload) -> torch.Tensor:
-    """[D] seconds of each device's merged pass: every gateway's pairs on that device, its distinct experts hit."""
+def pass_seconds(pairs: torch.Tensor, hits: torch.Tensor, traffic: LayerTraffic, spec: ModelSpec, hw: Hardware,
+                 work: Workload) -> torch.Tensor:
+    """[D] seconds of a pass computing `pairs` [D] over `hits` [D] distinct experts on each device: calibrated, or
+    the roofline without a calibrated expert rate."""
     if hw.experts is None:
-        return expert_seconds(traffic, spec, hw, work.dtype_bytes)
-    return torch.tensor([hw.experts.seconds(int(p), int(h))
-                         for p, h in zip(traffic.pairs.tolist(), traffic.experts_hit.tolist(), strict=True)],
+        return expert_seconds(dataclasses.replace(traffic, pairs=pairs, experts_hit=hits), spec, hw, work.dtype_bytes)
+    rate = hw.experts
+    return torch.tensor([rate.seconds(int(p), int(h)) for p, h in zip(pairs.tolist(), hits.tolist(), strict=True)],
                         dtype=torch.float64)
+
+
+def device_passes(traffic: LayerTraffic, spec: ModelSpec, hw: Hardware,
+                  work: Workload) -> tuple[torch.Tensor, torch.Tensor]:
+    """([D] the pass computing the first gateway's call alone, [D] the pass merging the other gateways' calls).
+    One gateway, or traffic without the first gateway's part: one pass of every pair, and zeros."""
+    if traffic.bytes_out.shape[0] == 1 or traffic.first_pairs is None:
+        return pass_seconds(traffic.pairs, traffic.experts_hit, traffic, spec, hw, work), \
+            torch.zeros(traffic.pairs.shape, dtype=torch.float64)
+    first = pass_seconds(traffic.first_pairs, traffic.first_hits, traffic, spec, hw, work)
+    rest = pass_seconds(traffic.pairs - traffic.first_pairs, traffic.rest_hits, traffic, spec, hw, work)
+    return first, rest
 
 
 def local_layer_cost(traffic: LayerTraffic, spec: ModelSpec, hw: Hardware, work: Workload,
                      pricing: LocalPricing) -> tuple[LayerCost, float]:
     """One MoE layer: (its cost on the slowest gateway's path, the CPU seconds it takes on the machine). The path is
-    the slowest call: round trip of its bytes (dispatch_s) + its device's merged pass (expert_s); combine_s is 0,
-    the round trip holds both ways."""
+    the slowest call: round trip of its bytes (dispatch_s) + the passes it waits for (expert_s: gateway 0's call the
+    first, the others' the first and the merged second); combine_s is 0, the round trip holds both ways."""
     rate = hw.transports[pricing.transport]
     moved = (traffic.bytes_out + traffic.bytes_back).double()  # [G, D]
     sent = traffic.bytes_out > 0  # [G, D] one call each
     trips = torch.where(sent, (rate.call_us + rate.us_per_mb * moved / 1e6) * 1e-6, 0.0)  # [G, D]
-    compute = device_compute_seconds(traffic, spec, hw, work)  # [D]
-    path = torch.where(sent, trips + compute[None, :], 0.0)  # [G, D]
+    first, rest = device_passes(traffic, spec, hw, work)  # [D], [D]
+    waits = torch.cat([first[None, :], (first + rest)[None, :].expand(sent.shape[0] - 1, -1)])  # [G, D]
+    path = torch.where(sent, trips + waits, 0.0)  # [G, D]
     g, d = divmod(int(path.argmax()), path.shape[1])
-    cost = LayerCost(gateway_s=0.0, dispatch_s=float(trips[g, d]), expert_s=float(compute[d]) if sent[g, d] else 0.0,
+    cost = LayerCost(gateway_s=0.0, dispatch_s=float(trips[g, d]), expert_s=float(waits[g, d]) if sent[g, d] else 0.0,
                      combine_s=0.0, bytes_intra=int(moved.sum()), bytes_inter=0)
-    cpu = float(trips.sum()) + float(compute[sent.any(dim=0)].sum())
+    cpu = float(trips.sum()) + float((first + rest)[sent.any(dim=0)].sum())
     return cost, cpu
 
 

@@ -68,6 +68,11 @@ def replay(spec: ModelSpec, source: RoutingSource, placement: Placement, top_m: 
         pairs = torch.zeros(n_steps, n_devices, dtype=torch.long)
         hits = torch.zeros(n_steps, n_devices, dtype=torch.long)
         hit = torch.zeros(n_devices, n_experts, dtype=torch.bool)  # the current step's experts read per device
+        first_pairs = torch.zeros(n_steps, n_devices, dtype=torch.long)  # gateway 0's part (local_step.py)
+        first_hits = torch.zeros(n_steps, n_devices, dtype=torch.long)
+        rest_hits = torch.zeros(n_steps, n_devices, dtype=torch.long)
+        hit_first = torch.zeros(n_devices, n_experts, dtype=torch.bool)
+        hit_rest = torch.zeros(n_devices, n_experts, dtype=torch.bool)
         out = torch.zeros(n_steps, g, n_devices, dtype=torch.long)
         back = torch.zeros(n_steps, g, n_devices, dtype=torch.long)
         for i, start in enumerate(range(0, t, b)):
@@ -84,13 +89,20 @@ def replay(spec: ModelSpec, source: RoutingSource, placement: Placement, top_m: 
                     tokens[step, batch.device] += n
                     pairs[step, batch.device] += here.numel()
                     hit[batch.device, here] = True
+                    if gw == 0:
+                        first_pairs[step, batch.device] += here.numel()
+                        hit_first[batch.device, here] = True
+                    else:
+                        hit_rest[batch.device, here] = True
                     out[step, gw, batch.device] = nbytes_out
                     back[step, gw, batch.device] = nbytes_back
             if gw == g - 1 and step < n_steps:  # the step's last batch
                 hits[step] = hit.sum(dim=-1)
-                hit.zero_()
-        per_layer.append([LayerTraffic(tokens[s], pairs[s], hits[s], out[s], back[s])
-                          for s in range(n_steps)])
+                first_hits[step], rest_hits[step] = hit_first.sum(dim=-1), hit_rest.sum(dim=-1)
+                for h in (hit, hit_first, hit_rest):
+                    h.zero_()
+        per_layer.append([LayerTraffic(tokens[s], pairs[s], hits[s], out[s], back[s], first_pairs[s], first_hits[s],
+                                       rest_hits[s]) for s in range(n_steps)])
     steps = [[per_layer[j][s] for j in range(len(source.layers))] for s in range(n_steps)]
     return Replay(totals, sent, received, calls, t, changed, steps)
 

@@ -18,6 +18,7 @@ from deploy.planning.cost_model import LayerTraffic, Workload, gateway_moe_secon
 from deploy.planning.hardware import ExpertRate, GatewayRate, Hardware, TransportRate
 from deploy.planning.local_step import LocalPricing, gateway_step_seconds, local_step_cost, pricing_label
 from deploy.planning.plan import plan
+from deploy.planning.replay import build_placement, replay
 from deploy.planning.routing_sources import SyntheticRouting
 from model_core.make_model import preset_config
 from model_core.spec import ModelSpec
@@ -30,13 +31,14 @@ CALIBRATED = dataclasses.replace(HW, transports={"ray": TransportRate(call_us=10
                                  gateway=GatewayRate(base_us=5000.0, per_token_us=100.0, threads=1))
 
 # 2 gateways, 2 devices: gateway 0 reaches device 0 only (1 MB out, 1 MB back); gateway 1 both (0.5 + 0.5 MB to
-# device 0, 1 + 1 MB to device 1). Device 0 computes 8 pairs over 4 experts, device 1 4 pairs over 4 experts.
+# device 0, 1 + 1 MB to device 1). Device 0 computes 8 pairs over 4 experts, device 1 4 pairs over 4 experts. No
+# first gateway's part recorded: each device prices one pass of every pair.
 LAYER = LayerTraffic(tokens=torch.tensor([5, 3]), pairs=torch.tensor([8, 4]), experts_hit=torch.tensor([4, 4]),
                      bytes_out=torch.tensor([[1_000_000, 0], [500_000, 1_000_000]]),
                      bytes_back=torch.tensor([[1_000_000, 0], [500_000, 1_000_000]]))
 
 
-def test_the_step_is_the_gateway_plus_each_layers_slowest_merged_call_or_the_cpu_work_over_the_cores():
+def test_the_step_is_the_gateway_plus_each_layers_slowest_call_or_the_cpu_work_over_the_cores():
     work = Workload(batch=4, gateways=2)
     # Round trips (1000 us + 500 us/MB): g0->d0 2 MB 2000 us, g1->d0 1 MB 1500 us, g1->d1 2 MB 2000 us.
     # Merged passes (100 us + experts x per-expert(rows)): d0 4 experts x 2 rows = 100 + 4 x 300 = 1300 us;
@@ -51,6 +53,41 @@ def test_the_step_is_the_gateway_plus_each_layers_slowest_merged_call_or_the_cpu
     four_cores = local_step_cost([LAYER, LAYER], TINY, CALIBRATED, work, LocalPricing("ray", cores=4))
     assert four_cores.serial_s == pytest.approx(12000e-6) == four_cores.overlapped_s  # the path bounds it
     assert four_cores.layers[0].bytes_intra == 5_000_000 and four_cores.layers[0].bytes_inter == 0
+
+
+def test_the_first_gateways_call_is_computed_alone_and_the_others_wait_for_a_second_merged_pass():
+    # As LAYER, but gateway 1 sends device 0 0.6 + 0.6 MB, and the plan recorded gateway 0's part: 6 pairs over 3
+    # experts on device 0; the other gateway's pairs hit 2 experts on device 0 and 4 on device 1.
+    layer = dataclasses.replace(LAYER, bytes_out=torch.tensor([[1_000_000, 0], [600_000, 1_000_000]]),
+                                bytes_back=torch.tensor([[1_000_000, 0], [600_000, 1_000_000]]),
+                                first_pairs=torch.tensor([6, 0]), first_hits=torch.tensor([3, 0]),
+                                rest_hits=torch.tensor([2, 4]))
+    work = Workload(batch=4, gateways=2)
+    # Passes: d0 first 100 + 3 x 300 (2 rows each) = 1000 us, then 2 pairs over 2 experts 100 + 2 x 200 = 500 us;
+    # d1 first none, then 4 over 4: 900 us. Gateway 0 waits 1000 us at d0; gateway 1 1500 us at d0, 900 us at d1.
+    # Calls: g0->d0 2000 + 1000, g1->d0 1600 + 1500 = 3100 (the slowest), g1->d1 2000 + 900 us.
+    # Path: 5400 + 2 x 3100 = 11600 us. CPU: 2 x 5400 + 2 x (trips 5600 + passes 2400) = 26800 us.
+    cost = local_step_cost([layer, layer], TINY, CALIBRATED, work, LocalPricing("ray", cores=4))
+    assert (cost.layers[0].dispatch_s, cost.layers[0].expert_s) == pytest.approx((1600e-6, 1500e-6))
+    assert cost.serial_s == pytest.approx(11600e-6)
+    assert local_step_cost([layer] * 2, TINY, CALIBRATED, work, LocalPricing("ray", 2)).serial_s == pytest.approx(
+        26800e-6 / 2)
+    one = Workload(batch=4, gateways=1)  # one gateway: its call is the only one, one pass of every pair
+    alone = dataclasses.replace(layer, bytes_out=layer.bytes_out[:1], bytes_back=layer.bytes_back[:1])
+    assert local_step_cost([alone], TINY, CALIBRATED, one, LocalPricing("ray", 4)).layers[0].expert_s == \
+        pytest.approx(1300e-6)
+
+
+def test_the_replay_records_the_first_gateways_part_of_every_device_pass():
+    work = Workload(batch=8, gateways=3)
+    source = SyntheticRouting(TINY, 8 * 3 * 4, 0.3, seed=int(torch.randint(0, 1000, ())))
+    result = replay(TINY, source, build_placement(TINY, None, 2, 0), None, work)
+    for step in result.steps:
+        for t in step:
+            assert torch.all(t.first_pairs <= t.pairs) and torch.all(t.first_hits <= t.experts_hit)
+            assert torch.all(t.rest_hits <= t.experts_hit)
+            assert torch.all(t.experts_hit <= t.first_hits + t.rest_hits)  # the union of the two parts
+            assert torch.all((t.first_pairs > 0) == (t.bytes_out[0] > 0))
 
 
 def test_without_a_calibrated_gateway_or_experts_the_step_falls_back_to_rooflines():
