@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import uuid
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.machine_info import machine  # noqa: E402
 from gateway.config import CacheConfig, DeploymentConfig, MeshConfig, RayConfig, SchedulerConfig  # noqa: E402
 
 NAMESPACE = "expertmesh-mesh-bench"
@@ -269,14 +269,6 @@ def print_tables(rows: list[dict], comparisons: list[dict]) -> None:
             verdict.append(f"at 1 gateway, where no call merges, compute per token differs by "
                            f"{-null[c['micro_batches']]['compute_per_token_fall']:+.0%} (the noise)")
         print(f"2 gateways, {c['micro_batches']} micro-batch(es): " + "; ".join(verdict))
-
-
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo")
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")), None) if cpuinfo.exists() else None
-    return {"arch": platform.machine(), "cpus": os.cpu_count(), "cpu_model": model or platform.processor(),
-            "node": platform.node(), "torch": torch.__version__}
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 import uuid
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.machine_info import machine  # noqa: E402
 from deploy.planning.hardware import Hardware, hardware_yaml  # noqa: E402
 from gateway.config import CacheConfig, DeploymentConfig, MeshConfig, RayConfig  # noqa: E402
 
@@ -167,14 +167,6 @@ def calibrated_hardware(args: argparse.Namespace) -> Hardware:
     print(f"calibrated: ray {hw.transports['ray']}; {hw.experts}; {hw.gateway}; cores {hw.cores}; wrote {out}",
           flush=True)
     return hw
-
-
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo")
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")), None) if cpuinfo.exists() else None
-    return {"arch": platform.machine(), "cpus": os.cpu_count(), "cpu_model": model or platform.processor(),
-            "node": platform.node(), "torch": torch.__version__}
 
 
 def main() -> None:

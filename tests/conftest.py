@@ -101,6 +101,19 @@ def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
+def float32_gemm_is_batch_invariant() -> bool:
+    """Whether this machine's float32 matmul gives a row the same bits in batches of any size (it depends on the
+    BLAS kernels the CPU gets: true on the AVX-512 VM of 2026-12-01, false on an AVX512-BF16 one of 2026-12-05).
+    Where it holds, merged or micro-batched rows equal each call's own bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    for m, k, n in ((5, 64, 128), (12, 64, 256), (36, 32, 1000)):
+        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+        whole = x @ w.t()
+        if any(not torch.equal(x[a:b] @ w.t(), whole[a:b]) for a, b in ((0, 1), (1, 3), (0, m // 2))):
+            return False
+    return True
+
+
 def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05) -> object:
     """Poll `predicate` until it returns something true (returned), or raise TimeoutError naming `what` after
     `timeout_s`. Tests wait for a condition, never for a fixed time: on a shared 2-core machine any fixed sleep is

@@ -27,7 +27,7 @@ from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from protos.channel import channel_options
 from protos.codec import NAMES, proto_to_tensor, readonly_tensor, tensor_to_numpy, tensor_to_proto
-from tests.conftest import wait_until
+from tests.conftest import float32_gemm_is_batch_invariant, wait_until
 from tests.expert_workers.conftest import HOSTED
 
 TIMEOUT_S = 60.0
@@ -73,21 +73,9 @@ def routing(group: ExpertGroup, t: int, seed: int, experts: list[int] = HOSTED, 
     return hidden, ids, torch.rand(t, k, generator=gen)
 
 
-def gemm_rows_are_batch_invariant() -> bool:
-    """Whether this CPU's float32 matmul gives a row the same bits in batches of any size (it depends on the BLAS
-    kernels: a merged pass's rows equal the calls' own bit for bit only where it holds)."""
-    gen = torch.Generator().manual_seed(3)
-    for m, k, n in ((5, 64, 128), (12, 64, 256), (36, 32, 1000)):
-        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
-        whole = x @ w.t()
-        if any(not torch.equal(x[a:b] @ w.t(), whole[a:b]) for a, b in ((0, 1), (1, 3), (0, m // 2))):
-            return False
-    return True
-
-
 def assert_rows_as_alone(merged: torch.Tensor, alone: torch.Tensor) -> None:
     assert merged.dtype == alone.dtype
-    if gemm_rows_are_batch_invariant():
+    if float32_gemm_is_batch_invariant():
         assert torch.equal(merged, alone)
     elif alone.dtype == torch.float32:  # this CPU's GEMM kernels round by row count: the last bits may differ
         torch.testing.assert_close(merged, alone, rtol=0, atol=1e-5)

@@ -11,21 +11,9 @@ from gateway import Engine
 from gateway.config import CacheConfig, DeploymentConfig, SchedulerConfig
 from gateway.model.model import split_sequences
 from router_service.routing import concat_routings, route_tokens
-from tests.conftest import random_prompts
+from tests.conftest import float32_gemm_is_batch_invariant, random_prompts
 
 PROMPTS_SEED = 60
-
-
-def float32_gemm_is_batch_invariant() -> bool:
-    """Whether this machine's float32 matmul gives a row the same bits in batches of any size (it depends on the
-    BLAS kernels the CPU gets: true on the AVX-512 VM of 2026-12-01, false on an AVX512-BF16 one of 2026-12-05)."""
-    gen = torch.Generator().manual_seed(3)
-    for m, k, n in ((5, 64, 128), (12, 64, 256), (36, 32, 1000)):
-        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
-        whole = x @ w.t()
-        if any(not torch.equal(x[a:b] @ w.t(), whole[a:b]) for a, b in ((0, 1), (1, 3), (0, m // 2))):
-            return False
-    return True
 
 
 def engine_with(model_dir, micro_batches: int, **fields) -> Engine:
