@@ -280,8 +280,9 @@ class RdtTransport(RayCallTransport):
 
     def _members(self) -> Any:
         """(version, {name: handle}) of the replicas to build the relay's group over, in the object store (one copy
-        per change). With a mesh: every replica its directory lists as serving, versioned by the directory's epoch,
-        so that all gateways sharing the relay name the same members; else the pool's replicas that answer."""
+        per change of the names). With a mesh: every replica its directory lists as serving, versioned by the
+        directory's epoch when the names change, so that gateways sharing the relay agree on which list is newer;
+        else the pool's replicas that answer."""
         if hasattr(self.pool, "epoch"):
             live = [(r.name, r.actor) for d in sorted(self.pool.groups) for r in self.pool.live(d)]
             version = self.pool.epoch
@@ -289,7 +290,7 @@ class RdtTransport(RayCallTransport):
             live = [(r.name, r.actor) for d in sorted(self.pool.groups) for r in self.pool.live(d)
                     if r.down_since is None]
             version = None
-        key = (version, *(name for name, _ in live))
+        key = tuple(name for name, _ in live)  # a restarted member keeps its name: the relay's watch rebuilds then
         if key != self._members_key or self._members_ref is None:
             self._version = version if version is not None else self._version + 1
             self._members_key, self._members_ref = key, ray.put((self._version, dict(live)))
