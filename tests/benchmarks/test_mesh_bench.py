@@ -27,7 +27,8 @@ def positive(value) -> bool:
 def test_mesh_benchmark_smoke(tmp_path, model_dirs):
     out, model = tmp_path / "mesh.json", model_dirs["tiny-v3"]
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--model", str(model), "--gateways", "2", "--micro-batches", "1",
+        [sys.executable, str(BENCH), "--quick", "--model", str(model), "--dtype", "float32", "--gateways", "2",
+         "--micro-batches", "1",
          "--new-tokens", str(NEW_TOKENS), "--rounds", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -74,5 +75,5 @@ def test_mesh_benchmark_smoke(tmp_path, model_dirs):
     targets = data["targets"]
     assert c["rows_per_pass_target_met"] == (c["rows_per_pass_ratio"] >= targets["rows_per_pass_ratio"])
     assert c["compute_per_token_target_met"] == (c["compute_per_token_fall"] >= targets["compute_per_token_fall"])
-    assert 0 <= c["same_tokens_share"] <= 1
+    assert c["same_tokens_share"] == 1.0  # float32: merged rows agree with unmerged ones to ~1e-6, tokens exactly
     assert "target >= x1.6" in done.stdout  # the verdict is printed

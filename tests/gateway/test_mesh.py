@@ -235,7 +235,7 @@ def test_mesh_up_status_down_and_refusals(model_dirs, ray_cluster):
     no_start = mesh_config(model, "grpc", "lifecycle", start=False)
     with pytest.raises(MeshNotRunning, match="mesh up"):
         Engine.from_config(no_start)
-    time.sleep(0)  # nothing left behind: the names are free again
+    # nothing left behind: the names are free again
     assert not [a for a in ray_cluster.util.list_named_actors(all_namespaces=True) if "lifecycle" in a["name"]]
 
 
