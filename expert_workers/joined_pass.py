@@ -58,6 +58,19 @@ class JoinedPass:
         scale = pair_scales(topk_weights.to(self.device), pairs, self.dtype)  # [P, 1]
         self.members.append(_Member(hidden, x, pairs, pairs.offsets.tolist(), rows, scale, torch.empty_like(rows), at))
 
+    @staticmethod
+    def would_loop(group: ExpertGroup, layout: ExpertLayout, layer: int, calls: list[Call]) -> bool:
+        """Whether `calls` together would run the loop, decided from their routing alone (a bincount, no sort):
+        half precision on a CPU always does; float32 does unless padded_bmm fits (decode-sized steps)."""
+        if group.dtype != torch.float32 or group.torch_device.type != "cpu":
+            return True
+        local_index = layout.local_index[layer]
+        counts = torch.zeros(layout.w_gate_up[layer].shape[0], dtype=torch.long, device=local_index.device)
+        for _, ids, _ in calls:
+            ids = ids.to(local_index.device, torch.long)
+            counts += torch.bincount(local_index[ids[ids >= 0]], minlength=counts.numel())
+        return auto_impl(torch.empty(0, dtype=group.dtype, device=group.torch_device), counts) == "loop"
+
     def uses_loop(self) -> bool:
         """Whether the members' concatenation would run grouped_expert_ffn's loop (impl='auto'): the only path
         that computes expert by expert, so the only one a call can join."""

@@ -205,6 +205,8 @@ class CallMerger:
         if first.layout is None:
             first.layout = g.check(first.layer, first.hidden, first.ids, first.weights, first.version)
             first.version = first.layout.version  # the pass's key: joiners name the version it resolved to
+        if not JoinedPass.would_loop(g, first.layout, first.layer, [(c.hidden, c.ids, c.weights) for c in batch]):
+            return None  # padded_bmm (float32 decode steps): whole calls only, sorted once by the group's run
         joined = JoinedPass(g, first.layout, first.layer)
         for c in batch:
             joined.add(c.hidden, c.ids, c.weights)
