@@ -90,13 +90,29 @@ def _call(engine, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: 
     return time.perf_counter() - start, reply.compute_ms
 
 
+def _caller_seconds(engine, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> float:
+    """One device-0 call's time on the calling thread: sending it, and taking its reply once the reply is there
+    (a pause between the two lets it arrive), so the wait for the group is not in it."""
+    transport = engine.backend.transport
+    call = ExpertCall(0, layer, hidden, ids, weights, version=engine.backend.placement.version)
+    start = time.perf_counter()
+    sent = transport.send(call)
+    transport.flush()
+    sending = time.perf_counter() - start
+    time.sleep(0.02)
+    start = time.perf_counter()
+    transport.receive([call], [sent])
+    return sending + time.perf_counter() - start
+
+
 def measure_transport(engine, runs: int = 15, sizes: tuple[int, ...] = ROW_SIZES) -> TransportRate:
     """Round trips of device batches whose experts are all elsewhere (ids -1: the group checks, computes nothing
     and answers zeros of the same shape), so the time is the transport's: the codec, the call and the reply.
-    Fitted as call_us + us_per_mb · MB moved (out + back), on the median of `runs` calls per size."""
+    Fitted as call_us + us_per_mb · MB moved (out + back), on the median of `runs` calls per size; caller_us is
+    the fixed part of the same fit over the time each call spends on the caller's thread (`_caller_seconds`)."""
     spec, layer = engine.spec, engine.spec.moe_layers[0]
     gen = torch.Generator().manual_seed(0)
-    points = []
+    points, caller = [], []
     for n in sizes:
         hidden = torch.randn(n, spec.hidden_size, generator=gen).to(engine.model.dtype)
         ids = torch.full((n, spec.top_k), -1, dtype=torch.long)
@@ -105,8 +121,12 @@ def measure_transport(engine, runs: int = 15, sizes: tuple[int, ...] = ROW_SIZES
         wall = statistics.median(_call(engine, layer, hidden, ids, weights)[0] for _ in range(runs))
         moved = n * spec.hidden_size * hidden.element_size() * 2 + ids.numel() * 8 + weights.numel() * 4
         points.append(([1.0, moved / 1e6], wall * 1e6))
+        own = statistics.median(_caller_seconds(engine, layer, hidden, ids, weights) for _ in range(runs))
+        caller.append(([1.0, moved / 1e6], own * 1e6))
     call_us, us_per_mb = fit_least_squares(points)
-    return TransportRate(call_us=round(max(call_us, 0.0), 1), us_per_mb=round(max(us_per_mb, 0.0), 1))
+    caller_us = min(max(fit_least_squares(caller)[0], 0.0), max(call_us, 0.0))  # a part of the whole call
+    return TransportRate(call_us=round(max(call_us, 0.0), 1), us_per_mb=round(max(us_per_mb, 0.0), 1),
+                         caller_us=round(caller_us, 1))
 
 
 def measure_experts(engine, runs: int = 11, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> ExpertRate:
@@ -187,29 +207,39 @@ def measure_gateway(engine, steps: int = 9, batches: tuple[int, ...] = GATEWAY_B
                        threads=torch.get_num_threads())
 
 
-def spin(start_at: float, seconds: float) -> int:
-    """Count loop turns from wall-clock `start_at` for `seconds`: the CPU this process got meanwhile."""
+def stream_weights(start_at: float, seconds: float, mbytes: int = 96) -> int:
+    """From wall-clock `start_at` for `seconds`, on one torch thread: passes of an 8-row bf16 matmul over `mbytes`
+    MB of weight matrices shaped like experts' (larger than a CPU's last-level cache, so each pass reads them from
+    memory, as an expert pass does). The passes done: the work this process got meanwhile."""
+    torch.set_num_threads(1)
+    count = max(1, mbytes * 2**20 // (1408 * 1024 * 2))
+    weights = [torch.full((1408, 1024), 0.01, dtype=torch.bfloat16) for _ in range(count)]  # quick to fill
+    x = torch.full((8, 1024), 0.5, dtype=torch.bfloat16)
     time.sleep(max(0.0, start_at - time.time()))
     turns, end = 0, start_at + seconds
     while time.time() < end:
+        for w in weights:
+            x @ w.T
         turns += 1
     return turns
 
 
 def measure_cores(workers: int | None = None, seconds: float = 1.0, rounds: int = 3) -> float:
     """Cores' worth of work Ray workers get at once on this machine now: `workers` (default: the CPU count) Ray
-    tasks spinning together for `seconds`, their turns over one task's spinning alone (best of `rounds` each). An
-    idle 2-core machine gives 2; other processes holding the cores give less (Ray starts its workers at nice 15, so
-    a busy machine leaves its deployments a fraction of its cores)."""
+    tasks streaming expert-sized weights together for `seconds` (`stream_weights`), their passes over one task's
+    passes alone (best of `rounds` each). Processes that read weights share the memory's bandwidth as well as the
+    cores: the 2-core dev VM gives about 1.65 idle (a loop that reads no memory gives 2); other processes holding
+    the cores give less (Ray starts its workers at nice 15, so a busy machine leaves its deployments a fraction of
+    its cores)."""
     import os
 
     import ray
 
     workers = workers or os.cpu_count() or 1
-    task = ray.remote(num_cpus=0, max_retries=0)(spin)
+    task = ray.remote(num_cpus=0, max_retries=0)(stream_weights)
     ray.get([task.remote(time.time(), 0.05) for _ in range(workers)])  # start the workers
-    alone = max(ray.get(task.remote(time.time() + 0.2, seconds)) for _ in range(rounds))
-    together = max(sum(ray.get([task.remote(start, seconds) for start in [time.time() + 0.5] * workers]))
+    alone = max(ray.get(task.remote(time.time() + 0.5, seconds)) for _ in range(rounds))
+    together = max(sum(ray.get([task.remote(start, seconds) for start in [time.time() + 1.0] * workers]))
                    for _ in range(rounds))
     return round(min(together / alone, float(workers)), 2)
 

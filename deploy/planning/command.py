@@ -79,6 +79,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "calibrated backend when the file has any, else 'links')")
     pl.add_argument("--cores", type=float, help="with calibrated pricing: the cores every gateway and group share "
                                                 "(default: the file's calibrated cores, else this machine's count)")
+    pl.add_argument("--merge", choices=("join", "whole"), default="join",
+                    help="with calibrated pricing: how a replica merges the gateways' calls for a layer: 'join' "
+                         "(default; calls join the running pass expert by expert, as a CPU replica's bf16 loop does) "
+                         "or 'whole' (the first call alone, the others merged into the next pass: GPU kernels)")
     pl.add_argument("--transports", default="ray,grpc",
                     help="with --calibrate: backends to measure (comma-separated; 'none' for none)")
 
@@ -114,7 +118,7 @@ def _plan(args: argparse.Namespace, hardware: Hardware) -> int:
     else:
         raise ValueError("--traces DIR or --synthetic zipf:S: one is required")
     work = Workload(args.batch, args.gateways, args.context, {"float32": 4}.get(args.dtype, 2))
-    pricing = local_pricing(hardware, args.transport, args.cores)
+    pricing = local_pricing(hardware, args.transport, args.cores, args.merge == "join")
     rows = plan(spec, source, hardware, args.devices, args.top_m, args.redundant, work, pricing)
     title = describe(args.model, spec, source, hardware, work, pricing)
     print(title)
@@ -127,9 +131,11 @@ def _plan(args: argparse.Namespace, hardware: Hardware) -> int:
     return 0
 
 
-def local_pricing(hardware: Hardware, transport: str, cores: float | None) -> LocalPricing | None:
-    """`--transport` and `--cores` as the planner's pricing: None for link rates, else the calibrated backend on
-    `cores` (default: the file's calibrated cores, else this machine's count)."""
+def local_pricing(hardware: Hardware, transport: str, cores: float | None,
+                  joining: bool = True) -> LocalPricing | None:
+    """`--transport`, `--cores` and `--merge` as the planner's pricing: None for link rates, else the calibrated
+    backend on `cores` (default: the file's calibrated cores, else this machine's count), calls joining one pass
+    or not."""
     import os
 
     from deploy.planning.local_step import LocalPricing
@@ -143,7 +149,7 @@ def local_pricing(hardware: Hardware, transport: str, cores: float | None) -> Lo
                          f"{sorted(hardware.transports) or 'none'}; 'links' prices at link rates)")
     if cores is None:
         cores = hardware.cores if hardware.cores is not None else os.cpu_count() or 1
-    return LocalPricing(transport, cores)
+    return LocalPricing(transport, cores, joining)
 
 
 def _calibrate(args: argparse.Namespace, hardware: Hardware) -> int:
@@ -165,7 +171,8 @@ def _calibrate(args: argparse.Namespace, hardware: Hardware) -> int:
         where["experts"] = f"measured: the group's compute of {args.model}'s experts, 1-64 rows per expert"
         where["gateway"] = (f"measured: {args.model} decode steps of a local deployment, 1-32 sequences, minus its "
                             "groups' compute")
-        where["cores"] = "measured: Ray workers spinning together over one alone, at calibration time"
+        where["cores"] = ("measured: Ray workers streaming expert-sized weights together over one alone, at "
+                          "calibration time")
     args.calibrate.write_text(hardware_yaml(measured, where))
     print(f"wrote {args.calibrate}: matmul {measured.matmul_tflops:g} TFLOP/s, memory "
           f"{measured.hbm_gbytes_per_s:g} GB/s" + "".join(

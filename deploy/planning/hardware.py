@@ -15,10 +15,13 @@ from model_core.yaml_file import read_yaml_mapping
 
 @dataclass(frozen=True)
 class TransportRate:
-    """A transport measured on this machine: one call's fixed cost and its cost per MB moved (out + back)."""
+    """A transport measured on this machine: one call's fixed cost and its cost per MB moved (out + back); of the
+    fixed cost, `caller_us` is spent on the caller's own thread (sending the call, taking its reply), which a
+    gateway's calls to several groups pay one after another (0: not measured)."""
 
     call_us: float
     us_per_mb: float
+    caller_us: float = 0.0
 
     def seconds(self, nbytes: float) -> float:
         return (self.call_us + self.us_per_mb * nbytes / 1e6) * 1e-6
@@ -95,6 +98,12 @@ def _numbers(name: str, raw: Any, keys: tuple[str, ...], numbers: tuple[str, ...
     return raw
 
 
+def _rate_keys(rate: Any) -> tuple[str, ...]:
+    """A transport rate's keys: call_us and us_per_mb, and caller_us where the file has it (older files do not)."""
+    return ("call_us", "us_per_mb", "caller_us") if isinstance(rate, dict) and "caller_us" in rate else \
+        ("call_us", "us_per_mb")
+
+
 @dataclass(frozen=True)
 class Hardware:
     """Rates of one GPU and its links (GB = 1e9 bytes). Loaded from a YAML file (deploy/hardware/*.yaml)."""
@@ -128,7 +137,8 @@ class Hardware:
             raise HardwareError(f"cores={self.cores!r}: expected a number > 0 (cores' worth of work at once)")
         if not isinstance(self.transports, dict) or not all(isinstance(t, TransportRate)
                                                             for t in self.transports.values()):
-            raise HardwareError(f"transports={self.transports!r}: expected {{backend: {{call_us, us_per_mb}}}}")
+            raise HardwareError(f"transports={self.transports!r}: expected "
+                                "{backend: {call_us, us_per_mb[, caller_us]}}")
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "hardware") -> Hardware:
@@ -144,7 +154,7 @@ class Hardware:
             raise HardwareError(f"{source}: {missing[0]}: missing ({_UNITS.get(missing[0], 'required')})")
         raw = dict(raw)
         try:
-            raw["transports"] = {name: TransportRate(**_numbers(f"transports.{name}", rate, ("call_us", "us_per_mb")))
+            raw["transports"] = {name: TransportRate(**_numbers(f"transports.{name}", rate, _rate_keys(rate)))
                                  for name, rate in (raw.get("transports") or {}).items()}
             if raw.get("experts") is not None:
                 e = _numbers("experts", raw["experts"], ("base_us", "per_expert_us"), numbers=("base_us",))

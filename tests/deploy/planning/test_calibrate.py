@@ -64,7 +64,7 @@ def test_calibration_measures_every_transport_and_the_experts_through_real_deplo
     assert set(rates) == {"ray", "grpc"}
     assert gateway is not None and gateway.threads == 1 and gateway.base_us + 16 * gateway.per_token_us > 0
     assert measured_rates.cores is not None and 0 < measured_rates.cores <= (os.cpu_count() or 1)
-    assert all(r.call_us > 0 and r.us_per_mb >= 0 for r in rates.values())
+    assert all(r.call_us > 0 and r.us_per_mb >= 0 and 0 <= r.caller_us <= r.call_us for r in rates.values())
     assert experts is not None and [r for r, _ in experts.per_expert_us] == [1, 2, 4, 8, 16, 32, 64]
     assert experts.base_us >= 0 and all(t >= 0 for _, t in experts.per_expert_us)
     base = Hardware.from_yaml(Path(__file__).resolve().parents[3] / "deploy" / "hardware" / "h100.yaml")

@@ -69,12 +69,16 @@ def test_calibrated_sections_round_trip_through_the_hardware_file(tmp_path):
     base = Hardware.from_yaml(HARDWARE / "h100.yaml")
     assert base.transports == {} and base.experts is None and base.gateway is None  # nominal files have none
     assert not base.calibrated
-    measured = dataclasses.replace(base, transports={"ray": TransportRate(3000.0, 1500.0)},
+    measured = dataclasses.replace(base, transports={"ray": TransportRate(3000.0, 1500.0, caller_us=1200.0)},
                                    experts=ExpertRate(10.0, ((1.0, 500.0), (8.0, 1100.0))))
     path = tmp_path / "here.yaml"
     path.write_text(hardware_yaml(measured, {}))
     assert Hardware.from_yaml(path) == measured
     raw = measured.to_dict()
+    older = Hardware.from_dict({**raw, "transports": {"ray": {"call_us": 3000.0, "us_per_mb": 1500.0}}})
+    assert older.transports["ray"].caller_us == 0.0  # a file written before caller_us was measured still loads
+    with pytest.raises(HardwareError, match="transports.ray.caller_us"):
+        Hardware.from_dict({**raw, "transports": {"ray": {"call_us": 3, "us_per_mb": 2, "caller_us": "x"}}})
     with pytest.raises(HardwareError, match="transports.grpc"):
         Hardware.from_dict({**raw, "transports": {"grpc": {"call_us": -1, "us_per_mb": 2}}})
     with pytest.raises(HardwareError, match="experts.per_expert_us"):

@@ -53,9 +53,17 @@ def test_the_step_is_the_gateway_plus_each_layers_slowest_call_or_the_cpu_work_o
     four_cores = local_step_cost([LAYER, LAYER], TINY, CALIBRATED, work, LocalPricing("ray", cores=4))
     assert four_cores.serial_s == pytest.approx(12000e-6) == four_cores.overlapped_s  # the path bounds it
     assert four_cores.layers[0].bytes_intra == 5_000_000 and four_cores.layers[0].bytes_inter == 0
+    # caller_us 600: gateway 1 sends two calls, so each of its calls waits for the other's caller part first:
+    # g1->d1 2000 + 600 + 900 = 3500 us is now the slowest. Path: 5400 + 2 x 3500 = 12400 us; CPU unchanged.
+    queued = dataclasses.replace(CALIBRATED, transports={"ray": TransportRate(1000.0, 500.0, caller_us=600.0)})
+    cost = local_step_cost([LAYER, LAYER], TINY, queued, work, LocalPricing("ray", cores=4))
+    assert (cost.layers[0].dispatch_s, cost.layers[0].expert_s) == pytest.approx((2600e-6, 900e-6))
+    assert cost.serial_s == pytest.approx(12400e-6)
+    assert local_step_cost([LAYER], TINY, queued, work, LocalPricing("ray", cores=1)).serial_s == pytest.approx(
+        5400e-6 * 2 + 5500e-6 + 2200e-6)
 
 
-def test_the_first_gateways_call_is_computed_alone_and_the_others_wait_for_a_second_merged_pass():
+def test_without_joining_the_first_gateways_call_is_computed_alone_and_the_others_wait_for_a_second_pass():
     # As LAYER, but gateway 1 sends device 0 0.6 + 0.6 MB, and the plan recorded gateway 0's part: 6 pairs over 3
     # experts on device 0; the other gateway's pairs hit 2 experts on device 0 and 4 on device 1.
     layer = dataclasses.replace(LAYER, bytes_out=torch.tensor([[1_000_000, 0], [600_000, 1_000_000]]),
@@ -67,11 +75,19 @@ def test_the_first_gateways_call_is_computed_alone_and_the_others_wait_for_a_sec
     # d1 first none, then 4 over 4: 900 us. Gateway 0 waits 1000 us at d0; gateway 1 1500 us at d0, 900 us at d1.
     # Calls: g0->d0 2000 + 1000, g1->d0 1600 + 1500 = 3100 (the slowest), g1->d1 2000 + 900 us.
     # Path: 5400 + 2 x 3100 = 11600 us. CPU: 2 x 5400 + 2 x (trips 5600 + passes 2400) = 26800 us.
-    cost = local_step_cost([layer, layer], TINY, CALIBRATED, work, LocalPricing("ray", cores=4))
+    cost = local_step_cost([layer, layer], TINY, CALIBRATED, work, LocalPricing("ray", cores=4, joining=False))
     assert (cost.layers[0].dispatch_s, cost.layers[0].expert_s) == pytest.approx((1600e-6, 1500e-6))
     assert cost.serial_s == pytest.approx(11600e-6)
+    assert local_step_cost([layer] * 2, TINY, CALIBRATED, work, LocalPricing("ray", 2, joining=False)).serial_s == \
+        pytest.approx(26800e-6 / 2)
+    # Joining (the default): both gateways' calls are one pass of all pairs, which both wait for: d0 8 pairs over 4
+    # experts (2 rows each) 100 + 4 x 300 = 1300 us, d1 900 us. Calls: g0->d0 2000 + 1300 = 3300 (the slowest),
+    # g1->d0 1600 + 1300, g1->d1 2000 + 900. Path: 5400 + 2 x 3300 = 12000 us. CPU: 2 x 5400 + 2 x (5600 + 2200).
+    joined = local_step_cost([layer, layer], TINY, CALIBRATED, work, LocalPricing("ray", cores=4))
+    assert (joined.layers[0].dispatch_s, joined.layers[0].expert_s) == pytest.approx((2000e-6, 1300e-6))
+    assert joined.serial_s == pytest.approx(12000e-6)
     assert local_step_cost([layer] * 2, TINY, CALIBRATED, work, LocalPricing("ray", 2)).serial_s == pytest.approx(
-        26800e-6 / 2)
+        26400e-6 / 2)
     one = Workload(batch=4, gateways=1)  # one gateway: its call is the only one, one pass of every pair
     alone = dataclasses.replace(layer, bytes_out=layer.bytes_out[:1], bytes_back=layer.bytes_back[:1])
     assert local_step_cost([alone], TINY, CALIBRATED, one, LocalPricing("ray", 4)).layers[0].expert_s == \
@@ -106,6 +122,7 @@ def test_without_a_calibrated_gateway_or_experts_the_step_falls_back_to_roofline
 
 def test_transport_chooses_calibrated_pricing_when_the_file_has_it_and_link_rates_otherwise():
     assert local_pricing(CALIBRATED, "auto", 3) == LocalPricing("ray", 3)
+    assert local_pricing(CALIBRATED, "auto", 3, joining=False) == LocalPricing("ray", 3, joining=False)
     assert local_pricing(dataclasses.replace(CALIBRATED, cores=1.4), "ray", None) == LocalPricing("ray", 1.4)
     assert local_pricing(CALIBRATED, "links", 3) is None
     assert local_pricing(HW, "auto", None) is None  # a nominal file: link rates
