@@ -1,5 +1,6 @@
 """Next-token sampling on the gateway's device: greedy, or temperature with nucleus (top-p) filtering; OpenAI's and
-vLLM's repetition penalties; the model's log-probabilities of the sampled and the top tokens.
+vLLM's repetition penalties, OpenAI's logit_bias and a grammar's token mask; the model's log-probabilities of the
+sampled and the top tokens.
 
 Logits never leave the device; the caller copies only the sampled ids to the host. Seeded sampling uses a
 per-request torch.Generator created on the same device (a CPU generator cannot drive CUDA sampling): a seed
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's _SAMPLING_EPS)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's logit_bias range: [-100, 100], added to the logits
 MIN_REPETITION, MAX_REPETITION = 0.01, 10.0  # a seen token's logit is scaled by at most 100 (float32-safe)
 NOT_SAMPLED = -1  # `sample`'s token for a row whose distribution is not finite
 
@@ -62,6 +64,19 @@ def apply_penalties(logits: torch.Tensor, prompt: list[int], output: list[int], 
         counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=logits.device), minlength=vocab)
         out -= penalties.frequency * counts.to(out.dtype) + penalties.presence * (counts > 0).to(out.dtype)
     return out
+
+
+def apply_logit_bias(logits: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """OpenAI's logit_bias, added to the logits before temperature: logits [V], token ids [K], bias [K] (each in
+    [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]) -> a new [V]. -100 makes a token as good as banned and +100 as good as forced
+    at ordinary temperatures; a temperature far above 1 divides the bias too."""
+    return logits.index_add(0, ids, bias.to(logits.dtype))
+
+
+def mask_tokens(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """A grammar's mask: logits [V], allowed [V] bool -> a new [V] with every token not allowed at -inf (never
+    sampled, greedy or not, whatever its bias)."""
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> tuple[list[float], list[list]]:

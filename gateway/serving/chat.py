@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: messages rendered with the checkpoint's chat template, then generated as completions
-are (n, stop, logprobs, penalties, streaming with stream_options.include_usage)."""
+are (n, stop, logprobs, penalties, logit_bias, structured outputs, streaming with stream_options.include_usage)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.serving.choices import (
     ApiError,
@@ -30,7 +30,7 @@ from model_core.chat_template import ChatTemplateError
 UNSUPPORTED = {
     "tools": "no tool calling", "tool_choice": "no tool calling", "functions": "no function calling",
     "function_call": "no function calling", "parallel_tool_calls": "no tool calling",
-    "logit_bias": "not implemented", "audio": "text only", "modalities": "text only",
+    "audio": "text only", "modalities": "text only",
     "prediction": "no predicted outputs", "web_search_options": "no web search",
 }
 
@@ -63,14 +63,6 @@ class ChatRequest(OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict | None) -> dict | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError(f"type={value.get('type')!r}: only 'text' is supported (no structured output)")
-        return value
 
 
 def render(state: GatewayState, body: ChatRequest) -> list[int]:

@@ -1,5 +1,5 @@
 """POST /v1/completions with OpenAI's (and vLLM's) semantics: prompt lists, n, stop, logprobs, echo, penalties,
-streaming with stream_options.include_usage."""
+logit_bias, structured outputs, streaming with stream_options.include_usage."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from gateway.serving.http_api import TRACE_ID_HEADER, GatewayState
 from gateway.serving.openai_request import OpenAIRequest
 
 UNSUPPORTED = {"best_of": "it samples best_of and returns the best by logprob; use n",
-               "suffix": "the model has no fill-in-the-middle format", "logit_bias": "not implemented"}
+               "suffix": "the model has no fill-in-the-middle format"}
 
 
 class CompletionRequest(OpenAIRequest):
@@ -40,9 +40,8 @@ class CompletionRequest(OpenAIRequest):
     max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    best_of: int | None = None  # refused unless 1 (UNSUPPORTED), as are suffix and logit_bias
+    best_of: int | None = None  # refused unless 1 (UNSUPPORTED), as is suffix
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 def prompts_of(prompt: str | list) -> list[str | list[int]]:

@@ -182,7 +182,8 @@ class Engine:
     def _enqueue(self, prompt: list[int], params: SamplingParams, request_id: str, on_token, on_finish,
                  trace_context: Any) -> Request:
         """A checked prompt's request, queued with its routing trace started (neither when the queue is full)."""
-        request = params.request(request_id, prompt, self.spec.eos_token_id, self.device, on_token, on_finish)
+        request = params.request(request_id, prompt, self.spec.eos_token_id, self.device, on_token, on_finish,
+                                 vocab_size=self.spec.vocab_size, grammars=self.runner.grammars)
         if self.telemetry.tracer is not None:  # one span per request, from submission to its last token
             request.span = self.telemetry.tracer.start_span("request", context=trace_context, attributes={
                 "expertmesh.request_id": request_id, "expertmesh.prompt_tokens": len(prompt),
@@ -248,7 +249,7 @@ class Engine:
             except Exception as exc:
                 self._callback_failed(r, "on_token", exc)
                 return
-        if token in r.stop_ids:
+        if token in r.stop_ids or r.grammar_complete:  # eos, or a structured output's text is complete
             r.finish_reason = "stop"
         elif len(r.output) >= r.max_new_tokens:
             r.finish_reason = "length"

@@ -12,9 +12,10 @@ from gateway.config import DeploymentConfig, DeploymentConfigError
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.model.kv_cache import PagedLatentCache
 from gateway.model.model import GatewayModel
-from gateway.model.sampling import NOT_SAMPLED, apply_penalties, sample, token_logprobs
+from gateway.model.sampling import NOT_SAMPLED, apply_logit_bias, apply_penalties, mask_tokens, sample, token_logprobs
 from gateway.model.step import StepBatch
 from gateway.serving.balancing import BalanceClient
+from gateway.serving.constraints import GrammarCompiler, fill_bitmask, unpack_bitmask
 from gateway.serving.micro_batching import MicroBatchChooser
 from gateway.serving.routing_summary import RoutingSummary
 from gateway.serving.routing_trace import RequestTrace, RoutingTraceStore
@@ -74,15 +75,17 @@ def traced(tracer, name: str, links: list | None = None, **attributes):
 
 class ModelRunner:
     """Runs the GatewayModel for the engine. `run` forwards a scheduled batch through the latent cache and returns
-    the logits of the requests ready to sample; `sample` picks their tokens on the device; `score` forwards whole
-    prompts without a cache. Every forward books its routing: the running summary, each request's trace, and the
-    balancing client (None: balancing off)."""
+    the logits of the requests ready to sample; `sample` picks their tokens on the device (structured outputs'
+    grammars, compiled by `grammars`, mask their rows there); `score` forwards whole prompts without a cache. Every
+    forward books its routing: the running summary, each request's trace, and the balancing client (None:
+    balancing off)."""
 
     def __init__(self, config: DeploymentConfig, model: GatewayModel, routing_summary: RoutingSummary,
                  traces: RoutingTraceStore, balance: BalanceClient | None, tracer=None) -> None:
         self.backend_kind = config.backend
         self.model, self.device = model, model.device
         self.routing_summary, self.traces, self.balance, self.tracer = routing_summary, traces, balance, tracer
+        self.grammars = GrammarCompiler(config.model, model.spec.vocab_size, model.spec.eos_token_id)
         self._micro_batches = 1
         self.micro_chooser = None  # scheduler.micro_batches 'auto': measures both settings while serving
         if config.scheduler.micro_batches == "auto":
@@ -153,21 +156,32 @@ class ModelRunner:
         return hidden, step
 
     def sample(self, requests: list[Request], logits: torch.Tensor) -> list[int | None]:
-        """One token per request from its logits row [V] (penalties, temperature, top-p, its generator), sampled on
-        the device; the ids are the one thing a step copies to the host (in one transfer), with the logprobs of the
-        requests that asked for them (booked in `request.token_logprobs`).
+        """One token per request from its logits row [V] (penalties, logit_bias, its grammar's mask, temperature,
+        top-p, its generator), sampled on the device; the ids are the one thing a step copies to the host (in one
+        transfer), with the logprobs of the requests that asked for them (booked in `request.token_logprobs`, the
+        model's own: before penalties, bias and mask). Each constrained request's grammar then takes its token.
 
-        A request whose row cannot be sampled (its distribution is not finite, or sampling it raised) gets None and
-        is failed, naming why; the others sample exactly as they would without it."""
-        rows, failed = [], {}
+        A request whose row cannot be sampled (its distribution is not finite, sampling it raised, its grammar
+        failed or refused the token) gets None and is failed, naming why; the others sample exactly as they would
+        without it: free rows are never touched by another request's bias or mask."""
+        failed: dict[int, str] = {}
+        allowed = self._grammar_masks(requests, logits.shape[-1], logits.device, failed)
+        rows, skipped = [], torch.full((1,), NOT_SAMPLED, dtype=torch.long, device=logits.device)
         for i, (r, row) in enumerate(zip(requests, logits, strict=True)):
+            if i in failed:  # its grammar failed
+                rows.append(skipped)
+                continue
             try:
                 scored = apply_penalties(row, r.prompt, r.output, r.penalties) if r.penalties.active else row
+                if r.logit_bias is not None:
+                    scored = apply_logit_bias(scored, *r.logit_bias)
+                if i in allowed:
+                    scored = mask_tokens(scored, allowed[i])
                 rows.append(sample(scored[None], r.temperature, r.top_p, r.generator))
             except Exception as exc:  # this request's settings or state: it fails alone
                 logger.exception("request %s: sampling raised", r.request_id)
                 failed[i] = f"sampling raised {type(exc).__name__}: {exc}"
-                rows.append(torch.full((1,), NOT_SAMPLED, dtype=torch.long, device=logits.device))
+                rows.append(skipped)
         sampled = torch.cat(rows)  # [S]
         wanting = [i for i, r in enumerate(requests) if r.logprobs is not None]
         tops: list = []
@@ -180,6 +194,11 @@ class ModelRunner:
             if token == NOT_SAMPLED:
                 failed.setdefault(i, "sampling: the next-token distribution is not finite (NaN or inf logits after "
                                      "penalties and temperature)")
+            elif requests[i].constraint is not None and i not in failed:
+                why = requests[i].constraint.advance(token)
+                if why is not None:
+                    logger.error("request %s: %s", requests[i].request_id, why)
+                    failed[i] = why
         for i, lp, top in tops:
             if i not in failed:
                 requests[i].token_logprobs.append((lp, top[: requests[i].logprobs]))
@@ -187,3 +206,25 @@ class ModelRunner:
             requests[i].fail(why)
             tokens[i] = None
         return tokens
+
+    def _grammar_masks(self, requests: list[Request], vocab: int, device: torch.device,
+                       failed: dict[int, str]) -> dict[int, torch.Tensor]:
+        """Row index -> the allowed next tokens [V] bool (on `device`) of each constrained request: one bitmask
+        filled on the host for all of them, one copy to the device. A grammar in an error state fails its request
+        (booked in `failed`)."""
+        constrained = [i for i, r in enumerate(requests) if r.constraint is not None]
+        if not constrained:
+            return {}
+        try:
+            bits = fill_bitmask([requests[i].constraint for i in constrained], vocab, pin=device.type == "cuda")
+            masks = unpack_bitmask(bits, vocab, device)  # [C, V]
+        except Exception as exc:
+            logger.exception("grammar masks failed for %d requests", len(constrained))
+            failed.update((i, f"structured output: computing the token mask raised {type(exc).__name__}: {exc}")
+                          for i in constrained)
+            return {}
+        for i in constrained:
+            c = requests[i].constraint
+            if c.matcher.is_error():
+                failed[i] = f"{c.field}: the grammar failed ({c.error()})"
+        return {i: masks[j] for j, i in enumerate(constrained)}

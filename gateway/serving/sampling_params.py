@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from gateway.model.sampling import Penalties, is_number
+from gateway.model.sampling import MAX_LOGIT_BIAS, Penalties, is_number
+from gateway.serving.constraints import GrammarCompiler, StructuredOutput
 from gateway.serving.scheduler import Request
 
 MAX_LOGPROBS = 20  # top tokens a request may ask logprobs for (vLLM's default limit; OpenAI's completions allow 5)
@@ -23,9 +25,11 @@ class SamplingParams:
     nucleus sampling; seed: a per-request generator (None: the global one), an integer in SEED_RANGE; stop_at_eos:
     end after the model's eos token (kept in the output); penalties: presence / frequency / repetition
     (gateway.model.sampling); logprobs: book the model's logprob of each sampled token and of the `logprobs` most
-    likely ones (0 to MAX_LOGPROBS) in `request.token_logprobs`.
+    likely ones (0 to MAX_LOGPROBS) in `request.token_logprobs`; logit_bias: OpenAI's {token id: bias in [-100, 100]}
+    added to the logits (ids as integers or as the digit strings JSON keys are; kept as sorted (id, bias) pairs);
+    structured: the grammar the text must match (gateway.serving.constraints), compiled when a request is built.
 
-    Errors name the field and its value.
+    Errors name the field and its value (`logit_bias.12345: ...`).
     """
 
     max_new_tokens: int = 16
@@ -35,6 +39,8 @@ class SamplingParams:
     stop_at_eos: bool = True
     penalties: Penalties = Penalties()
     logprobs: int | None = None
+    logit_bias: Mapping[int | str, float] | tuple[tuple[int, float], ...] = ()
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -51,6 +57,9 @@ class SamplingParams:
             raise ValueError(f"penalties={self.penalties!r}: expected a Penalties")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs={self.logprobs!r}: expected null or an integer in [0, {MAX_LOGPROBS}]")
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured={self.structured!r}: expected a StructuredOutput")
 
     @classmethod
     def of(cls, params: SamplingParams | None = None, **fields: Any) -> SamplingParams:
@@ -67,16 +76,32 @@ class SamplingParams:
         return dataclasses.replace(base, **given) if given else base
 
     def request(self, request_id: str, prompt: list[int], eos_token_id: int | None, device: torch.device,
-                on_token: Callable | None = None, on_finish: Callable | None = None) -> Request:
-        """A Request generating by these params; its generator lives on the gateway's `device`, where sampling runs
-        (see gateway.model.sampling on seeds across devices)."""
+                on_token: Callable | None = None, on_finish: Callable | None = None, *, vocab_size: int | None = None,
+                grammars: GrammarCompiler | None = None) -> Request:
+        """A Request generating by these params; its generator and logit_bias live on the gateway's `device`, where
+        sampling runs (see gateway.model.sampling on seeds across devices). vocab_size: the model's, which
+        logit_bias ids must be below; grammars: compiles `structured` (ValueError naming the field when it cannot)."""
         stop_eos = self.stop_at_eos and eos_token_id is not None
+        bias = None
+        if self.logit_bias:
+            outside = [t for t, _ in self.logit_bias if vocab_size is not None and t >= vocab_size]
+            if outside:
+                raise ValueError(f"logit_bias.{outside[0]}: token id outside [0, vocab_size={vocab_size})")
+            ids, values = zip(*self.logit_bias, strict=True)
+            bias = (torch.tensor(ids, dtype=torch.long, device=device),
+                    torch.tensor(values, dtype=torch.float32, device=device))
+        constraint = None
+        if self.structured is not None:
+            if grammars is None:
+                raise ValueError(f"{self.structured.field}: structured outputs need the engine's GrammarCompiler")
+            constraint = grammars.constraint(self.structured)
         return Request(
             request_id=request_id, prompt=list(prompt), max_new_tokens=self.max_new_tokens,
             temperature=float(self.temperature), top_p=float(self.top_p),
             stop_ids=frozenset([eos_token_id]) if stop_eos else frozenset(),
             generator=None if self.seed is None else torch.Generator(device).manual_seed(self.seed),
-            on_token=on_token, on_finish=on_finish, penalties=self.penalties, logprobs=self.logprobs)
+            on_token=on_token, on_finish=on_finish, penalties=self.penalties, logprobs=self.logprobs,
+            logit_bias=bias, constraint=constraint)
 
     def for_choice(self, index: int) -> SamplingParams:
         """The params of the index-th request of a batch: seeded ones sample with seed + index (a ValueError naming
@@ -87,6 +112,27 @@ class SamplingParams:
             raise ValueError(f"seed={self.seed}: choice {index} samples with seed + {index}, past the largest seed "
                              "2**64 - 1")
         return dataclasses.replace(self, seed=self.seed + index)
+
+
+def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs: ids non-negative integers (or their digit strings), biases
+    numbers in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]; ValueError naming the entry (`logit_bias.12345: ...`)."""
+    if isinstance(bias, tuple):
+        bias = dict(bias)
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias={bias!r}: expected a map of token id to bias")
+    pairs = {}
+    for key, value in bias.items():
+        token = key if _is_int(key) else int(key) if isinstance(key, str) and re.fullmatch("[0-9]{1,18}", key) else None
+        if token is None or token < 0:
+            raise ValueError(f"logit_bias.{str(key)[:40]}: expected a token id (a non-negative integer)")
+        if not is_number(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias.{key}: {value!r}, expected a number in [{-MAX_LOGIT_BIAS:g}, "
+                             f"{MAX_LOGIT_BIAS:g}]")
+        if token in pairs:
+            raise ValueError(f"logit_bias.{key}: token {token} given twice")
+        pairs[token] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def _is_int(value: Any) -> bool:

@@ -6,12 +6,16 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from gateway.config import SchedulerConfig
 from gateway.model.kv_cache import CacheFull, PagedLatentCache
 from gateway.model.sampling import Penalties
+
+if TYPE_CHECKING:
+    from gateway.serving.constraints import Constraint
 
 
 class QueueFull(RuntimeError):
@@ -30,6 +34,8 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     generator: torch.Generator | None = None
     penalties: Penalties = Penalties()
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids [K], biases [K]) on the device
+    constraint: Constraint | None = None  # its structured output's grammar state, advanced by each sampled token
     logprobs: int | None = None  # report the model's logprob of each sampled token and of this many top tokens
     # Per generated token, when `logprobs` is set: (its logprob, [(token id, logprob)] of the top tokens).
     token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
@@ -60,6 +66,11 @@ class Request:
     def ready_to_sample(self) -> bool:
         """Whether, once this step has run, every position is cached (the last row's logits give a new token)."""
         return self.computed + self.scheduled == len(self.prompt) + len(self.output)
+
+    @property
+    def grammar_complete(self) -> bool:
+        """Whether its structured output's grammar can take no more tokens: its text is complete, it ends."""
+        return self.constraint is not None and self.constraint.complete
 
     @property
     def done(self) -> bool:

@@ -175,7 +175,7 @@ def test_streaming_with_include_usage_and_the_async_client(url, client, engine):
 
 
 @pytest.mark.parametrize("kw, field", [
-    ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"), ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"), ({"logit_bias": {"5": 1000.0}}, "logit_bias"),
     ({"logprobs": 50}, "logprobs"), ({"n": 0}, "n"), ({"presence_penalty": 3.0}, "presence_penalty"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
 ])
@@ -250,7 +250,7 @@ def test_chat_n_stop_logprobs_and_penalties(client, engine):
 
 @pytest.mark.parametrize("kw, field", [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "json_object"),
+    ({"response_format": {"type": "json_schema"}}, "json_schema"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "role"),
     ({"messages": []}, "messages"),
