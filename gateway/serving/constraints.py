@@ -20,7 +20,6 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -173,22 +172,17 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-@cache
-def _executor() -> llguidance.LLExecutor:
-    """llguidance's thread pool that fills several rows of a bitmask at once (one per process)."""
-    return llguidance.LLExecutor()
-
-
 def fill_bitmask(constraints: list[Constraint], vocab_size: int, pin: bool = False) -> torch.Tensor:
     """The allowed next tokens of each constrained sequence, on the host: int32 [C, W] (bit t % 32 of word t // 32
-    set: token t allowed), rows filled in parallel; pin: page-locked, for an asynchronous copy to a GPU."""
+    set: token t allowed); pin: page-locked, for an asynchronous copy to a GPU.
+
+    Rows are filled one after another on the calling thread (llguidance releases the GIL meanwhile), not on
+    llguidance's LLExecutor pool: a row takes microseconds (benchmarks/structured.py), and a pool's threads would
+    compete with torch's own for the gateway's cores."""
     words = bitmask_words(vocab_size)
     bits = torch.empty((len(constraints), words), dtype=torch.int32, pin_memory=pin)
-    if len(constraints) == 1:
-        constraints[0].matcher.unsafe_compute_mask_ptr(bits.data_ptr(), words * 4)
-    elif constraints:
-        _executor().unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)], bits.data_ptr(),
-                                            words * 4, len(constraints))
+    for row, c in enumerate(constraints):
+        c.matcher.unsafe_compute_mask_ptr(bits[row].data_ptr(), words * 4)
     return bits
 
 

@@ -166,22 +166,17 @@ class ModelRunner:
         without it: free rows are never touched by another request's bias or mask."""
         failed: dict[int, str] = {}
         allowed = self._grammar_masks(requests, logits.shape[-1], logits.device, failed)
-        rows, skipped = [], torch.full((1,), NOT_SAMPLED, dtype=torch.long, device=logits.device)
+        rows = []
         for i, (r, row) in enumerate(zip(requests, logits, strict=True)):
-            if i in failed:  # its grammar failed
-                rows.append(skipped)
-                continue
-            try:
-                scored = apply_penalties(row, r.prompt, r.output, r.penalties) if r.penalties.active else row
-                if r.logit_bias is not None:
-                    scored = apply_logit_bias(scored, *r.logit_bias)
-                if i in allowed:
-                    scored = mask_tokens(scored, allowed[i])
-                rows.append(sample(scored[None], r.temperature, r.top_p, r.generator))
-            except Exception as exc:  # this request's settings or state: it fails alone
-                logger.exception("request %s: sampling raised", r.request_id)
-                failed[i] = f"sampling raised {type(exc).__name__}: {exc}"
-                rows.append(skipped)
+            token = None
+            if i not in failed:  # else its grammar failed
+                try:
+                    token = self._sample_row(r, row, allowed.get(i))
+                except Exception as exc:  # this request's settings or state: it fails alone
+                    logger.exception("request %s: sampling raised", r.request_id)
+                    failed[i] = f"sampling raised {type(exc).__name__}: {exc}"
+            rows.append(token if token is not None else
+                        torch.full((1,), NOT_SAMPLED, dtype=torch.long, device=logits.device))
         sampled = torch.cat(rows)  # [S]
         wanting = [i for i, r in enumerate(requests) if r.logprobs is not None]
         tops: list = []
@@ -206,6 +201,16 @@ class ModelRunner:
             requests[i].fail(why)
             tokens[i] = None
         return tokens
+
+    @staticmethod
+    def _sample_row(r: Request, row: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """One request's token [1] from its logits row [V]: penalties, logit_bias, its grammar's mask, sampling."""
+        scored = apply_penalties(row, r.prompt, r.output, r.penalties) if r.penalties.active else row
+        if r.logit_bias is not None:
+            scored = apply_logit_bias(scored, *r.logit_bias)
+        if allowed is not None:
+            scored = mask_tokens(scored, allowed)
+        return sample(scored[None], r.temperature, r.top_p, r.generator)
 
     def _grammar_masks(self, requests: list[Request], vocab: int, device: torch.device,
                        failed: dict[int, str]) -> dict[int, torch.Tensor]:
