@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +74,27 @@ class ReplicaChooser:
         self._rr: dict[int, int] = {}  # per group: round-robin among equally loaded replicas
         self.restarts = 0  # restarts Ray made, seen by probes
         self.evicted = 0  # replicas removed because they stayed down
+
+    # -- what a mesh's view answers differently (MeshView); a gateway's own pool answers these ---------------------
+    shared = False  # whether the replicas are a mesh's, serving other gateways too (MeshView: True)
+
+    @property
+    def members_epoch(self) -> int | None:
+        """The version of the replica list that gateways sharing these replicas agree on (a mesh's directory
+        epoch); None: the list is this gateway's own."""
+        return None
+
+    def shared_relay(self, transport: str, timeout_s: float) -> Any | None:
+        """The RDT relay every gateway of a shared mesh calls through (its collective group spans the replicas);
+        None: the gateway starts its own."""
+        return None
+
+    def relay_lost(self, relay: Any) -> None:
+        """A shared relay died under a call (a mesh replaces it once for all gateways); nothing for an own one."""
+
+    def follow_placements(self, on_placement: Callable[[Placement], None]) -> None:
+        """Call `on_placement` when the replicas' owner offers a newer placement (a mesh, decided once for every
+        gateway); a gateway's own pool changes placement only when the gateway does, so never here."""
 
     # -- hooks ----------------------------------------------------------------------------------------------------
     def _back_up_locked(self, replica: Replica, info: dict) -> bool:

@@ -27,8 +27,8 @@ class PlacementSwitch:
         self.switched = 0  # placements switched to while serving
         self.failures = 0  # proposals that failed to apply (the old placement kept serving)
         self._background: threading.Thread | None = None
-        if hasattr(backend.pool, "on_placement"):  # a mesh: follow the placements it offers
-            backend.pool.on_placement = self.follow
+        if backend.pool is not None:  # a mesh offers the placements it decided; a gateway's own pool never does
+            backend.pool.follow_placements(self.follow)
 
     def in_use(self) -> dict:
         """The placement serving now, as the router service reads it."""

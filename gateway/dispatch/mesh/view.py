@@ -27,8 +27,8 @@ class MeshView(ReplicaChooser):
     """The replicas of mesh `name` as this gateway sees them. Choosing and probing are the gateway's own
     (ReplicaChooser); which replicas exist, their placement and every change come from the control actor.
 
-    on_placement(placement): set by the gateway; called from the heartbeat thread when the mesh offers a newer
-    placement (the gateway switches to it at its next step boundary, then calls `switch`)."""
+    on_placement(placement): set by the gateway (`follow_placements`); called from the heartbeat thread when the
+    mesh offers a newer placement (the gateway switches to it at its next step boundary, then calls `switch`)."""
 
     def __init__(self, cfg: DeploymentConfig, control: Any, directory: MeshDirectory, gateway: str, *,
                  owner: bool, started_ray: bool) -> None:
@@ -129,11 +129,21 @@ class MeshView(ReplicaChooser):
         self.refresh()
         return live
 
-    def relay(self, transport: str, timeout_s: float) -> Any:
+    shared = True
+
+    @property
+    def members_epoch(self) -> int:
+        return self.epoch
+
+    def follow_placements(self, on_placement: Callable[[Placement], None]) -> None:
+        self.on_placement = on_placement
+
+    def shared_relay(self, transport: str, timeout_s: float) -> Any:
         """The mesh's RDT relay (one for all gateways: its collective group spans the replicas)."""
         return self._ray.get(self.control.relay_handle.remote(transport, timeout_s), timeout=60)
 
     def relay_lost(self, relay: Any) -> None:
+        """The control actor replaces the mesh's relay once, for every gateway."""
         self._tell(self.control.relay_lost, relay)
 
     def status(self) -> dict:

@@ -258,9 +258,8 @@ class RdtTransport(RayCallTransport):
         """The mesh's relay (one for all its gateways), or this gateway's own when its pool has no mesh."""
         with self._relay_lock:
             if self._relay is None:
-                if hasattr(self.pool, "relay"):
-                    self._relay = self.pool.relay(self.transport, self.timeout_s)
-                else:
+                self._relay = self.pool.shared_relay(self.transport, self.timeout_s)
+                if self._relay is None:
                     gpu = self.transport == "nccl"  # NCCL sends from the relay's own GPU
                     self._relay = ray.remote(RdtRelay).options(
                         max_concurrency=self.relay_concurrency, num_cpus=0, num_gpus=0.01 if gpu else 0,
@@ -275,17 +274,16 @@ class RdtTransport(RayCallTransport):
             if self._relay is relay:
                 logger.warning("the RDT relay died (Ray kills both ends of a failed transfer); starting a new one")
                 self._relay = None
-                if hasattr(self.pool, "relay_lost"):
-                    self.pool.relay_lost(relay)
+                self.pool.relay_lost(relay)
 
     def _members(self) -> Any:
         """(version, {name: handle}) of the replicas to build the relay's group over, in the object store (one copy
         per change of the names). With a mesh: every replica its directory lists as serving, versioned by the
         directory's epoch when the names change, so that gateways sharing the relay agree on which list is newer;
         else the pool's replicas that answer."""
-        if hasattr(self.pool, "epoch"):
+        version = self.pool.members_epoch
+        if version is not None:
             live = [(r.name, r.actor) for d in sorted(self.pool.groups) for r in self.pool.live(d)]
-            version = self.pool.epoch
         else:
             live = [(r.name, r.actor) for d in sorted(self.pool.groups) for r in self.pool.live(d)
                     if r.down_since is None]
@@ -337,5 +335,5 @@ class RdtTransport(RayCallTransport):
         with self._relay_lock:
             relay, self._relay = self._relay, None
         super().close()
-        if relay is not None and not hasattr(self.pool_at_start, "relay"):  # a mesh's relay serves its other gateways
+        if relay is not None and not self.pool_at_start.shared:  # a mesh's relay serves its other gateways
             ray.kill(relay, no_restart=True)
