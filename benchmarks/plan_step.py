@@ -160,7 +160,7 @@ def calibrated_hardware(args: argparse.Namespace) -> Hardware:
                              cores=rates.cores)
     where.update(transports="measured: one-group ray deployment", experts="measured: the group's compute",
                  gateway="measured: local deployment's decode steps minus its groups' compute",
-                 cores="measured: Ray workers spinning together over one alone")
+                 cores="measured: Ray workers streaming expert-sized weights together over one alone")
     out = args.json.with_suffix(".hardware.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(hardware_yaml(hw, where))

@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploy.planning.calibrate import calibrate_local, fit_least_squares, nondecreasing
+from deploy.cli import main
+from deploy.planning.calibrate import fit_least_squares, nondecreasing
 from deploy.planning.cost_model import local_layer_seconds
-from deploy.planning.hardware import Hardware, hardware_yaml
+from deploy.planning.hardware import Hardware
 from gateway import Engine
 from tests.conftest import random_prompts
+
+H100 = Path(__file__).resolve().parents[3] / "deploy" / "hardware" / "h100.yaml"
 
 
 def test_the_layer_log_records_each_call_as_the_dispatch_counters_count_it(model_dirs):
@@ -58,21 +61,23 @@ def test_per_expert_costs_are_made_non_decreasing_by_pooling_the_points_that_fal
 
 @pytest.mark.slow
 def test_calibration_measures_every_transport_and_the_experts_through_real_deployments(model_dirs, ray_cluster,
-                                                                                      tmp_path):
-    measured_rates = calibrate_local(str(model_dirs["tiny-v3"]), "float32", ("ray", "grpc"))
-    rates, experts, gateway = measured_rates.transports, measured_rates.experts, measured_rates.gateway
+                                                                                      tmp_path, capsys):
+    out = tmp_path / "here.yaml"  # `expertmesh plan --calibrate`: calibrate_local, then the file it writes
+    assert main(["plan", "--calibrate", str(out), "--hardware", str(H100), "--transports", "ray,grpc",
+                 "--model", str(model_dirs["tiny-v3"]), "--dtype", "float32"]) == 0
+    assert "ray: " in capsys.readouterr().out
+    loaded = Hardware.from_yaml(out)
+    rates, experts, gateway = loaded.transports, loaded.experts, loaded.gateway
     assert set(rates) == {"ray", "grpc"}
     assert gateway is not None and gateway.threads == 1 and gateway.base_us + 16 * gateway.per_token_us > 0
-    assert measured_rates.cores is not None and 0 < measured_rates.cores <= (os.cpu_count() or 1)
+    assert loaded.cores is not None and 0 < loaded.cores <= (os.cpu_count() or 1)
     assert all(r.call_us > 0 and r.us_per_mb >= 0 and 0 <= r.caller_us <= r.call_us for r in rates.values())
     assert experts is not None and [r for r, _ in experts.per_expert_us] == [1, 2, 4, 8, 16, 32, 64]
     assert experts.base_us >= 0 and all(t >= 0 for _, t in experts.per_expert_us)
-    base = Hardware.from_yaml(Path(__file__).resolve().parents[3] / "deploy" / "hardware" / "h100.yaml")
-    measured = dataclasses.replace(base, name="here", transports=rates, experts=experts, gateway=gateway,
-                                   cores=measured_rates.cores)
-    path = tmp_path / "here.yaml"
-    path.write_text(hardware_yaml(measured, {"transports": "measured"}))
-    loaded = Hardware.from_yaml(path)
-    assert loaded == measured
-    one_call = local_layer_seconds([(10_000, 12, 6)], loaded.transports["ray"], loaded.experts, cores=1)
-    assert one_call >= loaded.transports["ray"].call_us * 1e-6  # at least the round trip it measured
+    base = Hardware.from_yaml(H100)
+    assert loaded.matmul_tflops > 0 and loaded.hbm_gbytes_per_s > 0  # measured here
+    assert dataclasses.replace(base, name=loaded.name, matmul_tflops=loaded.matmul_tflops,
+                               hbm_gbytes_per_s=loaded.hbm_gbytes_per_s, transports=rates, experts=experts,
+                               gateway=gateway, cores=loaded.cores) == loaded  # the link rates come from --hardware
+    one_call = local_layer_seconds([(10_000, 12, 6)], rates["ray"], experts, cores=1)
+    assert one_call >= rates["ray"].call_us * 1e-6  # at least the round trip it measured
