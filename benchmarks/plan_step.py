@@ -67,10 +67,10 @@ class GatewayProcess:
         stats.keep_layers(steps * len(self.engine.spec.moe_layers))
         time.sleep(max(0.0, start_at - time.time()))
         blocked = stats.blocked_seconds
-        start = time.time()
+        busy, start = machine_busy_s(), time.time()
         for _ in range(steps):
             self.engine.step()
-        end = time.time()
+        end, busy = time.time(), machine_busy_s() - busy
         log = list(stats.layer_log)
         stats.keep_layers(0)
         blocked = stats.blocked_seconds - blocked
@@ -79,12 +79,19 @@ class GatewayProcess:
             raise RuntimeError(f"{len(failed)} requests failed: {failed[0]}")
         if any(r.done for r in self.requests):
             raise RuntimeError("a sequence finished inside the timed steps: the batch shrank")
-        return {"start": start, "end": end, "steps": steps, "blocked_s": blocked,
+        return {"start": start, "end": end, "steps": steps, "blocked_s": blocked, "busy_s": busy,
                 "layer_ms": statistics.median(r.seconds for r in log) * 1e3,
                 "compute_ms": statistics.median(max(c.compute_ms for c in r.calls) for r in log)}
 
     def close(self) -> None:
         self.engine.close()
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core of this machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def prompts_of(count: int, vocab: int, seed: int) -> list[list[int]]:
@@ -124,6 +131,8 @@ def measure(args: argparse.Namespace, devices: int, gateways: int, threads: int,
     return {"devices": devices, "gateways": gateways, "measured_ms": mean(step_ms), "measured_ms_per_gateway": step_ms,
             "measured_unblocked_ms": mean(own_ms), "measured_layer_ms": mean([r["layer_ms"] for r in runs]),
             "measured_compute_ms": mean([r["compute_ms"] for r in runs]), "load_1min": load,
+            # the machine's busy CPU per step while the gateways stepped (every process on it: read beside `load`)
+            "measured_cpu_ms": mean([1e3 * r["busy_s"] / r["steps"] for r in runs]),
             "row_wall_s": time.perf_counter() - t0}
 
 
@@ -143,6 +152,7 @@ def predict(model: Path, hw: Hardware, devices: int, gateways: int, steps: int, 
     source = SyntheticRouting(spec, SEQUENCES * gateways * 32, 0.0, seed=0)
     (row,) = plan(spec, source, hw, [devices], [None], [0], work, LocalPricing("ray", cores))
     return {"predicted_ms": row.step_ms_serial, "gateway_step_ms": row.gateway_step_ms,
+            "predicted_cpu_ms": row.floor_ms * cores,  # every process's CPU work in one step
             "predicted_layer_ms": (row.comm_us + row.expert_us) / 1e3, "predicted_compute_ms": row.expert_us / 1e3,
             "pricing": row.pricing}
 
@@ -210,7 +220,7 @@ def main() -> None:
         args.cores = args.cores or hw.cores or os.cpu_count() or 1
         print(f"\n{'D':>2} {'G':>2} {'measured ms':>12} {'predicted ms':>13} {'pred/meas':>10} {'±25 %':>6} "
               f"{'gw ms meas':>10} {'pred':>6} {'layer ms meas':>13} {'pred':>6} {'compute ms meas':>15} {'pred':>6} "
-              f"{'load':>5}", flush=True)
+              f"{'load':>5} {'cpu ms meas':>11} {'pred':>6}", flush=True)
         for d, g in configs:
             row = {**measure(args, d, g, threads, vocab), **predict(args.model, hw, d, g, args.steps, args.cores)}
             row["ratio"] = row["predicted_ms"] / row["measured_ms"]
@@ -219,8 +229,8 @@ def main() -> None:
             print(f"{d:>2} {g:>2} {row['measured_ms']:12.1f} {row['predicted_ms']:13.1f} {row['ratio']:10.2f} "
                   f"{'yes' if row['within'] else 'NO':>6} {row['measured_unblocked_ms']:10.1f} "
                   f"{row['gateway_step_ms']:6.1f} {row['measured_layer_ms']:13.1f} {row['predicted_layer_ms']:6.1f} "
-                  f"{row['measured_compute_ms']:15.1f} {row['predicted_compute_ms']:6.1f} {row['load_1min']:5.1f}",
-                  flush=True)
+                  f"{row['measured_compute_ms']:15.1f} {row['predicted_compute_ms']:6.1f} {row['load_1min']:5.1f} "
+                  f"{row['measured_cpu_ms']:11.1f} {row['predicted_cpu_ms']:6.1f}", flush=True)
     finally:
         ray.shutdown()
     within = sum(r["within"] for r in rows)

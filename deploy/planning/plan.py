@@ -39,6 +39,7 @@ class PlanRow:
     gateway_step_ms: float = 0.0  # a gateway's own step, all but the routed experts (calibrated or roofline)
     step_ms_serial: float = 0.0
     step_ms_overlapped: float = 0.0
+    floor_ms: float = 0.0  # calibrated pricing: the least a step lasts, all its CPU work over the cores
     tokens_per_s_per_gpu_serial: float = 0.0
     tokens_per_s_per_gpu_overlapped: float = 0.0
     changed_by_top_m: float = 0.0  # share of (token, layer) pairs whose experts the device limit changed
@@ -80,6 +81,7 @@ def price(spec: ModelSpec, hw: Hardware, work: Workload, row: PlanRow, result: R
         gateway_step_ms=1e3 * gateway_step_s,
         step_ms_serial=1e3 * serial,
         step_ms_overlapped=1e3 * overlapped,
+        floor_ms=1e3 * sum(c.floor_s for c in costs) / n_steps,
         tokens_per_s_per_gpu_serial=tokens_per_s_per_gpu(serial, work, row.devices),
         tokens_per_s_per_gpu_overlapped=tokens_per_s_per_gpu(overlapped, work, row.devices),
         changed_by_top_m=result.changed_tokens / (result.n_tokens * n_layers),
