@@ -109,7 +109,14 @@ def test_json_object_parses_as_an_object_with_logit_bias_beside_it(client):
     assert plain.choices[0].finish_reason == "stop" and isinstance(json.loads(plain.choices[0].text), dict)
 
 
+def valid_member(text: str) -> bool:
+    jsonschema.validate(json.loads(text), SCHEMA)
+    return True
+
+
 @pytest.mark.parametrize("extra, check", [
+    ({"structured_outputs": {"json": SCHEMA}}, valid_member),
+    ({"guided_json": json.dumps(SCHEMA)}, valid_member),  # the schema as JSON text
     ({"guided_regex": r"[0-9]{3}-[a-z]{2,4}"}, lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", t)),
     ({"structured_outputs": {"regex": r"(ab|cd)+!"}}, lambda t: re.fullmatch(r"(ab|cd)+!", t)),
     ({"guided_choice": ["yes", "no", "maybe so"]}, lambda t: t in ("yes", "no", "maybe so")),
@@ -118,11 +125,11 @@ def test_json_object_parses_as_an_object_with_logit_bias_beside_it(client):
     ({"structured_outputs": {"grammar": 'root ::= "id-" [0-9] [0-9]'}}, lambda t: re.fullmatch(r"id-[0-9]{2}", t)),
 ])
 def test_regex_choice_and_grammar_are_honoured(client, extra, check):
-    answer = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=64, temperature=1.0, n=8, seed=5,
+    answer = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=128, temperature=1.0, n=8, seed=5,
                                        extra_body=extra)
     for c in answer.choices:
         assert c.finish_reason == "stop" and check(c.text), (extra, c.text)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=64, temperature=1.0,
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=128, temperature=1.0,
                                                  seed=6, stream=True, extra_body=extra))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "stop" and check(text), (extra, text)
