@@ -36,6 +36,9 @@ class TracingConfig:
     # and at most this many MB of them (running requests are never evicted)
     routing_trace_max_mb: float = setting(256.0, gt=0)
     routing_trace_dir: str | None = None  # also write each request's routing trace there (for `expertmesh trace`)
+    # every /v1/completions and /v1/chat/completions answer carries each choice's routed experts (a request asks
+    # with `return_routed_experts: true` otherwise)
+    return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         check_settings(self, "tracing")

@@ -208,6 +208,29 @@ def timeout_message(state: GatewayState, choices: list[Choice]) -> str:
             f"({made} tokens generated); cancelled")
 
 
+def wants_routed_experts(state: GatewayState, body: OpenAIRequest) -> bool:
+    """The request asked for its routed experts, or the server returns them always
+    (tracing.return_routed_experts)."""
+    return body.return_routed_experts or state.engine_loop.engine.config.tracing.return_routed_experts
+
+
+def routed_experts(state: GatewayState, choice: Choice) -> dict:
+    """A finished choice's routed experts, from its routing trace (what GET /v1/routing/{request_id} answers):
+    `expert_ids` [tokens, moe_layers, top_k] logical expert ids (the shape of vLLM's return-routed-experts and
+    SGLang's return_routed_experts) with `devices` beside them (the group that computed each pair). Tokens are
+    the positions the model routed for this choice: the prompt, then each generated token but the last (which no
+    forward has read); positions the prefix cache supplied carry -1 (another request routed them)."""
+    request_id = choice.request.request_id
+    try:
+        trace = state.engine_loop.engine.routing_trace(request_id)
+    except KeyError:  # evicted already (tracing.routing_trace_capacity / routing_trace_max_mb)
+        return {"request_id": request_id, "error": "routing trace evicted before the answer was written; raise "
+                                                   "tracing.routing_trace_capacity or routing_trace_max_mb"}
+    ids = trace.ids
+    return {"request_id": request_id, "layers": trace.layers, "shape": list(ids.shape),
+            "prompt_tokens": trace.prompt_tokens, "expert_ids": ids.tolist(), "devices": trace.devices.tolist()}
+
+
 def error_event(message: str, kind: str) -> str:
     """A server-sent event carrying an error in OpenAI's shape (a stream cannot change its 200 any more)."""
     return f"data: {json.dumps({'error': {'message': message, 'type': kind, 'param': None, 'code': None}})}\n\n"

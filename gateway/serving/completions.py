@@ -19,10 +19,12 @@ from gateway.serving.choices import (
     deadline_of,
     decode,
     finish_choices,
+    routed_experts,
     sse_stream,
     start_choices,
     token_text,
     usage_of,
+    wants_routed_experts,
 )
 from gateway.serving.http_api import TRACE_ID_HEADER, GatewayState
 from gateway.serving.openai_request import OpenAIRequest
@@ -153,7 +155,8 @@ def _response(state: GatewayState, body: CompletionRequest, choices: list[Choice
     for c in choices:
         text = c.text if echo is None else echo[c.prompt_index][0] + c.text
         out.append({"index": c.index, "text": text, "token_ids": c.tokens,
-                    "logprobs": _choice_logprobs(state, c, echo, ids), "finish_reason": c.finish_reason})
+                    "logprobs": _choice_logprobs(state, c, echo, ids), "finish_reason": c.finish_reason,
+                    **({"routed_experts": routed_experts(state, c)} if wants_routed_experts(state, body) else {})})
     return {"id": f"cmpl-{choices[0].request.request_id}", "object": "text_completion", "created": created,
             "model": state.model_name, "choices": out, "usage": usage_of(choices, ids)}
 
@@ -187,9 +190,12 @@ def _stream(state: GatewayState, body: CompletionRequest, choices: list[Choice],
         return _chunk(state, choices, created, [{"index": c.index, "text": piece, "token_ids": [token],
                                                  "logprobs": lp, "finish_reason": None}])
 
+    routed = wants_routed_experts(state, body)
+
     def closing(c: Choice) -> str:
         return _chunk(state, choices, created, [{"index": c.index, "text": c.pending_piece(final=True),
-                                                 "token_ids": [], "logprobs": None, "finish_reason": c.finish_reason}])
+                                                 "token_ids": [], "logprobs": None, "finish_reason": c.finish_reason,
+                                                 **({"routed_experts": routed_experts(state, c)} if routed else {})}])
 
     def usage() -> str | None:
         if body.stream_options is None or not body.stream_options.include_usage:

@@ -122,6 +122,7 @@ class OpenAIRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = None  # OpenAI's: a signed 64-bit integer
     user: str | None = None  # accepted and ignored, as OpenAI's end-user id
+    return_routed_experts: bool = False  # SGLang's name: each choice carries the experts that served it
     logit_bias: dict[str, float] | None = None  # checked by SamplingParams: ids, [-100, 100]; the vocabulary
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None  # vLLM's guided_* fields
