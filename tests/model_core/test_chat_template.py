@@ -41,8 +41,8 @@ def test_templates_are_found_where_checkpoints_keep_them(tmp_path):
 
 
 def test_template_refusals_and_syntax_errors_are_chat_template_errors():
-    with pytest.raises(ChatTemplateError, match="role tool"):
-        ChatTemplate(DEFAULT_TEMPLATE).render([{"role": "tool", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match="role function"):
+        ChatTemplate(DEFAULT_TEMPLATE).render([{"role": "function", "content": "x"}])
     with pytest.raises(ChatTemplateError, match="does not parse"):
         ChatTemplate("{% for m in messages %}")
     with pytest.raises(ChatTemplateError, match="chat_template"):
