@@ -249,10 +249,10 @@ def test_chat_n_stop_logprobs_and_penalties(client, engine):
 
 
 @pytest.mark.parametrize("kw, field", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f f"}}]}, "tools.0.function.name"),
     ({"response_format": {"type": "json_schema"}}, "json_schema"),
     ({"top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
     ({"messages": []}, "messages"),
 ])
 def test_chat_refusals_name_the_field(client, kw, field):
