@@ -19,10 +19,12 @@ from gateway.serving.choices import (
     check_model,
     deadline_of,
     finish_choices,
+    routed_experts,
     sse_stream,
     start_choices,
     token_text,
     usage_of,
+    wants_routed_experts,
 )
 from gateway.serving.http_api import TRACE_ID_HEADER, GatewayState
 from gateway.serving.tool_calls import (
@@ -142,11 +144,13 @@ def _message(parsed: ParsedMessage) -> dict:
 def _response(state: GatewayState, body: ChatRequest, choices: list[Choice], ids: list[list[int]],
               created: int) -> dict:
     parsed = [_parsed(body, c) for c in choices]
+    routed = wants_routed_experts(state, body)
     return {
         "id": f"chatcmpl-{choices[0].request.request_id}", "object": "chat.completion", "created": created,
         "model": state.model_name,
         "choices": [{"index": c.index, "message": _message(p), "logprobs": _logprobs(state, c, c.tokens, 0),
-                     "finish_reason": _finish_reason(c, len(p.calls)), "token_ids": c.tokens}
+                     "finish_reason": _finish_reason(c, len(p.calls)), "token_ids": c.tokens,
+                     **({"routed_experts": routed_experts(state, c)} if routed else {})}
                     for c, p in zip(choices, parsed, strict=True)],
         "usage": usage_of(choices, ids),
     }
@@ -192,11 +196,14 @@ def _stream(state: GatewayState, body: ChatRequest, choices: list[Choice], ids: 
                        "token_ids": [token], "logprobs": _logprobs(state, c, [token], len(c.tokens) - 1),
                        "finish_reason": None}])
 
+    routed = wants_routed_experts(state, body)
+
     def closing(c: Choice) -> str:
         delta = parse(c, final=True)
         calls = parsers[c.index].calls if c.index in parsers else 0
         return event([{"index": c.index, "delta": _delta(delta, always_content=False), "logprobs": None,
-                       "finish_reason": _finish_reason(c, calls)}])
+                       "finish_reason": _finish_reason(c, calls),
+                       **({"routed_experts": routed_experts(state, c)} if routed else {})}])
 
     def usage() -> str | None:
         include = body.stream_options is not None and body.stream_options.include_usage

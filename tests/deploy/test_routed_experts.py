@@ -23,19 +23,23 @@ def served(model_dirs):
         yield client, http, ModelSpec.from_dir(model_dirs[MODEL])
 
 
-def check_against_trace(http, spec: ModelSpec, routed: dict, prompt_tokens: int, completion_tokens: int) -> None:
-    """`routed` has the documented shape, holds valid expert ids and devices, and equals the request's trace."""
+def check_against_trace(http, spec: ModelSpec, routed: dict, prompt_tokens: int, completion_tokens: int) -> int:
+    """`routed` has the documented shape, holds valid expert ids and devices, and equals the request's trace;
+    returns how many leading prompt positions the prefix cache supplied (all -1: another request routed them)."""
     positions = prompt_tokens + completion_tokens - 1  # the last generated token is never fed to the model
     assert routed["shape"] == [positions, len(spec.moe_layers), spec.top_k]
     assert routed["layers"] == list(spec.moe_layers) and routed["prompt_tokens"] == prompt_tokens
     ids, devices = routed["expert_ids"], routed["devices"]
     assert [len(ids), len(ids[0]), len(ids[0][0])] == routed["shape"]
-    flat = [e for pos in ids for layer in pos for e in layer]
-    assert all(0 <= e < spec.n_routed_experts for e in flat)  # no prefix cache hit here: every position routed
-    assert all(len(set(layer)) == spec.top_k for pos in ids for layer in pos)  # top-k distinct experts
-    assert {d for pos in devices for layer in pos for d in layer} <= {0, 1}
+    cached = next(p for p, pos in enumerate(ids) if pos[0][0] != -1)
+    assert cached < prompt_tokens and all(e == -1 for pos in ids[:cached] for layer in pos for e in layer)
+    routed_ids = [layer for pos in ids[cached:] for layer in pos]
+    assert all(0 <= e < spec.n_routed_experts for layer in routed_ids for e in layer)
+    assert all(len(set(layer)) == spec.top_k for layer in routed_ids)  # top-k distinct experts
+    assert {d for pos in devices[cached:] for layer in pos for d in layer} <= {0, 1}
     trace = http.get(f"/v1/routing/{routed['request_id']}").json()
     assert (trace["expert_ids"], trace["devices"]) == (ids, devices)
+    return cached
 
 
 def test_completions_return_each_choices_routed_experts_equal_to_its_trace(served):
@@ -66,6 +70,26 @@ def test_streamed_completions_carry_routed_experts_in_each_choices_closing_chunk
                 assert "routed_experts" not in c.model_extra
     assert closing is not None and len(tokens) == 5
     check_against_trace(http, spec, closing, len(PROMPT), len(tokens))
+
+
+def test_chat_returns_routed_experts_plain_and_streamed_equal_to_each_trace(served):
+    client, http, spec = served
+    messages = [{"role": "user", "content": "Which experts?"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                           extra_body={"return_routed_experts": True})
+    routed = plain.choices[0].model_extra["routed_experts"]
+    cached = check_against_trace(http, spec, routed, plain.usage.prompt_tokens, plain.usage.completion_tokens)
+    assert cached == plain.usage.prompt_tokens_details.cached_tokens
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"return_routed_experts": True})
+    chunks = list(stream)
+    closing = [c.model_extra["routed_experts"] for chunk in chunks for c in chunk.choices
+               if c.finish_reason is not None]
+    assert len(closing) == 1 and closing[0]["request_id"] != routed["request_id"]
+    cached = check_against_trace(http, spec, closing[0], plain.usage.prompt_tokens, plain.usage.completion_tokens)
+    assert cached == chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt, cached now
+    assert closing[0]["expert_ids"][cached:] == routed["expert_ids"][cached:]  # greedy: the same experts
 
 
 def test_the_server_setting_returns_routed_experts_without_the_request_asking(model_dirs):
