@@ -41,7 +41,7 @@ demo: $(VENV)/.installed $(MODEL)/config.json
 	$(BIN)/expertmesh generate --model $(MODEL) --backend ray --devices 4 --prompt "$(PROMPT)" --max-new-tokens 16
 
 test: $(VENV)/.installed
-	$(PY) -X faulthandler -m pytest -q
+	$(PY) -X faulthandler -m pytest -q --durations=25
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

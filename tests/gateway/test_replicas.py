@@ -68,7 +68,9 @@ def test_a_killed_expert_actor_is_restarted_and_the_request_completes_with_the_s
 
 
 def test_ray_dag_rebuilds_its_compiled_graph_after_an_actor_dies(model_dirs, ray_cluster, expected_tokens):
-    with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray-dag", devices=2) as engine:
+    # A killed actor's graph answers no more: the layer's wait ends at rpc.timeout_s (8 s here, 30 by default), then
+    # the graph is rebuilt.
+    with Engine.from_pretrained(model_dirs["tiny-v3"], backend="ray-dag", devices=2, timeout_s=8) as engine:
         transport = engine.backend.transport
         victim = transport.pool.live(1)[0].actor
 
