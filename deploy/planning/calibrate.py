@@ -78,38 +78,31 @@ def fit_least_squares(points: list[tuple[list[float], float]]) -> list[float]:
     return torch.linalg.lstsq(x, y).solution.flatten().tolist()
 
 
-def _call(engine, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
-    """One device-0 call through the engine's transport: (wall seconds, the group's compute ms)."""
-    transport = engine.backend.transport
-    version = engine.backend.placement.version
-    start = time.perf_counter()
-    call = ExpertCall(0, layer, hidden, ids, weights, version=version)
-    sent = transport.send(call)
-    transport.flush()
-    (reply,) = transport.receive([call], [sent])
-    return time.perf_counter() - start, reply.compute_ms
-
-
-def _caller_seconds(engine, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> float:
-    """One device-0 call's time on the calling thread: sending it, and taking its reply once the reply is there
-    (a pause between the two lets it arrive), so the wait for the group is not in it."""
+def _call(engine, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+          pause_s: float = 0.0) -> tuple[float, float]:
+    """One device-0 call through the engine's transport: (wall seconds, the group's compute ms). With `pause_s`,
+    the reply is taken only after that pause, and the seconds are the call's time on the calling thread alone
+    (sending it, then taking the reply that has arrived meanwhile), the wait for the group left out."""
     transport = engine.backend.transport
     call = ExpertCall(0, layer, hidden, ids, weights, version=engine.backend.placement.version)
     start = time.perf_counter()
     sent = transport.send(call)
     transport.flush()
-    sending = time.perf_counter() - start
-    time.sleep(0.02)
-    start = time.perf_counter()
-    transport.receive([call], [sent])
-    return sending + time.perf_counter() - start
+    waited = 0.0
+    if pause_s:
+        waited = time.perf_counter()
+        time.sleep(pause_s)
+        waited = time.perf_counter() - waited
+    (reply,) = transport.receive([call], [sent])
+    return time.perf_counter() - start - waited, reply.compute_ms
 
 
 def measure_transport(engine, runs: int = 15, sizes: tuple[int, ...] = ROW_SIZES) -> TransportRate:
     """Round trips of device batches whose experts are all elsewhere (ids -1: the group checks, computes nothing
     and answers zeros of the same shape), so the time is the transport's: the codec, the call and the reply.
     Fitted as call_us + us_per_mb · MB moved (out + back), on the median of `runs` calls per size; caller_us is
-    the fixed part of the same fit over the time each call spends on the caller's thread (`_caller_seconds`)."""
+    the fixed part of the same fit over the time each call spends on the caller's thread (`_call` with a
+    pause)."""
     spec, layer = engine.spec, engine.spec.moe_layers[0]
     gen = torch.Generator().manual_seed(0)
     points, caller = [], []
@@ -121,7 +114,7 @@ def measure_transport(engine, runs: int = 15, sizes: tuple[int, ...] = ROW_SIZES
         wall = statistics.median(_call(engine, layer, hidden, ids, weights)[0] for _ in range(runs))
         moved = n * spec.hidden_size * hidden.element_size() * 2 + ids.numel() * 8 + weights.numel() * 4
         points.append(([1.0, moved / 1e6], wall * 1e6))
-        own = statistics.median(_caller_seconds(engine, layer, hidden, ids, weights) for _ in range(runs))
+        own = statistics.median(_call(engine, layer, hidden, ids, weights, pause_s=0.02)[0] for _ in range(runs))
         caller.append(([1.0, moved / 1e6], own * 1e6))
     call_us, us_per_mb = fit_least_squares(points)
     caller_us = min(max(fit_least_squares(caller)[0], 0.0), max(call_us, 0.0))  # a part of the whole call
