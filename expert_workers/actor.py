@@ -42,6 +42,7 @@ class ExpertGroupActor:
         threads: int = 1,
         kernel: str = "auto",
         half_matmul: str = "auto",
+        quantization: str = "auto",
         torch_device: str = "cpu",
         tracing: TracingConfig | None = None,
         grpc_bind: str | None = None,
@@ -54,14 +55,15 @@ class ExpertGroupActor:
         """grpc_bind, joined_cluster: where the gRPC server binds and what it advertises (`bind_and_advertise`);
         security: its TLS material and shared token (values, not paths: this actor may run on another host);
         layer_experts: {MoE layer: expert ids} for layers whose placement differs from expert_ids (copies);
-        version: the placement version they belong to; merge: compute waiting calls of the same layer and version
+        version: the placement version they belong to; quantization: how FP8 experts are held (ExpertGroup);
+        merge: compute waiting calls of the same layer and version
         in one pass (False: one call per pass, still counted by `merge_stats`)."""
         torch.set_num_threads(max(1, threads))
         self.started_at = time.time()  # a restarted actor reports a new start time
         self.telemetry = Telemetry(tracing or TracingConfig(exporter="none"), f"expert-group-{device}")
         self.group = ExpertGroup(Path(model_dir), expert_ids, dtype=DTYPES[dtype], device=device, kernel=kernel,
                                  torch_device=torch_device, layer_experts=layer_experts, version=version,
-                                 half_matmul=half_matmul)
+                                 half_matmul=half_matmul, quantization=quantization)
         self.merger = CallMerger(self.group, enabled=merge)
         self._stage_lock = threading.Lock()  # guards _staging and _stage_errors (calls may run on several threads)
         self._staging: dict[int, threading.Thread] = {}
@@ -77,8 +79,8 @@ class ExpertGroupActor:
                                        bind_host=bind_host, advertised_host=advertised, security=security,
                                        merger=self.merger)
             self.server.start()
-        logger.info("expert group %d ready: %d experts, %d weight bytes", device, len(expert_ids),
-                    self.group.weight_bytes)
+        logger.info("expert group %d ready: %d experts, %d weight bytes (%s)", device, len(expert_ids),
+                    self.group.weight_bytes, self.group.weight_dtype)
 
     def forward(
         self, layer: int, hidden: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray, hidden_dtype: str,
@@ -215,6 +217,7 @@ class ExpertGroupActor:
             "grpc_address": self.server.address if self.server else None,
             "kernel": g.kernel,
             "matmul_dtype": str(g.matmul_dtype).removeprefix("torch."),
+            "weight_dtype": g.weight_dtype,
             "started_at": self.started_at,
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "torch_device": str(g.torch_device),

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from expert_workers.expert_pairs import ExpertPairs, sort_by_expert
+from expert_workers.expert_weights import LayerWeights, Scratch, widened_expert_ffn
 from expert_workers.grouped_ffn import grouped_expert_ffn
 from expert_workers.kernels import fused_moe
 from model_core.checkpoint import CheckpointReader
-from model_core.compute_choices import KERNELS
+from model_core.compute_choices import KERNELS, QUANTIZATIONS
 from model_core.half_matmul import matmul_dtype
 from model_core.kernel_runtime import triton_available
 from model_core.layout import expert_shapes, expert_weight_names
@@ -76,13 +77,22 @@ class ExpertLayout:
     version: int
     layer_experts: dict[int, list[int]]  # layer -> expert ids, in the order of the stacks
     local_index: dict[int, torch.Tensor]  # layer -> [E] global id -> row in the stacks, -1 where not hosted
-    w_gate_up: dict[int, torch.Tensor]  # layer -> [E_local, 2I, H]
-    w_down: dict[int, torch.Tensor]  # layer -> [E_local, H, I]
+    weights: dict[int, LayerWeights]  # layer -> the stacks (FP8-resident ones with their scale tiles)
+
+    @property
+    def w_gate_up(self) -> dict[int, torch.Tensor]:
+        """layer -> [E_local, 2I, H] (float8_e4m3fn when FP8-resident)."""
+        return {layer: w.w_gate_up for layer, w in self.weights.items()}
+
+    @property
+    def w_down(self) -> dict[int, torch.Tensor]:
+        """layer -> [E_local, H, I]."""
+        return {layer: w.w_down for layer, w in self.weights.items()}
 
     @property
     def weight_bytes(self) -> int:
-        tensors = list(self.w_gate_up.values()) + list(self.w_down.values())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of the stacks, FP8 scale tiles included."""
+        return sum(w.nbytes for w in self.weights.values())
 
 
 class ExpertGroup:
@@ -107,15 +117,26 @@ class ExpertGroup:
         layer_experts: Mapping[int, Sequence[int]] | None = None,
         version: int = 0,
         half_matmul: str = "auto",
+        quantization: str = "auto",
     ) -> None:
         """device: the group's index in the placement; torch_device: where its weights live ('cpu', 'cuda');
         kernel: 'triton' (fused Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1), 'torch', or 'auto'
         (Triton on CUDA, torch on CPU); layer_experts: {MoE layer: expert ids} where a layer differs;
         version: the placement version these experts belong to; half_matmul: how a half-precision model
-        multiplies on a CPU with the torch kernel (model_core.half_matmul: its weights may be held in float32)."""
+        multiplies on a CPU with the torch kernel (model_core.half_matmul: its weights may be held in float32);
+        quantization: how a block-wise FP8 checkpoint's experts are held: 'fp8' (as stored, with their scale tiles;
+        computed by the FP8 Triton kernel, or on the torch path widened one hit expert at a time), 'none' (widened on
+        read), 'auto' (fp8 when the checkpoint is FP8)."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")
         self.spec = spec or ModelSpec.from_dir(model_dir)
+        if quantization == "fp8" and self.spec.fp8_block is None:
+            raise ValueError(f"quantization='fp8': {model_dir} is not a block-wise FP8 checkpoint (config.json has no "
+                             "quantization_config); use 'auto' or 'none'")
+        # FP8-resident experts: the checkpoint's scale block; None: weights widened to the model's dtype on read.
+        self.fp8_block = self.spec.fp8_block if quantization != "none" else None
         self.device = device
         self.dtype = dtype
         self.torch_device = torch.device(torch_device)
@@ -125,6 +146,7 @@ class ExpertGroup:
         # The weight stacks' dtype: the model's, or float32 on a CPU without its half-precision instructions.
         self.matmul_dtype = dtype if self.kernel == "triton" else matmul_dtype(dtype, self.torch_device, half_matmul)
         self.reader = CheckpointReader.for_model(model_dir, self.spec)  # refuses a checkpoint the config does not fit
+        self.scratch = Scratch()  # per thread: the FP8 torch path widens one expert at a time into it
         self._lock = threading.Lock()  # guards _layouts and version (a background stage adds to them)
         self._layouts: dict[int, ExpertLayout] = {}
         self.version = version
@@ -139,34 +161,31 @@ class ExpertGroup:
         with self._lock:
             held = list(self._layouts.values())
         n = self.spec.n_routed_experts
-        shapes = expert_shapes(self.spec)
-        local_index, w_gate_up, w_down = {}, {}, {}
+        local_index, weights = {}, {}
         for layer, ids in per_layer.items():
             index = torch.full((n,), -1, dtype=torch.long)
             index[torch.tensor(ids)] = torch.arange(len(ids))
             local_index[layer] = index.to(self.torch_device)  # ids arrive on the host (Ray, gRPC) or here
-            gate_up, down = [], []
-            for e in ids:
-                have = next((h for h in held if h.local_index[layer][e] >= 0), None)
-                if have is not None:
-                    row = int(have.local_index[layer][e])
-                    gate_up.append(have.w_gate_up[layer][row])
-                    down.append(have.w_down[layer][row])
-                    continue
-                # Each tensor goes to the device as read (safetensors reads to host memory): the layer's stacks
-                # are built there, so the host never holds more than one expert at a time.
-                g, u, d = (  # rounded to the model's dtype, then held in matmul_dtype (exact: only ever wider)
-                    self.reader.get(name, shape, self.dtype).to(self.torch_device, self.matmul_dtype)
-                    for name, shape in zip(expert_weight_names(layer, e), shapes, strict=True)
-                )
-                gate_up.append(torch.cat([g, u], dim=0))
-                down.append(d)
-            w_gate_up[layer] = torch.stack(gate_up)  # [E_local, 2I, H]
-            w_down[layer] = torch.stack(down)  # [E_local, H, I]
-        layout = ExpertLayout(version, per_layer, local_index, w_gate_up, w_down)
+            weights[layer] = LayerWeights.stack([self._expert_rows(held, layer, e) for e in ids], self.fp8_block)
+        layout = ExpertLayout(version, per_layer, local_index, weights)
         with self._lock:
             self._layouts[version] = layout
         return layout
+
+    def _expert_rows(self, held: list[ExpertLayout], layer: int, e: int) -> tuple[torch.Tensor, ...]:
+        """Expert e's tensors in `layer` (LayerWeights.rows): copied from a held version that has it (FP8 scales
+        with their weights), else read from the checkpoint. Each tensor goes to the device as read (safetensors
+        reads to host memory): the host never holds more than one expert at a time."""
+        have = next((h for h in held if h.local_index[layer][e] >= 0), None)
+        if have is not None:
+            return have.weights[layer].rows(int(have.local_index[layer][e]))
+        named = zip(expert_weight_names(layer, e), expert_shapes(self.spec), strict=True)
+        if self.fp8_block is not None:  # kept as stored: FP8 values and their float32 scale tiles
+            (g, sg), (u, su), (d, sd) = (self.reader.get_fp8(name, shape) for name, shape in named)
+            return tuple(t.to(self.torch_device) for t in (torch.cat([g, u]), d, torch.cat([sg, su]), sd))
+        g, u, d = (  # rounded to the model's dtype, then held in matmul_dtype (exact: only ever wider)
+            self.reader.get(name, shape, self.dtype).to(self.torch_device, self.matmul_dtype) for name, shape in named)
+        return torch.cat([g, u], dim=0), d
 
     def release(self, keep: int) -> None:
         """Make `keep` the current version and free every other one (their calls must have finished)."""
@@ -230,8 +249,15 @@ class ExpertGroup:
         return self.layout().w_down
 
     @property
+    def weight_dtype(self) -> str:
+        """What the expert weights are held as, for memory reports: 'float8_e4m3fn+scales[bo x bi]' or a dtype."""
+        if self.fp8_block is not None:
+            return f"float8_e4m3fn+scales[{self.fp8_block[0]}x{self.fp8_block[1]}]"
+        return str(self.matmul_dtype).removeprefix("torch.")
+
+    @property
     def weight_bytes(self) -> int:
-        """Bytes of routed-expert weights held, every loaded version counted."""
+        """Bytes of routed-expert weights held (FP8 scale tiles included), every loaded version counted."""
         with self._lock:
             return sum(layout.weight_bytes for layout in self._layouts.values())
 
@@ -299,9 +325,15 @@ class ExpertGroup:
                  weights: torch.Tensor, pairs: ExpertPairs) -> torch.Tensor:
         """local: [T, K] rows of the layer's stacks (-1 = elsewhere), on the group's device, sorted into `pairs`."""
         x, w = hidden.to(self.torch_device, self.dtype), weights.to(self.torch_device)
-        w_gate_up, w_down = layout.w_gate_up[layer], layout.w_down[layer]
-        if self.kernel == "triton":
-            out = fused_moe(x, w_gate_up, w_down, local, w, pairs=pairs)
+        lw = layout.weights[layer]
+        if self.kernel == "triton" and lw.fp8:
+            from expert_workers.kernels import fused_moe_fp8
+
+            out = fused_moe_fp8(x, lw.w_gate_up, lw.s_gate_up, lw.w_down, lw.s_down, lw.block, local, w, pairs=pairs)
+        elif self.kernel == "triton":
+            out = fused_moe(x, lw.w_gate_up, lw.w_down, local, w, pairs=pairs)
+        elif lw.fp8:
+            out = widened_expert_ffn(x, lw, w, pairs, self.matmul_dtype, self.scratch)
         else:
-            out = grouped_expert_ffn(x, w_gate_up, w_down, local, w, pairs=pairs)
+            out = grouped_expert_ffn(x, lw.w_gate_up, lw.w_down, local, w, pairs=pairs)
         return out.to(hidden.device, hidden.dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -88,11 +90,19 @@ def grouped_expert_ffn(
         y = torch.bmm(silu_and_mul(gate_up).to(wide), w_down.transpose(1, 2))[expert, row].to(dtype)  # [P, H]
         return out.index_add_(0, token, y * scale)
     # One gather in, one scatter-add out (pairs in expert order, as the other implementations add them).
-    bounds = pairs.offsets.tolist()
-    x = hidden[token]  # [P, H]
-    y = torch.empty_like(x)  # [P, H]
-    for e in range(n_experts):
+    y = expert_loop(hidden[token], scale, pairs.offsets.tolist(), lambda e: (w_gate_up[e], w_down[e]))
+    return out.index_add_(0, token, y)
+
+
+def expert_loop(rows: torch.Tensor, scale: torch.Tensor, bounds: list[int],
+                weights_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The loop: rows [P, H] of the pairs in expert order (expert e's at bounds[e]:bounds[e+1]), scale [P, 1] ->
+    [P, H] weighted outputs; weights_of(e) gives expert e's (gate_up [2I, H], down [H, I]), asked only for the
+    experts some row reaches."""
+    y = torch.empty_like(rows)
+    for e in range(len(bounds) - 1):
         start, end = bounds[e], bounds[e + 1]
         if start < end:
-            scaled_expert(x[start:end], scale[start:end], w_gate_up[e], w_down[e], out=y[start:end])
-    return out.index_add_(0, token, y)
+            w_gate_up, w_down = weights_of(e)
+            scaled_expert(rows[start:end], scale[start:end], w_gate_up, w_down, out=y[start:end])
+    return y

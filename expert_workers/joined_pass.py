@@ -43,8 +43,9 @@ class JoinedPass:
         """layout: the placement version the calls were checked against (`ExpertGroup.check`)."""
         self.dtype, self.device = group.dtype, group.torch_device
         self.local_index = layout.local_index[layer]  # [E_global] -> stack row, -1 where not hosted
-        self.w_gate_up, self.w_down = layout.w_gate_up[layer], layout.w_down[layer]  # [E, 2I, H], [E, H, I]
-        self.n_experts = self.w_gate_up.shape[0]
+        self.weights = layout.weights[layer]  # FP8-resident ones are widened expert by expert
+        self.group = group
+        self.n_experts = self.weights.n_experts
         self.members: list[_Member] = []
 
     def add(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, at: int = 0) -> None:
@@ -61,11 +62,12 @@ class JoinedPass:
     @staticmethod
     def would_loop(group: ExpertGroup, layout: ExpertLayout, layer: int, calls: list[Call]) -> bool:
         """Whether `calls` together would run the loop, decided from their routing alone (a bincount, no sort):
-        half precision on a CPU always does; float32 does unless padded_bmm fits (decode-sized steps)."""
-        if group.dtype != torch.float32 or group.torch_device.type != "cpu":
+        half precision on a CPU always does, and so do FP8-resident experts; float32 does unless padded_bmm fits
+        (decode-sized steps)."""
+        if group.dtype != torch.float32 or group.torch_device.type != "cpu" or layout.weights[layer].fp8:
             return True
         local_index = layout.local_index[layer]
-        counts = torch.zeros(layout.w_gate_up[layer].shape[0], dtype=torch.long, device=local_index.device)
+        counts = torch.zeros(layout.weights[layer].n_experts, dtype=torch.long, device=local_index.device)
         for _, ids, _ in calls:
             ids = ids.to(local_index.device, torch.long)
             counts += torch.bincount(local_index[ids[ids >= 0]], minlength=counts.numel())
@@ -75,7 +77,7 @@ class JoinedPass:
         """Whether the members' concatenation would run grouped_expert_ffn's loop (impl='auto'): the only path
         that computes expert by expert, so the only one a call can join."""
         counts = torch.stack([m.pairs.counts for m in self.members]).sum(0)  # [E]
-        return auto_impl(self.members[0].x, counts) == "loop"
+        return self.weights.fp8 or auto_impl(self.members[0].x, counts) == "loop"
 
     def run(self, join: Callable[[int], list[Call]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Compute every member, taking `join(e)`'s calls before expert e; per member, in the order they came:
@@ -94,7 +96,7 @@ class JoinedPass:
         parts = [(m, m.bounds[e], m.bounds[e + 1]) for m in members if m.bounds[e] < m.bounds[e + 1]]
         if not parts:
             return
-        w_gate_up, w_down = self.w_gate_up[e], self.w_down[e]
+        w_gate_up, w_down = self.weights.widen(e, self.dtype, self.group.matmul_dtype, self.group.scratch)
         if len(parts) == 1:
             m, a, b = parts[0]
             scaled_expert(m.rows[a:b], m.scale[a:b], w_gate_up, w_down, out=m.y[a:b])

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from model_core.fp8 import FP8, dequantize_blocks, scale_grid
 from model_core.layout import checkpoint_layout
 from model_core.spec import ModelSpec
 
@@ -194,24 +195,50 @@ class CheckpointReader:
         raise CheckpointError(f"{self.path / file}: tensor {name!r} has {bad} non-finite value{'s' * (bad != 1)} "
                               f"(NaN or inf) of {served.numel()}{where}")
 
-    def _dequantize(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """W = fp8 · scale_inv, one scale per (block_out × block_in) tile (DeepSeek-V3's FP8 release)."""
+    def get_fp8(self, name: str, shape: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight float8_e4m3fn, scale_inv float32 [ceil(out/bo), ceil(in/bi)]) as stored, nothing widened: for
+        processes that keep FP8 weights resident. Refused unless the tensor is float8_e4m3fn with its scales, and
+        unless both are finite (the widened weight is checked one row tile at a time, never all at once)."""
+        file = self.file_of.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        weight = self._read(file, name)
+        if tuple(weight.shape) != tuple(shape):
+            raise CheckpointError(f"{self.path / file}: tensor {name!r} has shape {list(weight.shape)}, expected "
+                                  f"{list(shape)}")
+        if weight.dtype != FP8:
+            raise CheckpointError(f"{self.path / file}: tensor {name!r} is {str(weight.dtype).removeprefix('torch.')}: "
+                                  "expected float8_e4m3fn to keep it FP8-resident (quantization: fp8); "
+                                  "use quantization: none to widen the checkpoint's weights on read")
+        scale = self._scales(name, weight)
+        if not all_finite(scale):
+            self._refuse_non_finite(f"{name}_scale_inv", self.file_of[f"{name}_scale_inv"], scale, scale)
+        bo = self.fp8_block[0]
+        for start in range(0, weight.shape[0], bo):  # bounded: one row tile widened at a time
+            if not all_finite(weight[start:start + bo].float()):
+                self._refuse_non_finite(name, file, weight.float(), weight.float())
+        self.loaded.add(name)
+        return weight, scale
+
+    def _scales(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The float32 scale_inv tiles of float8 tensor `name`, refused when absent or of the wrong shape."""
         scale_name = f"{name}_scale_inv"
         if self.fp8_block is None or scale_name not in self.file_of:
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} is {weight.dtype} but "
                 + ("config.json has no quantization_config" if self.fp8_block is None else f"{scale_name!r} is missing")
             )
-        bo, bi = self.fp8_block
-        out, inp = weight.shape
         scale = self._read(self.file_of[scale_name], scale_name).float()
-        expected = (-(-out // bo), -(-inp // bi))
+        expected = scale_grid(tuple(weight.shape), self.fp8_block)
         if tuple(scale.shape) != expected:
             raise CheckpointError(f"{self.path}: {scale_name!r} has shape {list(scale.shape)}, expected "
                                   f"{list(expected)} for blocks of {list(self.fp8_block)}")
         self.loaded.add(scale_name)
-        full = scale.repeat_interleave(bo, 0)[:out].repeat_interleave(bi, 1)[:, :inp]
-        return weight.float() * full
+        return scale
+
+    def _dequantize(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W = fp8 · scale_inv, one scale per (block_out × block_in) tile (DeepSeek-V3's FP8 release)."""
+        return dequantize_blocks(weight, self._scales(name, weight), self.fp8_block)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -8,3 +8,6 @@ from __future__ import annotations
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # the weights' and hidden states' dtype (all travel on the wire)
 KERNELS = ("auto", "triton", "torch")  # auto: Triton on CUDA, torch on CPU
+# How expert groups hold a block-wise FP8 checkpoint's routed experts: fp8 (as stored, with their scale tiles),
+# none (widened to the model's dtype on read), auto (fp8 when the checkpoint is FP8)
+QUANTIZATIONS = ("auto", "fp8", "none")

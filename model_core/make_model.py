@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from model_core.chat_template import write_default as write_default_chat_template
 from model_core.checkpoint import INDEX_NAME, SINGLE_NAME
+from model_core.fp8 import quantize_blocks
 from model_core.layout import checkpoint_layout
 from model_core.spec import ModelSpec
 from model_core.tokenizer import ByteTokenizer
@@ -169,6 +170,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+
+def _fp8(preset: str, block: list[int]) -> dict[str, Any]:
+    """`preset` released as DeepSeek-V3 is: every linear projection block-wise FP8 with float32 scale_inv tiles."""
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": block}
+    return {**PRESETS[preset], "quantization_config": quantization}
+
+
+# Blocks of 24 x 16 give the tiny model's experts partial tiles (an intermediate of 32 = 24 + 8 rows); small-v3
+# uses DeepSeek-V3's own 128 x 128.
+PRESETS["tiny-v3-fp8"] = _fp8("tiny-v3", [24, 16])
+PRESETS["small-v3-fp8"] = _fp8("small-v3", [128, 128])
+
 _ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
@@ -230,6 +243,8 @@ def write_checkpoint(
             tensors[name] = value.float()  # transformers keeps this buffer in float32
         else:
             tensors[name] = value.to(dtype)
+    if spec.fp8_block is not None:
+        tensors.update(_quantized(tensors, spec.fp8_block))
     for name, value in (overrides or {}).items():
         tensors[name] = value
     shards = _split(tensors, shard_bytes)
@@ -248,6 +263,16 @@ def write_checkpoint(
     (out / "config.json").write_text(json.dumps(config, indent=1))
     ByteTokenizer.default().save(out)
     write_default_chat_template(out, "<|bos|>", "<|eos|>")
+    return out
+
+
+def _quantized(tensors: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The linear projections (`*proj.weight`, as DeepSeek-V3 ships them: not embeddings, norms, router gates or
+    lm_head) as float8_e4m3fn with their `<name>_scale_inv` tiles."""
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith("proj.weight") and value.dim() == 2:
+            out[name], out[f"{name}_scale_inv"] = quantize_blocks(value, block)
     return out
 
 

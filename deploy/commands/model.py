@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from model_core.compute_choices import KERNELS, MODEL_DTYPES
+from model_core.compute_choices import KERNELS, MODEL_DTYPES, QUANTIZATIONS
 from model_core.half_matmul import MODES as HALF_MATMUL_MODES
 
 
@@ -64,6 +64,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--half-matmul", choices=HALF_MATMUL_MODES,
                      help="bfloat16/float16 matmuls on a CPU: native, or float32 weights (exact widening, 2x weight "
                           "memory; auto: float32 where the CPU lacks the instructions)")
+    gen.add_argument("--quantization", choices=QUANTIZATIONS,
+                     help="routed experts of an FP8 checkpoint: fp8 (kept FP8 with their scale tiles), none (widened "
+                          "on read), auto (fp8 when the checkpoint is FP8; the default)")
     gen.add_argument("--gateway-device",
                      help="where the gateway runs: auto (CUDA when visible, else CPU), cpu, cuda or cuda:N; "
                           "local expert groups share it")
@@ -90,6 +93,7 @@ def deployment_from_args(args: argparse.Namespace):
         "model": args.model, "dtype": args.dtype, "backend": args.backend, "devices": args.devices,
         "placement": args.placement, "top_m_devices": args.top_m_devices, "ray.address": args.address,
         "expert_kernel": args.expert_kernel, "gateway_device": args.gateway_device, "half_matmul": args.half_matmul,
+        "quantization": args.quantization,
         "tracing.routing_trace_dir": args.trace_dir,
         "tracing.exporter": args.otel,
     }

@@ -16,7 +16,7 @@ import torch
 from gateway.config.endpoints import RpcConfig, ServerConfig
 from gateway.config.errors import DeploymentConfigError
 from gateway.config.sections import CacheConfig, MeshConfig, RayConfig, SchedulerConfig
-from model_core.compute_choices import KERNELS, MODEL_DTYPES
+from model_core.compute_choices import KERNELS, MODEL_DTYPES, QUANTIZATIONS
 from model_core.half_matmul import MODES as HALF_MATMUL_MODES
 from model_core.settings import SettingError, check_settings, setting
 from model_core.telemetry import TracingConfig
@@ -44,6 +44,9 @@ class DeploymentConfig:
     expert_kernel: str = setting("auto", choices=KERNELS)
     # bf16/fp16 on CPU: native | float32 (widened weights) | auto (float32 if not native)
     half_matmul: str = setting("auto", choices=HALF_MATMUL_MODES)
+    # routed experts of a block-wise FP8 checkpoint: fp8 (kept FP8 with their scales) | none (widened on read) |
+    # auto (fp8 when the checkpoint is FP8)
+    quantization: str = setting("auto", choices=QUANTIZATIONS)
     gateway_device: str = "auto"  # where the gateway's per-token path runs: auto | cpu | cuda | cuda:N
     ray: RayConfig = field(default_factory=RayConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)

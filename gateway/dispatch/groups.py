@@ -23,7 +23,8 @@ def build_dispatcher(cfg: DeploymentConfig, spec: ModelSpec, placement: Placemen
         groups = [
             ExpertGroup(cfg.model, placement.experts_on(d), cfg.torch_dtype, spec, device=d,
                         kernel=cfg.expert_kernel, torch_device=str(device), layer_experts=placement.layer_overrides(d),
-                        version=placement.version, half_matmul=cfg.half_matmul)
+                        version=placement.version, half_matmul=cfg.half_matmul,
+                        quantization=cfg.quantization)
             for d in range(placement.n_devices)
         ]
         return Dispatcher(placement, LocalTransport(groups), device=device)

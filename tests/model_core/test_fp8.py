@@ -63,7 +63,8 @@ def fp8_and_dequantized(tmp_path_factory):
 def test_fp8_checkpoint_serves_exactly_its_dequantized_weights(fp8_and_dequantized):
     fp8, deq, src = fp8_and_dequantized
     prompts = random_prompts(272, [9, 4], seed=2)
-    with Engine.from_pretrained(fp8) as a, Engine.from_pretrained(deq) as b, Engine.from_pretrained(src) as c:
+    with (Engine.from_pretrained(fp8, quantization="none") as a, Engine.from_pretrained(deq) as b,
+          Engine.from_pretrained(src) as c):
         la, lb, lc = a.logits(prompts), b.logits(prompts), c.logits(prompts)
         assert all(torch.equal(x, y) for x, y in zip(la, lb, strict=True))
         assert all(not torch.equal(x, z) for x, z in zip(la, lc, strict=True))  # fp8 is an approximation ...

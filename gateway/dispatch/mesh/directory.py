@@ -44,6 +44,7 @@ def fingerprint(cfg: DeploymentConfig) -> dict[str, Any]:
         "devices": cfg.devices,
         "expert_kernel": cfg.expert_kernel,
         "half_matmul": cfg.half_matmul,
+        "quantization": cfg.quantization,
         "ray.device_resource": cfg.ray.device_resource,
     }
 
