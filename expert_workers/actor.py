@@ -200,6 +200,11 @@ class ExpertGroupActor:
         """How this replica's calls met: `CallMerger.stats` (calls, passes, rows per pass, merged share, ...)."""
         return self.merger.stats()
 
+    def memory(self) -> dict:
+        """The routed-expert weights this replica holds: bytes (every loaded placement version, FP8 scale tiles
+        included) and what they are held as (`ExpertGroup.weight_dtype`)."""
+        return {"weight_bytes": self.group.weight_bytes, "weight_dtype": self.group.weight_dtype}
+
     def reset_merge_stats(self) -> None:
         self.merger.reset_stats()
 

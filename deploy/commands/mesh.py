@@ -52,13 +52,17 @@ def status_table(status: dict) -> str:
              f"{status['placement_version']}{'' if status['released'] else ' (older copies still loaded)'}, "
              f"epoch {status['epoch']}, restarts {status['restarts']}, evicted {status['evicted']}, control actor "
              f"rebuilds {status['rebuilds']}",
-             f"{'group':>5} {'replica':<34} {'calls':>8} {'passes':>8} {'rows/pass':>9} {'merged':>7}  grpc"]
+             f"{'group':>5} {'replica':<34} {'calls':>8} {'passes':>8} {'rows/pass':>9} {'merged':>7} "
+             f"{'weights MB':>10} {'held as':<30} grpc"]
     for r in status["replicas"]:
         load = r.get("load") or {}
         merged = f"{load['merged_share']:.0%}" if "merged_share" in load else "-"
         rows = f"{load['rows_per_pass']:.1f}" if "rows_per_pass" in load else "-"
+        memory = r.get("memory") or {}
+        weights = f"{memory['weight_bytes'] / 1e6:.1f}" if "weight_bytes" in memory else "-"
         lines.append(f"{r['group']:>5} {r['name'] + (' (draining)' if r['draining'] else ''):<34} "
-                     f"{load.get('calls', '-'):>8} {load.get('passes', '-'):>8} {rows:>9} {merged:>7}  {r['grpc']}")
+                     f"{load.get('calls', '-'):>8} {load.get('passes', '-'):>8} {rows:>9} {merged:>7} "
+                     f"{weights:>10} {memory.get('weight_dtype', '-'):<30} {r['grpc']}")
     gateways = status["gateways"]
     lines.append(f"{len(gateways)} gateway(s) attached" + "".join(
         f"\n  {g}: placement version {a['version']}, seen {a['seen_s_ago']:.1f}s ago" for g, a in gateways.items()))

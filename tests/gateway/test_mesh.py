@@ -12,6 +12,7 @@ import torch
 from gateway import Engine
 from gateway.config import DeploymentConfig, DeploymentConfigError, MeshConfig
 from gateway.dispatch.mesh.attach import MeshNotRunning, mesh_down, mesh_status, mesh_up
+from model_core.spec import ModelSpec
 from tests.conftest import random_prompts, wait_until
 
 pytestmark = pytest.mark.slow
@@ -96,6 +97,11 @@ def test_gateways_on_one_mesh_give_transformers_logits_and_tokens(backend, gatew
         status = mesh_status(cfg)
         assert len(status["gateways"]) == gateways and status["groups"] == 2 and len(status["replicas"]) == 2
         assert sum(r["load"]["calls"] for r in status["replicas"]) > 0
+        spec = ModelSpec.from_dir(model)
+        per_expert = 3 * spec.hidden_size * spec.moe_intermediate_size * 4  # float32, every MoE layer
+        assert sorted(r["memory"]["weight_bytes"] for r in status["replicas"]) == [
+            spec.n_routed_experts // 2 * len(spec.moe_layers) * per_expert] * 2
+        assert all(r["memory"]["weight_dtype"] == "float32" for r in status["replicas"])
     finally:
         ray_cluster.get([g.close.remote() for g in procs])
         mesh_down(cfg)

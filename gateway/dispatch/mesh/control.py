@@ -208,7 +208,8 @@ class MeshControl:
         return MeshDirectory(self.name, self.epoch, pool.placement, entries, restarts, evicted)
 
     def status(self, load: bool = True) -> dict:
-        """Groups, replicas, placement version, attached gateways, and (load) each replica's merge counters."""
+        """Groups, replicas, placement version, attached gateways, and (load) each replica's merge counters and
+        the expert weights it holds."""
         import ray
 
         d = self.directory()
@@ -219,12 +220,13 @@ class MeshControl:
         replicas = [{"group": r.device, "index": r.index, "name": r.name, "grpc": r.grpc_address,
                      "node": r.node_id, "draining": r.draining, "started_at": r.started_at} for r in d.replicas]
         if load:
-            refs = [r.actor.merge_stats.remote() for r in d.replicas]
-            for entry, ref in zip(replicas, refs, strict=True):
-                try:
-                    entry["load"] = ray.get(ref, timeout=10)
-                except ray.exceptions.RayError as exc:
-                    entry["load"] = {"error": type(exc).__name__}
+            refs = [(r.actor.merge_stats.remote(), r.actor.memory.remote()) for r in d.replicas]
+            for entry, (stats, memory) in zip(replicas, refs, strict=True):
+                for key, ref in (("load", stats), ("memory", memory)):
+                    try:
+                        entry[key] = ray.get(ref, timeout=10)
+                    except ray.exceptions.RayError as exc:
+                        entry[key] = {"error": type(exc).__name__}
         return {"name": self.name, "epoch": self.epoch, "placement_version": d.placement.version,
                 "released": self.released, "groups": d.placement.n_devices, "replicas": replicas,
                 "gateways": gateways, "restarts": d.restarts, "evicted": d.evicted, "rebuilds": self.rebuilds,
