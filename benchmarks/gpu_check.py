@@ -7,9 +7,11 @@ and records what the machine holds. Then each step runs in its own process under
 into the output folder as it goes and its result into summary.json after each step:
 
   main suite (one H100, under 8 minutes):
-    kernels        Triton fused-MoE kernels == the torch grouped FFN (fp32/fp16/bf16, poisoned workspaces)
+    kernels        Triton fused-MoE kernels == the torch grouped FFN (fp32/fp16/bf16, poisoned workspaces); the FP8
+                   fused MoE within its float64 references (test_fp8_kernel.py)
     paged-mla      the Triton paged MLA decode kernel == its torch reference
-    kernel-bench   kernel timings and float64-reference errors at DeepSeek-V2-Lite shapes (kernel_bench.json)
+    kernel-bench   kernel timings and float64-reference errors at DeepSeek-V2-Lite shapes, FP8 decode rows beside
+                   bf16 with their % of the HBM floor (kernel_bench.json)
     gateway-cuda   the in-process engine on CUDA == the CPU float32 reference (torch and Triton experts; the
                    gateway-device tests: seeded sampling, device-tensor codec)
     ray-cuda-ipc   Ray expert groups sharing the GPU (object store; CUDA IPC from a gateway actor) == reference

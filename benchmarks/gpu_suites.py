@@ -24,22 +24,22 @@ class Step:
 def suites(out: Path, scratch: Path) -> dict[str, list[Step]]:
     """The steps of each suite, in order. JSON goes to `out`; dry-run smoke output to `scratch`."""
     collect = [*PYTEST, "--collect-only"]
-    kernels = ["tests/expert_workers/test_kernels.py"]
+    kernels = ["tests/expert_workers/test_kernels.py", "tests/expert_workers/test_fp8_kernel.py"]
     mla = ["tests/gateway/test_paged_mla_kernel.py"]
     in_process = [PARITY, "tests/gateway/test_gateway_device.py", "-m", "gpu", "-k",
                   "not ray_groups_on_the_gpu and not two_micro_batches"]
     on_ray = [PARITY, "-k", "ray_groups_on_the_gpu or two_micro_batches"]
     bench = "benchmarks/kernel_bench.py"
-    bench_smoke = [bench, "--interpret", "--shapes", "tiny", "--tokens", "1", "--dtypes", "float32", "--json",
-                   str(scratch / "kernel_bench_smoke.json")]
+    bench_smoke = [bench, "--interpret", "--fp8", "--shapes", "tiny", "--tokens", "1", "--dtypes", "float32",
+                   "--json", str(scratch / "kernel_bench_smoke.json")]
     return {
         "main": [
-            Step("kernels", "Triton fused-MoE kernels vs the torch grouped FFN on CUDA",
-                 [*PYTEST, *kernels], 150, [*collect, *kernels]),
+            Step("kernels", "Triton fused-MoE kernels (fp32/fp16/bf16 and block-scaled FP8) vs references on CUDA",
+                 [*PYTEST, *kernels], 180, [*collect, *kernels]),
             Step("paged-mla", "Triton paged MLA decode vs its torch reference on CUDA",
                  [*PYTEST, *mla], 90, [*collect, *mla]),
-            Step("kernel-bench", "kernel ms, time/floor and float64-reference error at V2-Lite shapes",
-                 [bench, "--shapes", "v2-lite", "--json", str(out / "kernel_bench.json")], 120, bench_smoke,
+            Step("kernel-bench", "kernel ms, % of floor and float64-reference error at V2-Lite shapes (+ FP8 decode)",
+                 [bench, "--shapes", "v2-lite", "--json", str(out / "kernel_bench.json")], 150, bench_smoke,
                  "kernel_bench.json"),
             Step("gateway-cuda", "in-process engine on CUDA vs the CPU float32 reference (logits, tokens)",
                  [*PYTEST, *in_process], 120, [*collect, *in_process]),

@@ -6,11 +6,14 @@ shapes times decode (1-64 tokens) and prefill (512-8192 tokens) batches with tri
 (median), checks every output against a float64 reference (built one expert at a time with plain matmuls, so
 only a hit expert's weights are ever widened), and prints time ÷ floor. Weights are made once per shape and dtype,
 on the device; V3's take ~23 GB in bf16 (benchmarks/gpu_check.py runs V2-Lite on an H100, V3 in its h200 suite).
+At decode sizes (T <= 64) it also times fused_moe_fp8 on the same weights quantized to FP8 in 128×128 blocks
+("triton fp8" rows): its floor is the HBM floor of the hit experts' FP8 weights and scales, its error is measured
+against the float64 reference of the dequantized weights (so it is the FP8 activations' error alone).
 With --interpret it runs Triton's CPU interpreter on tiny shapes: a smoke test of the same script, not a
 measurement.
 
-    python benchmarks/kernel_bench.py                 # on a CUDA machine
-    python benchmarks/kernel_bench.py --interpret     # CPU smoke run
+    python benchmarks/kernel_bench.py                 # on a CUDA machine (FP8 rows on sm89+; --no-fp8 skips them)
+    python benchmarks/kernel_bench.py --interpret     # CPU smoke run (--fp8 adds the FP8 rows)
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ SHAPES = {  # name: (experts, hidden, intermediate, top_k)
     "tiny": (8, 64, 48, 2),
 }
 GPU_TOKENS = [1, 8, 16, 32, 64, 512, 2048, 8192]
+FP8_BLOCK = {"v2-lite": (128, 128), "v3": (128, 128), "tiny": (16, 16)}  # (block_out, block_in) of the weight scales
+FP8_MAX_TOKENS = 64  # FP8 rows at decode sizes only
+FP8_REL_ERR = 0.1  # FP8 activations' error (e4m3: 2^-4 relative per element, twice) vs the dequantized reference
+FLOOR_GOAL = 0.8  # the FP8 decode rows' goal: at least 80 % of the HBM floor
 
 
 def measure_ceilings(torch, device) -> dict:
@@ -57,6 +64,50 @@ def floor_ms(t: int, shape: tuple[int, int, int, int], experts_hit: int, itemsiz
     compute = flops / ceilings["bf16_flops_per_s"] * 1e3
     return {"floor_ms": max(mem, compute), "bound": "memory" if mem >= compute else "compute",
             "bytes": bytes_moved, "flops": flops}
+
+
+def fp8_floor_ms(t: int, shape: tuple[int, int, int, int], experts_hit: int, block: tuple[int, int], itemsize: int,
+                 ceilings: dict) -> dict:
+    """The HBM floor of fused_moe_fp8: the hit experts' FP8 weights (1 byte each) and float32 block scales, the
+    tokens in and out, the routing; read once at the measured copy bandwidth (decode is memory bound)."""
+    e, h, i, k = shape
+    nb = lambda n, b: -(-n // b)  # noqa: E731
+    scales = 2 * nb(i, block[0]) * nb(h, block[1]) + nb(h, block[0]) * nb(i, block[1])
+    bytes_moved = experts_hit * (3 * h * i + 4 * scales) + 2 * t * h * itemsize + t * k * 12
+    return {"floor_ms": bytes_moved / ceilings["copy_bytes_per_s"] * 1e3, "bound": "memory", "bytes": bytes_moved,
+            "flops": 2 * t * k * 3 * h * i}
+
+
+class DequantizedExperts:
+    """Indexable like a float [E, N, K] weight (all reference_ffn reads): expert e's FP8 weight times its block scales,
+    in float64, made when asked for (one expert at a time). `halves`: gate and up, each with its own tiles."""
+
+    def __init__(self, torch, q, scales, block: tuple[int, int], halves: bool):
+        self.torch, self.q, self.scales, self.block, self.halves, self.shape = torch, q, scales, block, halves, q.shape
+
+    def _one(self, q, s):
+        bo, bi = self.block
+        return q.double() * s.double().repeat_interleave(bo, 0)[: q.shape[0]].repeat_interleave(bi, 1)[:, : q.shape[1]]
+
+    def __getitem__(self, e: int):
+        q, s = self.q[e], self.scales[e]
+        if not self.halves:
+            return self._one(q, s)
+        i, n = q.shape[0] // 2, s.shape[0] // 2
+        return self.torch.cat([self._one(q[:i], s[:n]), self._one(q[i:], s[n:])])
+
+
+def quantize_experts(torch, w_gate_up, w_down, block: tuple[int, int]) -> tuple:
+    """The weights as a DeepSeek-V3 checkpoint holds them: FP8 with one scale per block, gate and up apart.
+    -> (w_gate_up fp8 [E, 2I, H], s_gate_up [E, 2·ceil(I/bo), ceil(H/bi)], w_down fp8 [E, H, I], s_down)."""
+    from model_core.fp8 import quantize_blocks
+
+    i = w_down.shape[2]
+    gate_up = [[quantize_blocks(w[:i], block), quantize_blocks(w[i:], block)] for w in w_gate_up]
+    down = [quantize_blocks(w, block) for w in w_down]
+    return (torch.stack([torch.cat([g[0], u[0]]) for g, u in gate_up]),
+            torch.stack([torch.cat([g[1], u[1]]) for g, u in gate_up]),
+            torch.stack([q for q, _ in down]), torch.stack([s for _, s in down]))
 
 
 def make_weights(torch, shape, dtype, device, seed) -> tuple:
@@ -110,22 +161,42 @@ def time_ms(torch, fn, on_gpu: bool) -> float:
     return statistics.median(times)
 
 
-def run(shapes: list[str], tokens: list[int], dtype_names: list[str], interpret: bool) -> tuple[list[dict], dict]:
+def measure(torch, fn, ref, on_gpu: bool, floor: dict, row: dict) -> dict:
+    """Run fn once against its float64 reference, time it, and return the row (printed as it goes: a run cut short
+    still shows what it measured)."""
+    out = fn()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    ms = time_ms(torch, fn, on_gpu)
+    row = {**row, "ms": ms, "rel_err_vs_fp64": err, "finite": bool(out.isfinite().all()),
+           **({"floor_ms": floor["floor_ms"], "bound": floor["bound"], "floor_over_time": floor["floor_ms"] / ms}
+              if floor else {})}
+    print(f"  {row['shape']} {row['dtype']} {row['tokens']:>5} tokens {row['impl']:<17} {ms:9.3f} ms  "
+          f"rel err {err:.1e}", flush=True)
+    return row
+
+
+def run(shapes: list[str], tokens: list[int], dtype_names: list[str], interpret: bool,
+        fp8: bool = False) -> tuple[list[dict], dict]:
+    """The rows of every (shape, dtype, tokens, impl); fp8 adds "triton fp8" rows for T <= FP8_MAX_TOKENS."""
     import torch
     import torch.nn.functional as F
 
     from expert_workers.grouped_ffn import grouped_expert_ffn
-    from expert_workers.kernels import fused_moe
+    from expert_workers.kernels import fused_moe, fused_moe_fp8
 
     on_gpu = torch.cuda.is_available() and not interpret
     device = torch.device("cuda" if on_gpu else "cpu")
+    if fp8 and on_gpu and torch.cuda.get_device_capability(device) < (8, 9):
+        print("  no FP8 rows: the FP8 tensor-core dot needs compute capability 8.9+", flush=True)
+        fp8 = False
     ceilings = measure_ceilings(torch, device) if on_gpu else {}
     rows = []
     for shape_name in shapes:
-        shape = SHAPES[shape_name]
+        shape, block = SHAPES[shape_name], FP8_BLOCK[shape_name]
         for dtype_name in dtype_names:
             dtype = getattr(torch, dtype_name)
             w_gate_up, w_down = make_weights(torch, shape, dtype, device, seed=0)  # once per shape and dtype
+            quantized = quantize_experts(torch, w_gate_up, w_down, block) if fp8 else None
             for t in tokens:
                 hidden, ids, weights = make_tokens(torch, t, shape, dtype, device, seed=t)
                 ref = reference_ffn(torch, hidden, w_gate_up, w_down, ids, weights)
@@ -138,18 +209,20 @@ def run(shapes: list[str], tokens: list[int], dtype_names: list[str], interpret:
                     impls["torch grouped_mm"] = lambda c=case: grouped_expert_ffn(*c, "grouped_mm")
                 hit = int(torch.unique(ids).numel())
                 floor = floor_ms(t, shape, hit, hidden.element_size(), ceilings) if on_gpu else {}
+                base = {"shape": shape_name, "tokens": t, "dtype": dtype_name, "experts_hit": hit}
                 for name, fn in impls.items():
-                    out = fn()
-                    err = ((out.double() - ref).norm() / ref.norm()).item()
-                    ms = time_ms(torch, fn, on_gpu)
-                    rows.append({"shape": shape_name, "tokens": t, "dtype": dtype_name, "impl": name, "ms": ms,
-                                 "rel_err_vs_fp64": err, "finite": bool(out.isfinite().all()), "experts_hit": hit,
-                                 **({"floor_ms": floor["floor_ms"], "bound": floor["bound"],
-                                     "floor_over_time": floor["floor_ms"] / ms} if floor else {})})
-                    print(f"  {shape_name} {dtype_name} {t:>5} tokens {name:<17} {ms:9.3f} ms  rel err {err:.1e}",
-                          flush=True)  # a line per case as it goes: a run cut short still shows what it measured
+                    rows.append(measure(torch, fn, ref, on_gpu, floor, {**base, "impl": name}))
+                if quantized is not None and t <= FP8_MAX_TOKENS:
+                    qgu, sgu, qd, sd = quantized
+                    ref8 = reference_ffn(torch, hidden, DequantizedExperts(torch, qgu, sgu, block, halves=True),
+                                         DequantizedExperts(torch, qd, sd, block, halves=False), ids, weights)
+                    floor8 = fp8_floor_ms(t, shape, hit, block, hidden.element_size(), ceilings) if on_gpu else {}
+                    fn = lambda c=(hidden, qgu, sgu, qd, sd, block, ids, weights): fused_moe_fp8(*c)  # noqa: E731
+                    rows.append(measure(torch, fn, ref8, on_gpu, floor8, {
+                        **base, "impl": "triton fp8", "block": list(block),
+                        "reference": "dequantized fp8 weights, unquantized activations"}))
                 del hidden, ids, weights, ref, case, impls
-            del w_gate_up, w_down
+            del w_gate_up, w_down, quantized
             if on_gpu:
                 torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name(device) if on_gpu else f"CPU interpreter ({platform.machine()})"
@@ -159,13 +232,17 @@ def run(shapes: list[str], tokens: list[int], dtype_names: list[str], interpret:
 def print_table(rows: list[dict]) -> None:
     has_floor = any("floor_ms" in r for r in rows)
     head = f"{'shape':<8} {'dtype':<9} {'tokens':>6} {'impl':<17} {'ms':>9} {'rel err':>8}"
-    print(head + (f" {'floor ms':>9} {'floor/time':>10} {'bound':<7}" if has_floor else ""))
+    print(head + (f" {'floor ms':>9} {'% floor':>8} {'bound':<7}" if has_floor else ""))
     for r in rows:
         line = f"{r['shape']:<8} {r['dtype']:<9} {r['tokens']:>6} {r['impl']:<17} {r['ms']:>9.3f} " \
                f"{r['rel_err_vs_fp64']:>8.1e}"
         if has_floor:
-            line += f" {r['floor_ms']:>9.3f} {r['floor_over_time']:>10.2f} {r['bound']:<7}"
+            line += f" {r['floor_ms']:>9.3f} {100 * r['floor_over_time']:>7.0f}% {r['bound']:<7}"
         print(line)
+    fp8 = [r for r in rows if r["impl"] == "triton fp8" and "floor_ms" in r]
+    if fp8:
+        met = sum(r["floor_over_time"] >= FLOOR_GOAL for r in fp8)
+        print(f"triton fp8 at decode: {met} of {len(fp8)} rows at >= {FLOOR_GOAL:.0%} of the HBM floor (the goal)")
 
 
 def main() -> None:
@@ -174,6 +251,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+")
     parser.add_argument("--dtypes", nargs="+")
+    parser.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"FP8 rows (fused_moe_fp8) for T <= {FP8_MAX_TOKENS}: on by default on a GPU, "
+                             "off with --interpret")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
     args = parser.parse_args()
     if args.interpret:
@@ -187,20 +267,21 @@ def main() -> None:
     shapes = args.shapes or (["tiny"] if args.interpret else ["v2-lite", "v3"])
     tokens = args.tokens or ([1, 16] if args.interpret else GPU_TOKENS)
     dtypes = args.dtypes or (["float32", "float16"] if args.interpret else ["bfloat16"])
-    rows, meta = run(shapes, tokens, dtypes, args.interpret)
+    fp8 = not args.interpret if args.fp8 is None else args.fp8
+    rows, meta = run(shapes, tokens, dtypes, args.interpret, fp8)
     print(f"device: {meta['device']}")
     if meta["ceilings"]:
         c = meta["ceilings"]
         print(f"measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
               f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s")
     print_table(rows)
-    bad = [r for r in rows if not r["finite"] or r["rel_err_vs_fp64"] > 2e-2]
+    bad = [r for r in rows if not r["finite"] or r["rel_err_vs_fp64"] > (FP8_REL_ERR if "fp8" in r["impl"] else 2e-2)]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"benchmark": "kernels", "date": datetime.now(timezone.utc).isoformat(
         timespec="seconds"), **meta, "rows": rows}, indent=1))
     print(f"\nwrote {args.json}")
     if bad:
-        print(f"ACCURACY FAILURES: {len(bad)} rows (non-finite or rel err > 2e-2)")
+        print(f"ACCURACY FAILURES: {len(bad)} rows (non-finite, or rel err > 2e-2; FP8 rows > {FP8_REL_ERR})")
         sys.exit(1)
 
 

@@ -27,13 +27,16 @@ def _config_table(name: str) -> dict:
     return json.loads((CONFIG_DIR / f"{name}.json").read_text())
 
 
-def launch_config(n_tokens: int, device: torch.device) -> tuple[dict, dict]:
-    """(GEMM config, combine config) for T tokens: the GPU's own table if measured, else the defaults."""
+def launch_config(n_tokens: int, device: torch.device, prefix: str = "") -> tuple[dict, dict]:
+    """(GEMM config, combine config) for T tokens: the GPU's own table if measured, else the defaults.
+
+    prefix picks a kernel family's tables: "" for fused_moe (interpreter.json, default.json, <gpu>.json),
+    "fp8_" for fused_moe_fp8 (fp8_interpreter.json, fp8_default.json, fp8_<gpu>.json)."""
     if device.type != "cuda":
-        table = _config_table("interpreter")
+        table = _config_table(f"{prefix}interpreter")
     else:
-        gpu = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
-        table = _config_table(gpu if (CONFIG_DIR / f"{gpu}.json").is_file() else "default")
+        gpu = prefix + re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
+        table = _config_table(gpu if (CONFIG_DIR / f"{gpu}.json").is_file() else f"{prefix}default")
     row = next(r for r in table["buckets"] if n_tokens <= r["max_tokens"])
     return row, table["combine"]
 
