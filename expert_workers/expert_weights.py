@@ -85,10 +85,19 @@ class LayerWeights:
         device = self.w_gate_up.device
         gate_up = scratch.get("gate_up", (two_i, h), dtype, device)  # rounded once to the model's dtype
         down = scratch.get("down", (h, i), dtype, device)
+        # One expert part's worth of work space (a float32 one only where the model's dtype is not float32)
+        work_int = scratch.get("work_int", (i * h,), torch.int32, device)
+        work_float = scratch.get("work_float", (i * h,), torch.float32, device) if dtype != torch.float32 else None
+
+        def widen_part(q: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> None:
+            shape = tuple(q.shape)
+            dequantize_blocks(q, s, self.block, out, None if work_float is None else work_float.view(shape),
+                              work_int.view(shape), nan=False)  # checked finite when read: no NaN pass
+
         q, s = self.w_gate_up[e], self.s_gate_up[e]
-        dequantize_blocks(q[:i], s[:gate_tiles], self.block, out=gate_up[:i])
-        dequantize_blocks(q[i:], s[gate_tiles:], self.block, out=gate_up[i:])
-        dequantize_blocks(self.w_down[e], self.s_down[e], self.block, out=down)
+        widen_part(q[:i], s[:gate_tiles], gate_up[:i])
+        widen_part(q[i:], s[gate_tiles:], gate_up[i:])
+        widen_part(self.w_down[e], self.s_down[e], down)
         if dtype == matmul_dtype:
             return gate_up, down
         wide_gate_up = scratch.get("gate_up_wide", (two_i, h), matmul_dtype, device)

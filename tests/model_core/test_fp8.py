@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from gateway import Engine
 from model_core.checkpoint import CheckpointError, CheckpointReader
+from model_core.fp8 import dequantize_blocks, fp8_to_float32, quantize_blocks
 from model_core.make_model import make_model
 from model_core.spec import ConfigError, ModelSpec
 from tests.conftest import random_prompts
@@ -82,3 +83,25 @@ def test_fp8_without_config_or_scales_is_refused(fp8_and_dequantized, tmp_path):
         ModelSpec.from_dict({**json.loads((fp8 / "config.json").read_text()),
                              "quantization_config": {"quant_method": "awq"}})
     assert ModelSpec.from_dir(fp8).fp8_block == BLOCK
+
+
+def test_the_integer_widening_is_exact_for_every_fp8_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+    want = codes.float()
+    got = fp8_to_float32(codes, torch.empty(16, 16))
+    assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == 2  # S.1111.111
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])  # subnormals, ±0 and ±448 included
+
+
+@pytest.mark.parametrize("shape, block", [((70, 45), (24, 16)), ((256, 384), (128, 128)), ((5, 3), (16, 16))])
+def test_dequantized_blocks_are_each_tiles_float32_product_rounded_once(shape, block):
+    gen = torch.Generator().manual_seed(shape[0])
+    q, s = quantize_blocks(torch.randn(*shape, generator=gen) * 3, block)
+    full = s.repeat_interleave(block[0], 0)[: shape[0]].repeat_interleave(block[1], 1)[:, : shape[1]]
+    want = q.float() * full
+    assert torch.equal(dequantize_blocks(q, s, block), want)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = torch.full(shape, float("nan"), dtype=dtype)  # poisoned
+        assert torch.equal(dequantize_blocks(q, s, block, out, nan=False), want.to(dtype))
+    with pytest.raises(ValueError, match=rf"scale_inv.shape=\[{2 * s.shape[0]}, {s.shape[1]}\]: expected"):
+        dequantize_blocks(q, s.repeat(2, 1), block)
