@@ -64,6 +64,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--context", type=int, default=4096, help="cached tokens each sequence attends over")
     pl.add_argument("--dtype", choices=MODEL_DTYPES, default="bfloat16",
                     help="weights, activations and latent cache (default bfloat16)")
+    pl.add_argument("--gateway-dtype", choices=("bf16", "fp8"), default="bf16",
+                    help="memory: the gateway's weights in bf16 (default) or block-wise FP8 (its projections); the "
+                         "routed experts are counted in both bf16 and FP8 (docs/planning.md, Memory)")
+    pl.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                    help="memory: the share of each GPU's memory_gb weights and latent cache may fill (default 0.9, "
+                         "the rest left for activations and workspaces, like vLLM's option of that name)")
     pl.add_argument("--tokens", type=int, default=4096, help="synthetic tokens per MoE layer (default 4096)")
     pl.add_argument("--seed", type=int, default=0, help="synthetic routing seed")
     pl.add_argument("--json", type=Path, dest="json_out", metavar="OUT", help="write every row as JSON to OUT")
@@ -103,7 +109,8 @@ def _plan(args: argparse.Namespace, hardware: Hardware) -> int:
     import dataclasses
 
     from deploy.planning.cost_model import Workload
-    from deploy.planning.plan import describe, format_table, plan, report, write_png
+    from deploy.planning.memory import MemoryBudget, format_memory, memory_summary
+    from deploy.planning.plan import describe, format_table, plan, report, smallest_planned, write_png
     from deploy.planning.routing_sources import SyntheticRouting, TraceRouting, load_spec, parse_synthetic
 
     if args.model is None:
@@ -119,12 +126,15 @@ def _plan(args: argparse.Namespace, hardware: Hardware) -> int:
         raise ValueError("--traces DIR or --synthetic zipf:S: one is required")
     work = Workload(args.batch, args.gateways, args.context, {"float32": 4}.get(args.dtype, 2))
     pricing = local_pricing(hardware, args.transport, args.cores, args.merge == "join")
-    rows = plan(spec, source, hardware, args.devices, args.top_m, args.redundant, work, pricing)
+    budget = MemoryBudget(hardware.memory_gb, args.gpu_memory_utilization, args.gateway_dtype)
+    rows = plan(spec, source, hardware, args.devices, args.top_m, args.redundant, work, pricing, budget)
+    memory = memory_summary(spec, budget, work, hardware.gpus_per_node, smallest_planned(rows, hardware.gpus_per_node))
     title = describe(args.model, spec, source, hardware, work, pricing)
     print(title)
     print(format_table(rows))
+    print(format_memory(memory))
     if args.json_out is not None:
-        args.json_out.write_text(json.dumps(report(args.model, source, hardware, work, rows)))
+        args.json_out.write_text(json.dumps(report(args.model, source, hardware, work, rows, memory)))
         print(f"wrote {args.json_out}")
     if args.png is not None:
         print(f"wrote {write_png(rows, args.png, title)}")

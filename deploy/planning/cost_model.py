@@ -27,7 +27,7 @@ What one decode step is, as modelled (every assumption the numbers rest on):
   micro-batches: one's attention runs while the other's all-to-all and experts do) it costs
   max(gateway, dispatch + experts + combine); the split's own costs (twice the messages, weights read twice) are
   left out, so overlap is an optimistic bound.
-- Memory capacity (weights, redundant copies, latent cache) is not checked.
+- Memory capacity does not enter the time: memory.py counts each GPU's bytes and checks them on their own.
 """
 
 from __future__ import annotations

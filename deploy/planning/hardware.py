@@ -82,6 +82,7 @@ _UNITS = {
 
 
 OPTIONAL = ("transports", "experts", "gateway", "cores")  # Hardware fields only a calibrated file has
+UNKNOWN_OK = ("memory_gb",)  # fields a file may leave out (older files): unknown, and what needs them says so
 
 
 def _is_number(value: Any) -> bool:
@@ -106,7 +107,8 @@ def _rate_keys(rate: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Hardware:
-    """Rates of one GPU and its links (GB = 1e9 bytes). Loaded from a YAML file (deploy/hardware/*.yaml)."""
+    """Rates of one GPU and its links, and its memory (GB = 1e9 bytes). Loaded from a YAML file
+    (deploy/hardware/*.yaml)."""
 
     name: str
     matmul_tflops: float
@@ -116,6 +118,7 @@ class Hardware:
     inter_node_gbytes_per_s: float
     inter_node_latency_us: float
     gpus_per_node: int
+    memory_gb: float | None = None  # memory per GPU, GB (1e9 bytes); None: unknown (files written before it)
     # Measured on the machine at hand by `expertmesh plan --calibrate` (absent from the nominal files):
     transports: dict[str, TransportRate] = field(default_factory=dict)  # backend -> per-call and per-MB cost
     experts: ExpertRate | None = None  # an expert group's compute on this machine (its CPU kernels)
@@ -133,6 +136,8 @@ class Hardware:
                 raise HardwareError(f"{name}={value!r}: expected a number {'>= 0' if zero_ok else '> 0'} ({unit})")
         if isinstance(self.gpus_per_node, bool) or not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:
             raise HardwareError(f"gpus_per_node={self.gpus_per_node!r}: expected an integer >= 1")
+        if self.memory_gb is not None and (not _is_number(self.memory_gb) or self.memory_gb <= 0):
+            raise HardwareError(f"memory_gb={self.memory_gb!r}: expected a number > 0 (GB of memory per GPU)")
         if self.cores is not None and (not _is_number(self.cores) or self.cores <= 0):
             raise HardwareError(f"cores={self.cores!r}: expected a number > 0 (cores' worth of work at once)")
         if not isinstance(self.transports, dict) or not all(isinstance(t, TransportRate)
@@ -149,7 +154,7 @@ class Hardware:
         unknown = sorted(set(raw) - set(names))
         if unknown:
             raise HardwareError(f"{source}: unknown keys {unknown} (expected {names})")
-        missing = [n for n in names if n not in raw and n not in OPTIONAL]
+        missing = [n for n in names if n not in raw and n not in OPTIONAL + UNKNOWN_OK]
         if missing:
             raise HardwareError(f"{source}: {missing[0]}: missing ({_UNITS.get(missing[0], 'required')})")
         raw = dict(raw)

@@ -1,10 +1,11 @@
 """`expertmesh plan`: every candidate deployment (D devices, top-M, R redundant slots) replayed through the
-project's own routing, placement and dispatch-plan code (replay.py) and priced with the cost model; the printed
-table, the JSON report and the plot."""
+project's own routing, placement and dispatch-plan code (replay.py), priced with the cost model and its memory per
+GPU counted (memory.py); the printed table, the JSON report and the plot."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from deploy.planning.cost_model import Workload, gateway_moe_seconds, step_cost, tokens_per_s_per_gpu
 from deploy.planning.hardware import Hardware
 from deploy.planning.local_step import LocalPricing, gateway_step_seconds, local_step_cost, pricing_label
+from deploy.planning.memory import DTYPES, MemoryBudget, layout_memory
 from deploy.planning.replay import Replay, build_placement, replay
 from deploy.planning.routing_sources import RoutingSource, expert_loads
 from model_core.spec import ModelSpec
@@ -45,6 +47,14 @@ class PlanRow:
     changed_by_top_m: float = 0.0  # share of (token, layer) pairs whose experts the device limit changed
     exact: dict | None = None  # totals over every replayed token: tokens per device per layer, bytes, calls
     pricing: str = ""  # how the step was priced (local_step.pricing_label)
+    # Memory per GPU (memory.py): the busiest expert GPU's routed experts (over all MoE layers, copies included) and
+    # their bytes in each expert dtype; a gateway GPU's weights + latent cache; whether both fit (None: unknown).
+    experts_per_gpu: int = 0
+    expert_gpu_bytes_bf16: int = 0
+    expert_gpu_bytes_fp8: int = 0
+    gateway_gpu_bytes: int = 0
+    fits_bf16: bool | None = None
+    fits_fp8: bool | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,9 +103,10 @@ def price(spec: ModelSpec, hw: Hardware, work: Workload, row: PlanRow, result: R
 
 def plan(spec: ModelSpec, source: RoutingSource, hw: Hardware, devices: list[int],
          top_ms: list[int | None], redundants: list[int], work: Workload,
-         pricing: LocalPricing | None = None) -> list[PlanRow]:
+         pricing: LocalPricing | None = None, budget: MemoryBudget | None = None) -> list[PlanRow]:
     """Every combination of D, top-M and R, in that order; impossible ones are rows with `skipped` set. `pricing`:
-    as for `price`."""
+    as for `price`; `budget`: the memory each GPU may fill (default: the hardware file's memory_gb, 90 %)."""
+    budget = budget or MemoryBudget(hw.memory_gb)
     loads = expert_loads(source) if any(r > 0 for r in redundants) else None
     rows = []
     for n_devices in devices:
@@ -105,8 +116,9 @@ def plan(spec: ModelSpec, source: RoutingSource, hw: Hardware, devices: list[int
             except ValueError as exc:
                 rows += [PlanRow(n_devices, m, redundant, skipped=str(exc)) for m in top_ms]
                 continue
+            memory = layout_memory(spec, placement, budget, work)
             for top_m in top_ms:
-                row = PlanRow(n_devices, top_m, redundant)
+                row = PlanRow(n_devices, top_m, redundant, **memory)
                 try:
                     placement.check_top_m(spec.top_k, top_m)
                 except ValueError as exc:
@@ -120,7 +132,8 @@ def format_table(rows: list[PlanRow]) -> str:
     """The printed table: one line per combination (per-layer values are means over steps and MoE layers)."""
     head = (f"{'D':>4} {'M':>4} {'R':>3} {'GPUs':>4} {'tok/dev max':>11} {'mean':>6} {'KB/tok/layer':>12} "
             f"{'intra':>6} {'inter':>6} {'expert us':>9} {'comm us':>8} {'gw us':>6} {'gw ms':>7} {'step ms':>8} "
-            f"{'overlap':>8} {'tok/s/GPU':>9} {'overlap':>8} {'top-M chg':>9}")
+            f"{'overlap':>8} {'tok/s/GPU':>9} {'overlap':>8} {'top-M chg':>9} {'exp GB bf16':>11} {'fp8':>6} "
+            f"{'gw GB':>6} {'fits bf16/fp8':>13}")
     lines = [head]
     for r in rows:
         m = "none" if r.top_m is None else str(r.top_m)
@@ -135,8 +148,27 @@ def format_table(rows: list[PlanRow]) -> str:
             f"{r.inter_node_bytes_per_token / 1e3:>6.1f} {r.expert_us:>9.1f} {r.comm_us:>8.1f} {gw_us:>6} "
             f"{r.gateway_step_ms:>7.2f} {r.step_ms_serial:>8.2f} {r.step_ms_overlapped:>8.2f} "
             f"{r.tokens_per_s_per_gpu_serial:>9.1f} {r.tokens_per_s_per_gpu_overlapped:>8.1f} "
-            f"{100 * r.changed_by_top_m:>8.1f}%")
+            f"{100 * r.changed_by_top_m:>8.1f}% {r.expert_gpu_bytes_bf16 / 1e9:>11.1f} "
+            f"{r.expert_gpu_bytes_fp8 / 1e9:>6.1f} {r.gateway_gpu_bytes / 1e9:>6.1f} "
+            f"{_mark(r.fits_bf16) + '/' + _mark(r.fits_fp8):>13}")
     return "\n".join(lines)
+
+
+def _mark(fits: bool | None) -> str:
+    return "?" if fits is None else "yes" if fits else "no"
+
+
+def smallest_planned(rows: list[PlanRow], node_size: int) -> dict[str, dict | None]:
+    """Per expert dtype, the planned layout that fits on the fewest nodes of `node_size` GPUs (D + G GPUs each),
+    fewest GPUs next; None where no row fits (or the memory is unknown)."""
+    out: dict[str, dict | None] = {}
+    for dtype in DTYPES:
+        fitting = [r for r in rows if not r.skipped and getattr(r, f"fits_{dtype}")]
+        best = min(fitting, key=lambda r: (math.ceil(r.gpus / node_size), r.gpus), default=None)
+        out[dtype] = None if best is None else {
+            "devices": best.devices, "redundant": best.redundant, "gpus": best.gpus,
+            "nodes": math.ceil(best.gpus / node_size), "gpu_bytes": getattr(best, f"expert_gpu_bytes_{dtype}")}
+    return out
 
 
 def describe(model: str, spec: ModelSpec, source: RoutingSource, hw: Hardware,
@@ -149,10 +181,10 @@ def describe(model: str, spec: ModelSpec, source: RoutingSource, hw: Hardware,
 
 
 def report(model: str, source: RoutingSource, hw: Hardware, work: Workload,
-           rows: list[PlanRow]) -> dict:
-    """What --json writes."""
+           rows: list[PlanRow], memory: dict | None = None) -> dict:
+    """What --json writes (`memory`: memory.memory_summary)."""
     return {"model": model, "routing": source.source, "hardware": hw.to_dict(), "workload": dataclasses.asdict(work),
-            "rows": [r.to_dict() for r in rows]}
+            "rows": [r.to_dict() for r in rows], "memory": memory}
 
 
 def write_png(rows: list[PlanRow], path: str | Path, title: str) -> Path:
