@@ -61,6 +61,18 @@ def _check_distinct(ids: torch.Tensor) -> None:
                                  f"per token (-1 may repeat)")
 
 
+def _check_fp8_kernel(block: tuple[int, int], device: torch.device) -> None:
+    """ValueError, before anything loads, where FP8-resident experts cannot run the Triton FP8 kernel."""
+    bi = block[1]
+    if bi < 16 or bi & (bi - 1):
+        raise ValueError(f"quantization_config.weight_block_size={list(block)}: the Triton FP8 kernel needs a block "
+                         f"width that is a power of two >= 16 (got {bi}); serve with quantization: none")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"quantization='fp8' on {device} (compute capability {major}.{minor}): FP8 tensor cores need "
+                         "8.9 or newer (Ada, Hopper); serve with quantization: none")
+
+
 @dataclass(frozen=True)
 class ExpertResult:
     output: torch.Tensor  # [T, H] in hidden's dtype
@@ -137,10 +149,12 @@ class ExpertGroup:
                              "quantization_config); use 'auto' or 'none'")
         # FP8-resident experts: the checkpoint's scale block; None: weights widened to the model's dtype on read.
         self.fp8_block = self.spec.fp8_block if quantization != "none" else None
-        self.device = device
-        self.dtype = dtype
         self.torch_device = torch.device(torch_device)
         self.kernel = ("triton" if self.torch_device.type == "cuda" else "torch") if kernel == "auto" else kernel
+        if self.fp8_block is not None and self.kernel == "triton":
+            _check_fp8_kernel(self.fp8_block, self.torch_device)
+        self.device = device
+        self.dtype = dtype
         if self.kernel == "triton" and not triton_available(self.torch_device):
             raise ValueError(f"kernel='triton' on {self.torch_device}: needs CUDA, or TRITON_INTERPRET=1 on CPU")
         # The weight stacks' dtype: the model's, or float32 on a CPU without its half-precision instructions.

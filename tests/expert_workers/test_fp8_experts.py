@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from expert_workers.expert_group import ExpertGroup
+from expert_workers.kernels import fused_moe_fp8
 from expert_workers.merging import CallMerger
 from gateway import Engine
 from gateway.config import DeploymentConfig, DeploymentConfigError
 from model_core.checkpoint import CheckpointReader
 from model_core.fp8 import scale_grid
 from model_core.layout import expert_shapes, expert_weight_names
-from model_core.make_model import make_model
+from model_core.make_model import make_model, preset_config, write_checkpoint
 from model_core.spec import ModelSpec
 from tests.conftest import random_prompts
 from tests.expert_workers.test_merging import HOSTED, TIMEOUT_S, Stops, join_while_held, routing
@@ -149,11 +150,16 @@ def test_eplb_replacement_and_scaling_keep_fp8_tokens(fp8_dirs, ray_cluster, bac
         assert all(i["versions"] == [2] for i in infos)
 
 
-def test_fp8_is_refused_where_the_checkpoint_is_not_fp8_and_bad_values_name_the_field(model_dirs):
+def test_fp8_is_refused_where_the_checkpoint_is_not_fp8_and_bad_values_name_the_field(model_dirs, tmp_path):
     with pytest.raises(ValueError, match=r"quantization='fp8': .* is not a block-wise FP8 checkpoint"):
         ExpertGroup(model_dirs["tiny-v3"], [0, 1], quantization="fp8")
     with pytest.raises(DeploymentConfigError, match=r"quantization.*'int4'.*expected one of"):
         DeploymentConfig(model=str(model_dirs["tiny-v3"]), quantization="int4")
+    odd = {**preset_config("tiny-v3"), "quantization_config": {"quant_method": "fp8", "weight_block_size": [24, 24]}}
+    path = write_checkpoint(tmp_path / "odd-blocks", odd, seed=2)
+    with pytest.raises(ValueError, match=r"weight_block_size=\[24, 24\]: the Triton FP8 kernel needs .* power of two"):
+        ExpertGroup(path, [0, 1], kernel="triton")
+    assert ExpertGroup(path, [0, 1], kernel="torch").fp8_block == (24, 24)  # the widening path takes any block
     with Engine.from_pretrained(model_dirs["tiny-v3"]) as engine:  # auto on a bf16/fp32 checkpoint: as before
         assert all(g.fp8_block is None for g in engine.backend.transport.groups)
 
@@ -172,3 +178,23 @@ def test_fp8_calls_that_join_a_pass_get_their_outputs_alone(fp8_dirs):
         assert result.merged_calls == 2
         assert torch.allclose(result.output, group.run(*call).output, atol=1e-6)
     assert merger.stats()["passes"] == 1
+
+
+def test_the_triton_kernel_serves_fp8_resident_groups(fp8_dirs):
+    """kernel='triton' (the GPU's path; Triton's interpreter here) hands the group's FP8 stacks and scale tiles to
+    fused_moe_fp8 as they are; its quantized activations stay within a few percent of the widened torch path."""
+    path = fp8_dirs["tiny-v3-fp8"]
+    spec = ModelSpec.from_dir(path)
+    hosted = list(range(0, spec.n_routed_experts, 2))
+    triton_group = ExpertGroup(path, hosted, spec=spec, kernel="triton")
+    torch_group = ExpertGroup(path, hosted, spec=spec, kernel="torch")
+    layer = spec.moe_layers[0]
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(9, spec.hidden_size, generator=gen)
+    ids, w = routed(9, spec.top_k, hosted, gen)
+    got = triton_group.run(layer, hidden, ids, w).output
+    lw, index = triton_group.layout().weights[layer], triton_group.local_index[layer]
+    local = torch.where(ids >= 0, index[ids.clamp(min=0)], -1)
+    assert torch.equal(got, fused_moe_fp8(hidden, lw.w_gate_up, lw.s_gate_up, lw.w_down, lw.s_down, lw.block, local, w))
+    widened = torch_group.run(layer, hidden, ids, w).output
+    assert 0 < (got - widened).norm() <= 0.1 * widened.norm()
