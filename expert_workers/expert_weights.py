@@ -85,14 +85,12 @@ class LayerWeights:
         device = self.w_gate_up.device
         gate_up = scratch.get("gate_up", (two_i, h), dtype, device)  # rounded once to the model's dtype
         down = scratch.get("down", (h, i), dtype, device)
-        # One expert part's worth of work space (a float32 one only where the model's dtype is not float32)
-        work_int = scratch.get("work_int", (i * h,), torch.int32, device)
-        work_float = scratch.get("work_float", (i * h,), torch.float32, device) if dtype != torch.float32 else None
+        # One expert part's float32 work space, where the model's dtype is not float32
+        work = scratch.get("work", (i * h,), torch.float32, device) if dtype != torch.float32 else None
 
         def widen_part(q: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> None:
-            shape = tuple(q.shape)
-            dequantize_blocks(q, s, self.block, out, None if work_float is None else work_float.view(shape),
-                              work_int.view(shape), nan=False)  # checked finite when read: no NaN pass
+            dequantize_blocks(q, s, self.block, out, None if work is None else work.view(tuple(q.shape)),
+                              nan=False)  # checked finite when read: no NaN pass
 
         q, s = self.w_gate_up[e], self.s_gate_up[e]
         widen_part(q[:i], s[:gate_tiles], gate_up[:i])

@@ -15,48 +15,64 @@ def scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int
     return -(-out // block[0]), -(-inp // block[1])
 
 
-def fp8_to_float32(q: torch.Tensor, out: torch.Tensor, work: torch.Tensor | None = None,
-                   nan: bool = True) -> torch.Tensor:
-    """q (float8_e4m3fn) exactly in float32, written into `out` (float32, q's shape) by integer operations: torch's
-    own conversion is element by element on a CPU (~4x slower). The 7 exponent and mantissa bits placed at bit 20
-    make a float32 whose value is q's times 2^-120 (e4m3fn's subnormals become float32 subnormals, exactly), then
-    one multiply by 2^120. work: an int32 buffer of q's shape (allocated when None); nan: map e4m3fn's NaN
-    encoding (S.1111.111) to NaN (a caller whose weights were checked finite may skip that pass)."""
+_BITS_MASK = 0x87F00000 - (1 << 32)  # float32 bit 31 (sign) and bits 26..20 (e4m3's exponent and mantissa), as int32
+_UNSCALE = 2.0 ** 120  # the float32 made of e4m3's bits placed at bit 20 is its value times 2^-120
+
+
+def _place_bits(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (float32, q's shape) = q's value × 2^-120, by three integer passes: q sign-extended to int32 and shifted
+    left by 20 puts its sign at bit 31 and its 7 exponent and mantissa bits at 26..20; the mask clears the rest.
+    e4m3fn's subnormals become float32 subnormals, exactly. (torch's own float8 conversion is element by element
+    on a CPU, several times slower.)"""
     bits = out.view(torch.int32)
-    bits.copy_(q.view(torch.uint8))  # zero-extended
-    sign = torch.bitwise_and(bits, 0x80, out=work if work is not None else torch.empty_like(bits))
-    bits.bitwise_and_(0x7F)
-    nans = bits == 0x7F if nan else None  # e4m3fn's NaN, decided before the bits move
-    bits.bitwise_left_shift_(20).bitwise_or_(sign.bitwise_left_shift_(24))
-    out.mul_(2.0 ** 120)
-    if nans is not None:
-        out.masked_fill_(nans, float("nan"))
+    bits.copy_(q.view(torch.int8))
+    bits.bitwise_left_shift_(20).bitwise_and_(_BITS_MASK)
     return out
 
 
+def _nan_codes(q: torch.Tensor) -> torch.Tensor:
+    """Where q holds e4m3fn's NaN encoding (S.1111.111), which _place_bits turns into ±480."""
+    return q.view(torch.uint8).bitwise_and(0x7F) == 0x7F
+
+
+def fp8_to_float32(q: torch.Tensor, out: torch.Tensor, nan: bool = True) -> torch.Tensor:
+    """q (float8_e4m3fn) exactly in float32, written into `out` (float32, q's shape); nan: keep e4m3fn's NaN
+    encoding NaN (a caller whose weights were checked finite may skip that pass)."""
+    nans = _nan_codes(q) if nan else None
+    _place_bits(q, out).mul_(_UNSCALE)
+    return out.masked_fill_(nans, float("nan")) if nans is not None else out
+
+
 def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                      out: torch.Tensor | None = None, work_float: torch.Tensor | None = None,
-                      work_int: torch.Tensor | None = None, nan: bool = True) -> torch.Tensor:
+                      out: torch.Tensor | None = None, work: torch.Tensor | None = None,
+                      nan: bool = True) -> torch.Tensor:
     """W = q · scale_inv tile by tile, in float32 (written into `out`, any float dtype of q's shape, when given).
 
-    q: [N, K] float8_e4m3fn; scale_inv: [ceil(N/bo), ceil(K/bi)]. Each tile's product is q's exact value times
-    its scale in float32, rounded once to out's dtype: the same values whatever tile order or buffer is used.
-    work_float, work_int: float32 and int32 buffers of q's shape (allocated when None; the float one is used only
-    for an `out` that is not float32); nan: see fp8_to_float32."""
+    q: [N, K] float8_e4m3fn; scale_inv: [ceil(N/bo), ceil(K/bi)]. Each element is q's exact value times its tile's
+    scale, rounded once in float32 (2^120 is folded into the scales where that is exact), then once to out's
+    dtype: the values of q.float() * scale whatever tile order or buffer is used. work: a float32 buffer of q's
+    shape for an `out` that is not float32 (allocated when None); nan: see fp8_to_float32."""
     n, k = q.shape
     bo, bi = block
     if tuple(scale_inv.shape) != scale_grid((n, k), block):
         raise ValueError(f"scale_inv.shape={list(scale_inv.shape)}: expected {list(scale_grid((n, k), block))} "
                          f"for a {[n, k]} weight in blocks of {list(block)}")
+    nans = _nan_codes(q) if nan else None
     wide_out = out is not None and out.dtype == torch.float32
-    wide = out if wide_out else (work_float if work_float is not None else torch.empty(n, k, device=q.device))
-    fp8_to_float32(q, wide, work_int, nan=nan)
-    cols = scale_inv.float().repeat_interleave(bi, 1)[:, :k]  # [nN, K]: each row tile's scale per column
+    wide = _place_bits(q, out if wide_out else (work if work is not None else torch.empty(n, k, device=q.device)))
+    scale = scale_inv.float()
+    if bool(scale.abs().max() < 2.0 ** 8):  # scale · 2^120 stays finite and exact
+        scale = scale * _UNSCALE
+    else:
+        wide.mul_(_UNSCALE)
+    cols = scale.repeat_interleave(bi, 1)[:, :k]  # [nN, K]: each row tile's scale per column
     full = n // bo * bo
     if full:
         wide[:full].view(n // bo, bo, k).mul_(cols[: n // bo, None, :])
     if full < n:
         wide[full:].mul_(cols[-1])
+    if nans is not None:
+        wide.masked_fill_(nans, float("nan"))
     if out is not None and not wide_out:
         return out.copy_(wide)
     return wide

@@ -96,12 +96,15 @@ def test_the_integer_widening_is_exact_for_every_fp8_code():
 @pytest.mark.parametrize("shape, block", [((70, 45), (24, 16)), ((256, 384), (128, 128)), ((5, 3), (16, 16))])
 def test_dequantized_blocks_are_each_tiles_float32_product_rounded_once(shape, block):
     gen = torch.Generator().manual_seed(shape[0])
-    q, s = quantize_blocks(torch.randn(*shape, generator=gen) * 3, block)
-    full = s.repeat_interleave(block[0], 0)[: shape[0]].repeat_interleave(block[1], 1)[:, : shape[1]]
-    want = q.float() * full
-    assert torch.equal(dequantize_blocks(q, s, block), want)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        out = torch.full(shape, float("nan"), dtype=dtype)  # poisoned
-        assert torch.equal(dequantize_blocks(q, s, block, out, nan=False), want.to(dtype))
+    for magnitude in (3.0, 1e6):  # scales below 2^8 (2^120 folded into them) and above (multiplied separately)
+        q, s = quantize_blocks(torch.randn(*shape, generator=gen) * magnitude, block)
+        full = s.repeat_interleave(block[0], 0)[: shape[0]].repeat_interleave(block[1], 1)[:, : shape[1]]
+        want = q.float() * full
+        assert torch.equal(dequantize_blocks(q, s, block), want)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out = torch.full(shape, float("nan"), dtype=dtype)  # poisoned
+            assert torch.equal(dequantize_blocks(q, s, block, out, nan=False), want.to(dtype))
+    q.view(torch.uint8)[0, 0] = 0xFF  # e4m3fn's NaN: kept NaN (the reader then refuses it)
+    assert dequantize_blocks(q, s, block).isnan().sum() == 1
     with pytest.raises(ValueError, match=rf"scale_inv.shape=\[{2 * s.shape[0]}, {s.shape[1]}\]: expected"):
         dequantize_blocks(q, s.repeat(2, 1), block)
