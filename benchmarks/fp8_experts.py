@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine_info import machine  # noqa: E402
+from benchmarks.moe_layer import time_round_robin  # noqa: E402
 from expert_workers.expert_group import ExpertGroup  # noqa: E402
 from model_core.checkpoint import CheckpointReader  # noqa: E402
 from model_core.make_model import make_model  # noqa: E402
@@ -53,19 +53,6 @@ def routings(path: Path, spec: ModelSpec, t: int, gen: torch.Generator) -> dict[
         routing = route_tokens(hidden, gate, spec.router, bias=bias)
         out[layer] = (hidden.to(torch.bfloat16), routing.ids, routing.weights)
     return out
-
-
-def time_round_robin(fns: dict, min_runs: int, min_seconds: float) -> dict[str, list[float]]:
-    for fn in fns.values():  # warm-up (the FP8 path's scratch is allocated here)
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    while min(len(t) for t in times.values()) < min_runs or time.perf_counter() - start < min_seconds:
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 @torch.inference_mode()

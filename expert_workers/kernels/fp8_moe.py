@@ -7,9 +7,16 @@ import torch
 
 from expert_workers.expert_pairs import ExpertPairs, sort_by_expert
 from expert_workers.kernels.align import align_pairs
-from expert_workers.kernels.launcher import KernelInputError, launch_config, triton_cdiv
+from expert_workers.kernels.launcher import (
+    KernelInputError,
+    check_ids,
+    check_routing,
+    launch_config,
+    prepare_call,
+    triton_cdiv,
+)
 from model_core.fp8 import FP8, FP8_MAX, SCALE_EPS
-from model_core.kernel_runtime import FLOAT_DTYPES, new_workspace, triton_available
+from model_core.kernel_runtime import FLOAT_DTYPES, new_workspace
 
 # Shape legend: T = tokens, H = hidden, I = expert intermediate, E = local experts, K = experts per token,
 # (bo, bi) = the checkpoint's weight block (out, in); activations are scaled per token and per bi columns.
@@ -51,12 +58,7 @@ def check_fp8_inputs(
     if tuple(s_down.shape) != want:
         raise KernelInputError(f"s_down.shape={list(s_down.shape)}: expected {list(want)} "
                                f"(tiles of {list(block)}; E, ceil(H/bo), ceil(I/bi))")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
-        raise KernelInputError(f"topk_ids.shape={list(topk_ids.shape)}: expected [T={t}, K]")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise KernelInputError(f"topk_ids.dtype={topk_ids.dtype}: expected int32 or int64")
-    if topk_weights.shape != topk_ids.shape:
-        raise KernelInputError(f"topk_weights.shape={list(topk_weights.shape)}: expected {list(topk_ids.shape)}")
+    check_routing(topk_ids, topk_weights, t)
     for name, x in (("hidden", hidden), ("topk_weights", topk_weights)):
         if x.dtype not in FLOAT_DTYPES:
             raise KernelInputError(f"{name}.dtype={x.dtype}: expected one of float32, float16, bfloat16")
@@ -74,8 +76,7 @@ def check_fp8_inputs(
         major, minor = torch.cuda.get_device_capability(hidden.device)
         raise KernelInputError(f"hidden.device={hidden.device}: compute capability {major}.{minor}; the FP8 "
                                "tensor-core dot needs 8.9 or newer (Ada, Hopper)")
-    if t and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= e):
-        raise KernelInputError(f"topk_ids: values must be in [-1, {e}) (local expert ids, -1 = not here)")
+    check_ids(topk_ids, e)
 
 
 def quantize_rows(x: torch.Tensor, group: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,12 +120,8 @@ def fused_moe_fp8(
     Runs on CUDA (compute capability 8.9+), or on CPU under TRITON_INTERPRET=1.
     """
     check_fp8_inputs(hidden, w_gate_up, s_gate_up, w_down, s_down, block, topk_ids, topk_weights)
-    if pairs is not None and (pairs.counts.numel() != w_gate_up.shape[0] or pairs.n_slots != topk_ids.numel()):
-        raise KernelInputError(f"pairs: sorted for {pairs.counts.numel()} experts and {pairs.n_slots} slots; expected "
-                               f"E={w_gate_up.shape[0]} experts (w_gate_up) and T*K={topk_ids.numel()} (topk_ids)")
+    out = prepare_call(hidden, w_gate_up.shape[0], topk_ids, pairs, out)
     device = hidden.device
-    if not triton_available(device):
-        raise KernelInputError(f"hidden.device={device}: the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU")
     from expert_workers.kernels.combine import combine_kernel
     from expert_workers.kernels.grouped_gemm_down_fp8 import grouped_gemm_down_fp8_kernel
     from expert_workers.kernels.grouped_gemm_swiglu_fp8 import grouped_gemm_swiglu_fp8_kernel
@@ -132,10 +129,6 @@ def fused_moe_fp8(
     t, h = hidden.shape
     e, i, k = w_gate_up.shape[0], w_gate_up.shape[1] // 2, topk_ids.shape[1]
     bo, bi = block
-    if out is None:
-        out = torch.empty_like(hidden)
-    elif out.shape != hidden.shape or out.dtype != hidden.dtype or out.device != device:
-        raise KernelInputError(f"out: expected {hidden.dtype}{list(hidden.shape)} on {device}")
     if t == 0:
         return out
     cfg, combine_cfg = launch_config(t, device, prefix="fp8_")

@@ -57,12 +57,7 @@ def check_inputs(
     e, i = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     if tuple(w_down.shape) != (e, h, i):
         raise KernelInputError(f"w_down.shape={list(w_down.shape)}: expected [E={e}, H={h}, I={i}]")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
-        raise KernelInputError(f"topk_ids.shape={list(topk_ids.shape)}: expected [T={t}, K]")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise KernelInputError(f"topk_ids.dtype={topk_ids.dtype}: expected int32 or int64")
-    if topk_weights.shape != topk_ids.shape:
-        raise KernelInputError(f"topk_weights.shape={list(topk_weights.shape)}: expected {list(topk_ids.shape)}")
+    check_routing(topk_ids, topk_weights, t)
     for name, x in (("hidden", hidden), ("w_gate_up", w_gate_up), ("w_down", w_down), ("topk_weights", topk_weights)):
         if x.dtype not in FLOAT_DTYPES:
             raise KernelInputError(f"{name}.dtype={x.dtype}: expected one of float32, float16, bfloat16")
@@ -73,8 +68,40 @@ def check_inputs(
     devices = {x.device for x in (hidden, w_gate_up, w_down, topk_ids, topk_weights)}
     if len(devices) != 1:
         raise KernelInputError(f"tensors are on different devices: {sorted(map(str, devices))}")
-    if t and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= e):
+    check_ids(topk_ids, e)
+
+
+def check_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, t: int) -> None:
+    """KernelInputError unless topk_ids is [T, K] int32/int64 and topk_weights has its shape."""
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
+        raise KernelInputError(f"topk_ids.shape={list(topk_ids.shape)}: expected [T={t}, K]")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise KernelInputError(f"topk_ids.dtype={topk_ids.dtype}: expected int32 or int64")
+    if topk_weights.shape != topk_ids.shape:
+        raise KernelInputError(f"topk_weights.shape={list(topk_weights.shape)}: expected {list(topk_ids.shape)}")
+
+
+def check_ids(topk_ids: torch.Tensor, e: int) -> None:
+    """KernelInputError unless every id is a local expert in [0, E) or -1 (checked once the devices agree)."""
+    if topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= e):
         raise KernelInputError(f"topk_ids: values must be in [-1, {e}) (local expert ids, -1 = not here)")
+
+
+def prepare_call(hidden: torch.Tensor, n_experts: int, topk_ids: torch.Tensor, pairs: ExpertPairs | None,
+                 out: torch.Tensor | None) -> torch.Tensor:
+    """What both fused MoE entry points check once their inputs fit: the caller's pairs, a device Triton runs on,
+    and `out`; returns out (allocated when None)."""
+    if pairs is not None and (pairs.counts.numel() != n_experts or pairs.n_slots != topk_ids.numel()):
+        raise KernelInputError(f"pairs: sorted for {pairs.counts.numel()} experts and {pairs.n_slots} slots; expected "
+                               f"E={n_experts} experts (w_gate_up) and T*K={topk_ids.numel()} (topk_ids)")
+    device = hidden.device
+    if not triton_available(device):
+        raise KernelInputError(f"hidden.device={device}: the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU")
+    if out is None:
+        return torch.empty_like(hidden)
+    if out.shape != hidden.shape or out.dtype != hidden.dtype or out.device != device:
+        raise KernelInputError(f"out: expected {hidden.dtype}{list(hidden.shape)} on {device}")
+    return out
 
 
 def fused_moe(
@@ -94,22 +121,14 @@ def fused_moe(
     Runs on CUDA, or on CPU under TRITON_INTERPRET=1.
     """
     check_inputs(hidden, w_gate_up, w_down, topk_ids, topk_weights)
-    if pairs is not None and (pairs.counts.numel() != w_gate_up.shape[0] or pairs.n_slots != topk_ids.numel()):
-        raise KernelInputError(f"pairs: sorted for {pairs.counts.numel()} experts and {pairs.n_slots} slots; expected "
-                               f"E={w_gate_up.shape[0]} experts (w_gate_up) and T*K={topk_ids.numel()} (topk_ids)")
+    out = prepare_call(hidden, w_gate_up.shape[0], topk_ids, pairs, out)
     device = hidden.device
-    if not triton_available(device):
-        raise KernelInputError(f"hidden.device={device}: the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU")
     from expert_workers.kernels.combine import combine_kernel
     from expert_workers.kernels.grouped_gemm_down import grouped_gemm_down_kernel
     from expert_workers.kernels.grouped_gemm_swiglu import grouped_gemm_swiglu_kernel
 
     t, h = hidden.shape
     e, i, k = w_gate_up.shape[0], w_gate_up.shape[1] // 2, topk_ids.shape[1]
-    if out is None:
-        out = torch.empty_like(hidden)
-    elif out.shape != hidden.shape or out.dtype != hidden.dtype or out.device != device:
-        raise KernelInputError(f"out: expected {hidden.dtype}{list(hidden.shape)} on {device}")
     if t == 0:
         return out
     cfg, combine_cfg = launch_config(t, device)
