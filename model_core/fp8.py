@@ -30,7 +30,7 @@ def _place_bits(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _nan_codes(q: torch.Tensor) -> torch.Tensor:
+def nan_codes(q: torch.Tensor) -> torch.Tensor:
     """Where q holds e4m3fn's NaN encoding (S.1111.111), which _place_bits turns into ±480."""
     return q.view(torch.uint8).bitwise_and(0x7F) == 0x7F
 
@@ -38,7 +38,7 @@ def _nan_codes(q: torch.Tensor) -> torch.Tensor:
 def fp8_to_float32(q: torch.Tensor, out: torch.Tensor, nan: bool = True) -> torch.Tensor:
     """q (float8_e4m3fn) exactly in float32, written into `out` (float32, q's shape); nan: keep e4m3fn's NaN
     encoding NaN (a caller whose weights were checked finite may skip that pass)."""
-    nans = _nan_codes(q) if nan else None
+    nans = nan_codes(q) if nan else None
     _place_bits(q, out).mul_(_UNSCALE)
     return out.masked_fill_(nans, float("nan")) if nans is not None else out
 
@@ -57,7 +57,7 @@ def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int
     if tuple(scale_inv.shape) != scale_grid((n, k), block):
         raise ValueError(f"scale_inv.shape={list(scale_inv.shape)}: expected {list(scale_grid((n, k), block))} "
                          f"for a {[n, k]} weight in blocks of {list(block)}")
-    nans = _nan_codes(q) if nan else None
+    nans = nan_codes(q) if nan else None
     wide_out = out is not None and out.dtype == torch.float32
     wide = _place_bits(q, out if wide_out else (work if work is not None else torch.empty(n, k, device=q.device)))
     scale = scale_inv.float()

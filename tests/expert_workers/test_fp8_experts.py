@@ -4,6 +4,7 @@ placements, EPLB re-placement, new replicas) carries its scales; answers equal t
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,7 +15,7 @@ from expert_workers.kernels import fused_moe_fp8
 from expert_workers.merging import CallMerger
 from gateway import Engine
 from gateway.config import DeploymentConfig, DeploymentConfigError
-from model_core.checkpoint import CheckpointReader
+from model_core.checkpoint import CheckpointError, CheckpointReader
 from model_core.fp8 import scale_grid
 from model_core.layout import expert_shapes, expert_weight_names
 from model_core.make_model import make_model, preset_config, write_checkpoint
@@ -159,6 +160,13 @@ def test_fp8_is_refused_where_the_checkpoint_is_not_fp8_and_bad_values_name_the_
     with pytest.raises(ValueError, match=r"weight_block_size=\[24, 24\]: the Triton FP8 kernel needs .* power of two"):
         ExpertGroup(path, [0, 1], kernel="triton")
     assert ExpertGroup(path, [0, 1], kernel="torch").fp8_block == (24, 24)  # the widening path takes any block
+    spec = ModelSpec.from_dict(preset_config("tiny-v3-fp8"))
+    name = expert_weight_names(spec.moe_layers[0], 1)[2]  # expert 1's down projection
+    poisoned = (torch.rand(expert_shapes(spec)[2]) - 0.5).to(torch.float8_e4m3fn)
+    poisoned.view(torch.uint8)[3, 5] = 0xFF  # e4m3fn's NaN code
+    path = write_checkpoint(tmp_path / "nan", preset_config("tiny-v3-fp8"), overrides={name: poisoned})
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}' has 1 non-finite value \(NaN\)"):
+        ExpertGroup(path, [0, 1])
     with Engine.from_pretrained(model_dirs["tiny-v3"]) as engine:  # auto on a bf16/fp32 checkpoint: as before
         assert all(g.fp8_block is None for g in engine.backend.transport.groups)
 
