@@ -35,14 +35,6 @@ def nan_codes(q: torch.Tensor) -> torch.Tensor:
     return q.view(torch.uint8).bitwise_and(0x7F) == 0x7F
 
 
-def fp8_to_float32(q: torch.Tensor, out: torch.Tensor, nan: bool = True) -> torch.Tensor:
-    """q (float8_e4m3fn) exactly in float32, written into `out` (float32, q's shape); nan: keep e4m3fn's NaN
-    encoding NaN (a caller whose weights were checked finite may skip that pass)."""
-    nans = nan_codes(q) if nan else None
-    _place_bits(q, out).mul_(_UNSCALE)
-    return out.masked_fill_(nans, float("nan")) if nans is not None else out
-
-
 def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                       out: torch.Tensor | None = None, work: torch.Tensor | None = None,
                       nan: bool = True) -> torch.Tensor:
@@ -51,7 +43,8 @@ def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int
     q: [N, K] float8_e4m3fn; scale_inv: [ceil(N/bo), ceil(K/bi)]. Each element is q's exact value times its tile's
     scale, rounded once in float32 (2^120 is folded into the scales where that is exact), then once to out's
     dtype: the values of q.float() * scale whatever tile order or buffer is used. work: a float32 buffer of q's
-    shape for an `out` that is not float32 (allocated when None); nan: see fp8_to_float32."""
+    shape for an `out` that is not float32 (allocated when None); nan: keep e4m3fn's NaN code NaN (a caller whose
+    weights were checked finite may skip that pass)."""
     n, k = q.shape
     bo, bi = block
     if tuple(scale_inv.shape) != scale_grid((n, k), block):
