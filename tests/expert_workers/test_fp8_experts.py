@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from deploy.planning.memory import expert_bytes
 from expert_workers.expert_group import ExpertGroup
 from expert_workers.kernels import fused_moe_fp8
 from expert_workers.merging import CallMerger
@@ -94,6 +95,9 @@ def test_fp8_resident_memory_is_the_stored_bytes_and_says_so(fp8_dirs):
     assert fp8.weight_bytes == 3 * len(spec.moe_layers) * per_expert
     assert wide.weight_bytes == 3 * len(spec.moe_layers) * 3 * i * h * 2
     assert fp8.weight_bytes <= 0.55 * wide.weight_bytes
+    # what `expertmesh plan` counts per expert is what a group holds
+    assert fp8.weight_bytes == 3 * len(spec.moe_layers) * expert_bytes(spec, "fp8")
+    assert wide.weight_bytes == 3 * len(spec.moe_layers) * expert_bytes(spec, "bf16")
     assert fp8.weight_dtype == "float8_e4m3fn+scales[128x128]" and wide.weight_dtype == "bfloat16"
     assert any(n.endswith("_scale_inv") for n in wide.reader.loaded)  # widened on read, with its scales
 
