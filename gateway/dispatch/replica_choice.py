@@ -96,6 +96,11 @@ class ReplicaChooser:
         """Call `on_placement` when the replicas' owner offers a newer placement (a mesh, decided once for every
         gateway); a gateway's own pool changes placement only when the gateway does, so never here."""
 
+    def decided(self, placement: Placement) -> Placement:
+        """What the replicas hold once `placement` was staged: `placement` itself for a gateway's own pool. A mesh
+        decides once: another gateway's proposal of the same version may have been staged instead."""
+        return placement
+
     # -- hooks ----------------------------------------------------------------------------------------------------
     def _back_up_locked(self, replica: Replica, info: dict) -> bool:
         """A probe of a failed replica answered `info` (describe()): whether it serves this chooser's placement

@@ -42,7 +42,9 @@ class PlacementSwitch:
         # No replica starts (scaling, replacement) between staging and the switch: it would load the old placement.
         with pool.placement_change() if pool is not None else contextlib.nullcontext():
             self.backend.stage(placement)
-            self.follow(placement)
+            # A mesh stages one placement per version: when another gateway's proposal of this version got there
+            # first, this gateway follows that one (its heartbeat may have taken the offer and not yet switched).
+            self.follow(pool.decided(placement) if pool is not None else placement)
 
     def follow(self, placement: Placement) -> None:
         """Dispatch with `placement` (staged on every group) from the next step on, then free what is no longer

@@ -13,6 +13,7 @@ from gateway import Engine
 from gateway.config import DeploymentConfig, DeploymentConfigError, MeshConfig
 from gateway.dispatch.mesh.attach import MeshNotRunning, mesh_down, mesh_status, mesh_up
 from model_core.spec import ModelSpec
+from router_service.placement import Placement
 from tests.conftest import random_prompts, wait_until
 
 pytestmark = pytest.mark.slow
@@ -45,6 +46,29 @@ class Gateway:
 
     def scale(self, group: int, replicas: int) -> list[int]:
         return self.engine.scale(group, replicas)
+
+    def placement(self) -> dict:
+        return self.engine.backend.placement.to_dict()
+
+    def pause_following(self) -> None:
+        """Offers of the mesh's placements are taken (the heartbeat reads them) but not switched to, until
+        `apply_after_taking_the_offer_of`."""
+        pool = self.engine.backend.pool
+        self._follow, pool.on_placement = pool.on_placement, None
+
+    def apply_after_taking_the_offer_of(self, version: int, own) -> None:
+        """The race a mesh must survive: this gateway's heartbeat took the mesh's offer of `version` (another
+        gateway's proposal) and, before it switched, this gateway applies its `own` proposal of that version."""
+        pool = self.engine.backend.pool
+        try:
+            deadline = time.monotonic() + 30
+            while pool.offered.version < version and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pool.offered.version == version, f"the heartbeat never took the offer of version {version}"
+            assert self.engine.backend.placement.version < version  # not switched yet
+        finally:
+            pool.on_placement = self._follow
+        self.engine.apply_placement(own)
 
     def close(self) -> None:
         self.engine.close()
@@ -299,4 +323,31 @@ def test_an_eplb_proposal_from_the_gateways_joint_load_is_staged_once_and_both_g
         assert ray_cluster.get([g.generate.remote(prompts) for g in procs]) == [want, want]
     finally:
         ray_cluster.get([g.close.remote() for g in procs])
+        mesh_down(cfg)
+
+
+def test_a_gateway_whose_proposal_of_a_version_lost_follows_the_one_the_mesh_staged(model_dirs, ray_cluster):
+    """Two gateways propose different placements of the same version: the mesh stages the first, and the second
+    gateway dispatches with the mesh's (not its own, which no replica holds), its answers unchanged."""
+    model = str(model_dirs["tiny-v3"])
+    cfg = mesh_config(model, "ray", f"race-{time.monotonic_ns()}")
+    spec = ModelSpec.from_dir(model)
+    prompts = random_prompts(272, [11, 6, 19], seed=43)
+    with Engine.from_pretrained(model) as local:
+        want = local.generate(prompts, max_new_tokens=MAX_NEW_TOKENS, stop_at_eos=False)
+    base = Placement.contiguous(spec.n_routed_experts, 2)
+    lists = [base.experts_on(d) for d in (0, 1)]
+    first = Placement.from_device_lists(lists, spec.n_routed_experts, {layer: lists[::-1] for layer in
+                                                                        spec.moe_layers}, spec.moe_layers, version=1)
+    second = Placement.from_device_lists(lists, spec.n_routed_experts, {spec.moe_layers[0]: lists[::-1]},
+                                         spec.moe_layers, version=1)  # version 1 too, another layout
+    a, b = start_gateways(ray_cluster, cfg, 2)
+    try:
+        ray_cluster.get(b.pause_following.remote())
+        ray_cluster.get(a.apply_placement.remote(first))
+        ray_cluster.get(b.apply_after_taking_the_offer_of.remote(1, second))
+        assert ray_cluster.get([a.placement.remote(), b.placement.remote()]) == [first.to_dict()] * 2
+        assert ray_cluster.get([g.generate.remote(prompts) for g in (a, b)]) == [want, want]
+    finally:
+        ray_cluster.get([g.close.remote() for g in (a, b)])
         mesh_down(cfg)

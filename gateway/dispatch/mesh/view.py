@@ -138,6 +138,12 @@ class MeshView(ReplicaChooser):
     def follow_placements(self, on_placement: Callable[[Placement], None]) -> None:
         self.on_placement = on_placement
 
+    def decided(self, placement: Placement) -> Placement:
+        """The mesh's placement once `placement` was staged (after `stage`'s refresh): the one its control actor
+        staged for that version (or a newer one), whichever gateway proposed it."""
+        with self._lock:
+            return self.offered if self.offered.version >= placement.version else placement
+
     def shared_relay(self, transport: str, timeout_s: float) -> Any:
         """The mesh's RDT relay (one for all gateways: its collective group spans the replicas)."""
         return self._ray.get(self.control.relay_handle.remote(transport, timeout_s), timeout=60)
