@@ -40,24 +40,28 @@ def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int
                       nan: bool = True) -> torch.Tensor:
     """W = q · scale_inv tile by tile, in float32 (written into `out`, any float dtype of q's shape, when given).
 
-    q: [N, K] float8_e4m3fn; scale_inv: [ceil(N/bo), ceil(K/bi)]. Each element is q's exact value times its tile's
-    scale, rounded once in float32 (2^120 is folded into the scales where that is exact), then once to out's
-    dtype: the values of q.float() * scale whatever tile order or buffer is used. work: a float32 buffer of q's
-    shape for an `out` that is not float32 (allocated when None); nan: keep e4m3fn's NaN code NaN (a caller whose
-    weights were checked finite may skip that pass)."""
+    q: [N, K] float8 (e4m3fn by integer operations; e5m2 by torch's conversion); scale_inv: [ceil(N/bo),
+    ceil(K/bi)]. Each element is q's exact value times its tile's scale, rounded once in float32 (2^120 is folded
+    into the scales where that is exact), then once to out's dtype: the values of q.float() * scale whatever tile
+    order or buffer is used. work: a float32 buffer of q's shape for an `out` that is not float32 (allocated when
+    None); nan: keep e4m3fn's NaN code NaN (a caller whose weights were checked finite may skip that pass)."""
     n, k = q.shape
     bo, bi = block
     if tuple(scale_inv.shape) != scale_grid((n, k), block):
         raise ValueError(f"scale_inv.shape={list(scale_inv.shape)}: expected {list(scale_grid((n, k), block))} "
                          f"for a {[n, k]} weight in blocks of {list(block)}")
-    nans = nan_codes(q) if nan else None
+    e4m3 = q.dtype == FP8  # DeepSeek's format; another float8 (e5m2) is widened by torch, NaN and inf kept
+    nans = nan_codes(q) if nan and e4m3 else None
     wide_out = out is not None and out.dtype == torch.float32
-    wide = _place_bits(q, out if wide_out else (work if work is not None else torch.empty(n, k, device=q.device)))
+    wide = out if wide_out else (work if work is not None else torch.empty(n, k, device=q.device))
     scale = scale_inv.float()
-    if bool(scale.abs().max() < 2.0 ** 8):  # scale · 2^120 stays finite and exact
+    if not e4m3:
+        wide.copy_(q)
+    elif bool(scale.abs().max() < 2.0 ** 8):  # scale · 2^120 stays finite and exact
+        _place_bits(q, wide)
         scale = scale * _UNSCALE
     else:
-        wide.mul_(_UNSCALE)
+        _place_bits(q, wide).mul_(_UNSCALE)
     cols = scale.repeat_interleave(bi, 1)[:, :k]  # [nN, K]: each row tile's scale per column
     full = n // bo * bo
     if full:

@@ -106,5 +106,8 @@ def test_dequantized_blocks_are_each_tiles_float32_product_rounded_once(shape, b
             assert torch.equal(dequantize_blocks(q, s, block, out, nan=False), want.to(dtype))
     q.view(torch.uint8)[0, 0] = 0xFF  # e4m3fn's NaN: kept NaN (the reader then refuses it)
     assert dequantize_blocks(q, s, block).isnan().sum() == 1
+    e5m2 = (torch.randn(*shape, generator=gen) * 3).to(torch.float8_e5m2)  # the other float8 the reader accepts
+    full = s.repeat_interleave(block[0], 0)[: shape[0]].repeat_interleave(block[1], 1)[:, : shape[1]]
+    assert torch.equal(dequantize_blocks(e5m2, s, block), e5m2.float() * full)
     with pytest.raises(ValueError, match=rf"scale_inv.shape=\[{2 * s.shape[0]}, {s.shape[1]}\]: expected"):
         dequantize_blocks(q, s.repeat(2, 1), block)
