@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -70,9 +71,10 @@ def fp8_floor_ms(t: int, shape: tuple[int, int, int, int], experts_hit: int, blo
                  ceilings: dict) -> dict:
     """The HBM floor of fused_moe_fp8: the hit experts' FP8 weights (1 byte each) and float32 block scales, the
     tokens in and out, the routing; read once at the measured copy bandwidth (decode is memory bound)."""
+    from model_core.fp8 import scale_grid
+
     e, h, i, k = shape
-    nb = lambda n, b: -(-n // b)  # noqa: E731
-    scales = 2 * nb(i, block[0]) * nb(h, block[1]) + nb(h, block[0]) * nb(i, block[1])
+    scales = 2 * math.prod(scale_grid((i, h), block)) + math.prod(scale_grid((h, i), block))  # gate, up; down
     bytes_moved = experts_hit * (3 * h * i + 4 * scales) + 2 * t * h * itemsize + t * k * 12
     return {"floor_ms": bytes_moved / ceilings["copy_bytes_per_s"] * 1e3, "bound": "memory", "bytes": bytes_moved,
             "flops": 2 * t * k * 3 * h * i}

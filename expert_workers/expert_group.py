@@ -13,7 +13,7 @@ import torch
 from expert_workers.expert_pairs import ExpertPairs, sort_by_expert
 from expert_workers.expert_weights import LayerWeights, Scratch, widened_expert_ffn
 from expert_workers.grouped_ffn import grouped_expert_ffn
-from expert_workers.kernels import fused_moe
+from expert_workers.kernels import fused_moe, fused_moe_fp8
 from model_core.checkpoint import CheckpointReader
 from model_core.compute_choices import KERNELS, QUANTIZATIONS
 from model_core.half_matmul import matmul_dtype
@@ -341,8 +341,6 @@ class ExpertGroup:
         x, w = hidden.to(self.torch_device, self.dtype), weights.to(self.torch_device)
         lw = layout.weights[layer]
         if self.kernel == "triton" and lw.fp8:
-            from expert_workers.kernels import fused_moe_fp8
-
             out = fused_moe_fp8(x, lw.w_gate_up, lw.s_gate_up, lw.w_down, lw.s_down, lw.block, local, w, pairs=pairs)
         elif self.kernel == "triton":
             out = fused_moe(x, lw.w_gate_up, lw.w_down, local, w, pairs=pairs)
