@@ -91,8 +91,9 @@ def test_a_request_that_could_never_fit_the_pool_is_refused_at_admission_with_a_
             state = GatewayState(loop, PRESET)
             refused = asyncio.run(completions(state, CompletionRequest(prompt=list(range(3, 33)), max_tokens=8)))
             assert refused.status_code == 400 and "can never fit" in json.loads(refused.body)["error"]["message"]
+            # greedy: this prompt's first 4 tokens hold no EOS
             fits = asyncio.run(completions(state, CompletionRequest(prompt=list(range(3, 13)), max_tokens=4,
-                                                                    temperature=0)))  # greedy: its first 4 tokens hold no EOS
+                                                                    temperature=0)))
             assert fits["usage"]["completion_tokens"] == 4  # the engine serves on after the refusal
         finally:
             loop.stop()
